@@ -1,0 +1,25 @@
+"""The `onpolicy-kd` command: `onpolicy-kd train RECIPE [overrides] [--dry-run]`, `onpolicy-kd assets`."""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+COMMANDS = {
+    "train": ("onpolicy_kd.train", "train (or --dry-run check) a recipe"),
+    "assets": ("onpolicy_kd.assets", "install and convert the offline default teacher and news data"),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        lines = "\n".join(f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items())
+        print(f"usage: onpolicy-kd COMMAND [ARGS]\n\ncommands:\n{lines}", file=sys.stderr)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    module = __import__(COMMANDS[argv[0]][0], fromlist=["main"])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""Datasets: load from the Hub or local files, hold out an eval split, tokenise once and cache.
+
+- `data.path` is a Hub dataset name (with `data.name` for its config) or a local file (json, jsonl,
+  csv, parquet, txt) or folder; splits accept datasets' slicing syntax (`train[:280]`).
+- Without `data.eval_split`, `data.eval_size` rows (int) or a fraction are held out with the run's
+  seed, so train and eval never overlap and the split is the same on every rank and every resume.
+- The tokenised rows are written to `<cache_dir>/tokenized/<key>-<part>.arrow`, where the key hashes
+  the raw data's fingerprint, the tokenizer (its whole vocabulary and chat template), the template
+  and every length limit: change any of them and the cache misses; change nothing and it hits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import datasets
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from onpolicy_kd.config import DataConfig, cache_root
+from onpolicy_kd.errors import DataError
+from onpolicy_kd.hub import expand_path, hub_reachable, looks_like_local_path
+from onpolicy_kd.prompts import PromptBuilder, TaskFormat, detect_format
+
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+CACHE_VERSION = 1  # bump when PromptBuilder's output changes for the same inputs
+
+
+@dataclass
+class PromptData:
+    train: Dataset  # columns: prompt_ids, reference_ids, prompt, reference, truncated
+    eval: Dataset
+    task: TaskFormat
+    cache_hits: dict[str, bool] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Make datasets and huggingface_hub use only their caches (no retries against a dead Hub)."""
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def load_split(cfg: DataConfig, split: str) -> Dataset:
+    """One split of the raw dataset, from local files or the Hub."""
+    if looks_like_local_path(cfg.path):
+        path = Path(expand_path(cfg.path))
+        if not path.exists():
+            raise DataError(f"data.path: local path does not exist: {path}")
+        if path.is_dir():
+            builder, files = str(path), None
+        else:
+            if path.suffix not in LOCAL_BUILDERS:
+                raise DataError(f"data.path: unsupported file type {path.suffix!r}; use one of {sorted(LOCAL_BUILDERS)}")
+            builder, files = LOCAL_BUILDERS[path.suffix], str(path)
+        try:
+            return datasets.load_dataset(builder, data_files=files, split=split)
+        except (ValueError, KeyError) as err:
+            raise DataError(f"data.split={split!r} of {path}: {err}") from None
+    offline = not hub_reachable()
+    try:
+        with _hub_offline() if offline else contextlib.nullcontext():
+            return datasets.load_dataset(cfg.path, cfg.name, split=split)
+    except (ConnectionError, OSError, FileNotFoundError, ValueError) as err:
+        if offline:
+            raise DataError(
+                f"cannot load the dataset '{cfg.path}' (data.path): it is not a local path, not in the datasets "
+                f"cache, and the Hub is unreachable from this machine.\n"
+                f"  Save it where the Hub is reachable, e.g. load_dataset('{cfg.path}', {cfg.name!r}, split='{split}')"
+                f".to_json('/data/{cfg.path.split('/')[-1]}.jsonl'), then set data.path to that file"
+            ) from None
+        raise DataError(f"cannot load the dataset '{cfg.path}' (data.path, split {split!r}): {err}") from None
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    for extra in (type(tokenizer).__name__, tokenizer.bos_token, tokenizer.eos_token, getattr(tokenizer, "chat_template", None)):
+        digest.update(repr(extra).encode())
+    return digest.hexdigest()[:16]
+
+
+def _cache_key(cfg: DataConfig, raw: Dataset, tokenizer_fp: str, task: TaskFormat) -> str:
+    parts = {
+        "version": CACHE_VERSION,
+        "data": raw._fingerprint,
+        "tokenizer": tokenizer_fp,
+        "task": [task.name, task.columns],
+        "recipe": cfg.model_dump(include={
+            "template", "chat_template", "system_prompt", "truncate_field", "max_prompt_tokens",
+            "max_response_tokens", "text_prompt_tokens",
+        }),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _tokenize(raw: Dataset, builder: PromptBuilder, cache_file: Path, key: str, num_proc: int | None) -> tuple[Dataset, bool]:
+    hit = cache_file.exists()
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    encoded = raw.map(
+        builder,
+        remove_columns=raw.column_names,
+        cache_file_name=str(cache_file),
+        load_from_cache_file=True,
+        new_fingerprint=key,
+        num_proc=num_proc if not hit else None,
+        desc=f"tokenising {cache_file.stem}",
+    )
+    return encoded, hit
+
+
+def load_prompt_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PromptData:
+    """Train and eval prompts for a recipe, tokenised with `tokenizer` (cached)."""
+    train = load_split(cfg, cfg.split)
+    if cfg.eval_split:
+        eval_ = load_split(cfg, cfg.eval_split)
+    else:
+        n_eval = cfg.eval_size if isinstance(cfg.eval_size, int) else max(1, round(cfg.eval_size * len(train)))
+        if n_eval >= len(train):
+            raise DataError(f"data.eval_size={cfg.eval_size} holds out {n_eval} of only {len(train)} rows; lower it")
+        parts = train.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+        train, eval_ = parts["train"], parts["test"]
+    if cfg.max_samples:
+        train = train.select(range(min(cfg.max_samples, len(train))))
+    if len(train) == 0:
+        raise DataError(f"data.split={cfg.split!r} of {cfg.path} has no rows")
+
+    task = detect_format(train.column_names, cfg.format, cfg.columns)
+    builder = PromptBuilder(
+        tokenizer, task, template=cfg.template, truncate_field=cfg.truncate_field, chat_template=cfg.chat_template,
+        system_prompt=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens,
+        max_response_tokens=cfg.max_response_tokens, text_prompt_tokens=cfg.text_prompt_tokens,
+    )
+    cache_dir = Path(expand_path(cfg.cache_dir)) if cfg.cache_dir else cache_root() / "data"
+    tokenizer_fp = tokenizer_fingerprint(tokenizer)
+    out: dict[str, Dataset] = {}
+    hits: dict[str, bool] = {}
+    for name, raw in (("train", train), ("eval", eval_)):
+        key = _cache_key(cfg, raw, tokenizer_fp, task)
+        out[name], hits[name] = _tokenize(raw, builder, cache_dir / "tokenized" / f"{key}-{name}.arrow", key, cfg.num_proc)
+    return PromptData(train=out["train"], eval=out["eval"], task=task, cache_hits=hits)
+
+
+def length_stats(dataset: Dataset, column: str = "prompt_ids") -> dict[str, Any]:
+    lengths = [len(ids) for ids in dataset[column]]
+    if not lengths:
+        return {"rows": 0}
+    return {
+        "rows": len(lengths),
+        "min": min(lengths),
+        "mean": round(statistics.fmean(lengths), 1),
+        "max": max(lengths),
+        "truncated": int(sum(dataset["truncated"])) if "truncated" in dataset.column_names else 0,
+    }

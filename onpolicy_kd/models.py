@@ -1,0 +1,278 @@
+"""Teacher and student models and their tokenizer.
+
+- A model comes from a Hub name, a local folder (`save_pretrained` output) or a `.gguf` file
+  (dequantised to dense weights by transformers). When the Hub is unreachable only local caches
+  are tried, and a miss says how to point the recipe at local files.
+- Student initialisation: pretrained weights, random init from a config, or a copy of a subset of
+  the teacher's decoder layers (`layer_stride: 3` keeps layers 0, 3, 6, ...).
+- The teacher is frozen and in eval mode. `trust_remote_code` stays off unless the recipe sets it.
+- Teacher and student must map every token to the same id: the losses compare next-token
+  distributions position by position over the shared vocabulary. Extra embedding rows (padding, as
+  in Qwen's 151,936 tokens vs 152,064 rows) are fine; the losses use the first `len(tokenizer)`.
+- The tokenizer pads on the left for generation; a tokenizer without a pad token (GPT-2) pads with
+  EOS, so masks must come from lengths and attention, never from comparing ids to the pad id.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from onpolicy_kd.config import Recipe, StudentConfig, TeacherConfig
+from onpolicy_kd.errors import ModelLoadError, VocabularyMismatchError
+from onpolicy_kd.hub import expand_path, hub_reachable, looks_like_local_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+@dataclass
+class Models:
+    teacher: PreTrainedModel
+    student: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase  # shared: the vocabularies were checked to be identical
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where to load from: a Hub id or local folder, plus the GGUF file name inside it, if any."""
+
+    location: str
+    gguf_file: str | None
+    local: bool
+
+
+def resolve_source(name_or_path: str, key: str) -> Source:
+    path = Path(expand_path(name_or_path))
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"{key}: GGUF file not found: {path}")
+        return Source(str(path.parent), path.name, local=True)
+    if looks_like_local_path(name_or_path):
+        if not path.exists():
+            hint = ""
+            if ".cache/onpolicy_kd" in str(path) or "onpolicy_kd" in str(path):
+                hint = "\n  the offline assets are not installed yet: run `python -m onpolicy_kd.assets` (or scripts/setup.sh)"
+            raise ModelLoadError(f"{key}: local path does not exist: {path}{hint}")
+        return Source(str(path), None, local=True)
+    return Source(name_or_path, None, local=False)
+
+
+def _unreachable_message(what: str, name: str, key: str, recipe_path: str | None) -> str:
+    where = f" in {recipe_path}" if recipe_path else ""
+    return (
+        f"cannot load the {key.split('.')[0]} {what} '{name}' ({key}{where}): it is not a local path, not in the local "
+        f"Hugging Face cache, and the Hub is unreachable from this machine.\n"
+        f"  Point the recipe at a local copy, saved where the Hub is reachable with\n"
+        f"    AutoModelForCausalLM.from_pretrained('{name}').save_pretrained('/models/{name.split('/')[-1]}')  "
+        f"(and the same for AutoTokenizer), or `hf download {name} --local-dir /models/{name.split('/')[-1]}`,\n"
+        f"  then set {key}: /models/{name.split('/')[-1]} in the recipe or pass {key}=/models/{name.split('/')[-1]} "
+        f"on the command line. A .gguf file path works too."
+    )
+
+
+def _load_kwargs(source: Source, revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if revision and not source.local:
+        kwargs["revision"] = revision
+    if not source.local and not hub_reachable():
+        kwargs["local_files_only"] = True  # the HF cache may still have it; no minute of retries
+    return kwargs
+
+
+def _from_pretrained(loader: Any, source: Source, what: str, key: str, recipe_path: str | None, **kwargs: Any) -> Any:
+    try:
+        return loader.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError) as err:
+        if kwargs.get("local_files_only") and not source.local:
+            raise ModelLoadError(_unreachable_message(what, source.location, key, recipe_path)) from None
+        raise ModelLoadError(f"cannot load the {what} from {source.location!r} ({key}): {err}") from None
+
+
+def load_tokenizer(
+    name_or_path: str, key: str, *, revision: str | None = None, trust_remote_code: bool = False,
+    recipe_path: str | None = None,
+) -> PreTrainedTokenizerBase:
+    source = resolve_source(name_or_path, key)
+    kwargs = _load_kwargs(source, revision, trust_remote_code)
+    tokenizer = _from_pretrained(AutoTokenizer, source, "tokenizer", key, recipe_path, **kwargs)
+    prepare_tokenizer_for_generation(tokenizer)
+    return tokenizer
+
+
+def prepare_tokenizer_for_generation(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Left padding (new tokens follow the prompt directly) and a pad token (EOS if there is none)."""
+    if tokenizer.eos_token is None:
+        raise ModelLoadError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; completions could never end")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+
+
+def load_model(
+    name_or_path: str, key: str, *, dtype: str = "float32", revision: str | None = None,
+    trust_remote_code: bool = False, attn_implementation: str | None = None, recipe_path: str | None = None,
+) -> PreTrainedModel:
+    source = resolve_source(name_or_path, key)
+    kwargs = _load_kwargs(source, revision, trust_remote_code)
+    kwargs["dtype"] = DTYPES[dtype]
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = _from_pretrained(AutoModelForCausalLM, source, "model", key, recipe_path, **kwargs)
+    if source.gguf_file:
+        drop_gguf_marker(model)
+    return model
+
+
+def drop_gguf_marker(model: PreTrainedModel) -> None:
+    """A GGUF checkpoint is dequantised on load; without the marker the dense model can be saved."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder's layer list (`model.layers` for Llama/Qwen, `transformer.h` for GPT-2)."""
+    n_layers = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and name.split(".")[-1] in {"layers", "h"}:
+            return name, module
+    raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__} to copy a subset of them")
+
+
+def copy_with_layers(teacher: PreTrainedModel, keep: list[int], dtype: str = "float32") -> PreTrainedModel:
+    """A new model with the teacher's embeddings, head and the decoder layers in `keep` (in order)."""
+    n_layers = teacher.config.num_hidden_layers
+    if len(set(keep)) != len(keep) or any(not 0 <= i < n_layers for i in keep):
+        raise ModelLoadError(f"student.keep_layers={keep}: need distinct layer ids in [0, {n_layers - 1}]")
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(keep)
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    student = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype] if dtype != "auto" else teacher.dtype)
+
+    # A fresh model re-numbers its attention `layer_idx` (KV-cache slots) from 0; copy weights by name.
+    prefix, _ = decoder_layers(teacher)
+    teacher_state = teacher.state_dict()
+    state = {}
+    for name in student.state_dict():
+        source_name = name
+        if name.startswith(prefix + "."):
+            index, rest = name[len(prefix) + 1 :].split(".", 1)
+            source_name = f"{prefix}.{keep[int(index)]}.{rest}"
+        state[name] = teacher_state[source_name]
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def check_same_vocabulary(
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+    teacher: PreTrainedModel | None = None,
+    student: PreTrainedModel | None = None,
+) -> None:
+    """Stop unless both tokenizers map every token to the same id (and the models can hold them)."""
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab != student_vocab:
+        differ = [
+            f"{token!r}: teacher id {teacher_vocab.get(token)}, student id {student_vocab.get(token)}"
+            for token in sorted(set(teacher_vocab) | set(student_vocab), key=lambda t: teacher_vocab.get(t, 1 << 30))
+            if teacher_vocab.get(token) != student_vocab.get(token)
+        ]
+        raise VocabularyMismatchError(
+            f"teacher and student tokenizers differ: {len(differ)} tokens map to different ids "
+            f"(teacher {len(teacher_vocab)} tokens, student {len(student_vocab)}), e.g.\n    "
+            + "\n    ".join(differ[:5])
+            + "\n  Token-level distillation compares the two models' distributions id by id, so they must share a "
+            "tokenizer. Pick a student from the teacher's family, or use student.init=teacher_layers or init=config."
+        )
+    if teacher_tokenizer.eos_token_id != student_tokenizer.eos_token_id:
+        raise VocabularyMismatchError(
+            f"teacher EOS id {teacher_tokenizer.eos_token_id} differs from student EOS id "
+            f"{student_tokenizer.eos_token_id}; set the same eos_token on both tokenizers"
+        )
+    for role, model in (("teacher", teacher), ("student", student)):
+        if model is not None and model.get_input_embeddings().num_embeddings < len(teacher_vocab):
+            raise VocabularyMismatchError(
+                f"the {role} has {model.get_input_embeddings().num_embeddings} embedding rows for a "
+                f"{len(teacher_vocab)}-token vocabulary"
+            )
+
+
+def load_teacher(cfg: TeacherConfig, recipe_path: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    teacher = load_model(
+        cfg.name_or_path, "teacher.name_or_path", dtype=cfg.dtype, revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation, recipe_path=recipe_path,
+    )
+    tokenizer = load_tokenizer(
+        cfg.tokenizer or cfg.name_or_path, "teacher.tokenizer" if cfg.tokenizer else "teacher.name_or_path",
+        revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, recipe_path=recipe_path,
+    )
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher, tokenizer
+
+
+def load_student(
+    cfg: StudentConfig, teacher: PreTrainedModel, teacher_tokenizer: PreTrainedTokenizerBase,
+    seed: int = 0, recipe_path: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, recipe_path=recipe_path)
+    if cfg.init == "teacher_layers":
+        n_layers = teacher.config.num_hidden_layers
+        keep = cfg.keep_layers or list(range(0, n_layers, cfg.layer_stride or 1))
+        student = copy_with_layers(teacher, keep, cfg.dtype)
+        tokenizer = teacher_tokenizer
+    elif cfg.init == "config":
+        if cfg.name_or_path:
+            source = resolve_source(cfg.name_or_path, "student.name_or_path")
+            kwargs = _load_kwargs(source, cfg.revision, cfg.trust_remote_code)
+            config = _from_pretrained(AutoConfig, source, "student config", "student.name_or_path", recipe_path, **kwargs)
+        else:
+            config = copy.deepcopy(teacher.config)
+        for field, value in cfg.config_overrides.items():
+            if not hasattr(config, field):
+                raise ModelLoadError(f"student.config_overrides.{field}: {type(config).__name__} has no field {field!r}")
+            setattr(config, field, value)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        torch.manual_seed(seed)  # the random init is part of the run's seed
+        student = AutoModelForCausalLM.from_config(
+            config, dtype=DTYPES[cfg.dtype] if cfg.dtype != "auto" else torch.float32,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        tokenizer = load_tokenizer(cfg.tokenizer, "student.tokenizer", **common) if cfg.tokenizer else teacher_tokenizer
+    else:
+        assert cfg.name_or_path is not None  # checked by the schema
+        student = load_model(
+            cfg.name_or_path, "student.name_or_path", dtype=cfg.dtype,
+            attn_implementation=cfg.attn_implementation, **common,
+        )
+        tokenizer = load_tokenizer(
+            cfg.tokenizer or cfg.name_or_path, "student.tokenizer" if cfg.tokenizer else "student.name_or_path", **common
+        )
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    student.train()
+    return student, tokenizer
+
+
+def load_models(recipe: Recipe, recipe_path: str | None = None) -> Models:
+    teacher, teacher_tokenizer = load_teacher(recipe.teacher, recipe_path)
+    student, student_tokenizer = load_student(recipe.student, teacher, teacher_tokenizer, recipe.train.seed, recipe_path)
+    check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
+    return Models(teacher=teacher, student=student, tokenizer=teacher_tokenizer)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

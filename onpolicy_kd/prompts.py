@@ -1,0 +1,207 @@
+"""Task formats: which columns hold what, the prompt template, and truncation that keeps the instruction.
+
+A dataset row becomes a prompt (token ids ending where the model should start writing) and an
+optional reference completion (token ids ending with EOS). Formats, auto-detected from the columns
+unless `data.format` names one, with `data.columns` to map fields to other column names:
+
+| format | fields (first matching column) | default template | cut to fit |
+|---|---|---|---|
+| summarization | document (article, document), reference (highlights, summary) | document + "Summary:" | document (keeps its start) |
+| instruction | instruction (instruction, prompt, question), context (context, input), reference (response, output, completion, answer) | instruction [+ context] | context, else instruction (keeps its end) |
+| chat | messages (messages, conversations): list of {role, content} | the tokenizer's chat template | oldest turns, then the last user turn |
+| text | text (text, content) | the first `text_prompt_tokens` tokens | - |
+
+Truncation cuts only the long field, so the instruction around it ("Summary:", the question) always
+survives: the template is split around that field, the fixed parts are tokenised whole and the
+field gets the remaining token budget.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from onpolicy_kd.errors import DataError
+
+FIELD_CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
+    "chat": {"messages": ("messages", "conversations", "conversation")},
+    "summarization": {"document": ("article", "document"), "reference": ("highlights", "summary")},
+    "instruction": {
+        "instruction": ("instruction", "prompt", "question"),
+        "context": ("context", "input"),
+        "reference": ("response", "output", "completion", "answer"),
+    },
+    "text": {"text": ("text", "content")},
+}
+REQUIRED = {"chat": ("messages",), "summarization": ("document",), "instruction": ("instruction",), "text": ("text",)}
+DETECTION_ORDER = ("chat", "summarization", "instruction", "text")
+SENTINEL = "\uE000ONPOLICY_KD_FIELD\uE000"  # private-use characters: never in real text
+
+
+@dataclass(frozen=True)
+class TaskFormat:
+    name: str
+    columns: dict[str, str]  # task field -> dataset column
+    template: str | None  # None for chat and text
+    truncate_field: str | None
+    keep_end: bool = False  # when cutting, keep the field's end instead of its start
+
+
+def detect_format(column_names: Sequence[str], fmt: str = "auto", columns: dict[str, str] | None = None) -> TaskFormat:
+    """Pick the task format and the column of each field; explicit `columns` win over detection."""
+    columns = dict(columns or {})
+    for column in columns.values():
+        if column not in column_names:
+            raise DataError(f"data.columns maps to column {column!r}, which the dataset lacks; its columns: {list(column_names)}")
+    candidates = DETECTION_ORDER if fmt == "auto" else (fmt,)
+    for name in candidates:
+        mapping = {f: c for f, c in columns.items() if f in FIELD_CANDIDATES[name]}
+        for task_field, options in FIELD_CANDIDATES[name].items():
+            if task_field not in mapping:
+                found = next((c for c in options if c in column_names), None)
+                if found:
+                    mapping[task_field] = found
+        if all(f in mapping for f in REQUIRED[name]):
+            return _with_defaults(name, mapping)
+    if fmt != "auto":
+        missing = [f for f in REQUIRED[fmt] if f not in columns]
+        raise DataError(
+            f"data.format={fmt} needs the field(s) {missing} (looked for columns "
+            f"{[FIELD_CANDIDATES[fmt][f] for f in missing]}); the dataset has {list(column_names)}. "
+            f"Map them with data.columns, e.g. data.columns.{missing[0]}=<column>"
+        )
+    raise DataError(
+        f"cannot tell the task format from the columns {list(column_names)}: expected e.g. article/highlights "
+        f"(summarization), instruction/response or prompt/completion (instruction), messages (chat) or text. "
+        f"Set data.format and map columns with data.columns, e.g. data.columns.document=body"
+    )
+
+
+def _with_defaults(name: str, mapping: dict[str, str]) -> TaskFormat:
+    if name == "summarization":
+        return TaskFormat(name, mapping, "{document}\n\nSummary:", "document")
+    if name == "instruction":
+        if "context" in mapping:
+            return TaskFormat(name, mapping, "{instruction}\n\n{context}\n\n", "context")
+        return TaskFormat(name, mapping, "{instruction}", "instruction", keep_end=True)
+    return TaskFormat(name, mapping, None, None)
+
+
+@dataclass
+class PromptBuilder:
+    """Turns one row into prompt and reference token ids under the length limits of the recipe."""
+
+    tokenizer: PreTrainedTokenizerBase
+    task: TaskFormat
+    template: str | None = None
+    truncate_field: str | None = None
+    chat_template: bool = False
+    system_prompt: str | None = None
+    max_prompt_tokens: int = 512
+    max_response_tokens: int = 256
+    text_prompt_tokens: int = 64
+    _adds_bos: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.template = self.template or self.task.template
+        self.truncate_field = self.truncate_field or self.task.truncate_field
+        bos = self.tokenizer.bos_token_id
+        self._adds_bos = bos is not None and self.tokenizer("a").input_ids[:1] == [bos]
+        if self.task.name in ("summarization", "instruction"):
+            slots = [f for _, f, _, _ in string.Formatter().parse(self.template or "") if f]
+            unknown = [f for f in slots if f not in FIELD_CANDIDATES[self.task.name]]
+            if unknown:
+                raise DataError(
+                    f"data.template uses {unknown}, which the {self.task.name} format does not have; "
+                    f"use {sorted(FIELD_CANDIDATES[self.task.name])}"
+                )
+            if self.truncate_field not in slots:
+                raise DataError(f"data.truncate_field={self.truncate_field!r} is not a slot of data.template {self.template!r}")
+        if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
+            raise DataError(f"data.chat_template=true but tokenizer {self.tokenizer.name_or_path!r} has no chat template")
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _wrap_chat(self, user_text: str) -> str:
+        messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages.append({"role": "user", "content": user_text})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _fit(self, prefix: str, body: str, suffix: str, keep_end: bool) -> tuple[list[int], bool]:
+        """prefix + body + suffix as ids, cutting only the body to respect max_prompt_tokens."""
+        head = ([self.tokenizer.bos_token_id] if self._adds_bos and not self.chat_template else []) + self._ids(prefix)
+        tail = self._ids(suffix)
+        budget = self.max_prompt_tokens - len(head) - len(tail)
+        if budget < 1:
+            raise DataError(
+                f"data.max_prompt_tokens={self.max_prompt_tokens} leaves no room for the text: the template "
+                f"and instruction alone take {len(head) + len(tail)} tokens; raise data.max_prompt_tokens"
+            )
+        body_ids = self._ids(body)
+        cut = len(body_ids) > budget
+        if cut:
+            body_ids = body_ids[-budget:] if keep_end else body_ids[:budget]
+        return head + body_ids + tail, cut
+
+    def _reference_ids(self, reference: str | None) -> list[int]:
+        if not reference:
+            return []
+        ids = self._ids(reference) + [self.tokenizer.eos_token_id]
+        return ids[: self.max_response_tokens]
+
+    # -- formats -----------------------------------------------------------------------------
+    def _templated(self, row: dict[str, Any]) -> tuple[list[int], bool, str | None]:
+        values = {f: ("" if row.get(c) is None else str(row[c])) for f, c in self.task.columns.items()}
+        assert self.template is not None and self.truncate_field is not None
+        text = self.template.format(**{**values, self.truncate_field: SENTINEL})
+        if self.chat_template:
+            text = self._wrap_chat(text)
+        prefix, suffix = text.split(SENTINEL, 1)
+        ids, cut = self._fit(prefix, values[self.truncate_field], suffix, self.task.keep_end)
+        return ids, cut, values.get("reference") or None
+
+    def _chat(self, row: dict[str, Any]) -> tuple[list[int], bool, str | None]:
+        messages = [{"role": m["role"], "content": m["content"]} for m in row[self.task.columns["messages"]]]
+        reference = None
+        if messages and messages[-1]["role"] == "assistant":
+            reference = messages.pop()["content"]
+        if not messages:
+            raise DataError("a chat row has no message before the assistant's answer")
+        cut = False
+        render = lambda ms: self.tokenizer.apply_chat_template(ms, tokenize=False, add_generation_prompt=True)  # noqa: E731
+        # Drop the oldest non-system turns while the conversation is too long; keep the last one.
+        first = 1 if messages[0]["role"] == "system" else 0
+        while len(messages) - first > 1 and len(self._ids(render(messages))) > self.max_prompt_tokens:
+            del messages[first]
+            cut = True
+        last = messages[-1]
+        text = render(messages[:-1] + [{**last, "content": SENTINEL}])
+        prefix, suffix = text.split(SENTINEL, 1)
+        ids, cut_body = self._fit(prefix, last["content"], suffix, keep_end=False)
+        return ids, cut or cut_body, reference
+
+    def _text(self, row: dict[str, Any]) -> tuple[list[int], bool, str | None]:
+        ids = self._ids(str(row[self.task.columns["text"]]))
+        head = [self.tokenizer.bos_token_id] if self._adds_bos else []
+        n_prompt = min(self.text_prompt_tokens, self.max_prompt_tokens - len(head))
+        prompt, rest = head + ids[:n_prompt], ids[n_prompt:]
+        reference = self.tokenizer.decode(rest[: self.max_response_tokens]) if rest else None
+        return prompt, False, reference
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        encode: Callable[[dict[str, Any]], tuple[list[int], bool, str | None]] = {
+            "chat": self._chat, "text": self._text,
+        }.get(self.task.name, self._templated)
+        prompt_ids, truncated, reference = encode(row)
+        return {
+            "prompt_ids": prompt_ids,
+            "reference_ids": self._reference_ids(reference),
+            "prompt": self.tokenizer.decode(prompt_ids),
+            "reference": reference or "",
+            "truncated": truncated,
+        }

