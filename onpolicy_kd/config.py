@@ -171,7 +171,10 @@ class ObjectiveConfig(Section):
     discount: float = Field(1.0, ge=0, le=1, description="pg: return discount gamma in [0, 1]")
     length_norm: bool = True
     single_step: bool = Field(True, description="pg: exact single-step reverse-KL term")
-    is_clip: float | None = Field(None, gt=0, description="pg: cap on per-token importance weights; null = no cap")
+    importance: Literal["token", "sequence"] = Field(
+        "token", description="pg with alpha > 0: per-token weights (MiniLLM, biased) or exact prefix-product weights"
+    )
+    is_clip: float | None = Field(None, gt=0, description="pg: cap on importance weights; null = no cap")
     ppo_epochs: int = Field(1, ge=1)
     ppo_clip: float = Field(0.2, gt=0, lt=1)
     lm_coef: float = Field(0.0, ge=0, description="pg: weight of the language-modelling loss on references")

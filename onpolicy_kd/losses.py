@@ -1,0 +1,296 @@
+"""Token-level divergences between student and teacher next-token distributions: pure tensor functions.
+
+Conventions (../shared/ALGORITHMS.md; the same beta as TRL's `generalized_jsd_loss`, so recipes move
+between the two). With p the teacher and q the student, per position over the full vocabulary:
+
+    forward_kl       KL(p || q)
+    reverse_kl       KL(q || p)
+    jsd (beta)       beta * KL(p || m) + (1 - beta) * KL(q || m),  m = beta p + (1 - beta) q;
+                     beta = 0 is defined as forward_kl and beta = 1 as reverse_kl (TRL's endpoints)
+    tv               1/2 sum |p - q|
+    skew_forward_kl  KL(p || skew p + (1 - skew) q)
+    skew_reverse_kl  KL(q || skew q + (1 - skew) p)
+
+Temperature divides both models' logits before the softmax; the loss is *not* rescaled by tau^2
+(as in TRL). All math is float32 in log space (log_softmax; mixtures through logsumexp), whatever
+the input dtype. Terms with p(v) = 0 contribute 0 (the 0 log 0 = 0 convention).
+
+Reduction: the sum over valid tokens divided by `num_tokens`, the number of valid tokens in the
+*global* batch (all micro-batches of an optimizer step, all processes) when the caller passes it,
+else by the local valid count. Only valid positions are computed, so an all-masked batch gives 0
+with a zero (not NaN) gradient, whatever the logits at padded positions hold.
+
+Memory: `divergence` takes full logits (B, T, V). `chunked_divergence` takes hidden states and the
+two `lm_head` weights and works on `chunk_size` tokens at a time: each chunk's float32 logits,
+loss and gradients are computed and freed before the next, so peak memory is O(chunk_size * V)
+rather than O(N * V), with the same values and gradients. The gradient is computed during the
+forward pass (no recomputation), as Liger's fused-linear losses do.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a || b) per row from log-probabilities, with 0 log 0 = 0."""
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+
+
+def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(weight_a * a + (1 - weight_a) * b), stably."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def _forward_kl(s: Tensor, t: Tensor, beta: float, skew: float) -> Tensor:
+    return _kl(t, s)
+
+
+def _reverse_kl(s: Tensor, t: Tensor, beta: float, skew: float) -> Tensor:
+    return _kl(s, t)
+
+
+def _jsd(s: Tensor, t: Tensor, beta: float, skew: float) -> Tensor:
+    if beta == 0:
+        return _kl(t, s)
+    if beta == 1:
+        return _kl(s, t)
+    log_m = _log_mix(t, s, beta)
+    return beta * _kl(t, log_m) + (1 - beta) * _kl(s, log_m)
+
+
+def _tv(s: Tensor, t: Tensor, beta: float, skew: float) -> Tensor:
+    return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+
+
+def _skew_forward_kl(s: Tensor, t: Tensor, beta: float, skew: float) -> Tensor:
+    return _kl(t, _log_mix(t, s, skew))
+
+
+def _skew_reverse_kl(s: Tensor, t: Tensor, beta: float, skew: float) -> Tensor:
+    return _kl(s, _log_mix(s, t, skew))
+
+
+# name -> f(student_logprobs, teacher_logprobs, beta, skew) -> per-row values (float32)
+DIVERGENCES: dict[str, Callable[[Tensor, Tensor, float, float], Tensor]] = {
+    "forward_kl": _forward_kl,
+    "reverse_kl": _reverse_kl,
+    "jsd": _jsd,
+    "tv": _tv,
+    "skew_forward_kl": _skew_forward_kl,
+    "skew_reverse_kl": _skew_reverse_kl,
+}
+
+
+def _check(kind: str, beta: float, skew: float, temperature: float) -> Callable[[Tensor, Tensor, float, float], Tensor]:
+    if kind not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {kind!r}; valid: {', '.join(DIVERGENCES)}")
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta={beta} must be in [0, 1]")
+    if not 0 < skew < 1:
+        raise ValueError(f"skew={skew} must be in (0, 1)")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    return DIVERGENCES[kind]
+
+
+def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """float32 log-softmax of logits / temperature."""
+    logits = logits.float()
+    return F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
+
+
+def per_token_divergence(
+    student_logits: Tensor, teacher_logits: Tensor, *, kind: str, beta: float = 0.5, skew: float = 0.1,
+    temperature: float = 1.0,
+) -> Tensor:
+    """The divergence at every position: (..., V) logits -> (...) float32 values (for logging, or custom reductions)."""
+    fn = _check(kind, beta, skew, temperature)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ")
+    return fn(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature), beta, skew)
+
+
+def reduce_tokens(values: Tensor, mask: Tensor | None = None, num_tokens: Tensor | int | None = None) -> Tensor:
+    """Sum of `values` over valid positions / `num_tokens` (global count) or / local valid count (min 1)."""
+    if mask is not None:
+        values = torch.where(mask.bool(), values, torch.zeros_like(values))
+        count = mask.sum()
+    else:
+        count = torch.tensor(values.numel(), device=values.device)
+    denominator = count.clamp_min(1) if num_tokens is None else torch.as_tensor(num_tokens, device=values.device).clamp_min(1)
+    return values.sum() / denominator
+
+
+def divergence(
+    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None, *, kind: str, beta: float = 0.5,
+    skew: float = 0.1, temperature: float = 1.0, num_tokens: Tensor | int | None = None,
+) -> Tensor:
+    """Mean divergence over valid positions. Logits (B, T, V) or (N, V); mask (B, T) or (N,), 1 = valid."""
+    fn = _check(kind, beta, skew, temperature)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} differ")
+    s_NV = student_logits.reshape(-1, student_logits.shape[-1])
+    t_NV = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    if mask is None:
+        valid_N = torch.ones(s_NV.shape[0], dtype=torch.bool, device=s_NV.device)
+    else:
+        valid_N = mask.reshape(-1).bool()
+    # Only valid rows are computed: padded positions can hold anything (even inf) without harm.
+    values = fn(log_probs(s_NV[valid_N], temperature), log_probs(t_NV[valid_N], temperature), beta, skew)
+    return reduce_tokens(values, None, num_tokens if num_tokens is not None else valid_N.sum())
+
+
+class _ChunkedDivergence(torch.autograd.Function):
+    """Sum of per-token divergences over rows of hidden states, chunk by chunk, gradients computed in forward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
+        fn: Callable[[Tensor, Tensor, float, float], Tensor], beta: float, skew: float, temperature: float,
+        chunk_size: int,
+    ) -> Tensor:
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(student_hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if need_weight else None
+        total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        weight = student_weight.detach().requires_grad_(need_weight)
+        for start in range(0, student_hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            with torch.no_grad():
+                teacher_logprobs = log_probs(F.linear(teacher_hidden[start:end], teacher_weight), temperature)
+            hidden = student_hidden[start:end].detach().requires_grad_(need_hidden)
+            with torch.enable_grad():
+                student_logprobs = log_probs(F.linear(hidden, weight), temperature)
+                chunk_sum = fn(student_logprobs, teacher_logprobs, beta, skew).sum()
+                inputs = [x for x, needed in ((hidden, need_hidden), (weight, need_weight)) if needed]
+                grads = torch.autograd.grad(chunk_sum, inputs) if inputs else ()
+            grads = list(grads)
+            if need_hidden:
+                grad_hidden[start:end] = grads.pop(0)  # type: ignore[index]
+            if need_weight:
+                grad_weight += grads.pop(0)  # type: ignore[operator]
+            total += chunk_sum.detach()
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
+        ctx.has = (need_hidden, need_weight)
+        ctx.weight_dtype = student_weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        saved = list(ctx.saved_tensors)
+        need_hidden, need_weight = ctx.has
+        grad_hidden = saved.pop(0) * grad_output if need_hidden else None
+        grad_weight = (saved.pop(0) * grad_output).to(ctx.weight_dtype) if need_weight else None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def chunked_divergence(
+    student_hidden: Tensor, teacher_hidden: Tensor, student_lm_head: Tensor, teacher_lm_head: Tensor,
+    mask: Tensor | None = None, *, kind: str, beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0,
+    num_tokens: Tensor | int | None = None, chunk_size: int = 1024, vocab_size: int | None = None,
+) -> Tensor:
+    """`divergence` from hidden states and `lm_head` weights without materialising (N, V) logits.
+
+    student_hidden (..., Hs) and teacher_hidden (..., Ht) are aligned position by position (the widths may
+    differ); the heads are (Vs, Hs) and (Vt, Ht). `vocab_size` (default min(Vs, Vt)) drops padded
+    embedding rows. Heads without bias only (as Llama, Qwen, GPT-2).
+    """
+    fn = _check(kind, beta, skew, temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    vocab = vocab_size or min(student_lm_head.shape[0], teacher_lm_head.shape[0])
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    if h_s.shape[0] != h_t.shape[0]:
+        raise ValueError(f"student has {h_s.shape[0]} positions, teacher {h_t.shape[0]}")
+    if mask is not None:
+        valid = mask.reshape(-1).bool()
+        h_s, h_t = h_s[valid], h_t[valid]
+    count = h_s.shape[0]
+    total = _ChunkedDivergence.apply(
+        h_s, student_lm_head[:vocab], h_t.detach(), teacher_lm_head[:vocab].detach(), fn, beta, skew, temperature,
+        chunk_size,
+    )
+    return reduce_tokens(total, None, num_tokens if num_tokens is not None else count)
+
+
+def token_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor | None = None, num_tokens: Tensor | int | None = None) -> Tensor:
+    """Language-modelling loss: -log q(label) at each valid position (logits already aligned with labels)."""
+    nll = -log_probs(logits).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return reduce_tokens(nll, mask, num_tokens)
+
+
+def gather_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log q(token) per position, float32: (B, T, V), (B, T) -> (B, T)."""
+    return log_probs(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+# Liger-Kernel's fused linear JSD computes exactly our generalized JSD (same beta convention: P teacher,
+# Q student, beta = 0 forward KL, beta = 1 reverse KL), averaged over its rows, on CUDA only.
+LIGER_KINDS = {"jsd", "forward_kl", "reverse_kl"}
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:  # not installed, or no Triton/CUDA stack
+        return False
+    return True
+
+
+def select_backend(requested: str, device: torch.device, kind: str) -> str:
+    """'auto' -> 'liger' on CUDA when installed and the divergence is one it computes, else 'chunked'."""
+    if requested == "auto":
+        if device.type == "cuda" and kind in LIGER_KINDS and liger_available():
+            return "liger"
+        return "chunked"
+    if requested == "liger":
+        if kind not in LIGER_KINDS:
+            raise ValueError(f"objective.backend=liger computes {sorted(LIGER_KINDS)}, not {kind}; use backend=chunked")
+        if device.type != "cuda" or not liger_available():
+            raise ValueError("objective.backend=liger needs CUDA and `pip install liger-kernel`; use backend=chunked")
+    return requested
+
+
+def linear_divergence(
+    student_hidden: Tensor, teacher_hidden: Tensor, student_lm_head: Tensor, teacher_lm_head: Tensor,
+    mask: Tensor | None = None, *, kind: str, beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0,
+    num_tokens: Tensor | int | None = None, backend: str = "auto", chunk_size: int = 1024,
+) -> Tensor:
+    """The divergence from hidden states and heads, with the implementation `select_backend` picks.
+
+    'torch' materialises full logits (the reference), 'chunked' bounds memory, 'liger' fuses on CUDA.
+    """
+    backend = select_backend(backend, student_hidden.device, kind)
+    vocab = min(student_lm_head.shape[0], teacher_lm_head.shape[0])
+    if backend == "chunked":
+        return chunked_divergence(student_hidden, teacher_hidden, student_lm_head, teacher_lm_head, mask, kind=kind,
+                                  beta=beta, skew=skew, temperature=temperature, num_tokens=num_tokens,
+                                  chunk_size=chunk_size, vocab_size=vocab)
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    if mask is not None:
+        valid = mask.reshape(-1).bool()
+        h_s, h_t = h_s[valid], h_t[valid]
+    count = h_s.shape[0]
+    if backend == "torch":
+        return divergence(F.linear(h_s, student_lm_head[:vocab]), F.linear(h_t, teacher_lm_head[:vocab]).detach(),
+                          kind=kind, beta=beta, skew=skew, temperature=temperature,
+                          num_tokens=num_tokens if num_tokens is not None else count)
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    liger_beta = {"forward_kl": 0.0, "reverse_kl": 1.0}.get(kind, beta)
+    if count == 0:
+        return (student_hidden.sum() * 0).float()
+    mean = LigerFusedLinearJSD(jsd_beta=liger_beta, temperature=temperature)(
+        h_s, student_lm_head[:vocab], h_t.detach(), teacher_lm_head[:vocab].detach(), None
+    )
+    return reduce_tokens(mean.float() * count, None, num_tokens if num_tokens is not None else count)

@@ -1,0 +1,122 @@
+"""Frequency, diversity and entropy penalties: differentiable loss forms and PG reward-shaping forms.
+
+Notation: q(v|c_t) the student's next-token distribution at completion position t (1-based), y the
+sampled completion, valid positions given by the mask. Each loss is reduced like every other loss
+(sum over valid positions / `num_tokens`, the global valid-token count), and each loss function returns
+(value to add to the loss, value for logging). Each `*_shaping` function returns a per-token cost
+(B, T) that the PG loss subtracts from the reward (`reward_shaping_BT`). All default to weight 0 (off).
+
+Frequency (discourage re-using tokens already generated), with c_t(v) = count of v in y_<t:
+    loss    lambda_freq * mean_t sum_v q(v|c_t) * c_t(v) / t
+    reward  r_t -= lambda_freq * c_t(y_t) / t
+Diversity (Euclidean distances between token embeddings), with E the student's input embeddings
+(without gradient, so only the distribution moves) and e_t = sum_v q(v|c_t) E_v:
+    loss    -lambda_div * mean over sequences of mean_{i != j} ||e_i - e_j||_2   (valid positions of one sequence)
+    reward  r_t += lambda_div * mean_{j != t} ||E_{y_t} - E_{y_j}||_2  (sampled tokens' embeddings; cost = minus that)
+Entropy, with H_t = -sum_v q(v|c_t) log q(v|c_t) and floor h_min:
+    loss    lambda_ent * mean_t max(0, h_min - H_t); with h_min = +inf, -lambda_ent * mean_t H_t (plain bonus)
+    reward  r_t -= lambda_ent * max(0, h_min - H_t)  (H_t detached; with h_min = +inf, r_t += lambda_ent * H_t)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from onpolicy_kd.losses import log_probs, reduce_tokens
+
+Tensor = torch.Tensor
+
+
+def _previous_count_probability(probs_BTV: Tensor, tokens_BT: Tensor, mask_BT: Tensor) -> Tensor:
+    """sum_v q(v|c_t) c_t(v) = sum_{s<t, valid} q(y_s|c_t), via a (B, T, T) gather instead of (B, T, V) counts."""
+    T = tokens_BT.shape[1]
+    index_BTT = tokens_BT.unsqueeze(1).expand(-1, T, -1)  # [b, t, s] = y_s
+    q_of_previous_BTT = probs_BTV.gather(-1, index_BTT)  # [b, t, s] = q(y_s | c_t)
+    earlier_TT = torch.ones(T, T, dtype=torch.bool, device=tokens_BT.device).tril(-1)  # s < t
+    keep_BTT = earlier_TT & mask_BT.bool().unsqueeze(1)
+    return torch.where(keep_BTT, q_of_previous_BTT, torch.zeros_like(q_of_previous_BTT)).sum(-1)
+
+
+def _positions(tokens_BT: Tensor) -> Tensor:
+    """1-based position t of each completion token, as float (the denominator of the frequency terms)."""
+    return torch.arange(1, tokens_BT.shape[1] + 1, device=tokens_BT.device, dtype=torch.float32).expand_as(tokens_BT)
+
+
+def frequency_penalty(
+    logits_BTV: Tensor, tokens_BT: Tensor, mask_BT: Tensor, weight: float, num_tokens: Tensor | int | None = None,
+) -> tuple[Tensor, Tensor]:
+    probs = log_probs(logits_BTV).exp()
+    value_BT = _previous_count_probability(probs, tokens_BT, mask_BT) / _positions(tokens_BT)
+    value = reduce_tokens(value_BT, mask_BT, num_tokens)
+    return weight * value, value.detach()
+
+
+def frequency_shaping(tokens_BT: Tensor, mask_BT: Tensor, weight: float) -> Tensor:
+    """Cost lambda_freq * c_t(y_t) / t per position (subtracted from the reward)."""
+    T = tokens_BT.shape[1]
+    same_BTT = tokens_BT.unsqueeze(2) == tokens_BT.unsqueeze(1)  # [b, t, s] = (y_t == y_s)
+    earlier_TT = torch.ones(T, T, dtype=torch.bool, device=tokens_BT.device).tril(-1)
+    counts_BT = (same_BTT & earlier_TT & mask_BT.bool().unsqueeze(1)).sum(-1).float()
+    return torch.where(mask_BT.bool(), weight * counts_BT / _positions(tokens_BT), torch.zeros_like(counts_BT))
+
+
+def _mean_pairwise_distance(points_BTH: Tensor, mask_BT: Tensor) -> tuple[Tensor, Tensor]:
+    """Per sequence, mean_{i != j} ||x_i - x_j|| over valid positions; and which sequences have >= 2 of them."""
+    # Exact differences (no |a|^2 + |b|^2 - 2ab cancellation); the diagonal is excluded below.
+    dist_BTT = torch.cdist(points_BTH, points_BTH, compute_mode="donot_use_mm_for_euclid_dist")
+    valid_BT = mask_BT.bool()
+    T = valid_BT.shape[1]
+    pair_BTT = valid_BT.unsqueeze(2) & valid_BT.unsqueeze(1) & ~torch.eye(T, dtype=torch.bool, device=valid_BT.device)
+    n_pairs_B = pair_BTT.sum((1, 2))
+    total_B = torch.where(pair_BTT, dist_BTT, torch.zeros_like(dist_BTT)).sum((1, 2))
+    return total_B / n_pairs_B.clamp_min(1), n_pairs_B > 0
+
+
+def diversity_penalty(
+    logits_BTV: Tensor, embeddings_VH: Tensor, mask_BT: Tensor, weight: float,
+) -> tuple[Tensor, Tensor]:
+    """-lambda_div * mean over sequences of the mean pairwise distance of expected embeddings."""
+    probs = log_probs(logits_BTV).exp()
+    expected_BTH = probs @ embeddings_VH.detach().float()[: probs.shape[-1]]
+    spread_B, has_pairs_B = _mean_pairwise_distance(expected_BTH, mask_BT)
+    value = torch.where(has_pairs_B, spread_B, torch.zeros_like(spread_B)).sum() / has_pairs_B.sum().clamp_min(1)
+    return -weight * value, value.detach()
+
+
+def diversity_shaping(tokens_BT: Tensor, embeddings_VH: Tensor, mask_BT: Tensor, weight: float) -> Tensor:
+    """Cost -lambda_div * mean_{j != t} ||E_{y_t} - E_{y_j}|| per position (a bonus once subtracted from the reward)."""
+    points_BTH = embeddings_VH.detach().float()[tokens_BT]
+    dist_BTT = torch.cdist(points_BTH, points_BTH, compute_mode="donot_use_mm_for_euclid_dist")
+    valid_BT = mask_BT.bool()
+    T = valid_BT.shape[1]
+    other_BTT = valid_BT.unsqueeze(1) & ~torch.eye(T, dtype=torch.bool, device=valid_BT.device)
+    mean_BT = torch.where(other_BTT, dist_BTT, torch.zeros_like(dist_BTT)).sum(-1) / other_BTT.sum(-1).clamp_min(1)
+    return torch.where(valid_BT, -weight * mean_BT, torch.zeros_like(mean_BT))
+
+
+def entropy(logits_BTV: Tensor) -> Tensor:
+    """H_t = -sum_v q log q per position (float32)."""
+    logq = log_probs(logits_BTV)
+    return -(logq.exp() * logq).sum(-1)
+
+
+def entropy_penalty(
+    logits_BTV: Tensor, mask_BT: Tensor, weight: float, floor: float = math.inf, num_tokens: Tensor | int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """lambda_ent * mean_t max(0, floor - H_t); a plain bonus -lambda_ent * mean_t H_t when floor is +inf.
+
+    The logged value is the mean entropy H_t over valid positions.
+    """
+    h_BT = entropy(logits_BTV)
+    shortfall_BT = -h_BT if math.isinf(floor) else torch.clamp(floor - h_BT, min=0)
+    return weight * reduce_tokens(shortfall_BT, mask_BT, num_tokens), reduce_tokens(h_BT.detach(), mask_BT, num_tokens)
+
+
+def entropy_shaping(logits_BTV: Tensor, mask_BT: Tensor, weight: float, floor: float = math.inf) -> Tensor:
+    """Cost lambda_ent * max(0, floor - H_t) per position (subtracted from the reward); -lambda_ent * H_t at floor = inf."""
+    with torch.no_grad():
+        h_BT = entropy(logits_BTV)
+        shortfall_BT = -h_BT if math.isinf(floor) else torch.clamp(floor - h_BT, min=0)
+    return torch.where(mask_BT.bool(), weight * shortfall_BT, torch.zeros_like(shortfall_BT))

@@ -1,0 +1,225 @@
+"""Divergences against a naive float64 reference (values and gradients), and the chunked path against the plain one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from onpolicy_kd.losses import (
+    DIVERGENCES, chunked_divergence, divergence, per_token_divergence, reduce_tokens, token_cross_entropy,
+)
+
+KINDS = list(DIVERGENCES)
+B, T, V = 3, 47, 123  # odd shapes on purpose
+
+
+def naive_divergence(s_logits, t_logits, mask, kind, beta=0.5, skew=0.1, temperature=1.0):
+    """Straight from the formulas in probability space, float64, one valid position at a time."""
+    s_logits, t_logits = s_logits.double() / temperature, t_logits.double() / temperature
+    values = []
+    for b in range(s_logits.shape[0]):
+        for t in range(s_logits.shape[1]):
+            if not mask[b, t]:
+                continue
+            q = torch.softmax(s_logits[b, t], -1)
+            p = torch.softmax(t_logits[b, t], -1)
+            kl = lambda a, c: (a * (a / c).log()).sum()  # noqa: E731
+            if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+                v = kl(p, q)
+            elif kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+                v = kl(q, p)
+            elif kind == "jsd":
+                m = beta * p + (1 - beta) * q
+                v = beta * kl(p, m) + (1 - beta) * kl(q, m)
+            elif kind == "tv":
+                v = 0.5 * (p - q).abs().sum()
+            elif kind == "skew_forward_kl":
+                v = kl(p, skew * p + (1 - skew) * q)
+            elif kind == "skew_reverse_kl":
+                v = kl(q, skew * q + (1 - skew) * p)
+            values.append(v)
+    return torch.stack(values).sum() / max(len(values), 1)
+
+
+def _inputs(seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(B, T, V, generator=g) * scale).requires_grad_()
+    t = (torch.randn(B, T, V, generator=g) * scale).requires_grad_()
+    mask = torch.rand(B, T, generator=g) > 0.3
+    return s, t, mask
+
+
+def _grads(loss, *xs):
+    return torch.autograd.grad(loss, xs)
+
+
+CASES = [(kind, 0.5) for kind in KINDS if kind != "jsd"] + [("jsd", beta) for beta in (0.0, 0.3, 0.5, 0.9, 1.0)]
+
+
+@pytest.mark.parametrize("kind, beta", CASES)
+def test_against_naive_float64(kind, beta):
+    s, t, mask = _inputs(seed=KINDS.index(kind) * 10 + int(beta * 10))
+    ours = divergence(s, t, mask, kind=kind, beta=beta, skew=0.25)
+    s64, t64 = s.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    ref = naive_divergence(s64, t64, mask, kind, beta=beta, skew=0.25)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    g_ours = _grads(ours, s, t)
+    g_ref = _grads(ref, s64, t64)
+    for a, b in zip(g_ours, g_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-7)
+
+
+def test_beta_endpoints_equal_torch_kl_div():
+    s, t, mask = _inputs(seed=3)
+    ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
+    forward = F.kl_div(ls, lt, reduction="none", log_target=True).sum(-1)[mask].mean()  # KL(p || q)
+    reverse = F.kl_div(lt, ls, reduction="none", log_target=True).sum(-1)[mask].mean()  # KL(q || p)
+    torch.testing.assert_close(divergence(s, t, mask, kind="jsd", beta=0.0), forward)
+    torch.testing.assert_close(divergence(s, t, mask, kind="jsd", beta=1.0), reverse)
+    torch.testing.assert_close(divergence(s, t, mask, kind="forward_kl"), forward)
+    torch.testing.assert_close(divergence(s, t, mask, kind="reverse_kl"), reverse)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_identical_inputs_give_zero(kind):
+    s, _, mask = _inputs(seed=4)
+    value = divergence(s, s.detach().clone(), mask, kind=kind)
+    assert abs(value.item()) < 1e-6
+    grad = _grads(value, s)[0]
+    assert grad.abs().max() < 1e-6  # a minimum: zero gradient too
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_all_masked_gives_zero_not_nan(kind):
+    s, t, _ = _inputs(seed=5)
+    garbage = s.detach().clone()
+    garbage[0, 0, 0] = float("inf")  # padded positions may hold anything
+    garbage = garbage.requires_grad_()
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    value = divergence(garbage, t, mask, kind=kind)
+    assert value.item() == 0.0
+    grad = _grads(value, garbage)[0]
+    assert torch.isfinite(grad).all() and grad.abs().max() == 0
+    value_chunked = chunked_divergence(torch.randn(4, 8, requires_grad=True), torch.randn(4, 8), torch.randn(V, 8),
+                                       torch.randn(V, 8), torch.zeros(4, dtype=torch.bool), kind=kind)
+    assert value_chunked.item() == 0.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_temperature_divides_logits_without_rescaling(kind):
+    s, t, mask = _inputs(seed=6)
+    tau = 2.5
+    torch.testing.assert_close(divergence(s, t, mask, kind=kind, temperature=tau), divergence(s / tau, t / tau, mask, kind=kind))
+    ref = naive_divergence(s.detach(), t.detach(), mask, kind, temperature=tau)
+    torch.testing.assert_close(divergence(s, t, mask, kind=kind, temperature=tau).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_low_precision_inputs_use_float32_math():
+    s, t, mask = _inputs(seed=7)
+    ours = divergence(s.bfloat16(), t.bfloat16(), mask, kind="jsd")
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, divergence(s.bfloat16().float(), t.bfloat16().float(), mask, kind="jsd"))
+
+
+def test_global_token_count_reduction():
+    """Two micro-batches, each divided by the global count, add up to the full batch's mean."""
+    s, t, mask = _inputs(seed=8)
+    full = divergence(s, t, mask, kind="reverse_kl")
+    n_global = mask.sum()
+    parts = [divergence(s[i:j], t[i:j], mask[i:j], kind="reverse_kl", num_tokens=n_global) for i, j in ((0, 1), (1, 3))]
+    torch.testing.assert_close(sum(parts), full)
+    torch.testing.assert_close(reduce_tokens(torch.ones(2, 3), torch.tensor([[1, 0, 0], [1, 1, 0]])), torch.tensor(1.0))
+
+
+def test_per_token_variant_and_errors():
+    s, t, mask = _inputs(seed=9)
+    per = per_token_divergence(s, t, kind="tv")
+    assert per.shape == (B, T) and ((per >= 0) & (per <= 1 + 1e-6)).all()
+    torch.testing.assert_close(per[mask].mean(), divergence(s, t, mask, kind="tv"))
+    with pytest.raises(ValueError, match="unknown divergence 'kl'; valid: forward_kl, reverse_kl, jsd"):
+        divergence(s, t, mask, kind="kl")
+    with pytest.raises(ValueError, match="beta=1.5"):
+        divergence(s, t, mask, kind="jsd", beta=1.5)
+    with pytest.raises(ValueError, match="differ"):
+        divergence(s, t[:, :-1], kind="jsd")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_equals_plain_with_different_hidden_widths(kind):
+    g = torch.Generator().manual_seed(10)
+    hs, ht, n_pad = 24, 40, 5  # different widths; the teacher head has padded rows
+    h_s = torch.randn(B, T, hs, generator=g).requires_grad_()
+    h_t = torch.randn(B, T, ht, generator=g)
+    w_s = (torch.randn(V, hs, generator=g) * 0.5).requires_grad_()
+    w_t = torch.randn(V + n_pad, ht, generator=g) * 0.5
+    mask = torch.rand(B, T, generator=g) > 0.3
+    plain = divergence(h_s @ w_s.T, h_t @ w_t[:V].T, mask, kind=kind, beta=0.3, temperature=1.5)
+    chunked = chunked_divergence(h_s, h_t, w_s, w_t, mask, kind=kind, beta=0.3, temperature=1.5, chunk_size=16)
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-7)
+    for a, b in zip(_grads(chunked, h_s, w_s), _grads(plain, h_s, w_s)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_frozen_head_and_global_count():
+    g = torch.Generator().manual_seed(11)
+    h_s = torch.randn(10, 8, generator=g).requires_grad_()
+    w = torch.randn(V, 8, generator=g)  # frozen head: only the hidden states get a gradient
+    h_t = torch.randn(10, 8, generator=g)
+    out = chunked_divergence(h_s, h_t, w, w, kind="forward_kl", num_tokens=40, chunk_size=3)
+    plain = divergence(h_s @ w.T, h_t @ w.T, kind="forward_kl", num_tokens=40)
+    torch.testing.assert_close(out, plain)
+    torch.testing.assert_close(_grads(out, h_s)[0], _grads(plain, h_s)[0])
+
+
+def test_token_cross_entropy():
+    s, _, mask = _inputs(seed=12)
+    labels = torch.randint(0, V, (B, T))
+    ref = F.cross_entropy(s[mask], labels[mask])
+    torch.testing.assert_close(token_cross_entropy(s, labels, mask), ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", "chunked"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_linear_divergence_backends_agree(backend, kind):
+    g = torch.Generator().manual_seed(13)
+    h_s = torch.randn(2, 9, 12, generator=g).requires_grad_()
+    h_t = torch.randn(2, 9, 20, generator=g)
+    w_s, w_t = torch.randn(V, 12, generator=g).requires_grad_(), torch.randn(V + 3, 20, generator=g)
+    mask = torch.rand(2, 9, generator=g) > 0.4
+    from onpolicy_kd.losses import linear_divergence
+
+    out = linear_divergence(h_s, h_t, w_s, w_t, mask, kind=kind, backend=backend, chunk_size=4, num_tokens=20)
+    ref = divergence(h_s @ w_s.T, h_t @ w_t[:V].T, mask, kind=kind, num_tokens=20)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_backend_selection():
+    from onpolicy_kd.losses import select_backend
+
+    assert select_backend("auto", torch.device("cpu"), "jsd") == "chunked"
+    assert select_backend("torch", torch.device("cpu"), "tv") == "torch"
+    with pytest.raises(ValueError, match="liger computes"):
+        select_backend("liger", torch.device("cpu"), "tv")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        select_backend("liger", torch.device("cpu"), "jsd")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger-Kernel runs on CUDA only")
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_liger_equals_chunked_on_cuda(kind):
+    pytest.importorskip("liger_kernel")
+    from onpolicy_kd.losses import linear_divergence
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h_s = torch.randn(64, 32, device="cuda", generator=g).requires_grad_()
+    h_t = torch.randn(64, 48, device="cuda", generator=g)
+    w_s = torch.randn(1000, 32, device="cuda", generator=g).requires_grad_()
+    w_t = torch.randn(1000, 48, device="cuda", generator=g)
+    mask = torch.rand(64, device="cuda", generator=g) > 0.3
+    a = linear_divergence(h_s, h_t, w_s, w_t, mask, kind=kind, beta=0.3, temperature=2.0, backend="liger", num_tokens=50)
+    b = linear_divergence(h_s, h_t, w_s, w_t, mask, kind=kind, beta=0.3, temperature=2.0, backend="chunked", num_tokens=50)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for x, y in zip(torch.autograd.grad(a, (h_s, w_s)), torch.autograd.grad(b, (h_s, w_s))):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)

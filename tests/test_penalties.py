@@ -1,0 +1,148 @@
+"""Each penalty (loss and reward-shaping forms) against a naive float64 loop, values and gradients."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from onpolicy_kd.penalties import (
+    diversity_penalty, diversity_shaping, entropy_penalty, entropy_shaping, frequency_penalty, frequency_shaping,
+)
+
+B, T, V, H = 3, 11, 17, 5
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(B, T, V, generator=g) * 2).requires_grad_()
+    tokens = torch.randint(0, 6, (B, T), generator=g)  # few distinct ids: many repeats
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 7:] = False  # a shorter completion
+    mask[2, 1:] = False  # a single token: no pairs for the diversity term
+    embeddings = torch.randn(V, H, generator=g)
+    return logits, tokens, mask, embeddings
+
+
+def _grad(value, x):
+    return torch.autograd.grad(value, x)[0]
+
+
+def naive_frequency(logits, tokens, mask):
+    values = []
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            q = torch.softmax(logits[b, t].double(), -1)
+            counts = Counter(tokens[b, s].item() for s in range(t) if mask[b, s])
+            values.append(sum(q[v] * c for v, c in counts.items()) / (t + 1) if counts else q.sum() * 0)
+    return torch.stack(values).mean()
+
+
+def test_frequency_penalty(batch):
+    logits, tokens, mask, _ = batch
+    loss, value = frequency_penalty(logits, tokens, mask, weight=0.7)
+    logits64 = logits.detach().double().requires_grad_()
+    ref = naive_frequency(logits64, tokens, mask)
+    torch.testing.assert_close(loss.double(), 0.7 * ref.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(value.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(_grad(loss, logits).double(), _grad(0.7 * ref, logits64), rtol=1e-4, atol=1e-7)
+
+
+def test_frequency_shaping(batch):
+    _, tokens, mask, _ = batch
+    cost = frequency_shaping(tokens, mask, weight=0.5)
+    for b in range(B):
+        for t in range(T):
+            n_before = sum(1 for s in range(t) if mask[b, s] and tokens[b, s] == tokens[b, t])
+            expected = 0.5 * n_before / (t + 1) if mask[b, t] else 0.0
+            assert math.isclose(cost[b, t].item(), expected, abs_tol=1e-7)
+
+
+def naive_diversity(logits, mask, embeddings):
+    spreads = []
+    for b in range(B):
+        points = [torch.softmax(logits[b, t].double(), -1) @ embeddings.double() for t in range(T) if mask[b, t]]
+        pairs = [torch.linalg.norm(points[i] - points[j]) for i in range(len(points)) for j in range(len(points)) if i != j]
+        if pairs:
+            spreads.append(torch.stack(pairs).mean())
+    return torch.stack(spreads).mean()
+
+
+def test_diversity_penalty(batch):
+    logits, _, mask, embeddings = batch
+    loss, value = diversity_penalty(logits, embeddings, mask, weight=0.3)
+    logits64 = logits.detach().double().requires_grad_()
+    ref = naive_diversity(logits64, mask, embeddings)
+    torch.testing.assert_close(loss.double(), -0.3 * ref.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(value.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(_grad(loss, logits).double(), _grad(-0.3 * ref, logits64), rtol=1e-4, atol=1e-7)
+
+
+def test_diversity_embeddings_get_no_gradient(batch):
+    logits, _, mask, embeddings = batch
+    embeddings = embeddings.clone().requires_grad_()
+    loss, _ = diversity_penalty(logits, embeddings, mask, weight=1.0)
+    loss.backward()
+    assert embeddings.grad is None  # only the distribution moves
+
+
+def test_diversity_shaping(batch):
+    _, tokens, mask, embeddings = batch
+    cost = diversity_shaping(tokens, embeddings, mask, weight=0.2)
+    for b in range(B):
+        for t in range(T):
+            others = [j for j in range(T) if j != t and mask[b, j]]
+            if not mask[b, t] or not others:
+                assert cost[b, t].item() == 0.0
+                continue
+            mean = sum(torch.linalg.norm(embeddings[tokens[b, t]].double() - embeddings[tokens[b, j]].double()) for j in others) / len(others)
+            assert math.isclose(cost[b, t].item(), -0.2 * mean.item(), rel_tol=1e-5)
+
+
+def naive_entropy(logits, mask, floor):
+    values = []
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t]:
+                q = torch.softmax(logits[b, t].double(), -1)
+                h = -(q * q.log()).sum()
+                values.append(-h if math.isinf(floor) else torch.clamp(floor - h, min=0))
+    return torch.stack(values).mean()
+
+
+@pytest.mark.parametrize("floor", [math.inf, 2.2])
+def test_entropy_penalty(batch, floor):
+    logits, _, mask, _ = batch
+    loss, mean_entropy = entropy_penalty(logits, mask, weight=0.4, floor=floor)
+    logits64 = logits.detach().double().requires_grad_()
+    ref = naive_entropy(logits64, mask, floor)
+    torch.testing.assert_close(loss.double(), 0.4 * ref.detach(), rtol=1e-5, atol=1e-7)
+    grad = _grad(loss, logits)
+    torch.testing.assert_close(grad.double(), _grad(0.4 * ref, logits64), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(mean_entropy.double(), -naive_entropy(logits64, mask, math.inf).detach(), rtol=1e-5, atol=1e-7)
+    if not math.isinf(floor):
+        assert 0 < loss.item()  # some positions are below the floor...
+        assert (grad.abs().sum(-1) == 0).any()  # ...and the others get no gradient
+
+
+def test_entropy_shaping(batch):
+    logits, _, mask, _ = batch
+    cost = entropy_shaping(logits, mask, weight=0.5, floor=2.2)
+    for b in range(B):
+        for t in range(T):
+            q = torch.softmax(logits[b, t].detach().double(), -1)
+            h = -(q * q.log()).sum().item()
+            expected = 0.5 * max(0.0, 2.2 - h) if mask[b, t] else 0.0
+            assert math.isclose(cost[b, t].item(), expected, abs_tol=1e-6)
+
+
+def test_penalties_off_are_zero(batch):
+    logits, tokens, mask, embeddings = batch
+    for loss, _ in (frequency_penalty(logits, tokens, mask, 0.0), diversity_penalty(logits, embeddings, mask, 0.0),
+                    entropy_penalty(logits, mask, 0.0)):
+        assert loss.item() == 0.0

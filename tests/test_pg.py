@@ -1,0 +1,125 @@
+"""The policy-gradient estimator against the exact gradient, computed by enumerating every sequence.
+
+Tabular student and teacher over sequences of length 3 and 4 tokens (64 sequences). The exact
+gradient of KL(q(y) || p(y)) comes from autograd through the enumerated sum; the estimator is the
+gradient of `policy_gradient_loss` on Monte Carlo samples (per-sequence sums: num_tokens = number of
+samples), with discount 1 and no length normalisation, the settings under which it is unbiased.
+
+Tolerance: relative L2 error below 3% with 200,000 samples (seen: 0.7-1.1% over two tables).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from onpolicy_kd.losses import per_token_divergence
+from onpolicy_kd.pg import discounted_returns, policy_gradient_loss
+
+from tabular import Tabular
+
+N_SAMPLES = 200_000
+TOLERANCE = 0.03
+
+
+def estimator_gradient(model: Tabular, seqs, rows, old, teacher, mix, *, alpha, single_step, importance, num_tokens):
+    logits = model.student[rows]
+    logprobs = torch.log_softmax(logits, -1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
+    kl = per_token_divergence(logits, model.teacher[rows], kind="reverse_kl").double() if single_step else None
+    out = policy_gradient_loss(
+        logprobs, old, teacher, torch.ones_like(seqs, dtype=torch.bool),
+        sample_logprobs_BT=mix if alpha else None, single_step_kl_BT=kl, discount=1.0, length_norm=False,
+        importance=importance, num_tokens=num_tokens,
+    )
+    return torch.autograd.grad(out.loss, model.student)[0]
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("single_step", [True, False], ids=["single_step", "no_single_step"])
+@pytest.mark.parametrize("alpha, importance", [(0.0, "token"), (0.3, "sequence")])
+def test_monte_carlo_gradient_matches_enumeration(alpha, importance, single_step):
+    model = Tabular(seed=0)
+    exact = torch.autograd.grad(model.exact_reverse_kl(), model.student)[0]
+    samples = model.sample(N_SAMPLES, alpha, torch.Generator().manual_seed(123))
+    estimate = estimator_gradient(model, *samples, alpha=alpha, single_step=single_step, importance=importance,
+                                  num_tokens=N_SAMPLES)
+    assert relative_error(estimate, exact) < TOLERANCE
+
+
+def test_token_weights_estimate_their_own_expectation_and_are_biased():
+    """MiniLLM's per-token weights: the Monte Carlo average equals the estimator's exact expectation under
+    the mixture (enumerated), and that expectation is not the true gradient when alpha > 0 (documented bias)."""
+    model, alpha = Tabular(seed=1), 0.3
+    exact = torch.autograd.grad(model.exact_reverse_kl(), model.student)[0]
+    # Exact expectation of the estimator: every sequence once, weighted by its probability under the mixture.
+    all_seqs = torch.tensor(list(itertools.product(range(model.V), repeat=model.T)))
+    rows = torch.stack([model.context_index(all_seqs[:, :t]) for t in range(model.T)], 1)
+    with torch.no_grad():
+        q = torch.softmax(model.student[rows], -1)
+        p = torch.softmax(model.teacher[rows], -1)
+    take = lambda probs: probs.gather(-1, all_seqs.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    q_y, p_y = take(q), take(p)
+    mix_y = alpha * p_y + (1 - alpha) * q_y
+    expected = torch.zeros_like(exact)
+    for i in range(len(all_seqs)):
+        g = estimator_gradient(model, all_seqs[i : i + 1], rows[i : i + 1], q_y[i : i + 1].log(), p_y[i : i + 1].log(),
+                               mix_y[i : i + 1].log(), alpha=alpha, single_step=True, importance="token", num_tokens=1)
+        expected += mix_y[i].prod() * g
+    samples = model.sample(N_SAMPLES, alpha, torch.Generator().manual_seed(7))
+    estimate = estimator_gradient(model, *samples, alpha=alpha, single_step=True, importance="token", num_tokens=N_SAMPLES)
+    assert relative_error(estimate, expected) < TOLERANCE
+    assert relative_error(expected, exact) > 0.2  # the per-token approximation's bias at alpha = 0.3
+
+
+def test_is_clip_caps_weights():
+    model = Tabular(seed=2)
+    seqs, rows, old, teacher, mix = model.sample(1000, 0.5, torch.Generator().manual_seed(1))
+    logprobs = torch.log_softmax(model.student[rows], -1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
+    mask = torch.ones_like(seqs, dtype=torch.bool)
+    for importance in ("token", "sequence"):
+        out = policy_gradient_loss(logprobs, old, teacher, mask, sample_logprobs_BT=mix, importance=importance, is_clip=1.05)
+        assert out.metrics["pg/is_weight"] <= 1.05 + 1e-9
+
+
+def test_returns_discount_and_length_norm():
+    rewards = torch.tensor([[1.0, 2.0, 4.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])  # the last position is padding: its reward must not count
+    torch.testing.assert_close(discounted_returns(rewards, mask, 0.5), torch.tensor([[1 + 1 + 1.0, 2 + 2.0, 4.0, 0.0]]))
+    # Without the single-step term A_t = R_t / (terms from t): (7/3, 6/2, 4/1); at ratio 1 the loss is -mean(A).
+    zeros = torch.zeros(1, 4)
+    teacher = torch.tensor([[1.0, 2.0, 4.0, 100.0]])
+    out = policy_gradient_loss(zeros.clone().requires_grad_(), zeros, teacher, mask, discount=1.0, length_norm=True)
+    torch.testing.assert_close(out.loss, -torch.tensor((7 / 3 + 3 + 4) / 3))
+    # With the single-step term A_t = R_{t+1} / (terms after t): (6/2, 4/1, 0).
+    kl = torch.zeros(1, 4, requires_grad=True)
+    out = policy_gradient_loss(zeros.clone().requires_grad_(), zeros, teacher, mask, single_step_kl_BT=kl, length_norm=True)
+    torch.testing.assert_close(out.loss, -torch.tensor((3 + 4 + 0) / 3))
+
+
+def test_ppo_clipping_and_lm_term():
+    old = torch.zeros(1, 3)
+    teacher = torch.ones(1, 3)  # positive rewards: advantage > 0
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    far = torch.full((1, 3), 0.5, requires_grad=True)  # ratio e^0.5 > 1.2: clipped, no gradient
+    out = policy_gradient_loss(far, old, teacher, mask, ppo_clip=0.2, length_norm=False)
+    assert out.metrics["pg/clip_frac"] == 1.0
+    assert torch.autograd.grad(out.loss, far)[0].abs().max() == 0
+    near = torch.zeros(1, 3, requires_grad=True)
+    lm = torch.tensor(2.0, requires_grad=True)
+    out = policy_gradient_loss(near, old, teacher, mask, lm_loss=lm, lm_coef=0.5, length_norm=False)
+    grads = torch.autograd.grad(out.loss, (near, lm))
+    assert grads[0].abs().min() > 0 and grads[1].item() == 0.5
+    assert out.metrics["pg/lm_loss"] == 2.0
+
+
+def test_all_masked_pg_is_zero():
+    x = torch.randn(2, 5, requires_grad=True)
+    out = policy_gradient_loss(x, x.detach(), torch.randn(2, 5), torch.zeros(2, 5, dtype=torch.bool),
+                               single_step_kl_BT=torch.randn(2, 5, requires_grad=True))
+    assert out.loss.item() == 0.0
+    assert torch.isfinite(torch.autograd.grad(out.loss, x)[0]).all()
