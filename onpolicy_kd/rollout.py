@@ -1,0 +1,257 @@
+"""Rollouts: completions sampled from the student, or token by token from the teacher-mixed distribution.
+
+At each step the distribution sampled from is p~ = alpha * p_teacher + (1 - alpha) * q_student, both
+after temperature (alpha = 0: the student alone; alpha = 1: the teacher alone, for sequence-level
+KD). top-k and top-p are then applied to p~ itself (the distribution actually sampled from) and it is
+renormalised; the recorded `sample_logprobs` are log-probabilities under that filtered distribution,
+while `student_logprobs` and `teacher_logprobs` are the unfiltered tempered log-probabilities.
+
+Decoding is our own KV-cached loop: one prefill, then one single-token forward per step per model,
+with position ids taken from the attention mask so left padding does not shift positions (a prompt
+gives the same greedy completion alone or in a padded batch). With alpha > 0 both models decode in
+lockstep, each with its own cache, and the teacher's log-probs come for free. With alpha = 0 only the
+student decodes and the teacher scores the finished sequences in one batched forward pass.
+
+A row finishes at its first EOS (or stop string), which is kept in the completion mask; later
+positions are padding and masked. Masks come from the step at which each row finished, never from
+comparing ids with the pad id (GPT-2 pads with EOS). Under several processes, `all_finished`
+reduces the local "all rows done" flag over ranks, so every rank keeps stepping until all are done
+(ranks that finish early feed padding): no rank leaves a collective behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from onpolicy_kd.losses import log_probs
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Rollout:
+    prompt_ids: Tensor  # (B, P), left-padded
+    prompt_mask: Tensor  # (B, P)
+    completion_ids: Tensor  # (B, T), padding after the first EOS
+    completion_mask: Tensor  # (B, T), 1 up to and including the first EOS / stop string
+    student_logprobs: Tensor  # (B, T) log q_old(y_t | c_t) at the rollout temperature
+    teacher_logprobs: Tensor  # (B, T) log p(y_t | c_t) at the rollout temperature
+    sample_logprobs: Tensor  # (B, T) log of the (filtered) distribution y_t was drawn from
+    texts: list[str]  # decoded completions (valid tokens only)
+    steps: int  # decode steps taken (the same on every rank)
+
+    @property
+    def sequences(self) -> Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.completion_mask.sum(1)
+
+
+def filter_logprobs(logprobs_BV: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Keep the top-k tokens and the smallest set with probability >= top_p; renormalise (log space)."""
+    if top_k and top_k < logprobs_BV.shape[-1]:
+        kth = torch.topk(logprobs_BV, top_k, dim=-1).values[..., -1:]
+        logprobs_BV = logprobs_BV.masked_fill(logprobs_BV < kth, -math.inf)
+        logprobs_BV = logprobs_BV - torch.logsumexp(logprobs_BV, dim=-1, keepdim=True)  # top-p sees the top-k mass
+    if top_p < 1.0:
+        sorted_lp, order = torch.sort(logprobs_BV, dim=-1, descending=True)
+        mass_before = torch.cumsum(sorted_lp.exp(), dim=-1) - sorted_lp.exp()
+        drop_sorted = mass_before >= top_p  # the token that crosses top_p is kept; never drops the first
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logprobs_BV = logprobs_BV.masked_fill(drop, -math.inf)
+    return logprobs_BV - torch.logsumexp(logprobs_BV, dim=-1, keepdim=True)
+
+
+def mixture_logprobs(student_BV: Tensor, teacher_BV: Tensor | None, alpha: float) -> Tensor:
+    """log(alpha * p + (1 - alpha) * q) from log-probabilities, stably (alpha in [0, 1])."""
+    if alpha == 0 or teacher_BV is None:
+        return student_BV
+    if alpha == 1:
+        return teacher_BV
+    return torch.logaddexp(teacher_BV + math.log(alpha), student_BV + math.log1p(-alpha))
+
+
+def all_ranks_finished(done: bool) -> bool:
+    """True when every process's batch is done (a MIN all-reduce); the local flag when not distributed."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return done
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    flag = torch.tensor([int(done)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Dropout off while sampling (the behaviour policy is the deterministic network), then restore."""
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(models, was_training):
+            m.train(training)
+
+
+def _forward_last(model: nn.Module, ids: Tensor, attention: Tensor, positions: Tensor, cache) -> tuple[Tensor, object]:
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float(), out.past_key_values
+
+
+def _positions(mask_BL: Tensor) -> Tensor:
+    return (mask_BL.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@torch.no_grad()
+def score_sequences(model: nn.Module, sequences_BL: Tensor, attention_BL: Tensor, completion_len: int,
+                    temperature: float = 1.0, vocab_size: int | None = None) -> Tensor:
+    """Teacher-forced log-probs of the last `completion_len` tokens: one batched forward pass."""
+    out = model(input_ids=sequences_BL, attention_mask=attention_BL, position_ids=_positions(attention_BL),
+                logits_to_keep=completion_len + 1)
+    logits = out.logits[:, -completion_len - 1 : -1]
+    if vocab_size:
+        logits = logits[..., :vocab_size]
+    tokens = sequences_BL[:, -completion_len:]
+    return log_probs(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _stop_hit(tokenizer, rows: list[list[int]], stop_strings: Sequence[str], longest: int) -> list[bool]:
+    """Does the completion so far end with one of the stop strings? (decodes only its tail)."""
+    tails = tokenizer.batch_decode([r[-longest:] for r in rows], skip_special_tokens=False)
+    return [any(s in tail for s in stop_strings) for tail in tails]
+
+
+@torch.no_grad()
+def rollout(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    *,
+    tokenizer,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    alpha: float = 0.0,
+    do_sample: bool = True,
+    stop_strings: Sequence[str] = (),
+    eos_token_ids: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    all_finished: Callable[[bool], bool] = all_ranks_finished,
+    vocab_size: int | None = None,
+) -> Rollout:
+    """Sample completions for a left-padded batch of prompts. See the module docstring."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha={alpha} must be in [0, 1]")
+    if teacher is None and alpha > 0:
+        raise ValueError("alpha > 0 needs the teacher")
+    device = prompt_ids.device
+    B = prompt_ids.shape[0]
+    eos = torch.tensor(list(eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id]), device=device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos[0])
+    lockstep = alpha > 0
+    longest_stop = max((len(tokenizer(s, add_special_tokens=False).input_ids) for s in stop_strings), default=0) + 2
+
+    tokens, student_lp, teacher_lp, sample_lp = [], [], [], []
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    rows: list[list[int]] = [[] for _ in range(B)]
+    attention = prompt_mask.long()
+    positions = _positions(attention)
+    models = (student, teacher) if lockstep else (student,)
+    with eval_mode(*[m for m in models if m is not None]):
+        s_logits, s_cache = _forward_last(student, prompt_ids, attention, positions, None)
+        if lockstep:
+            t_logits, t_cache = _forward_last(teacher, prompt_ids, attention, positions, None)
+        next_position = positions[:, -1:] + 1
+        steps = 0
+        while steps < max_new_tokens:
+            vocab = vocab_size or (min(s_logits.shape[-1], t_logits.shape[-1]) if lockstep else s_logits.shape[-1])
+            s_lp = log_probs(s_logits[:, :vocab], temperature)
+            t_lp = log_probs(t_logits[:, :vocab], temperature) if lockstep else None
+            sampling_lp = filter_logprobs(mixture_logprobs(s_lp, t_lp, alpha), top_k, top_p)
+            if do_sample:
+                next_tok = torch.multinomial(sampling_lp.exp(), 1, generator=generator).squeeze(1)
+            else:
+                next_tok = sampling_lp.argmax(-1)
+            next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)
+            take = lambda lp: lp.gather(-1, next_tok.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+            tokens.append(next_tok)
+            student_lp.append(take(s_lp))
+            sample_lp.append(take(sampling_lp))
+            if lockstep:
+                teacher_lp.append(take(t_lp))
+            lengths += (~finished).long()
+            ended = torch.isin(next_tok, eos)
+            if stop_strings:
+                for b, tok in enumerate(next_tok.tolist()):
+                    if not finished[b]:
+                        rows[b].append(tok)
+                open_rows = [b for b in range(B) if not finished[b] and not ended[b]]
+                hits = _stop_hit(tokenizer, [rows[b] for b in open_rows], stop_strings, longest_stop) if open_rows else []
+                for b, hit in zip(open_rows, hits):
+                    ended[b] |= hit
+            finished |= ended
+            steps += 1
+            if all_finished(bool(finished.all())) or steps == max_new_tokens:
+                break
+            # Finished rows keep feeding padding (still attended: harmless, they are masked out later).
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            step_ids = next_tok.unsqueeze(1)
+            s_logits, s_cache = _forward_last(student, step_ids, attention, next_position, s_cache)
+            if lockstep:
+                t_logits, t_cache = _forward_last(teacher, step_ids, attention, next_position, t_cache)
+            next_position = next_position + 1
+
+    completion_ids = torch.stack(tokens, 1)
+    completion_mask = torch.arange(completion_ids.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
+    completion_ids = completion_ids.masked_fill(~completion_mask, pad_id)
+    if lockstep:
+        teacher_logprobs = torch.stack(teacher_lp, 1)
+    elif teacher is not None:
+        with eval_mode(teacher):
+            teacher_logprobs = score_sequences(
+                teacher, torch.cat([prompt_ids, completion_ids], 1),
+                torch.cat([prompt_mask.long(), torch.ones_like(completion_ids)], 1),
+                completion_ids.shape[1], temperature, vocab_size or student.get_output_embeddings().weight.shape[0],
+            )
+    else:
+        teacher_logprobs = torch.zeros_like(completion_ids, dtype=torch.float32)
+    zero = torch.zeros((), device=device)
+    mask_lp = lambda x: torch.where(completion_mask, x, zero)  # noqa: E731
+    texts = tokenizer.batch_decode(
+        [ids[: int(n)] for ids, n in zip(completion_ids.tolist(), lengths.tolist())], skip_special_tokens=True
+    )
+    return Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=completion_mask,
+        student_logprobs=mask_lp(torch.stack(student_lp, 1)), teacher_logprobs=mask_lp(teacher_logprobs),
+        sample_logprobs=mask_lp(torch.stack(sample_lp, 1)), texts=texts, steps=steps,
+    )
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Left-pad token-id lists into (ids, mask)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, width - len(p):] = torch.tensor(list(p))
+            mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
