@@ -7,6 +7,7 @@ from typing import Sequence
 
 COMMANDS = {
     "train": ("onpolicy_kd.train", "train (or --dry-run check) a recipe"),
+    "evaluate": ("onpolicy_kd.evaluate", "evaluate run folders or recipes: ROUGE, KL, perplexity, plots, --compare"),
     "assets": ("onpolicy_kd.assets", "install and convert the offline default teacher and news data"),
 }
 

@@ -175,6 +175,7 @@ class ObjectiveConfig(Section):
         "token", description="pg with alpha > 0: per-token weights (MiniLLM, biased) or exact prefix-product weights"
     )
     is_clip: float | None = Field(None, gt=0, description="pg: cap on importance weights; null = no cap")
+    pg_baseline: Literal["mean", "none"] = Field("mean", description="pg: subtract the batch's mean return (variance)")
     ppo_epochs: int = Field(1, ge=1)
     ppo_clip: float = Field(0.2, gt=0, lt=1)
     lm_coef: float = Field(0.0, ge=0, description="pg: weight of the language-modelling loss on references")
@@ -274,16 +275,24 @@ class Recipe(Section):
 # Loading and error reporting
 
 
-def _yaml_key_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each dotted key path of a YAML mapping to its 1-based line, for error messages."""
+def _yaml_key_lines(text: str, path: Path) -> dict[tuple[str, ...], int]:
+    """Map each dotted key path of a YAML mapping to its 1-based line, for error messages.
+
+    Also rejects duplicate keys, which yaml.safe_load would silently resolve by keeping the last one.
+    """
     lines: dict[tuple[str, ...], int] = {}
 
     def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
-                path = (*prefix, str(key_node.value))
-                lines[path] = key_node.start_mark.line + 1
-                walk(value_node, path)
+                key = (*prefix, str(key_node.value))
+                if key in lines:
+                    raise ConfigError(
+                        f"{path}:{key_node.start_mark.line + 1}: duplicate key '{'.'.join(key)}' (first at line "
+                        f"{lines[key]}); YAML would silently keep only the last one: merge them"
+                    )
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -306,7 +315,7 @@ def _read_recipe_file(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...],
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections (teacher:, student:, data:, ...), got {type(data).__name__}")
-    return data, _yaml_key_lines(text)
+    return data, _yaml_key_lines(text, path)
 
 
 def _parse_dotlist(items: Sequence[str], what: str) -> dict[str, Any]:

@@ -41,7 +41,8 @@ Tensor = torch.Tensor
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     """KL(a || b) per row from log-probabilities, with 0 log 0 = 0."""
     a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+    # `a == 0`, not `a > 0`: NaN must propagate (NaN > 0 is False and would silently turn NaN into 0).
+    return torch.where(a == 0, torch.zeros_like(a), a * (log_a - log_b)).sum(-1)
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:

@@ -19,6 +19,11 @@ Samples may come from the teacher-mixed p~ = alpha p + (1-alpha) q_old. Importan
   W_<=t'. Unbiased for any alpha (the enumeration test checks it), higher variance.
 `is_clip` caps every weight (per token, or the cumulative product) to bound the variance.
 
+`baseline="mean"` subtracts the batch's mean return from every return before weighting: a constant
+shift, so the long-term term keeps (almost exactly) its expectation while its variance drops a lot
+when rewards are large and same-signed (log p - log q is mostly negative). Off by default in this
+function (the exactness tests use the plain estimator); the recipe default is `pg_baseline: mean`.
+
 Several optimisation epochs per rollout use PPO's clipped ratio rho_t = q_theta(y_t)/q_old(y_t):
 the long-term term is -min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t); at rho = 1 (first epoch)
 its gradient is exactly -A_t grad log q_theta(y_t).
@@ -74,6 +79,7 @@ def policy_gradient_loss(
     ppo_clip: float = 0.2,
     lm_loss: Tensor | None = None,
     lm_coef: float = 0.0,
+    baseline: Literal["none", "mean"] = "none",
     num_tokens: Tensor | int | None = None,
 ) -> PolicyGradientOutput:
     """The PG loss for one batch of completions (all tensors (B, T), aligned with the completion tokens).
@@ -120,6 +126,8 @@ def policy_gradient_loss(
         remaining = torch.flip(torch.cumsum(torch.flip(mask.to(returns.dtype), [1]), 1), [1])  # valid terms from t on
         n_terms = _next(remaining) if use_single_step else remaining
         future = future / n_terms.clamp_min(1)
+    if baseline == "mean":  # variance reduction: subtract the batch's mean return over valid tokens
+        future = future - torch.where(mask, future, zeros).sum() / mask.sum().clamp_min(1)
     advantage = torch.where(mask, advantage_weight * future, zeros).detach()
 
     ratio = torch.exp(logprobs_BT - old)

@@ -186,6 +186,8 @@ def rollout(
             s_lp = log_probs(s_logits[:, :vocab], temperature)
             t_lp = log_probs(t_logits[:, :vocab], temperature) if lockstep else None
             sampling_lp = filter_logprobs(mixture_logprobs(s_lp, t_lp, alpha), top_k, top_p)
+            if torch.isnan(sampling_lp).any():
+                raise FloatingPointError(f"non-finite logits while sampling (decode step {steps + 1})")
             if do_sample:
                 next_tok = torch.multinomial(sampling_lp.exp(), 1, generator=generator).squeeze(1)
             else:

@@ -130,6 +130,7 @@ def test_error_names_environment_variable(recipe):
         ("- a\n- b\n", "a recipe is a mapping"),
         ("teacher:\n  name_or_path: x\n", "student: required key is missing"),
         ("teacher:\n  name_or_path: !!python/object:os.system x\n", "not valid YAML"),  # safe_load only
+        ("train:\n  seed: 1\nteacher:\n  name_or_path: x\ntrain:\n  max_steps: 2\n", "broken.yaml:5: duplicate key 'train'"),
     ],
 )
 def test_broken_files(tmp_path, body, expected, capsys):

@@ -223,3 +223,12 @@ def test_liger_equals_chunked_on_cuda(kind):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     for x, y in zip(torch.autograd.grad(a, (h_s, w_s)), torch.autograd.grad(b, (h_s, w_s))):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nan_logits_give_nan_not_zero(kind):
+    """A broken model must be visible: NaN logits at a valid position give a NaN divergence, never 0."""
+    s, t, _ = _inputs(seed=14)
+    s = s.detach().clone()
+    s[0, 0] = float("nan")
+    assert torch.isnan(divergence(s, t, kind=kind))

@@ -1,0 +1,92 @@
+"""Metrics and the console: `metrics.jsonl`, TensorBoard, and a rich live display on the main process.
+
+Each logged step is one flat JSON object in `<output_dir>/metrics.jsonl` with slash keys
+(`train/loss`, `eval/reverse_kl`, `time/rollout_s`, ...) and `step`. The console shows a progress bar
+with ETA and the latest value of every metric (`logging.live: false` prints plain lines instead);
+other processes print nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from onpolicy_kd.console import console
+
+SHOWN = ("train/loss", "train/reverse_kl", "eval/reverse_kl", "train/entropy", "rollout/mean_len", "optim/lr",
+         "optim/grad_norm", "perf/tokens_per_s", "time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s")
+
+
+class Monitor:
+    def __init__(self, output_dir: str | Path, max_steps: int, start_step: int, *, enabled: bool, live: bool,
+                 accelerator=None, tensorboard: bool = False):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.latest: dict[str, float] = {}
+        self.accelerator = accelerator if tensorboard else None
+        self.live_mode = live and enabled and console.is_terminal
+        self.progress = Progress(TextColumn("[bold]distilling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("eta"), TimeRemainingColumn(), console=console)
+        self.task = self.progress.add_task("train", total=max_steps, completed=start_step)
+        self.live: Live | None = None
+        self.started = time.perf_counter()
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> "Monitor":
+        if self.live_mode:
+            self.live = Live(self._render(), console=console, refresh_per_second=2, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.update(self._render())
+            self.live.__exit__(*exc)
+
+    def _render(self) -> Group:
+        table = Table(show_header=False, box=None, pad_edge=False)
+        shown = [k for k in SHOWN if k in self.latest] + sorted(k for k in self.latest if k not in SHOWN and "/" in k)
+        for i in range(0, len(shown), 3):
+            cells = []
+            for key in shown[i : i + 3]:
+                cells += [Text(key, style="cyan"), Text(f"{self.latest[key]:.4g}")]
+            table.add_row(*cells)
+        return Group(self.progress, table)
+
+    def log(self, step: int, metrics: dict[str, float], advance: bool = True) -> None:
+        if not self.enabled:
+            return
+        self.latest.update(metrics)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.accelerator is not None:
+            self.accelerator.log(metrics, step=step)
+        if advance:
+            self.progress.update(self.task, completed=step)
+        if self.live is not None:
+            self.live.update(self._render())
+        else:
+            keys = [k for k in SHOWN if k in metrics] or sorted(metrics)[:6]
+            console.print(f"step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in keys), highlight=False)
+
+    def print(self, *renderables: Any) -> None:
+        if self.enabled:
+            (self.live.console if self.live is not None else console).print(*renderables, soft_wrap=True)
+
+    def samples(self, step: int, rows: list[tuple[str, str, str]]) -> None:
+        """A table of sample completions: prompt (its end), student, teacher."""
+        table = Table(title=f"samples at step {step}", show_lines=True, expand=True)
+        for column in ("prompt (end)", "student", "teacher"):
+            table.add_column(column, overflow="fold", ratio=1)
+        for prompt, student, teacher in rows:
+            table.add_row(Text("..." + prompt[-200:]), Text(student), Text(teacher))
+        self.print(table)

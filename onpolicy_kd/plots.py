@@ -1,0 +1,53 @@
+"""Training curves as PNG files (matplotlib, headless), drawn from a run's metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+# panel title -> metric keys drawn in it (only the keys a run logged are drawn; empty panels are dropped)
+PANELS = {
+    "loss terms": ("train/loss", "train/ce", "train/forward_kl", "train/jsd", "train/tv", "train/skew_forward_kl",
+                   "train/skew_reverse_kl", "pg/loss", "pg/single_step_kl", "pg/lm_loss"),
+    "reverse KL to the teacher (nats/token)": ("train/reverse_kl", "eval/reverse_kl"),
+    "reward and return (pg)": ("pg/reward", "pg/return"),
+    "penalties": ("penalty/frequency", "penalty/diversity", "penalty/entropy"),
+    "student entropy (nats/token)": ("train/entropy",),
+    "completion length (tokens)": ("rollout/mean_len", "eval/mean_len"),
+    "learning rate": ("optim/lr",),
+    "gradient norm": ("optim/grad_norm",),
+}
+
+
+def training_curves(metrics_file: Path, out_file: Path) -> Path:
+    rows = [json.loads(line) for line in open(metrics_file)]
+    panels = []
+    for title, keys in PANELS.items():
+        series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
+        series = {k: v for k, v in series.items() if v}
+        if series:
+            panels.append((title, series))
+    if not panels:
+        raise ValueError(f"{metrics_file} has no metrics to plot")
+    cols = 2
+    fig, axes = plt.subplots((len(panels) + 1) // cols, cols, figsize=(11, 3 * ((len(panels) + 1) // cols)), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels):
+        for key, points in series.items():
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o" if len(points) < 12 else None, markersize=3, label=key)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_file, dpi=110)
+    plt.close(fig)
+    return out_file

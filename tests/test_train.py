@@ -1,0 +1,227 @@
+"""The training loop on tiny models: every mode, KL falls, gradient accumulation, resume, signals, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from onpolicy_kd.train import main
+
+from conftest import CORPUS, save_tiny_llama, train_tokenizer, write_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def far_pair(tmp_path_factory):
+    """A teacher with sharp (peaked) next-token distributions and data with references."""
+    root = tmp_path_factory.mktemp("far")
+    tok = train_tokenizer(CORPUS, chat_template=True)
+    teacher_dir = save_tiny_llama(root / "teacher", tok, layers=3, hidden=32, seed=0)
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        teacher.lm_head.weight *= 20
+    teacher.save_pretrained(teacher_dir)
+    data = root / "news.jsonl"
+    with open(data, "w") as f:
+        for i in range(64):
+            f.write(json.dumps({"article": f"The Senate count {i} was finalised and the Greens won. " * 2,
+                                "highlights": f"Greens win seat {i}."}) + "\n")
+    return teacher_dir, data
+
+
+def recipe_for(tmp_path: Path, far_pair, mode: str) -> Path:
+    teacher_dir, data = far_pair
+    return write_recipe(tmp_path / f"{mode}.yaml", f"""
+        teacher:
+          name_or_path: {teacher_dir}
+        student:
+          init: config
+          config_overrides: {{num_hidden_layers: 2}}
+        data:
+          path: {data}
+          eval_size: 8
+          max_prompt_tokens: 40
+          max_response_tokens: 12
+        rollout:
+          max_new_tokens: 8
+        objective:
+          mode: {mode}
+        optim:
+          lr: 3.0e-3
+        train:
+          max_steps: 3
+          batch_size: 4
+          seed: 5
+          output_dir: {tmp_path / "out"}
+        eval:
+          max_samples: 8
+          max_new_tokens: 8
+        logging:
+          live: false
+    """)
+
+
+def metrics_of(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in open(output_dir / "metrics.jsonl")]
+
+
+def initial_student(tmp_path: Path, far_pair) -> dict[str, torch.Tensor]:
+    """The student's weights before training (init=config with the recipe's seed)."""
+    from onpolicy_kd.config import StudentConfig
+    from onpolicy_kd.models import load_student, load_teacher
+    from onpolicy_kd.config import TeacherConfig
+
+    teacher, tok = load_teacher(TeacherConfig(name_or_path=str(far_pair[0])))
+    student, _ = load_student(StudentConfig(init="config", config_overrides={"num_hidden_layers": 2}), teacher, tok, seed=5)
+    return {k: v.clone() for k, v in student.state_dict().items()}
+
+
+MODES = {
+    "sft": [],
+    "kd": [],
+    "seqkd": [],
+    "gkd": ["objective.lmbda=0.5", "objective.divergence=jsd", "objective.beta=0.3"],
+    "gkd_seq_kd": ["objective.lmbda=0.5", "objective.seq_kd=true"],
+    "pg": ["objective.ppo_epochs=2", "objective.lm_coef=0.1", "objective.importance=sequence", "objective.is_clip=3.0",
+           "rollout.alpha=0.2", "penalties.frequency=0.1", "penalties.diversity=0.05", "penalties.entropy=0.01",
+           "penalties.entropy_floor=1.0", "penalties.shape_reward=true"],
+    "gkd_penalties": ["penalties.frequency=0.1", "penalties.diversity=0.05", "penalties.entropy=0.01",
+                      "logging.sample_steps=2", "logging.tensorboard=true"],
+}
+
+
+@pytest.mark.parametrize("case", list(MODES))
+def test_every_mode_trains(case, tmp_path, far_pair, isolated_cache):
+    mode = case.split("_")[0]
+    path = recipe_for(tmp_path, far_pair, mode)
+    assert main([str(path), *MODES[case]]) == 0
+    out = tmp_path / "out"
+    rows = metrics_of(out)
+    steps = [r for r in rows if "train/loss" in r]
+    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(r["train/loss"])) for r in steps)
+    assert {"eval/reverse_kl", "step"} <= set(rows[0]) and "eval/reverse_kl" in rows[-1]
+    trained = load_file(out / "final" / "model.safetensors")
+    before = initial_student(tmp_path, far_pair)
+    changed = [k for k in trained if k in before and not torch.equal(trained[k], before[k])]
+    assert len(changed) > len(trained) // 2  # parameters changed
+    card = (out / "final" / "README.md").read_text()
+    assert f"# Distilled student ({mode})" in card and "eval/reverse_kl" in card
+    assert (out / "final" / "recipe.yaml").is_file() and (out / "final" / "tokenizer.json").is_file()
+    if "logging.tensorboard=true" in MODES[case]:
+        assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+@pytest.mark.parametrize("mode, lr", [("gkd", "1.0e-2"), ("pg", "3.0e-3")])  # PG's sampled term is noisier
+def test_heldout_reverse_kl_falls(mode, lr, tmp_path, far_pair, isolated_cache):
+    """A random-init 2-layer student against a teacher with sharp distributions (KL ~2.6 nats/token at the start):
+    the held-out reverse KL falls at every evaluation (seen: gkd -20%, pg -9% in 30 steps; the real
+    SmolLM2 pair in recipes/smollm2_news.yaml is where the size of the cut is measured)."""
+    path = recipe_for(tmp_path, far_pair, mode)
+    assert main([str(path), "train.max_steps=30", "eval.eval_steps=10", f"optim.lr={lr}", "train.batch_size=8"]) == 0
+    evals = [r["eval/reverse_kl"] for r in metrics_of(tmp_path / "out") if "eval/reverse_kl" in r]
+    assert len(evals) == 4  # before, steps 10 and 20, after
+    assert all(later < earlier for earlier, later in zip(evals, evals[1:])), evals
+    assert evals[-1] < 0.95 * evals[0], evals
+
+
+def test_gradient_accumulation_matches_a_full_batch(tmp_path, far_pair, isolated_cache):
+    weights, losses = [], []
+    for batch, accum in ((8, 1), (2, 4)):
+        run = tmp_path / f"b{batch}"
+        run.mkdir()
+        path = recipe_for(run, far_pair, "kd")
+        assert main([str(path), f"train.batch_size={batch}", f"train.grad_accum={accum}", "train.max_steps=4"]) == 0
+        weights.append(load_file(run / "out" / "final" / "model.safetensors"))
+        losses.append([r["train/loss"] for r in metrics_of(run / "out") if "train/loss" in r])
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=1e-7)
+    for key in weights[0]:
+        torch.testing.assert_close(weights[0][key], weights[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_missing_references_is_a_clear_error(tmp_path, far_pair, isolated_cache, capsys):
+    data = tmp_path / "no_refs.jsonl"
+    data.write_text("".join(json.dumps({"article": f"Text {i} " * 5}) + "\n" for i in range(20)))
+    path = recipe_for(tmp_path, far_pair, "sft")
+    assert main([str(path), f"data.path={data}"]) == 2
+    assert "objective.mode=sft trains on reference completions, but" in capsys.readouterr().err
+
+
+def _subprocess(recipe: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "onpolicy_kd.train", str(recipe), *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_resume_after_sigkill_gives_the_same_weights(tmp_path, far_pair, isolated_cache):
+    """gkd (sampled, RNG-dependent) for 60 steps: uninterrupted vs killed with SIGKILL after a checkpoint and resumed."""
+    common = ["objective.mode=gkd", "train.max_steps=60", "train.deterministic=true"]
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    assert main([str(recipe_for(reference, far_pair, "gkd")), *common]) == 0
+
+    run = tmp_path / "killed"
+    run.mkdir()
+    recipe = recipe_for(run, far_pair, "gkd")
+    ckpts = run / "out" / "checkpoints"
+    proc = _subprocess(recipe, *common, "train.save_steps=3", "train.save_total_limit=2")
+    _wait_for(lambda: ckpts.is_dir() and any(p.name.startswith("checkpoint-00000") for p in ckpts.iterdir()), proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "out" / "final").exists(), "the run finished before it could be killed"
+    complete = [p for p in ckpts.iterdir() if p.name.startswith("checkpoint-")]
+    assert complete and all((p / "trainer_state.json").is_file() and (p / "model.safetensors").is_file() for p in complete)
+    # everything else is an unfinished temporary folder, never a half-written checkpoint
+    assert all(p.name.startswith(".tmp-checkpoint-") for p in ckpts.iterdir() if p not in complete)
+
+    assert main([str(recipe), *common, "train.save_steps=3", "train.resume_from=latest"]) == 0
+    resumed = load_file(run / "out" / "final" / "model.safetensors")
+    uninterrupted = load_file(reference / "out" / "final" / "model.safetensors")
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6)
+
+
+def test_sigterm_saves_a_usable_checkpoint(tmp_path, far_pair, isolated_cache):
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    out = tmp_path / "out"
+    proc = _subprocess(recipe, "train.max_steps=100000")
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and "train/loss" in (out / "metrics.jsonl").read_text(), proc)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "checkpoint saved; resume with train.resume_from=latest" in stdout.replace("\n", " ")
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    assert main([str(recipe), f"train.max_steps={step + 2}", "train.resume_from=latest"]) == 0
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_nan_losses_skip_steps_then_stop(tmp_path, far_pair, isolated_cache, capsys):
+    """A learning rate that blows the weights up: non-finite losses are skipped, counted, and stop the run."""
+    recipe = recipe_for(tmp_path, far_pair, "kd")
+    code = main([str(recipe), "optim.lr=1.0e+30", "optim.max_grad_norm=null", "optim.name=sgd", "train.max_steps=50",
+                 "train.max_bad_steps=3"])
+    err = capsys.readouterr()
+    assert code == 2
+    assert "the loss was NaN/Inf for 3 steps in a row" in err.err and "optim.lr" in err.err
+    assert "non-finite loss" in err.out
