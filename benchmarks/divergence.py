@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from onpolicy_kd.losses import chunked_divergence, divergence  # noqa: E402
+from results_file import publish  # noqa: E402
 
 VARIANTS = ("plain", "chunked", "trl", "liger")
 TRL_KINDS = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": None}
@@ -158,10 +160,7 @@ def main() -> None:
         lines.append(f"| {row['kind']} | {row['variant']} | {row['median_s'] * 1000:.0f} ms | {row['peak_gib']:.2f} GiB | "
                      f"{ratio_t} | {ratio_m} | {row['value']:.6f} | {row['grad_norm']:.6f} |")
     table = header + "\n".join(lines) + "\n"
-    print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(table)
+    publish(table, args.out)
 
 
 if __name__ == "__main__":

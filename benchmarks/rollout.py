@@ -24,7 +24,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from onpolicy_kd.rollout import rollout  # noqa: E402
+from results_file import publish  # noqa: E402
 
 
 class _Tokenizer:
@@ -109,10 +111,7 @@ def main() -> None:
     for name, seconds in results.items():
         lines.append(f"| {name} | {seconds:.2f} s | {batch * new / seconds:.0f} | {base / seconds:.2f}x |")
     table = "\n".join(lines) + "\n"
-    print(table)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(table)
+    publish(table, args.out)
 
 
 if __name__ == "__main__":

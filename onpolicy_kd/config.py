@@ -232,6 +232,8 @@ class EvalConfig(Section):
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(100, ge=1)
     seed: int = 1234
+    full: bool = Field(False, description="also run the whole evaluation (ROUGE, KL on references, perplexity, "
+                                          "distinct-n) at every evaluation during training")
 
 
 class LoggingConfig(Section):

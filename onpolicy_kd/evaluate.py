@@ -65,16 +65,18 @@ def resolve_target(target: str, overrides: Sequence[str]) -> tuple[Recipe, str, 
 @torch.no_grad()
 def evaluate_student(recipe: Recipe, student, teacher, tokenizer, dataset, name: str) -> Evaluated:
     cfg, vocab = recipe.eval, len(tokenizer)
+    device = next(student.parameters()).device
     n = min(cfg.max_samples, len(dataset))
     predictions: list[dict] = []
     sums = dict.fromkeys(("fkl_s", "rkl_s", "n_s", "fkl_r", "rkl_r", "nll_s", "nll_t", "n_r"), 0.0)
     for i, start in enumerate(range(0, n, cfg.batch_size)):
         rows = list(range(start, min(start + cfg.batch_size, n)))
-        ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, "cpu")
+        ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, device)
         common = dict(tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens)
         greedy_s = rollout(student, None, ids, mask, do_sample=False, **common)
         greedy_t = rollout(teacher, None, ids, mask, do_sample=False, **common)
-        sampled = rollout(student, None, ids, mask, generator=torch.Generator().manual_seed(cfg.seed + i), **common)
+        sampled = rollout(student, None, ids, mask, generator=torch.Generator(device=device).manual_seed(cfg.seed + i),
+                          **common)
         s_logits, _ = forward_completions(student, sampled)
         t_logits, _ = forward_completions(teacher, sampled)
         fkl, rkl = M.token_kls(s_logits[..., :vocab], t_logits[..., :vocab])
@@ -85,7 +87,7 @@ def evaluate_student(recipe: Recipe, student, teacher, tokenizer, dataset, name:
         refs = [len(dataset[r]["reference_ids"]) > 0 for r in rows]
         per_ref: dict[int, dict] = {}
         if all(refs):
-            ref = reference_rollout(dataset, rows, tokenizer.pad_token_id, "cpu")
+            ref = reference_rollout(dataset, rows, tokenizer.pad_token_id, device)
             s_logits, _ = forward_completions(student, ref)
             t_logits, _ = forward_completions(teacher, ref)
             fkl, rkl = M.token_kls(s_logits[..., :vocab], t_logits[..., :vocab])

@@ -37,7 +37,14 @@ def heldout_metrics(recipe: Recipe, accelerator, student, teacher, tokenizer, da
         kl_sum += float(kl[batch.completion_mask].sum())
         tokens += int(batch.completion_mask.sum())
         lengths += batch.lengths.tolist()
-    return {"eval/reverse_kl": kl_sum / max(tokens, 1), "eval/mean_len": sum(lengths) / max(len(lengths), 1)}
+    result = {"eval/reverse_kl": kl_sum / max(tokens, 1), "eval/mean_len": sum(lengths) / max(len(lengths), 1)}
+    if cfg.full:  # the evaluation command's metrics too, on the same prompts (every rank, in lockstep)
+        from onpolicy_kd.evaluate import evaluate_student
+
+        with for_generation(student, accelerator) as model:
+            full = evaluate_student(recipe, model, teacher, tokenizer, dataset, "student")
+        result |= {f"eval/{key}": value for key, value in full.summary.items()}
+    return result
 
 
 @torch.no_grad()

@@ -104,3 +104,14 @@ def test_several_targets_need_compare(trained_run, capsys):
     run, recipe = trained_run
     assert evaluate_main([str(run), str(recipe)]) == 2
     assert "add --compare" in capsys.readouterr().err
+
+
+def test_full_evaluation_inside_training(tmp_path, far_pair, isolated_cache):  # noqa: F811
+    recipe = recipe_for(tmp_path, far_pair, "kd")
+    assert train_main([str(recipe), "train.max_steps=2", "eval.eval_steps=1", "eval.full=true",
+                       "eval.max_samples=3", "eval.max_new_tokens=4"]) == 0
+    evals = [r for r in metrics_of(tmp_path / "out") if "eval/reverse_kl" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    for row in evals:
+        assert {"eval/rouge1_ref", "eval/rougeL_teacher", "eval/ppl_student", "eval/forward_kl_refs",
+                "eval/distinct2", "eval/repetition"} <= set(row)
