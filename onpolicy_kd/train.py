@@ -157,6 +157,7 @@ class RunContext:
     data: object
     vocab: int
     backend: str
+    embeddings: torch.Tensor  # the student's input embeddings (the diversity penalty reads them)
 
 
 class StopRequested:
@@ -171,6 +172,58 @@ class StopRequested:
         self.signal = signum
 
 
+def optimize_step(recipe: Recipe, ctx: "RunContext", optimizer, scheduler, batches: list[Rollout],
+                  lm_batches: list[Rollout | None], num_tokens: float, times: dict[str, float]) -> tuple[dict, bool]:
+    """Loss, backward, clipping and optimizer step over one step's micro-batches; `ppo_epochs` passes in pg mode.
+
+    Returns the metrics (per-token means over every micro-batch and process) and whether a non-finite loss
+    made an optimizer step be skipped.
+    """
+    acc, obj = ctx.accelerator, recipe.objective
+    # accelerate / DeepSpeed divide the loss by grad_accum and DDP averages over ranks: undo both, since the
+    # loss is already divided by the global token count of the step
+    scale = recipe.train.grad_accum * acc.num_processes
+    loss_mode = "kd" if obj.mode == "gkd" else obj.mode  # gkd: the divergence, whatever the completions
+    metrics: dict[str, float] = {}
+    sums: dict[str, float] = {}
+    weight, any_bad = 0, False
+    for _epoch in range(obj.ppo_epochs if obj.mode == "pg" else 1):
+        bad = False
+        for batch, lm_batch in zip(batches, lm_batches):
+            with acc.accumulate(ctx.student):
+                started = time.perf_counter()
+                loss, terms = micro_batch_loss(recipe, loss_mode, ctx.student, ctx.teacher, batch, num_tokens=num_tokens,
+                                               vocab=ctx.vocab, backend=ctx.backend, embeddings=ctx.embeddings,
+                                               lm_batch=lm_batch)
+                if not torch.isfinite(loss):
+                    bad = True  # backpropagate zeros so every rank's gradient hooks still fire
+                    loss = sum(p.sum() for p in ctx.student.parameters() if p.requires_grad) * 0.0
+                acc.backward(loss * scale)
+                local_tokens = int(batch.completion_mask.sum())
+                terms["train/loss"] = loss.item() * num_tokens / max(local_tokens, 1)
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0.0) + value * local_tokens
+                weight += local_tokens
+                times["time/student_s"] += time.perf_counter() - started
+                if acc.sync_gradients:
+                    started = time.perf_counter()
+                    bad = global_sum(acc, int(bad)) > 0  # every rank skips together
+                    if not bad and recipe.optim.max_grad_norm:
+                        norm = acc.clip_grad_norm_(ctx.student.parameters(), recipe.optim.max_grad_norm)
+                        if norm is not None:
+                            metrics["optim/grad_norm"] = float(norm)
+                    if not bad:
+                        optimizer.step()
+                    optimizer.zero_grad()
+                    times["time/optimizer_s"] += time.perf_counter() - started
+        if not bad:
+            scheduler.step()
+        any_bad |= bad
+    total = global_sum(acc, weight)
+    metrics |= {key: global_sum(acc, value) / max(total, 1) for key, value in sorted(sums.items())}
+    return metrics, any_bad
+
+
 def train(recipe: Recipe, recipe_path: str) -> int:
     accelerator = make_accelerator(recipe)
     set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
@@ -182,13 +235,14 @@ def train(recipe: Recipe, recipe_path: str) -> int:
                         f"{data.task.columns}); map a reference column with data.columns.reference=<column>")
     cfg, obj = recipe.train, recipe.objective
     optimizer = build_optimizer(recipe.optim, models.student)
-    scheduler = build_scheduler(recipe.optim, optimizer, cfg.max_steps)
+    # pg takes ppo_epochs optimizer steps per training step: the schedule spans all of them
+    scheduler = build_scheduler(recipe.optim, optimizer, cfg.max_steps * (obj.ppo_epochs if obj.mode == "pg" else 1))
     student, optimizer = accelerator.prepare(models.student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     teacher = prepare_teacher(models.teacher, accelerator)
     backend = "torch" if zero_stage(accelerator) == 3 else select_backend(obj.backend, accelerator.device, obj.divergence)
-    ctx = RunContext(accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer), backend)
-    embeddings = accelerator.unwrap_model(student).get_input_embeddings().weight
+    ctx = RunContext(accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer), backend,
+                     accelerator.unwrap_model(student).get_input_embeddings().weight)
     sampler = PromptSampler(len(data.train), cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed)
     state: dict = {"step": 0, "bad_steps_total": 0, "before": {}, "train_seconds": 0.0}
     resume = resolve_resume(cfg.resume_from, cfg.output_dir)
@@ -200,7 +254,7 @@ def train(recipe: Recipe, recipe_path: str) -> int:
     stop = StopRequested()
     monitor = Monitor(cfg.output_dir, cfg.max_steps, state["step"], enabled=accelerator.is_main_process,
                       live=recipe.logging.live, accelerator=accelerator, tensorboard=recipe.logging.tensorboard)
-    world, consecutive_bad = accelerator.num_processes, 0
+    world, consecutive_bad = accelerator.num_processes, 0  # world: for rollout/mean_len
 
     def checkpoint() -> None:
         save_checkpoint(accelerator, cfg.output_dir, state["step"], {**state, "data_position": sampler.position},
@@ -225,45 +279,8 @@ def train(recipe: Recipe, recipe_path: str) -> int:
                 lm_batches.append(reference_rollout(data.train, rows, ctx.tokenizer.pad_token_id, accelerator.device)
                                   if obj.mode == "pg" and obj.lm_coef else None)
             num_tokens = global_sum(accelerator, sum(int(b.completion_mask.sum()) for b in batches))
-            loss_mode = "kd" if obj.mode == "gkd" else obj.mode  # gkd: the divergence, whatever the completions
-            # 2. loss, backward (normalised by the global token count), clip, step; PPO epochs reuse the rollout
-            metrics: dict[str, float] = {}
-            sums: dict[str, float] = {}
-            weight, bad = 0, False
-            for _epoch in range(obj.ppo_epochs if obj.mode == "pg" else 1):
-                for batch, lm_batch in zip(batches, lm_batches):
-                    with accelerator.accumulate(student):
-                        t0 = time.perf_counter()
-                        loss, terms = micro_batch_loss(recipe, loss_mode, student, teacher, batch, num_tokens=num_tokens,
-                                                       vocab=ctx.vocab, backend=backend, embeddings=embeddings,
-                                                       lm_batch=lm_batch)
-                        if not torch.isfinite(loss):
-                            bad = True  # backpropagate zeros so every rank's gradient hooks still fire
-                            loss = sum(p.sum() for p in student.parameters() if p.requires_grad) * 0.0
-                        # accelerate / DeepSpeed divide by grad_accum and DDP averages over ranks: undo both
-                        accelerator.backward(loss * cfg.grad_accum * world)
-                        # metrics: per-token means of this micro-batch, weighted by its token count
-                        local_tokens = int(batch.completion_mask.sum())
-                        terms["train/loss"] = loss.item() * num_tokens / max(local_tokens, 1)
-                        for key, value in terms.items():
-                            sums[key] = sums.get(key, 0.0) + value * local_tokens
-                        weight += local_tokens
-                        times["time/student_s"] += time.perf_counter() - t0
-                        if accelerator.sync_gradients:
-                            t0 = time.perf_counter()
-                            bad = global_sum(accelerator, int(bad)) > 0
-                            if bad:
-                                optimizer.zero_grad()  # skip this step
-                            else:
-                                if recipe.optim.max_grad_norm:
-                                    norm = accelerator.clip_grad_norm_(student.parameters(), recipe.optim.max_grad_norm)
-                                    if norm is not None:
-                                        metrics["optim/grad_norm"] = float(norm)
-                                optimizer.step()
-                                optimizer.zero_grad()
-                            times["time/optimizer_s"] += time.perf_counter() - t0
-                if not bad:
-                    scheduler.step()
+            # 2. loss, backward, clip, optimizer step (PPO epochs reuse the rollout)
+            metrics, bad = optimize_step(recipe, ctx, optimizer, scheduler, batches, lm_batches, num_tokens, times)
             # 3. bookkeeping: NaN/Inf guard, metrics, eval, samples, checkpoints
             state["step"] = step + 1
             consecutive_bad = consecutive_bad + 1 if bad else 0
@@ -278,8 +295,6 @@ def train(recipe: Recipe, recipe_path: str) -> int:
                         f"rollout.temperature, and check the data; resume from the last checkpoint after changing them")
             elapsed = time.perf_counter() - started
             state["train_seconds"] += elapsed
-            total_weight = global_sum(accelerator, weight)
-            metrics |= {k: global_sum(accelerator, v) / max(total_weight, 1) for k, v in sorted(sums.items())}
             generated = global_sum(accelerator, sum(int(b.completion_mask.sum()) for b in batches))
             metrics |= times | {
                 "optim/lr": scheduler.get_last_lr()[0], "rollout/mean_len": generated / (len(batches) * cfg.batch_size * world),

@@ -225,3 +225,11 @@ def test_nan_losses_skip_steps_then_stop(tmp_path, far_pair, isolated_cache, cap
     assert code == 2
     assert "the loss was NaN/Inf for 3 steps in a row" in err.err and "optim.lr" in err.err
     assert "non-finite loss" in err.out
+
+
+def test_schedule_spans_every_ppo_epoch(tmp_path, far_pair, isolated_cache):
+    """pg with 2 PPO epochs takes 2 optimizer steps per training step: a linear schedule over 3 steps spans 6."""
+    recipe = recipe_for(tmp_path, far_pair, "pg")
+    assert main([str(recipe), "objective.ppo_epochs=2", "optim.scheduler=linear", "optim.lr=0.006"]) == 0
+    lrs = [r["optim/lr"] for r in metrics_of(tmp_path / "out") if "optim/lr" in r]
+    assert lrs[0] == pytest.approx(0.006 * 4 / 6) and lrs[1] == pytest.approx(0.006 * 2 / 6) and lrs[2] == 0
