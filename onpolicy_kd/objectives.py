@@ -27,8 +27,9 @@ from onpolicy_kd.rollout import Rollout
 Tensor = torch.Tensor
 
 
-def _penalties(recipe: Recipe, logits: Tensor, batch: Rollout, embeddings: Tensor, num_tokens) -> tuple[Tensor, dict]:
-    """The penalty losses (divided by num_tokens) and their values for logging."""
+def _penalties(recipe: Recipe, logits: Tensor, batch: Rollout, embeddings: Tensor, num_tokens,
+               num_sequences) -> tuple[Tensor, dict]:
+    """The penalty losses (divided by the global token / sequence counts) and their values for logging."""
     p = recipe.penalties
     total = torch.zeros((), device=logits.device)
     metrics = {}
@@ -37,7 +38,7 @@ def _penalties(recipe: Recipe, logits: Tensor, batch: Rollout, embeddings: Tenso
         loss, value = pen.frequency_penalty(logits, batch.completion_ids, mask, p.frequency, num_tokens)
         total, metrics["penalty/frequency"] = total + loss, value.item()
     if p.diversity:
-        loss, value = pen.diversity_penalty(logits, embeddings, mask, p.diversity)
+        loss, value = pen.diversity_penalty(logits, embeddings, mask, p.diversity, num_sequences)
         total, metrics["penalty/diversity"] = total + loss, value.item()
     if p.entropy:
         loss, value = pen.entropy_penalty(logits, mask, p.entropy, p.entropy_floor, num_tokens)
@@ -67,10 +68,11 @@ def uses_logit_penalties(recipe: Recipe) -> bool:
 def micro_batch_loss(
     recipe: Recipe, mode: str, student: torch.nn.Module, teacher: torch.nn.Module, batch: Rollout, *,
     num_tokens: float, vocab: int, backend: str, embeddings: Tensor, lm_batch: Rollout | None = None,
+    num_sequences: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """(loss to backpropagate, metrics). `backend` is the resolved divergence backend (torch/chunked/liger).
 
-    The loss is divided by `num_tokens` (global); every metric is a per-token mean over this micro-batch's
+    The loss is divided by `num_tokens` (global; the diversity penalty by `num_sequences`); every metric is a per-token mean over this micro-batch's
     own tokens (`scale` converts), so the loop can weight micro-batches and processes by their token counts.
     """
     obj = recipe.objective
@@ -122,7 +124,8 @@ def micro_batch_loss(
         metrics["pg/loss"] *= scale  # the two loss terms were divided by the global count
         metrics["pg/single_step_kl"] *= scale
 
-    extra, penalty_metrics = _penalties(recipe, student_logits, batch, embeddings, num_tokens)
+    extra, penalty_metrics = _penalties(recipe, student_logits, batch, embeddings, num_tokens, num_sequences)
+    # frequency and entropy values were divided by the global token count; diversity's is already a local mean
     penalty_metrics = {k: v * scale if k != "penalty/diversity" else v for k, v in penalty_metrics.items()}
     metrics.update(penalty_metrics)
     with torch.no_grad():

@@ -76,13 +76,26 @@ def _mean_pairwise_distance(points_BTH: Tensor, mask_BT: Tensor) -> tuple[Tensor
 
 def diversity_penalty(
     logits_BTV: Tensor, embeddings_VH: Tensor, mask_BT: Tensor, weight: float,
+    num_sequences: Tensor | int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """-lambda_div * mean over sequences of the mean pairwise distance of expected embeddings."""
+    """-lambda_div * mean over sequences of the mean pairwise distance of expected embeddings.
+
+    The sum over sequences is divided by `num_sequences`, the global number of sequences with at least two
+    valid tokens (all micro-batches and processes, as tokens are for the other losses), else by the local
+    one. The logged value is this batch's own mean.
+    """
     probs = log_probs(logits_BTV).exp()
     expected_BTH = probs @ embeddings_VH.detach().float()[: probs.shape[-1]]
     spread_B, has_pairs_B = _mean_pairwise_distance(expected_BTH, mask_BT)
-    value = torch.where(has_pairs_B, spread_B, torch.zeros_like(spread_B)).sum() / has_pairs_B.sum().clamp_min(1)
-    return -weight * value, value.detach()
+    total = torch.where(has_pairs_B, spread_B, torch.zeros_like(spread_B)).sum()
+    local = has_pairs_B.sum().clamp_min(1)
+    denominator = local if num_sequences is None else torch.as_tensor(num_sequences, device=total.device).clamp_min(1)
+    return -weight * total / denominator, (total / local).detach()
+
+
+def sequences_with_pairs(mask_BT: Tensor) -> int:
+    """How many sequences have at least two valid tokens (the diversity penalty's denominator)."""
+    return int((mask_BT.sum(1) >= 2).sum())
 
 
 def diversity_shaping(tokens_BT: Tensor, embeddings_VH: Tensor, mask_BT: Tensor, weight: float) -> Tensor:

@@ -34,6 +34,7 @@ from onpolicy_kd.models import Models, count_parameters, load_models
 from onpolicy_kd.monitor import Monitor
 from onpolicy_kd.objectives import micro_batch_loss
 from onpolicy_kd.optim import build_optimizer, build_scheduler
+from onpolicy_kd.penalties import sequences_with_pairs
 from onpolicy_kd.rollout import Rollout, rollout, score_sequences
 
 
@@ -173,13 +174,16 @@ class StopRequested:
 
 
 def optimize_step(recipe: Recipe, ctx: "RunContext", optimizer, scheduler, batches: list[Rollout],
-                  lm_batches: list[Rollout | None], num_tokens: float, times: dict[str, float]) -> tuple[dict, bool]:
+                  lm_batches: list[Rollout | None], times: dict[str, float]) -> tuple[dict, bool]:
     """Loss, backward, clipping and optimizer step over one step's micro-batches; `ppo_epochs` passes in pg mode.
 
     Returns the metrics (per-token means over every micro-batch and process) and whether a non-finite loss
     made an optimizer step be skipped.
     """
     acc, obj = ctx.accelerator, recipe.objective
+    # every loss term is divided by a count over the whole step (all micro-batches, all processes)
+    num_tokens = global_sum(acc, sum(int(b.completion_mask.sum()) for b in batches))
+    num_sequences = global_sum(acc, sum(sequences_with_pairs(b.completion_mask) for b in batches))
     # accelerate / DeepSpeed divide the loss by grad_accum and DDP averages over ranks: undo both, since the
     # loss is already divided by the global token count of the step
     scale = recipe.train.grad_accum * acc.num_processes
@@ -194,7 +198,7 @@ def optimize_step(recipe: Recipe, ctx: "RunContext", optimizer, scheduler, batch
                 started = time.perf_counter()
                 loss, terms = micro_batch_loss(recipe, loss_mode, ctx.student, ctx.teacher, batch, num_tokens=num_tokens,
                                                vocab=ctx.vocab, backend=ctx.backend, embeddings=ctx.embeddings,
-                                               lm_batch=lm_batch)
+                                               lm_batch=lm_batch, num_sequences=num_sequences)
                 if not torch.isfinite(loss):
                     bad = True  # backpropagate zeros so every rank's gradient hooks still fire
                     loss = sum(p.sum() for p in ctx.student.parameters() if p.requires_grad) * 0.0
@@ -278,9 +282,8 @@ def train(recipe: Recipe, recipe_path: str) -> int:
                 batches.append(make_batch(recipe, source, rows, ctx, generator, times))
                 lm_batches.append(reference_rollout(data.train, rows, ctx.tokenizer.pad_token_id, accelerator.device)
                                   if obj.mode == "pg" and obj.lm_coef else None)
-            num_tokens = global_sum(accelerator, sum(int(b.completion_mask.sum()) for b in batches))
             # 2. loss, backward, clip, optimizer step (PPO epochs reuse the rollout)
-            metrics, bad = optimize_step(recipe, ctx, optimizer, scheduler, batches, lm_batches, num_tokens, times)
+            metrics, bad = optimize_step(recipe, ctx, optimizer, scheduler, batches, lm_batches, times)
             # 3. bookkeeping: NaN/Inf guard, metrics, eval, samples, checkpoints
             state["step"] = step + 1
             consecutive_bad = consecutive_bad + 1 if bad else 0

@@ -146,3 +146,15 @@ def test_penalties_off_are_zero(batch):
     for loss, _ in (frequency_penalty(logits, tokens, mask, 0.0), diversity_penalty(logits, embeddings, mask, 0.0),
                     entropy_penalty(logits, mask, 0.0)):
         assert loss.item() == 0.0
+
+
+def test_diversity_global_sequence_count(batch):
+    """Micro-batches divided by the global number of sequences add up to the full batch (accumulation-exact)."""
+    from onpolicy_kd.penalties import sequences_with_pairs
+
+    logits, _, mask, embeddings = batch
+    full, _ = diversity_penalty(logits, embeddings, mask, weight=0.3)
+    n = sequences_with_pairs(mask)
+    assert n == 2  # the third sequence has a single valid token
+    parts = [diversity_penalty(logits[i:j], embeddings, mask[i:j], 0.3, num_sequences=n)[0] for i, j in ((0, 1), (1, 3))]
+    torch.testing.assert_close(sum(parts), full)

@@ -136,13 +136,16 @@ def test_heldout_reverse_kl_falls(mode, lr, tmp_path, far_pair, isolated_cache):
     assert evals[-1] < 0.95 * evals[0], evals
 
 
-def test_gradient_accumulation_matches_a_full_batch(tmp_path, far_pair, isolated_cache):
+@pytest.mark.parametrize("penalties", [[], ["penalties.frequency=0.2", "penalties.diversity=0.5", "penalties.entropy=0.1"]],
+                         ids=["plain", "penalties"])
+def test_gradient_accumulation_matches_a_full_batch(penalties, tmp_path, far_pair, isolated_cache):
     weights, losses = [], []
     for batch, accum in ((8, 1), (2, 4)):
         run = tmp_path / f"b{batch}"
         run.mkdir()
         path = recipe_for(run, far_pair, "kd")
-        assert main([str(path), f"train.batch_size={batch}", f"train.grad_accum={accum}", "train.max_steps=4"]) == 0
+        assert main([str(path), f"train.batch_size={batch}", f"train.grad_accum={accum}", "train.max_steps=4",
+                     *penalties]) == 0
         weights.append(load_file(run / "out" / "final" / "model.safetensors"))
         losses.append([r["train/loss"] for r in metrics_of(run / "out") if "train/loss" in r])
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-5, atol=1e-7)
