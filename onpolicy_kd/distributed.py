@@ -66,9 +66,11 @@ def for_generation(model: torch.nn.Module, accelerator: Accelerator) -> Iterator
         yield accelerator.unwrap_model(model)
 
 
-def unwrap_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DeepSpeed inference engine (its forward still gathers shards under ZeRO-3)."""
-    return getattr(teacher, "module", teacher)
+def innermost(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP / DeepSpeed wrappers (training engine or inference engine)."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def global_sum(accelerator: Accelerator, value: float | int) -> float:

@@ -18,6 +18,7 @@ import torch
 from onpolicy_kd import penalties as pen
 from onpolicy_kd.batches import forward_completions
 from onpolicy_kd.config import Recipe
+from onpolicy_kd.distributed import innermost
 from onpolicy_kd.losses import (
     divergence, gather_logprobs, linear_divergence, per_token_divergence, reduce_tokens, token_cross_entropy,
 )
@@ -92,7 +93,7 @@ def micro_batch_loss(
     if use_hidden:
         head = lambda m: m.get_output_embeddings().weight  # noqa: E731
         loss = linear_divergence(
-            student_hidden, teacher_hidden, head(_inner(student)), head(_inner(teacher)), mask, kind=obj.divergence,
+            student_hidden, teacher_hidden, head(innermost(student)), head(innermost(teacher)), mask, kind=obj.divergence,
             beta=obj.beta, skew=obj.skew, temperature=obj.temperature, num_tokens=num_tokens, backend=backend,
             chunk_size=obj.chunk_size,
         )
@@ -133,10 +134,3 @@ def micro_batch_loss(
         metrics["train/reverse_kl"] = reduce_tokens(per_token_kl, mask).item()
         metrics["train/entropy"] = reduce_tokens(pen.entropy(student_logits), mask).item()
     return loss + extra, metrics
-
-
-def _inner(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP / DeepSpeed wrappers (for its lm_head weight)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
