@@ -9,7 +9,7 @@ Per held-out prompt (the first `eval.max_samples` of the recipe's eval split):
 - greedy completions of student and teacher (`eval.max_new_tokens`); ROUGE-1/2/L of the student against
   the reference (when the data has one) and against the teacher's completion;
 - token-level forward KL(p || q) and reverse KL(q || p) on the student's own sampled completions
-  (temperature 1, seeded by `eval.seed`) and on the references; perplexity of student and teacher on
+  (at `rollout.temperature`, seeded by `eval.seed`, as training's `eval/reverse_kl`) and on the references; perplexity of student and teacher on
   the references;
 - length, distinct-1/2 and repetition rate of the student's greedy completion.
 Writes `<out>/predictions.jsonl` (prompt, reference, teacher, student, per-sample metrics),
@@ -36,6 +36,7 @@ from onpolicy_kd.config import Recipe, load_recipe
 from onpolicy_kd.console import console, print_error
 from onpolicy_kd.data import load_prompt_data
 from onpolicy_kd.errors import UserError
+from onpolicy_kd.evaluation import sampled_kls
 from onpolicy_kd.models import load_model, load_models
 from onpolicy_kd.rollout import rollout
 
@@ -69,21 +70,20 @@ def evaluate_student(recipe: Recipe, student, teacher, tokenizer, dataset, name:
     n = min(cfg.max_samples, len(dataset))
     predictions: list[dict] = []
     sums = dict.fromkeys(("fkl_s", "rkl_s", "n_s", "fkl_r", "rkl_r", "nll_s", "nll_t", "n_r"), 0.0)
+    sampled_lengths: list[int] = []
     for i, start in enumerate(range(0, n, cfg.batch_size)):
         rows = list(range(start, min(start + cfg.batch_size, n)))
         ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, device)
         common = dict(tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens)
         greedy_s = rollout(student, None, ids, mask, do_sample=False, **common)
         greedy_t = rollout(teacher, None, ids, mask, do_sample=False, **common)
-        sampled = rollout(student, None, ids, mask, generator=torch.Generator(device=device).manual_seed(cfg.seed + i),
-                          **common)
-        s_logits, _ = forward_completions(student, sampled)
-        t_logits, _ = forward_completions(teacher, sampled)
-        fkl, rkl = M.token_kls(s_logits[..., :vocab], t_logits[..., :vocab])
+        sampled, fkl, rkl = sampled_kls(student, teacher, tokenizer, ids, mask, max_new_tokens=cfg.max_new_tokens,
+                                        temperature=recipe.rollout.temperature, seed=cfg.seed + i, vocab=vocab)
         valid = sampled.completion_mask
         sums["fkl_s"] += float(fkl[valid].sum())
         sums["rkl_s"] += float(rkl[valid].sum())
         sums["n_s"] += int(valid.sum())
+        sampled_lengths += sampled.lengths.tolist()
         refs = [len(dataset[r]["reference_ids"]) > 0 for r in rows]
         per_ref: dict[int, dict] = {}
         if all(refs):
@@ -112,7 +112,8 @@ def evaluate_student(recipe: Recipe, student, teacher, tokenizer, dataset, name:
                                 "student": greedy_s.texts[b], "metrics": sample})
     summary = {key: statistics.fmean(p["metrics"][key] for p in predictions)
                for key in SUMMARY_KEYS if all(key in p["metrics"] for p in predictions) and not key.startswith("ppl")}
-    summary |= {"reverse_kl_samples": sums["rkl_s"] / max(sums["n_s"], 1), "forward_kl_samples": sums["fkl_s"] / max(sums["n_s"], 1)}
+    summary |= {"reverse_kl_samples": sums["rkl_s"] / max(sums["n_s"], 1), "forward_kl_samples": sums["fkl_s"] / max(sums["n_s"], 1),
+                "sampled_length": statistics.fmean(sampled_lengths)}
     if sums["n_r"]:
         summary |= {"reverse_kl_refs": sums["rkl_r"] / sums["n_r"], "forward_kl_refs": sums["fkl_r"] / sums["n_r"],
                     "ppl_student": float(torch.tensor(sums["nll_s"] / sums["n_r"]).exp()),
