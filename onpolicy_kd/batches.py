@@ -64,17 +64,19 @@ def has_references(dataset: Dataset) -> bool:
     return any(len(r) > 0 for r in dataset.select(range(min(len(dataset), 64)))["reference_ids"])
 
 
-def forward_completions(model: torch.nn.Module, batch: Rollout, *, hidden: bool = False) -> tuple[Tensor | None, Tensor | None]:
-    """Logits (B, T, V) predicting each completion token, or with `hidden` the final hidden states (B, T, H)
-    and no logits (the memory-bounded divergence projects them chunk by chunk itself).
+def forward_completions(model: torch.nn.Module, batch: Rollout, *, logits: bool = True,
+                        hidden: bool = False) -> tuple[Tensor | None, tuple[Tensor, ...] | None]:
+    """(logits (B, T, V) predicting each completion token, or None; with `hidden` every layer's hidden states
+    (B, T, H) at those positions, as `output_hidden_states` numbers them, else None).
 
-    Only the positions needed are projected to the vocabulary (`logits_to_keep`).
+    Only the positions needed are projected to the vocabulary (`logits_to_keep`); the memory-bounded
+    divergence asks for no logits and projects the last hidden state chunk by chunk itself.
     """
     attention = torch.cat([batch.prompt_mask.long(), batch.completion_mask.long()], 1)
     positions = (attention.cumsum(-1) - 1).clamp_min(0)
     T = batch.completion_ids.shape[1]
     out = model(input_ids=batch.sequences, attention_mask=attention, position_ids=positions,
-                logits_to_keep=1 if hidden else T + 1, output_hidden_states=hidden, use_cache=False)
-    if hidden:  # the last hidden state is post-norm (what the lm_head reads)
-        return None, out.hidden_states[-1][:, -T - 1 : -1]
-    return out.logits[:, :-1], None
+                logits_to_keep=T + 1 if logits else 1, output_hidden_states=hidden, use_cache=False)
+    # the last hidden state is post-norm (what the lm_head reads)
+    states = tuple(h[:, -T - 1 : -1] for h in out.hidden_states) if hidden else None
+    return (out.logits[:, :-1] if logits else None), states

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from safetensors.torch import save_file
 
 from onpolicy_kd.errors import UserError
+from onpolicy_kd.hidden import STITCHING, split_stitching
 
 STATE_FILE = "trainer_state.json"
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -92,15 +94,24 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
 
 def export_final(accelerator: Accelerator, student, tokenizer, output_dir: str | Path, recipe_yaml: str,
                  card: str) -> Path:
-    """`<output_dir>/final`: the student (`save_pretrained`), its tokenizer, the resolved recipe, a model card."""
+    """`<output_dir>/final`: the student (`save_pretrained`), its tokenizer, the resolved recipe, a model card.
+
+    Hidden-state stitching projections are not part of the student: they go to `stitching.safetensors`
+    (their layer pairs in its metadata), so `final/` loads as a plain transformers model.
+    """
     final = Path(output_dir) / "final"
     tmp = Path(output_dir) / ".tmp-final"
     state_dict = accelerator.get_state_dict(student)  # collective: every rank calls it (ZeRO-3 gathers)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         model = accelerator.unwrap_model(student)
-        # copy: recent transformers empties the dict it is given
-        model.save_pretrained(tmp, state_dict=dict(state_dict), safe_serialization=True)
+        # a copy: recent transformers empties the dict it is given
+        own, stitching = split_stitching(dict(state_dict))
+        model.save_pretrained(tmp, state_dict=own, safe_serialization=True)
+        if stitching:
+            pairs = getattr(model, STITCHING).pairs
+            save_file({k: v.contiguous() for k, v in stitching.items()}, str(tmp / "stitching.safetensors"),
+                      metadata={"pairs": json.dumps(pairs)})
         tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         (tmp / "README.md").write_text(card)

@@ -29,7 +29,7 @@ from typing import Any, Literal, Mapping, Sequence
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from onpolicy_kd.errors import ConfigError
 
@@ -193,6 +193,29 @@ class PenaltiesConfig(Section):
     shape_reward: bool = Field(False, description="pg: also subtract the frequency penalty from the reward")
 
 
+class HiddenConfig(Section):
+    """Hidden-state distillation, an auxiliary loss added in every mode (onpolicy_kd/hidden.py)."""
+
+    weight: float = Field(0.0, ge=0, description="weight of the hidden-state loss; 0 = off")
+    loss: Literal["mse", "cosine"] = "mse"
+    layers: Literal["auto"] | list[list[int]] = Field(
+        "auto",
+        description="'auto' (student layer i -> teacher layer i * L_teacher / L_student, nearest) or "
+                    "[[student_layer, teacher_layer], ...]; 0 is the embedding output, i the output of layer i",
+    )
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_pairs(cls, value: Any) -> Any:
+        # one clear message instead of pydantic's error per member of the union
+        pairs_ok = isinstance(value, list) and value and all(
+            isinstance(p, list) and len(p) == 2 and all(type(i) is int and i >= 0 for i in p) for p in value)
+        if value != "auto" and not pairs_ok:
+            raise ValueError("expected 'auto' or a non-empty list of [student_layer, teacher_layer] pairs of "
+                             "non-negative ints, e.g. [[2, 6], [4, 12]]")
+        return value
+
+
 class OptimConfig(Section):
     name: Literal["adamw", "sgd", "adafactor"] = "adamw"
     lr: float = Field(1e-5, gt=0)
@@ -251,6 +274,7 @@ class Recipe(Section):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     penalties: PenaltiesConfig = Field(default_factory=PenaltiesConfig)
+    hidden: HiddenConfig = Field(default_factory=HiddenConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

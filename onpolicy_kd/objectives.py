@@ -7,7 +7,8 @@
 | pg | student (alpha-mixed) samples | MiniLLM policy gradient with teacher log-prob rewards |
 
 Penalties (frequency, diversity, entropy) are added in gkd/kd and pg modes; in pg with
-`penalties.shape_reward` they also shape the reward. Every term is divided by `num_tokens`, the
+`penalties.shape_reward` they also shape the reward. The hidden-state loss (`hidden.weight`,
+onpolicy_kd/hidden.py) is added in every mode. Every term is divided by `num_tokens`, the
 global valid-token count of the optimizer step.
 """
 
@@ -19,6 +20,7 @@ from onpolicy_kd import penalties as pen
 from onpolicy_kd.batches import forward_completions
 from onpolicy_kd.config import Recipe
 from onpolicy_kd.distributed import innermost
+from onpolicy_kd.hidden import STITCHING, hidden_state_loss
 from onpolicy_kd.losses import (
     divergence, gather_logprobs, linear_divergence, per_token_divergence, reduce_tokens, token_cross_entropy,
 )
@@ -80,26 +82,48 @@ def micro_batch_loss(
     mask = batch.completion_mask
     scale = num_tokens / max(int(mask.sum()), 1)
     metrics: dict[str, float] = {}
-    if mode in ("sft", "seqkd"):
-        logits, _ = forward_completions(student, batch)
-        loss = token_cross_entropy(logits[..., :vocab], batch.completion_ids, mask, num_tokens)
-        metrics["train/ce"] = loss.item() * scale
-        return loss, metrics
+    supervised = mode in ("sft", "seqkd")  # cross-entropy: the teacher only runs for hidden-state distillation
+    with_hidden = recipe.hidden.weight > 0
+    # the memory-bounded divergence works from the last hidden state and never materialises the logits
+    linear = mode in ("kd", "gkd") and backend != "torch" and not uses_logit_penalties(recipe)
+    student_logits, student_hidden = forward_completions(student, batch, logits=not linear, hidden=linear or with_hidden)
+    teacher_logits = teacher_hidden = None
+    if not supervised or with_hidden:
+        with torch.no_grad():
+            teacher_logits, teacher_hidden = forward_completions(
+                teacher, batch, logits=not (linear or supervised), hidden=linear or with_hidden)
 
-    use_hidden = mode in ("kd", "gkd") and backend != "torch" and not uses_logit_penalties(recipe)
-    student_logits, student_hidden = forward_completions(student, batch, hidden=use_hidden)
-    with torch.no_grad():
-        teacher_logits, teacher_hidden = forward_completions(teacher, batch, hidden=use_hidden)
-    if use_hidden:
+    if supervised:
+        loss = token_cross_entropy(student_logits[..., :vocab], batch.completion_ids, mask, num_tokens)
+        metrics["train/ce"] = loss.item() * scale
+    elif linear:
         head = lambda m: m.get_output_embeddings().weight  # noqa: E731
         loss = linear_divergence(
-            student_hidden, teacher_hidden, head(innermost(student)), head(innermost(teacher)), mask, kind=obj.divergence,
-            beta=obj.beta, skew=obj.skew, temperature=obj.temperature, num_tokens=num_tokens, backend=backend,
-            chunk_size=obj.chunk_size,
+            student_hidden[-1], teacher_hidden[-1], head(innermost(student)), head(innermost(teacher)), mask,
+            kind=obj.divergence, beta=obj.beta, skew=obj.skew, temperature=obj.temperature, num_tokens=num_tokens,
+            backend=backend, chunk_size=obj.chunk_size,
         )
-        return loss, {f"train/{obj.divergence}": loss.item() * scale}
-    student_logits, teacher_logits = student_logits[..., :vocab], teacher_logits[..., :vocab]
+        metrics[f"train/{obj.divergence}"] = loss.item() * scale
+    else:
+        loss = _logit_loss(recipe, mode, student, student_logits[..., :vocab], teacher_logits[..., :vocab], batch,
+                           metrics, num_tokens=num_tokens, vocab=vocab, embeddings=embeddings, lm_batch=lm_batch,
+                           num_sequences=num_sequences)
+    if with_hidden:
+        stitching = getattr(innermost(student), STITCHING)  # called as a module: ZeRO-3 gathers its weights
+        hidden_loss = hidden_state_loss(stitching(student_hidden), [teacher_hidden[t] for _, t in stitching.pairs],
+                                        mask, kind=recipe.hidden.loss, num_tokens=num_tokens)
+        loss = loss + recipe.hidden.weight * hidden_loss
+        metrics[f"train/hidden_{recipe.hidden.loss}"] = hidden_loss.item() * scale
+    return loss, metrics
 
+
+def _logit_loss(recipe: Recipe, mode: str, student: torch.nn.Module, student_logits: Tensor, teacher_logits: Tensor,
+                batch: Rollout, metrics: dict[str, float], *, num_tokens: float, vocab: int, embeddings: Tensor,
+                lm_batch: Rollout | None, num_sequences: float | None) -> Tensor:
+    """kd/gkd divergence or the pg loss from full logits, plus the penalties; fills `metrics`."""
+    obj = recipe.objective
+    mask = batch.completion_mask
+    scale = num_tokens / max(int(mask.sum()), 1)
     if mode in ("kd", "gkd"):
         loss = divergence(student_logits, teacher_logits, mask, kind=obj.divergence, beta=obj.beta, skew=obj.skew,
                           temperature=obj.temperature, num_tokens=num_tokens)
@@ -133,4 +157,4 @@ def micro_batch_loss(
         per_token_kl = per_token_divergence(student_logits, teacher_logits, kind="reverse_kl")
         metrics["train/reverse_kl"] = reduce_tokens(per_token_kl, mask).item()
         metrics["train/entropy"] = reduce_tokens(pen.entropy(student_logits), mask).item()
-    return loss + extra, metrics
+    return loss + extra

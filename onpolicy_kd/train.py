@@ -29,6 +29,7 @@ from onpolicy_kd.data import length_stats, load_prompt_data
 from onpolicy_kd.distributed import for_generation, global_sum, make_accelerator, prepare_teacher, zero_stage
 from onpolicy_kd.errors import DataError, UserError
 from onpolicy_kd.evaluation import heldout_metrics, sample_rows
+from onpolicy_kd.hidden import attach_stitching
 from onpolicy_kd.losses import select_backend
 from onpolicy_kd.models import Models, count_parameters, load_models
 from onpolicy_kd.monitor import Monitor
@@ -69,6 +70,7 @@ def _model_row(source: str, model: object, tokenizer: object) -> dict[str, objec
 def dry_run(recipe: Recipe, recipe_path: str) -> int:
     started = time.perf_counter()
     models: Models = load_models(recipe, recipe_path)
+    stitching = attach_stitching(models.student, models.teacher, recipe.hidden) if recipe.hidden.weight else None
     data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed)
     if not is_main_process():
         return 0
@@ -91,6 +93,10 @@ def dry_run(recipe: Recipe, recipe_path: str) -> int:
             "truncated": stats["truncated"], "with reference": sum(1 for r in split["reference"] if r),
             "cache": "hit" if data.cache_hits[name] else "written",
         }))
+    if stitching is not None:
+        console.print(f"hidden-state distillation ({recipe.hidden.loss}, weight {recipe.hidden.weight}): "
+                      f"[student, teacher] layer pairs {[list(p) for p in stitching.pairs]}, "
+                      f"{count_parameters(stitching):,} stitching parameters")
     console.print(summary_table(rows, title=f"data: {recipe.data.path} (format {data.task.name}, columns {data.task.columns})"))
     console.rule("first eval prompt, as the student sees it")
     console.print(data.eval[0]["prompt"], markup=False)
@@ -232,6 +238,8 @@ def train(recipe: Recipe, recipe_path: str) -> int:
     accelerator = make_accelerator(recipe)
     set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
     models = load_models(recipe, recipe_path)
+    if recipe.hidden.weight:  # before the optimizer is built: the projections train with the student
+        attach_stitching(models.student, models.teacher, recipe.hidden)
     data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed)
     reason = needs_references(recipe)
     if reason and not has_references(data.train):

@@ -16,18 +16,22 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from test_train import far_pair, recipe_for  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
+# hidden-state distillation rides along in two launches: its stitching projections live on the student, so
+# DDP must reduce their gradients and ZeRO-3 must gather them (they are called outside the engine's forward)
+HIDDEN = ["hidden.weight=1.0", "student.config_overrides={num_hidden_layers: 2, hidden_size: 16, intermediate_size: 32}"]
 LAUNCHES = {
-    "ddp_2proc": ("cpu_2proc.yaml", 2, {"ACCELERATE_USE_CPU": "true"}),
-    "zero2_1proc": ("deepspeed_zero2.yaml", 1, {}),
-    "zero2_2proc": ("deepspeed_zero2.yaml", 2, {}),
-    "zero3_1proc": ("deepspeed_zero3.yaml", 1, {}),
-    "zero3_2proc": ("deepspeed_zero3.yaml", 2, {}),
+    "ddp_2proc": ("cpu_2proc.yaml", 2, {"ACCELERATE_USE_CPU": "true"}, HIDDEN),
+    "zero2_1proc": ("deepspeed_zero2.yaml", 1, {}, []),
+    "zero2_2proc": ("deepspeed_zero2.yaml", 2, {}, []),
+    "zero3_1proc": ("deepspeed_zero3.yaml", 1, {}, []),
+    "zero3_2proc": ("deepspeed_zero3.yaml", 2, {}, HIDDEN),
 }
 
 
@@ -47,10 +51,11 @@ def launch(config: str, processes: int, env_extra: dict, recipe: Path, *override
 
 @pytest.mark.parametrize("name", list(LAUNCHES))
 def test_launch_and_resume(name, tmp_path, far_pair, isolated_cache):  # noqa: F811
-    config, processes, env_extra = LAUNCHES[name]
+    config, processes, env_extra, extra = LAUNCHES[name]
     recipe = recipe_for(tmp_path, far_pair, "gkd")
     out = tmp_path / "out"
-    first = launch(config, processes, env_extra, recipe, "train.max_steps=2", "train.batch_size=2", "eval.max_samples=4")
+    first = launch(config, processes, env_extra, recipe, "train.max_steps=2", "train.batch_size=2", "eval.max_samples=4",
+                   *extra)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
     (checkpoint,) = (out / "checkpoints").iterdir()
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -58,12 +63,17 @@ def test_launch_and_resume(name, tmp_path, far_pair, isolated_cache):  # noqa: F
     assert state["data_position"] == 2 * 2 * processes  # every rank took its own prompts
 
     second = launch(config, processes, env_extra, recipe, "train.max_steps=4", "train.batch_size=2", "eval.max_samples=4",
-                    "train.resume_from=latest")
+                    "train.resume_from=latest", *extra)
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if "train/loss" in line]
     assert steps == [1, 2, 3, 4]  # the resumed run continued at step 3
     final = out / "final"
     assert (final / "model.safetensors").is_file() and (final / "README.md").is_file()
+    if extra:
+        hidden = [json.loads(line)["train/hidden_mse"] for line in open(out / "metrics.jsonl") if "train/hidden_mse" in line]
+        assert len(hidden) == 4 and all(h > 0 for h in hidden)
+        stitching = load_file(final / "stitching.safetensors")  # gathered (not empty ZeRO-3 shards)
+        assert [w.shape for w in stitching.values()] == [(32, 16), (32, 16)]
     # the exported student loads in a fresh process (under ZeRO-3 the weights were gathered before saving)
     check = subprocess.run([sys.executable, "-c", (
         "import sys, torch; from transformers import AutoModelForCausalLM as M; "

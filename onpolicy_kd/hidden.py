@@ -1,0 +1,113 @@
+"""Hidden-state distillation: an auxiliary loss pulling the student's hidden states towards the teacher's.
+
+(../shared/ALGORITHMS.md, "hidden-state distillation".) Layers are numbered as transformers'
+`output_hidden_states` numbers them: 0 is the embedding output, i the output of decoder layer i, and the
+last is after the final norm (what the lm_head reads).
+
+- Layer pairs: `hidden.layers: auto` maps every student layer i = 1..L_s to the teacher layer nearest to
+  i * L_t / L_s (halves round up), so the student's last layer meets the teacher's last; or list the
+  [student, teacher] pairs yourself.
+- Stitching: one bias-free `Linear(d_student, d_teacher)` per pair, the identity when the widths are equal
+  (so an exact copy starts at zero loss) and Xavier-uniform otherwise. The projections are trained with the
+  student: they are attached to it as the submodule `kd_stitching`, so the optimizer, DDP, DeepSpeed
+  (ZeRO-3 gathers them in their own forward) and checkpoints carry them with no extra wiring, and
+  `split_stitching` takes them out again for the exported student.
+- Loss, at the positions that predict completion tokens (those the divergences use), averaged over the
+  L pairs, summed over valid tokens and divided by the global valid-token count:
+      mse:    (1/L) Σ_l mean_d ((W_l h^s_l)_d − (h^t_l)_d)²
+      cosine: (1/L) Σ_l (1 − cos(W_l h^s_l, h^t_l))
+  The teacher side carries no gradient. Float32 math whatever the model dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from onpolicy_kd.config import HiddenConfig
+from onpolicy_kd.errors import ConfigError
+
+Tensor = torch.Tensor
+
+STITCHING = "kd_stitching"  # the student's submodule holding the projections
+
+
+def auto_layer_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """Student layer i -> teacher layer round(i * L_t / L_s), halves up: uniform, last to last."""
+    return [(i, (2 * i * teacher_layers + student_layers) // (2 * student_layers)) for i in range(1, student_layers + 1)]
+
+
+def layer_pairs(cfg: HiddenConfig, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    if cfg.layers == "auto":
+        return auto_layer_pairs(student_layers, teacher_layers)
+    for s, t in cfg.layers:
+        if s > student_layers or t > teacher_layers:
+            raise ConfigError(
+                f"hidden.layers: pair [{s}, {t}] is out of range: the student has layers 0..{student_layers} and the "
+                f"teacher 0..{teacher_layers} (0 = embedding output, i = output of decoder layer i)")
+    return [(s, t) for s, t in cfg.layers]
+
+
+class Stitching(nn.Module):
+    """The learned projections from student to teacher widths, one per layer pair."""
+
+    def __init__(self, pairs: Sequence[tuple[int, int]], student_width: int, teacher_width: int) -> None:
+        super().__init__()
+        self.pairs = [tuple(p) for p in pairs]
+        self.projections = nn.ModuleList(nn.Linear(student_width, teacher_width, bias=False) for _ in self.pairs)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for linear in self.projections:
+            if linear.in_features == linear.out_features:
+                nn.init.eye_(linear.weight)
+            else:
+                nn.init.xavier_uniform_(linear.weight)
+
+    def forward(self, student_hidden: Sequence[Tensor]) -> list[Tensor]:
+        """Project the student's paired hidden states (all layers in, as `output_hidden_states` gives them)."""
+        return [proj(student_hidden[s]) for proj, (s, _) in zip(self.projections, self.pairs)]
+
+
+def attach_stitching(student: nn.Module, teacher: nn.Module, cfg: HiddenConfig) -> Stitching:
+    """Create the projections for `cfg` and register them on the student (before the optimizer is built)."""
+    s_cfg, t_cfg = student.config, teacher.config
+    pairs = layer_pairs(cfg, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+    reference = student.get_input_embeddings().weight
+    stitching = Stitching(pairs, s_cfg.hidden_size, t_cfg.hidden_size).to(reference.device, reference.dtype)
+    student.add_module(STITCHING, stitching)
+    return stitching
+
+
+def split_stitching(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(the student's own weights, the stitching weights) of a state dict of the student with stitching attached."""
+    prefix = STITCHING + "."
+    own = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+    stitching = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+    return own, stitching
+
+
+def hidden_state_loss(
+    projected: Sequence[Tensor], teacher_hidden: Sequence[Tensor], mask: Tensor, *, kind: str = "mse",
+    num_tokens: float | None = None,
+) -> Tensor:
+    """The mean over layer pairs of the per-token distance, summed over valid tokens / `num_tokens`.
+
+    projected[l], teacher_hidden[l]: (B, T, D_t), the student's projected and the teacher's hidden states of
+    pair l; mask (B, T). `num_tokens` defaults to this batch's valid-token count; 0 valid tokens give 0.
+    """
+    if kind not in ("mse", "cosine"):
+        raise ValueError(f"unknown hidden-state loss {kind!r}: use mse or cosine")
+    total = torch.zeros((), dtype=torch.float32, device=mask.device)
+    for student_h, teacher_h in zip(projected, teacher_hidden, strict=True):
+        # valid rows only: padded positions never enter the math (their hidden states may be anything)
+        student_h, teacher_h = student_h[mask].float(), teacher_h[mask].detach().float()
+        if kind == "mse":
+            distance = (student_h - teacher_h).pow(2).mean(-1)
+        else:
+            distance = 1 - nn.functional.cosine_similarity(student_h, teacher_h, dim=-1, eps=1e-8)
+        total = total + distance.sum()
+    count = float(mask.sum()) if num_tokens is None else float(num_tokens)
+    return total / (len(projected) * max(count, 1.0))

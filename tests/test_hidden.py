@@ -1,0 +1,188 @@
+"""Hidden-state distillation: the loss against a float64 loop, layer pairing, stitching, training and export."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from onpolicy_kd.config import HiddenConfig
+from onpolicy_kd.errors import ConfigError
+from onpolicy_kd.hidden import STITCHING, Stitching, attach_stitching, auto_layer_pairs, hidden_state_loss, layer_pairs
+from onpolicy_kd.train import main
+
+from conftest import llama_config
+from test_train import far_pair, metrics_of, recipe_for  # noqa: F401  (fixture)
+
+
+def naive_hidden_loss(student_hidden, weights, pairs, teacher_hidden, mask, kind, num_tokens):
+    """Token by token, pair by pair, in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    B, T = mask.shape
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            for w, (s, k) in zip(weights, pairs):
+                x = w.double() @ student_hidden[s][b, t].double()
+                y = teacher_hidden[k][b, t].double()
+                if kind == "mse":
+                    total = total + ((x - y) ** 2).mean()
+                else:
+                    total = total + 1 - (x @ y) / (x.norm() * y.norm())
+    return total / (len(pairs) * num_tokens)
+
+
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+@pytest.mark.parametrize("num_tokens", [None, 57.0])
+def test_loss_matches_a_float64_loop(kind, num_tokens):
+    torch.manual_seed(0)
+    B, T, d_student, d_teacher = 3, 7, 5, 11
+    pairs = [(1, 2), (3, 5), (0, 0)]
+    student_hidden = [torch.randn(B, T, d_student, requires_grad=True) for _ in range(4)]
+    teacher_hidden = [torch.randn(B, T, d_teacher) * 3 for _ in range(6)]
+    mask = torch.rand(B, T) > 0.4
+    # padded positions may hold anything: they must not reach the value or the gradient
+    for h in teacher_hidden:
+        h[~mask] = float("nan")
+    stitching = Stitching(pairs, d_student, d_teacher)
+    with torch.no_grad():
+        for proj in stitching.projections:
+            proj.weight.normal_()
+
+    loss = hidden_state_loss(stitching(student_hidden), [teacher_hidden[k] for _, k in pairs], mask, kind=kind,
+                             num_tokens=num_tokens)
+    weights = [p.weight for p in stitching.projections]
+    count = num_tokens if num_tokens is not None else float(mask.sum())
+    reference = naive_hidden_loss(student_hidden, weights, pairs, teacher_hidden, mask, kind, count)
+    torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=1e-7)
+
+    params = [student_hidden[s] for s in (0, 1, 3)] + weights
+    grads = torch.autograd.grad(loss, params)
+    ref_grads = torch.autograd.grad(reference, params)
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-7)
+
+
+def test_all_masked_gives_zero_with_a_zero_gradient():
+    student = torch.randn(2, 4, 6, requires_grad=True)
+    teacher = torch.full((2, 4, 6), float("nan"))
+    loss = hidden_state_loss([student], [teacher], torch.zeros(2, 4, dtype=torch.bool), kind="cosine")
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(student.grad, torch.zeros_like(student))
+
+
+def test_bf16_hidden_states_use_float32_math():
+    torch.manual_seed(1)
+    student, teacher = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    low = hidden_state_loss([student.bfloat16()], [teacher.bfloat16()], mask)
+    assert low.dtype == torch.float32
+    full = hidden_state_loss([student.bfloat16().float()], [teacher.bfloat16().float()], mask)
+    assert low.item() == full.item()
+
+
+def test_auto_pairs_are_uniform_and_end_on_the_last_layer():
+    assert auto_layer_pairs(10, 30) == [(i, 3 * i) for i in range(1, 11)]
+    assert auto_layer_pairs(4, 30) == [(1, 8), (2, 15), (3, 23), (4, 30)]  # 7.5 -> 8, 22.5 -> 23: halves up
+    assert auto_layer_pairs(3, 3) == [(1, 1), (2, 2), (3, 3)]
+    assert layer_pairs(HiddenConfig(layers=[[0, 0], [2, 4]]), 2, 4) == [(0, 0), (2, 4)]
+
+
+def test_out_of_range_layer_is_a_clear_error():
+    with pytest.raises(ConfigError) as err:
+        layer_pairs(HiddenConfig(layers=[[1, 2], [3, 9]]), 2, 4)
+    message = str(err.value)
+    assert "hidden.layers" in message and "[3, 9]" in message and "0..2" in message and "0..4" in message
+
+
+def test_stitching_init_identity_when_widths_match_xavier_otherwise():
+    torch.manual_seed(0)
+    same = Stitching([(1, 1), (2, 3)], 16, 16)
+    assert all(torch.equal(p.weight, torch.eye(16)) for p in same.projections)
+    wide = Stitching([(1, 2)], 16, 48)
+    bound = (6 / (16 + 48)) ** 0.5
+    weight = wide.projections[0].weight
+    assert weight.shape == (48, 16) and weight.abs().max() <= bound and weight.std() > bound / 3
+
+
+def test_an_exact_copy_starts_at_zero_loss():
+    from transformers import AutoModelForCausalLM
+
+    from onpolicy_kd.batches import forward_completions
+    from onpolicy_kd.rollout import Rollout
+
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(llama_config(50, layers=2)).eval()
+    student = copy.deepcopy(teacher)
+    stitching = attach_stitching(student, teacher, HiddenConfig(weight=1.0))
+    assert getattr(student, STITCHING) is stitching and stitching.pairs == [(1, 1), (2, 2)]
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    zeros = torch.zeros(2, 3)
+    batch = Rollout(ids[:, :3], mask[:, :3], ids[:, 3:], mask[:, 3:], zeros, zeros, zeros, ["", ""], steps=3)
+    _, student_hidden = forward_completions(student, batch, logits=False, hidden=True)
+    _, teacher_hidden = forward_completions(teacher, batch, logits=False, hidden=True)
+    assert len(student_hidden) == 3 and student_hidden[0].shape == (2, 3, 32)
+    loss = hidden_state_loss(stitching(student_hidden), [teacher_hidden[t] for _, t in stitching.pairs], batch.completion_mask)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+
+
+NARROW_STUDENT = ["student.config_overrides={num_hidden_layers: 2, hidden_size: 16, intermediate_size: 32}",
+                  "hidden.weight=1.0"]
+
+
+def test_training_pulls_hidden_states_together_and_exports_a_plain_student(tmp_path, far_pair, isolated_cache):
+    """gkd with a 16-wide student of a 32-wide teacher: the stitched MSE falls; final/ loads as a plain model."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    assert main([str(recipe), *NARROW_STUDENT, "train.max_steps=20", "optim.lr=1.0e-2", "train.batch_size=8"]) == 0
+    out = tmp_path / "out"
+    mse = [r["train/hidden_mse"] for r in metrics_of(out) if "train/hidden_mse" in r]
+    assert len(mse) == 20 and all(torch.isfinite(torch.tensor(mse)))
+    assert sum(mse[-5:]) < 0.7 * sum(mse[:5]), mse  # seen: 0.35 vs 0.64 per token
+
+    final = out / "final"
+    own = load_file(final / "model.safetensors")
+    assert not any(STITCHING in key for key in own)
+    stitching = load_file(final / "stitching.safetensors")
+    # auto pairs for 2 student layers over 3 teacher layers: (1, 2), (2, 3)
+    assert sorted(stitching) == ["projections.0.weight", "projections.1.weight"]
+    assert all(w.shape == (32, 16) for w in stitching.values())
+    with safe_open(final / "stitching.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["pairs"]) == [[1, 2], [2, 3]]
+    model, info = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
+    assert model.config.hidden_size == 16
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+@pytest.mark.parametrize("mode, extra", [("sft", ["hidden.loss=cosine"]),
+                                          ("pg", ["hidden.layers=[[0, 0], [2, 3]]"])])
+def test_hidden_loss_in_other_modes(mode, extra, tmp_path, far_pair, isolated_cache):
+    recipe = recipe_for(tmp_path, far_pair, mode)
+    assert main([str(recipe), *NARROW_STUDENT, *extra]) == 0
+    key = "train/hidden_cosine" if "hidden.loss=cosine" in extra else "train/hidden_mse"
+    rows = [r for r in metrics_of(tmp_path / "out") if "train/loss" in r]
+    assert len(rows) == 3 and all(r[key] > 0 for r in rows)
+
+
+def test_resume_restores_the_stitching(tmp_path, far_pair, isolated_cache):
+    """2 steps + resume for 2 more == 4 steps in one go, stitching projections included."""
+    common = [*NARROW_STUDENT, "train.deterministic=true", "train.max_steps=4"]
+    finals = {}
+    for name, runs in (("straight", [[]]), ("resumed", [["train.max_steps=2"], ["train.resume_from=latest"]])):
+        run = tmp_path / name
+        run.mkdir()
+        recipe = recipe_for(run, far_pair, "gkd")
+        for i, overrides in enumerate(runs):
+            assert main([str(recipe), *common, *overrides]) == 0
+            finals[name, i] = load_file(run / "out" / "final" / "stitching.safetensors")
+    for key in finals["straight", 0]:
+        torch.testing.assert_close(finals["resumed", 1][key], finals["straight", 0][key], rtol=0, atol=1e-6)
+        assert not torch.equal(finals["resumed", 1][key], finals["resumed", 0][key])  # steps 3-4 moved them
