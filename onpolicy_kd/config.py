@@ -20,6 +20,7 @@ Environment variables (per-machine settings; each maps to one recipe key):
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -438,27 +439,38 @@ def _format_errors(
 
 
 def load_recipe(
-    path: str | os.PathLike[str],
+    source: str | os.PathLike[str] | Mapping[str, Any],
     overrides: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
+    *,
+    api_values: Mapping[str, Any] | None = None,
 ) -> Recipe:
-    """Read, merge and validate a recipe. Raises `ConfigError` with a message a user can act on."""
-    path = Path(path)
+    """Read, merge and validate a recipe. Raises `ConfigError` with a message a user can act on.
+
+    `source` is a YAML file or, from Python, a mapping of sections. `api_values` (nested sections) are what
+    the Python API sets from the objects it was given; they win over every other layer.
+    """
     environ = os.environ if environ is None else environ
-    file_data, file_lines = _read_recipe_file(path)
+    if isinstance(source, Mapping):
+        path, file_data, file_lines = Path("<recipe dict>"), copy.deepcopy(dict(source)), {}
+    else:
+        path = Path(source)
+        file_data, file_lines = _read_recipe_file(path)
 
     env_items = [f"{key}={environ[var]}" for var, key in ENV_OVERRIDES.items() if environ.get(var)]
     env_data = _parse_dotlist(env_items, "environment variable")
     cli_data = _parse_dotlist(overrides, "command-line override")
+    api_data = dict(api_values or {})
 
     # Remember where each key came from, for error messages (later layers win).
     where: dict[tuple[str, ...], str] = {k: f"{path}:{line}" for k, line in file_lines.items()}
     env_var_of = {tuple(key.split(".")): var for var, key in ENV_OVERRIDES.items()}
     where |= {k: f"environment variable {env_var_of.get(k, '?')}" for k in _flatten_keys(env_data)}
     where |= {k: "command line" for k in _flatten_keys(cli_data)}
+    where |= {k: "set by distill() from the objects passed to it" for k in _flatten_keys(api_data)}
 
     try:
-        merged_conf = OmegaConf.merge(OmegaConf.create(file_data), env_data, cli_data)
+        merged_conf = OmegaConf.merge(OmegaConf.create(file_data), env_data, cli_data, api_data)
         merged: dict[str, Any] = OmegaConf.to_container(merged_conf, resolve=True)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: cannot merge or resolve the recipe: {err}") from None

@@ -121,12 +121,17 @@ def _tokenize(raw: Dataset, builder: PromptBuilder, cache_file: Path, key: str, 
     return encoded, hit
 
 
-def load_prompt_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> PromptData:
-    """Train and eval prompts for a recipe, tokenised with `tokenizer` (cached)."""
-    train = load_split(cfg, cfg.split)
-    if cfg.eval_split:
+def load_prompt_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, *,
+                     train: Dataset | None = None, eval_: Dataset | None = None) -> PromptData:
+    """Train and eval prompts for a recipe, tokenised with `tokenizer` (cached).
+
+    `train` / `eval_` (the Python API) replace the splits the recipe would load; without `eval_`, the held-out
+    rows come from `train` as usual.
+    """
+    train = load_split(cfg, cfg.split) if train is None else train
+    if eval_ is None and cfg.eval_split:
         eval_ = load_split(cfg, cfg.eval_split)
-    else:
+    elif eval_ is None:
         n_eval = cfg.eval_size if isinstance(cfg.eval_size, int) else max(1, round(cfg.eval_size * len(train)))
         if n_eval >= len(train):
             raise DataError(f"data.eval_size={cfg.eval_size} holds out {n_eval} of only {len(train)} rows; lower it")

@@ -35,6 +35,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from onpolicy_kd.errors import ConfigError
+
 Tensor = torch.Tensor
 
 
@@ -255,9 +257,9 @@ def select_backend(requested: str, device: torch.device, kind: str) -> str:
         return "chunked"
     if requested == "liger":
         if kind not in LIGER_KINDS:
-            raise ValueError(f"objective.backend=liger computes {sorted(LIGER_KINDS)}, not {kind}; use backend=chunked")
+            raise ConfigError(f"objective.backend=liger computes {sorted(LIGER_KINDS)}, not {kind}; use backend=chunked")
         if device.type != "cuda" or not liger_available():
-            raise ValueError("objective.backend=liger needs CUDA and `pip install liger-kernel`; use backend=chunked")
+            raise ConfigError("objective.backend=liger needs CUDA and `pip install liger-kernel`; use backend=chunked")
     return requested
 
 

@@ -267,11 +267,55 @@ def load_student(
     return student, tokenizer
 
 
-def load_models(recipe: Recipe, recipe_path: str | None = None) -> Models:
-    teacher, teacher_tokenizer = load_teacher(recipe.teacher, recipe_path)
-    student, student_tokenizer = load_student(recipe.student, teacher, teacher_tokenizer, recipe.train.seed, recipe_path)
+def load_models(
+    recipe: Recipe, recipe_path: str | None = None, *, teacher: PreTrainedModel | None = None,
+    student: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+) -> Models:
+    """The recipe's models, or the model objects given (the Python API), checked to share a vocabulary.
+
+    A teacher object needs its `tokenizer`; a student object uses `tokenizer` or else the teacher's.
+    Objects must be transformers causal LMs (`PreTrainedModel` subclasses, custom architectures included).
+    """
+    for role, model in (("teacher", teacher), ("student", student)):
+        if model is not None and not isinstance(model, PreTrainedModel):
+            raise ModelLoadError(
+                f"{role}= must be a transformers PreTrainedModel (a causal LM with a KV cache, as AutoModelForCausalLM "
+                f"returns, custom subclasses included), got {type(model).__name__}")
+    if tokenizer is not None:
+        prepare_tokenizer_for_generation(tokenizer)
+    if teacher is None:
+        teacher, teacher_tokenizer = load_teacher(recipe.teacher, recipe_path)
+    elif tokenizer is None:
+        raise ModelLoadError("a teacher model object needs its tokenizer: pass tokenizer= as well")
+    else:
+        teacher_tokenizer = tokenizer
+        teacher.eval()
+        teacher.requires_grad_(False)
+    if student is None:
+        student, student_tokenizer = load_student(recipe.student, teacher, teacher_tokenizer, recipe.train.seed, recipe_path)
+    else:
+        student_tokenizer = tokenizer or teacher_tokenizer
+        if recipe.student.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+        student.train()
     check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
     return Models(teacher=teacher, student=student, tokenizer=teacher_tokenizer)
+
+
+# config fields with which a model's logits are not `hidden @ lm_head.weight.T` (Gemma 2/3 soft-capping, Cohere,
+# Granite, MiniCPM, Falcon-H1 scaling): the memory-bounded divergence, which projects hidden states itself, would
+# compute something else than the model does
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                    "lm_head_multiplier", "scale_width")
+
+
+def logits_are_linear(model: PreTrainedModel) -> bool:
+    """Whether the model's logits are exactly its last hidden state times its output embedding matrix."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "bias", None) is not None or not hasattr(head, "weight"):
+        return False
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return all(getattr(config, name, None) in (None, 1, 1.0) for name in LOGIT_TRANSFORMS)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -13,6 +13,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -29,9 +30,9 @@ from onpolicy_kd.data import length_stats, load_prompt_data
 from onpolicy_kd.distributed import for_generation, global_sum, make_accelerator, prepare_teacher, zero_stage
 from onpolicy_kd.errors import DataError, UserError
 from onpolicy_kd.evaluation import heldout_metrics, sample_rows
-from onpolicy_kd.hidden import attach_stitching
+from onpolicy_kd.hidden import STITCHING, attach_stitching
 from onpolicy_kd.losses import select_backend
-from onpolicy_kd.models import Models, count_parameters, load_models
+from onpolicy_kd.models import Models, count_parameters, load_models, logits_are_linear
 from onpolicy_kd.monitor import Monitor
 from onpolicy_kd.objectives import micro_batch_loss
 from onpolicy_kd.optim import build_optimizer, build_scheduler
@@ -234,13 +235,30 @@ def optimize_step(recipe: Recipe, ctx: "RunContext", optimizer, scheduler, batch
     return metrics, any_bad
 
 
-def train(recipe: Recipe, recipe_path: str) -> int:
+@dataclass
+class TrainResult:
+    """What a finished (or signal-stopped) run leaves: the trained student and where everything was written."""
+
+    student: torch.nn.Module  # the trained student, unwrapped, on the training device
+    tokenizer: object
+    output_dir: Path
+    final_dir: Path | None  # <output_dir>/final; None when a signal stopped the run (a checkpoint was saved)
+    before: dict[str, float]  # held-out metrics before the first step (eval/reverse_kl, ...)
+    after: dict[str, float] | None
+    steps: int
+    stitching: torch.nn.Module | None = None  # hidden-state projections, detached from the student
+    stopped_by_signal: int | None = None
+    zero_stage: int = 0
+
+
+def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None):
+    """Accelerator, models (from the recipe unless given), data, optimizer, schedule and sampler, resumed if asked."""
     accelerator = make_accelerator(recipe)
     set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
-    models = load_models(recipe, recipe_path)
+    models = models or load_models(recipe, recipe_path)
     if recipe.hidden.weight:  # before the optimizer is built: the projections train with the student
         attach_stitching(models.student, models.teacher, recipe.hidden)
-    data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed)
+    data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, train=raw_train, eval_=raw_eval)
     reason = needs_references(recipe)
     if reason and not has_references(data.train):
         raise DataError(f"{reason}, but {recipe.data.path} has none (format {data.task.name}, columns "
@@ -252,7 +270,10 @@ def train(recipe: Recipe, recipe_path: str) -> int:
     student, optimizer = accelerator.prepare(models.student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     teacher = prepare_teacher(models.teacher, accelerator)
-    backend = "torch" if zero_stage(accelerator) == 3 else select_backend(obj.backend, accelerator.device, obj.divergence)
+    # the memory-bounded divergence projects hidden states with the raw lm_head weights: not under ZeRO-3 (sharded
+    # weights) and not for models whose logits are more than that projection (soft-capping, scaling, a bias)
+    plain = zero_stage(accelerator) != 3 and logits_are_linear(models.student) and logits_are_linear(models.teacher)
+    backend = select_backend(obj.backend, accelerator.device, obj.divergence) if plain else "torch"
     ctx = RunContext(accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer), backend,
                      accelerator.unwrap_model(student).get_input_embeddings().weight)
     sampler = PromptSampler(len(data.train), cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed)
@@ -261,6 +282,14 @@ def train(recipe: Recipe, recipe_path: str) -> int:
     if resume is not None:
         state = load_checkpoint(accelerator, resume)
         sampler.position = state["data_position"]
+    return ctx, optimizer, scheduler, sampler, state
+
+
+def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None) -> TrainResult:
+    """The training loop. `models` and the raw splits come from the Python API; otherwise from the recipe."""
+    ctx, optimizer, scheduler, sampler, state = setup(recipe, recipe_path, models, raw_train, raw_eval)
+    accelerator, student, teacher, data = ctx.accelerator, ctx.student, ctx.teacher, ctx.data
+    cfg, obj = recipe.train, recipe.objective
     if recipe.logging.tensorboard:
         accelerator.init_trackers("onpolicy_kd")
     stop = StopRequested()
@@ -268,13 +297,16 @@ def train(recipe: Recipe, recipe_path: str) -> int:
                       live=recipe.logging.live, accelerator=accelerator, tensorboard=recipe.logging.tensorboard)
     world, consecutive_bad = accelerator.num_processes, 0  # world: for rollout/mean_len
 
+    def heldout() -> dict[str, float]:
+        return heldout_metrics(recipe, accelerator, student, teacher, ctx.tokenizer, data.eval, ctx.vocab)
+
     def checkpoint() -> None:
         save_checkpoint(accelerator, cfg.output_dir, state["step"], {**state, "data_position": sampler.position},
                         cfg.save_total_limit)
 
     with monitor:
         if state["step"] == 0:
-            state["before"] = heldout_metrics(recipe, accelerator, student, teacher, ctx.tokenizer, data.eval, ctx.vocab)
+            state["before"] = heldout()
             monitor.log(0, state["before"], advance=False)
             monitor.print(f"held-out reverse KL before training: {state['before']['eval/reverse_kl']:.3f} nats/token")
         while state["step"] < cfg.max_steps:
@@ -315,8 +347,7 @@ def train(recipe: Recipe, recipe_path: str) -> int:
             if state["step"] % recipe.logging.log_steps == 0 or state["step"] == cfg.max_steps:
                 monitor.log(state["step"], metrics)
             if recipe.eval.eval_steps and state["step"] % recipe.eval.eval_steps == 0 and state["step"] < cfg.max_steps:
-                monitor.log(state["step"], heldout_metrics(recipe, accelerator, student, teacher, ctx.tokenizer,
-                                                           data.eval, ctx.vocab), advance=False)
+                monitor.log(state["step"], heldout(), advance=False)
             if recipe.logging.sample_steps and state["step"] % recipe.logging.sample_steps == 0:
                 monitor.samples(state["step"], sample_rows(recipe, accelerator, student, teacher, ctx.tokenizer, data.eval))
             if cfg.save_steps and state["step"] % cfg.save_steps == 0 and state["step"] < cfg.max_steps:
@@ -325,8 +356,8 @@ def train(recipe: Recipe, recipe_path: str) -> int:
                 checkpoint()
                 monitor.print(f"stopped by signal {stop.signal} at step {state['step']}: checkpoint saved; "
                               f"resume with train.resume_from=latest")
-                return 0
-        after = heldout_metrics(recipe, accelerator, student, teacher, ctx.tokenizer, data.eval, ctx.vocab)
+                return finish(ctx, recipe, state, None, None, stop.signal)
+        after = heldout()
         monitor.log(state["step"], after, advance=False)
     checkpoint()
     card = model_card(recipe, recipe_path, state["before"], after, state["step"], state["train_seconds"])
@@ -337,13 +368,16 @@ def train(recipe: Recipe, recipe_path: str) -> int:
                       f"nats/token ({100 * (after['eval/reverse_kl'] / before_kl - 1):+.0f}%) in "
                       f"{state['train_seconds']:.0f} s; student saved to {final}")
     accelerator.end_training()
-    if zero_stage(accelerator) == 3:
-        # A gloo worker thread can race interpreter shutdown after ZeRO-3 runs (SIGABRT in ~2% of CPU runs,
-        # ../shared/DEEPSPEED_CPU.md): everything is saved, so leave without the interpreter's teardown.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
+    return finish(ctx, recipe, state, after, final, None)
+
+
+def finish(ctx: RunContext, recipe: Recipe, state: dict, after: dict | None, final: Path | None, signum: int | None) -> TrainResult:
+    """The run's result, with the stitching projections taken off the student (it is a plain model again)."""
+    student = ctx.accelerator.unwrap_model(ctx.student)
+    stitching = student._modules.pop(STITCHING, None)
+    return TrainResult(student=student, tokenizer=ctx.tokenizer, output_dir=Path(recipe.train.output_dir),
+                       final_dir=final, before=state["before"], after=after, steps=state["step"], stitching=stitching,
+                       stopped_by_signal=signum, zero_stage=zero_stage(ctx.accelerator))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -352,7 +386,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.dry_run:
             return dry_run(recipe, args.recipe)
-        return train(recipe, args.recipe)
+        result = train(recipe, args.recipe)
+        if result.zero_stage == 3:
+            # A gloo worker thread can race interpreter shutdown after ZeRO-3 runs (SIGABRT in ~2% of CPU runs,
+            # ../shared/DEEPSPEED_CPU.md): everything is saved, so leave without the interpreter's teardown.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        return 0
     except FloatingPointError as err:
         print_error(UserError(f"{err}: the model's weights are no longer finite; lower optim.lr or "
                               f"optim.max_grad_norm, avoid fp16, and resume from the last checkpoint"))

@@ -6,6 +6,7 @@ The tokenizer is a byte-level BPE trained in memory on a few sentences (GPT-2 st
 
 from __future__ import annotations
 
+import json
 import os
 import textwrap
 from pathlib import Path
@@ -126,3 +127,23 @@ def tiny_recipe(tmp_path, tiny_llama_dir, isolated_cache) -> Path:
           batch_size: 2
           output_dir: {tmp_path / "out"}
     """)
+
+
+@pytest.fixture(scope="session")
+def far_pair(tmp_path_factory):
+    """A teacher with sharp (peaked) next-token distributions and data with references."""
+    root = tmp_path_factory.mktemp("far")
+    tok = train_tokenizer(CORPUS, chat_template=True)
+    teacher_dir = save_tiny_llama(root / "teacher", tok, layers=3, hidden=32, seed=0)
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    with torch.no_grad():
+        teacher.lm_head.weight *= 20
+    teacher.save_pretrained(teacher_dir)
+    data = root / "news.jsonl"
+    with open(data, "w") as f:
+        for i in range(64):
+            f.write(json.dumps({"article": f"The Senate count {i} was finalised and the Greens won. " * 2,
+                                "highlights": f"Greens win seat {i}."}) + "\n")
+    return teacher_dir, data

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from test_train import far_pair, recipe_for  # noqa: F401  (fixture)
+from test_train import recipe_for
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -50,7 +50,7 @@ def launch(config: str, processes: int, env_extra: dict, recipe: Path, *override
 
 
 @pytest.mark.parametrize("name", list(LAUNCHES))
-def test_launch_and_resume(name, tmp_path, far_pair, isolated_cache):  # noqa: F811
+def test_launch_and_resume(name, tmp_path, far_pair, isolated_cache):
     config, processes, env_extra, extra = LAUNCHES[name]
     recipe = recipe_for(tmp_path, far_pair, "gkd")
     out = tmp_path / "out"

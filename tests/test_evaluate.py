@@ -13,7 +13,7 @@ from onpolicy_kd import metrics as M
 from onpolicy_kd.evaluate import main as evaluate_main
 from onpolicy_kd.train import main as train_main
 
-from test_train import far_pair, metrics_of, recipe_for  # noqa: F401  (fixture)
+from test_train import metrics_of, recipe_for
 
 
 def test_rouge_equals_rouge_score():
@@ -45,7 +45,7 @@ def test_kl_and_nll_equal_naive_loops():
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, far_pair):  # noqa: F811
+def trained_run(tmp_path_factory, far_pair):
     root = tmp_path_factory.mktemp("run")
     import os
 
@@ -106,7 +106,7 @@ def test_several_targets_need_compare(trained_run, capsys):
     assert "add --compare" in capsys.readouterr().err
 
 
-def test_full_evaluation_inside_training(tmp_path, far_pair, isolated_cache):  # noqa: F811
+def test_full_evaluation_inside_training(tmp_path, far_pair, isolated_cache):
     recipe = recipe_for(tmp_path, far_pair, "kd")
     assert train_main([str(recipe), "train.max_steps=2", "eval.eval_steps=1", "eval.full=true",
                        "eval.max_samples=3", "eval.max_new_tokens=4"]) == 0

@@ -16,7 +16,7 @@ from onpolicy_kd.hidden import STITCHING, Stitching, attach_stitching, auto_laye
 from onpolicy_kd.train import main
 
 from conftest import llama_config
-from test_train import far_pair, metrics_of, recipe_for  # noqa: F401  (fixture)
+from test_train import metrics_of, recipe_for
 
 
 def naive_hidden_loss(student_hidden, weights, pairs, teacher_hidden, mask, kind, num_tokens):

@@ -17,7 +17,7 @@ from onpolicy_kd.models import (
 from onpolicy_kd.config import TeacherConfig
 from onpolicy_kd.train import main
 
-from conftest import CORPUS, save_tiny_llama, train_tokenizer, write_recipe
+from conftest import CORPUS, llama_config, save_tiny_llama, train_tokenizer, write_recipe
 
 
 def test_tokenizer_prepared_for_generation(tiny_gpt2_dir):
@@ -136,3 +136,23 @@ def test_gpt2_cnn_recipe_offline_stops_within_a_minute():
     assert "cannot load the teacher model 'gpt2-medium' (teacher.name_or_path in recipes/gpt2_cnn.yaml)" in proc.stderr
     assert "teacher.name_or_path=/models/gpt2-medium" in proc.stderr
     assert elapsed < 60, elapsed
+
+
+def test_logits_are_linear_only_for_a_plain_head(tiny_tokenizer):
+    """The memory-bounded divergence projects hidden states with the head's weight: it is used only when that is
+    exactly what the model computes (no soft-capping, logit scaling or head bias)."""
+    from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config
+
+    from onpolicy_kd.models import logits_are_linear
+
+    small = dict(vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    build = AutoModelForCausalLM.from_config
+    assert logits_are_linear(build(llama_config(len(tiny_tokenizer), layers=1)))
+    assert logits_are_linear(build(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2)))
+    assert not logits_are_linear(build(Gemma2Config(**small, final_logit_softcapping=30.0)))
+    assert logits_are_linear(build(Gemma2Config(**small, final_logit_softcapping=None)))
+    assert not logits_are_linear(build(CohereConfig(**small, logit_scale=0.0625)))
+    biased = build(llama_config(len(tiny_tokenizer), layers=1))
+    biased.lm_head = torch.nn.Linear(32, len(tiny_tokenizer), bias=True)
+    assert not logits_are_linear(biased)

@@ -16,29 +16,9 @@ from safetensors.torch import load_file
 
 from onpolicy_kd.train import main
 
-from conftest import CORPUS, save_tiny_llama, train_tokenizer, write_recipe
+from conftest import write_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def far_pair(tmp_path_factory):
-    """A teacher with sharp (peaked) next-token distributions and data with references."""
-    root = tmp_path_factory.mktemp("far")
-    tok = train_tokenizer(CORPUS, chat_template=True)
-    teacher_dir = save_tiny_llama(root / "teacher", tok, layers=3, hidden=32, seed=0)
-    from transformers import AutoModelForCausalLM
-
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
-    with torch.no_grad():
-        teacher.lm_head.weight *= 20
-    teacher.save_pretrained(teacher_dir)
-    data = root / "news.jsonl"
-    with open(data, "w") as f:
-        for i in range(64):
-            f.write(json.dumps({"article": f"The Senate count {i} was finalised and the Greens won. " * 2,
-                                "highlights": f"Greens win seat {i}."}) + "\n")
-    return teacher_dir, data
 
 
 def recipe_for(tmp_path: Path, far_pair, mode: str) -> Path:

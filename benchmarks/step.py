@@ -1,0 +1,183 @@
+"""Benchmark: the whole on-policy step and its result, our loop vs TRL's DistillationTrainer, in one run.
+
+    python benchmarks/step.py                 # the offline default task (recipes/smollm2_news.yaml), 40 steps
+    python benchmarks/step.py --steps 10      # shorter
+
+The task of ../shared/BENCH.md: SmolLM2-135M-Instruct teacher, its 10-layer copy as student, Lee news
+prompts (train rows 0-279, held out 280-291), batch 4, 32 new tokens, temperature 1, lr 1e-4 constant,
+grad clip 1, reverse KL (beta = 1), float32 on the CPU. Three variants, each in its own process (so peak
+memory is per variant) and from the same initial student:
+- trl: TRL's `DistillationTrainer` (HF `generate`, its chunked divergence; gradient checkpointing off,
+  dropout off, like ours), prompts given as the same token ids (decoded text, re-tokenised: checked);
+- ours_plain: our loop with the same objective (no penalty);
+- ours_recipe: the recipe as shipped (plus its entropy floor, which needs full logits).
+Reported: median step time over the steps after the first two, the phase breakdown (ours; TRL has no
+per-phase timers), mean completion length, training time, peak RSS, and the held-out reverse KL
+before -> after, measured for every variant by the same function (`evaluation.heldout_metrics`, seeded).
+Results are appended to benchmarks/results/step.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+RECIPE = ROOT / "recipes" / "smollm2_news.yaml"
+VARIANTS = ("trl", "ours_plain", "ours_recipe")
+
+
+def setting(steps: int, output_dir: Path, variant: str) -> list[str]:
+    overrides = [f"train.max_steps={steps}", f"train.output_dir={output_dir}", "logging.live=false"]
+    if variant != "ours_recipe":
+        overrides += ["penalties.entropy=0"]
+    return overrides
+
+
+def run_variant(variant: str, steps: int, out_json: Path) -> None:
+    import torch
+
+    from onpolicy_kd.config import load_recipe
+    from onpolicy_kd.models import load_models
+    from onpolicy_kd.train import train
+
+    work = Path(tempfile.mkdtemp(prefix=f"step-{variant}-"))
+    recipe = load_recipe(RECIPE, setting(steps, work, variant))
+    models = load_models(recipe, str(RECIPE))
+    if variant.startswith("ours"):
+        started = time.perf_counter()
+        result = train(recipe, str(RECIPE), models)
+        wall = time.perf_counter() - started
+        rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+        steps_rows = [r for r in rows if "time/step_s" in r]
+        report = {
+            "step_s": [r["time/step_s"] for r in steps_rows],
+            "phases": {k: statistics.median(r[k] for r in steps_rows[2:])
+                       for k in ("time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s")},
+            "mean_len": statistics.fmean(r["rollout/mean_len"] for r in steps_rows),
+            "before": result.before["eval/reverse_kl"], "after": result.after["eval/reverse_kl"],
+            "train_s": sum(r["time/step_s"] for r in steps_rows), "wall_s": wall,
+        }
+    else:
+        report = run_trl(recipe, models, steps, work)
+    report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    report["torch"] = torch.__version__
+    out_json.write_text(json.dumps(report))
+
+
+def run_trl(recipe, models, steps: int, work: Path) -> dict:
+    from accelerate import Accelerator
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from onpolicy_kd.data import load_prompt_data
+    from onpolicy_kd.evaluation import heldout_metrics
+
+    tokenizer, student, teacher = models.tokenizer, models.student, models.teacher
+    data = load_prompt_data(recipe.data, tokenizer, seed=recipe.train.seed)
+    texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in data.train["prompt_ids"]]
+    same = sum(tokenizer(t)["input_ids"] == list(ids) for t, ids in zip(texts, data.train["prompt_ids"]))
+    print(f"TRL prompts: {same}/{len(texts)} re-tokenise to exactly our prompt ids", flush=True)
+
+    accelerator = Accelerator(cpu=True)
+    vocab = len(tokenizer)
+    before = heldout_metrics(recipe, accelerator, student, teacher, tokenizer, data.eval, vocab)["eval/reverse_kl"]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.started = [], 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.started)
+
+    timer = StepTimer()
+    args = DistillationConfig(
+        output_dir=str(work), per_device_train_batch_size=recipe.train.batch_size, gradient_accumulation_steps=1,
+        max_steps=steps, learning_rate=recipe.optim.lr, lr_scheduler_type="constant", warmup_steps=0,
+        max_grad_norm=recipe.optim.max_grad_norm, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
+        temperature=recipe.rollout.temperature, top_k=0, top_p=1.0, beta=1.0,
+        max_completion_length=recipe.rollout.max_new_tokens, use_cpu=True, bf16=False, fp16=False,
+        gradient_checkpointing=False, disable_dropout=True, logging_steps=1, save_strategy="no", report_to=[],
+        seed=recipe.train.seed, dataloader_num_workers=0,
+    )
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                  train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
+                                  callbacks=[timer])
+    lengths = []
+    generate = trainer._generate_and_score_completions
+
+    def recording(inputs):  # mean completion length, as our loop logs it
+        out = generate(inputs)
+        lengths.append(float(out["completion_mask"].sum(1).float().mean()))
+        return out
+
+    trainer._generate_and_score_completions = recording
+    started = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - started
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    after = heldout_metrics(recipe, accelerator, trained, teacher, tokenizer, data.eval, vocab)["eval/reverse_kl"]
+    return {"step_s": timer.times, "phases": {}, "mean_len": statistics.fmean(lengths) if lengths else float("nan"),
+            "before": before, "after": after, "train_s": sum(timer.times), "wall_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--run", choices=VARIANTS, help=argparse.SUPPRESS)  # a child process: one variant
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step.md"))
+    args = parser.parse_args()
+    if args.run:
+        run_variant(args.run, args.steps, args.json)
+        return
+
+    from results_file import publish
+
+    results = {}
+    for variant in args.variants:
+        out = Path(tempfile.mkdtemp()) / "result.json"
+        print(f"--- {variant}", flush=True)
+        subprocess.run([sys.executable, __file__, "--run", variant, "--steps", str(args.steps), "--json", str(out)],
+                       check=True, cwd=ROOT)
+        results[variant] = json.loads(out.read_text())
+
+    def median_step(r):
+        return statistics.median(r["step_s"][2:] or r["step_s"])
+
+    base = median_step(results["trl"]) if "trl" in results else None
+    any_result = next(iter(results.values()))
+    lines = [f"\n## {time.strftime('%Y-%m-%d')} CPU (2 cores), torch {any_result['torch']}: recipes/smollm2_news.yaml, "
+             f"{args.steps} steps, batch 4, 32 new tokens, float32\n",
+             f"`python benchmarks/step.py --steps {args.steps}` (each variant in its own process, same initial student)\n",
+             "| variant | median step | vs TRL | rollout / teacher / student / optimizer | mean completion | "
+             "train time | peak RSS | held-out reverse KL before -> after |",
+             "|---|---|---|---|---|---|---|---|"]
+    for variant, r in results.items():
+        step = median_step(r)
+        phases = " / ".join(f"{r['phases'][k]:.2f}" for k in
+                            ("time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s")) if r["phases"] else "-"
+        ratio = f"{base / step:.2f}x" if base else "-"
+        lines.append(f"| {variant} | {step:.2f} s | {ratio} | {phases} | {r['mean_len']:.1f} tokens | {r['train_s']:.0f} s "
+                     f"| {r['peak_rss_gib']:.2f} GiB | {r['before']:.3f} -> {r['after']:.3f} "
+                     f"({100 * (r['after'] / r['before'] - 1):+.0f}%) |")
+    publish("\n".join(lines) + "\n", args.out)
+
+
+if __name__ == "__main__":
+    main()
