@@ -61,6 +61,8 @@ class Rollout:
 
 def filter_logprobs(logprobs_BV: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Keep the top-k tokens and the smallest set with probability >= top_p; renormalise (log space)."""
+    if not (top_k and top_k < logprobs_BV.shape[-1]) and top_p >= 1.0:
+        return logprobs_BV  # nothing filtered: already normalised
     if top_k and top_k < logprobs_BV.shape[-1]:
         kth = torch.topk(logprobs_BV, top_k, dim=-1).values[..., -1:]
         logprobs_BV = logprobs_BV.masked_fill(logprobs_BV < kth, -math.inf)
