@@ -8,7 +8,7 @@ prompts (train rows 0-279, held out 280-291), batch 4, 32 new tokens, temperatur
 grad clip 1, reverse KL (beta = 1), float32 on the CPU. Three variants, each in its own process (so peak
 memory is per variant) and from the same initial student:
 - trl: TRL's `DistillationTrainer` (HF `generate`, its chunked divergence; gradient checkpointing off,
-  dropout off, like ours), prompts given as the same token ids (decoded text, re-tokenised: checked);
+  dropout off, like ours), fed exactly our prompt token ids (its prompt tokenisation is bypassed);
 - ours_plain: our loop with the same objective (no penalty);
 - ours_recipe: the recipe as shipped (plus its entropy floor, which needs full logits).
 Reported: median step time over the steps after the first two, the phase breakdown (ours; TRL has no
@@ -86,9 +86,10 @@ def run_trl(recipe, models, steps: int, work: Path) -> dict:
 
     tokenizer, student, teacher = models.tokenizer, models.student, models.teacher
     data = load_prompt_data(recipe.data, tokenizer, seed=recipe.train.seed)
+    # TRL takes prompt texts and tokenises them whole, which merges a few tokens across our template's pieces
+    # differently (200 vs 201 tokens on the first prompt); map each text back to our exact ids instead
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in data.train["prompt_ids"]]
-    same = sum(tokenizer(t)["input_ids"] == list(ids) for t, ids in zip(texts, data.train["prompt_ids"]))
-    print(f"TRL prompts: {same}/{len(texts)} re-tokenise to exactly our prompt ids", flush=True)
+    ids_of = dict(zip(texts, data.train["prompt_ids"]))
 
     accelerator = Accelerator(cpu=True)
     vocab = len(tokenizer)
@@ -117,6 +118,7 @@ def run_trl(recipe, models, steps: int, work: Path) -> dict:
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                   train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
                                   callbacks=[timer])
+    trainer._tokenize_prompts = lambda prompts: ([list(ids_of[p]) for p in prompts], None, {})
     lengths = []
     generate = trainer._generate_and_score_completions
 

@@ -91,16 +91,17 @@ def split_stitching(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], d
 
 def hidden_state_loss(
     projected: Sequence[Tensor], teacher_hidden: Sequence[Tensor], mask: Tensor, *, kind: str = "mse",
-    num_tokens: float | None = None,
+    num_tokens: float | None = None, per_pair: bool = False,
 ) -> Tensor:
     """The mean over layer pairs of the per-token distance, summed over valid tokens / `num_tokens`.
 
     projected[l], teacher_hidden[l]: (B, T, D_t), the student's projected and the teacher's hidden states of
     pair l; mask (B, T). `num_tokens` defaults to this batch's valid-token count; 0 valid tokens give 0.
+    With `per_pair`, the (L,) values of the pairs instead of their mean (for per-layer logging).
     """
     if kind not in ("mse", "cosine"):
         raise ValueError(f"unknown hidden-state loss {kind!r}: use mse or cosine")
-    total = torch.zeros((), dtype=torch.float32, device=mask.device)
+    sums = []
     for student_h, teacher_h in zip(projected, teacher_hidden, strict=True):
         # valid rows only: padded positions never enter the math (their hidden states may be anything)
         student_h, teacher_h = student_h[mask].float(), teacher_h[mask].detach().float()
@@ -108,6 +109,7 @@ def hidden_state_loss(
             distance = (student_h - teacher_h).pow(2).mean(-1)
         else:
             distance = 1 - nn.functional.cosine_similarity(student_h, teacher_h, dim=-1, eps=1e-8)
-        total = total + distance.sum()
+        sums.append(distance.sum())
     count = float(mask.sum()) if num_tokens is None else float(num_tokens)
-    return total / (len(projected) * max(count, 1.0))
+    values = torch.stack(sums) / max(count, 1.0)
+    return values if per_pair else values.mean()

@@ -14,6 +14,8 @@ global valid-token count of the optimizer step.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from onpolicy_kd import penalties as pen
@@ -71,10 +73,11 @@ def uses_logit_penalties(recipe: Recipe) -> bool:
 def micro_batch_loss(
     recipe: Recipe, mode: str, student: torch.nn.Module, teacher: torch.nn.Module, batch: Rollout, *,
     num_tokens: float, vocab: int, backend: str, embeddings: Tensor, lm_batch: Rollout | None = None,
-    num_sequences: float | None = None,
+    num_sequences: float | None = None, times: dict[str, float] | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """(loss to backpropagate, metrics). `backend` is the resolved divergence backend (torch/chunked/liger).
 
+    The teacher's forward time is added to `times["time/teacher_s"]` when `times` is given.
     The loss is divided by `num_tokens` (global; the diversity penalty by `num_sequences`); every metric is a per-token mean over this micro-batch's
     own tokens (`scale` converts), so the loop can weight micro-batches and processes by their token counts.
     """
@@ -89,9 +92,12 @@ def micro_batch_loss(
     student_logits, student_hidden = forward_completions(student, batch, logits=not linear, hidden=linear or with_hidden)
     teacher_logits = teacher_hidden = None
     if not supervised or with_hidden:
+        started = time.perf_counter()
         with torch.no_grad():
             teacher_logits, teacher_hidden = forward_completions(
                 teacher, batch, logits=not (linear or supervised), hidden=linear or with_hidden)
+        if times is not None:
+            times["time/teacher_s"] += time.perf_counter() - started
 
     if supervised:
         loss = token_cross_entropy(student_logits[..., :vocab], batch.completion_ids, mask, num_tokens)
@@ -110,10 +116,13 @@ def micro_batch_loss(
                            num_sequences=num_sequences)
     if with_hidden:
         stitching = getattr(innermost(student), STITCHING)  # called as a module: ZeRO-3 gathers its weights
-        hidden_loss = hidden_state_loss(stitching(student_hidden), [teacher_hidden[t] for _, t in stitching.pairs],
-                                        mask, kind=recipe.hidden.loss, num_tokens=num_tokens)
-        loss = loss + recipe.hidden.weight * hidden_loss
-        metrics[f"train/hidden_{recipe.hidden.loss}"] = hidden_loss.item() * scale
+        kind = recipe.hidden.loss
+        pairs = hidden_state_loss(stitching(student_hidden), [teacher_hidden[t] for _, t in stitching.pairs], mask,
+                                  kind=kind, num_tokens=num_tokens, per_pair=True)
+        loss = loss + recipe.hidden.weight * pairs.mean()
+        metrics[f"train/hidden_{kind}"] = pairs.mean().item() * scale
+        for (s, t), value in zip(stitching.pairs, pairs.tolist()):
+            metrics[f"hidden/{kind}_layer_{s}_to_{t}"] = value * scale
     return loss, metrics
 
 
@@ -131,6 +140,9 @@ def _logit_loss(recipe: Recipe, mode: str, student: torch.nn.Module, student_log
     else:  # pg
         temperature = recipe.rollout.temperature
         logprobs = gather_logprobs(student_logits, batch.completion_ids, temperature)
+        # the rewards' log p(y_t): from this teacher forward, which the single-step term needs anyway (the teacher
+        # is frozen, so they equal the rollout's values; with alpha = 0 the rollout never ran the teacher)
+        teacher_logprobs = gather_logprobs(teacher_logits, batch.completion_ids, temperature).detach()
         single_step = (per_token_divergence(student_logits, teacher_logits, kind="reverse_kl", temperature=temperature)
                        if obj.single_step else None)
         lm_loss = None
@@ -138,7 +150,7 @@ def _logit_loss(recipe: Recipe, mode: str, student: torch.nn.Module, student_log
             lm_logits, _ = forward_completions(student, lm_batch)
             lm_loss = token_cross_entropy(lm_logits[..., :vocab], lm_batch.completion_ids, lm_batch.completion_mask)
         out = policy_gradient_loss(
-            logprobs, batch.student_logprobs, batch.teacher_logprobs, mask,
+            logprobs, batch.student_logprobs, teacher_logprobs, mask,
             sample_logprobs_BT=batch.sample_logprobs if recipe.rollout.alpha > 0 else None,
             single_step_kl_BT=single_step, reward_shaping_BT=_reward_shaping(recipe, student_logits, batch, embeddings),
             discount=obj.discount, length_norm=obj.length_norm, importance=obj.importance, is_clip=obj.is_clip,

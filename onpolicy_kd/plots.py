@@ -10,10 +10,13 @@ import matplotlib
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-# panel title -> metric keys drawn in it (only the keys a run logged are drawn; empty panels are dropped)
+# panel title -> metric keys drawn in it (only the keys a run logged are drawn; empty panels are dropped);
+# a key ending in "*" stands for every logged key with that prefix
 PANELS = {
     "loss terms": ("train/loss", "train/ce", "train/forward_kl", "train/jsd", "train/tv", "train/skew_forward_kl",
-                   "train/skew_reverse_kl", "pg/loss", "pg/single_step_kl", "pg/lm_loss"),
+                   "train/skew_reverse_kl", "pg/loss", "pg/single_step_kl", "pg/lm_loss", "train/hidden_mse",
+                   "train/hidden_cosine"),
+    "hidden-state loss per layer pair (student -> teacher)": ("hidden/*",),
     "reverse KL to the teacher (nats/token)": ("train/reverse_kl", "eval/reverse_kl"),
     "reward and return (pg)": ("pg/reward", "pg/return"),
     "penalties": ("penalty/frequency", "penalty/diversity", "penalty/entropy"),
@@ -24,14 +27,27 @@ PANELS = {
 }
 
 
-def training_curves(metrics_file: Path, out_file: Path) -> Path:
-    rows = [json.loads(line) for line in open(metrics_file)]
+def _layer_order(key: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in key.replace("_", " ").split())
+
+
+def curve_panels(rows: list[dict]) -> list[tuple[str, dict[str, list[tuple[int, float]]]]]:
+    """(title, {metric: [(step, value), ...]}) for every panel with something logged."""
+    logged = sorted({k for r in rows for k in r}, key=_layer_order)
     panels = []
     for title, keys in PANELS.items():
+        keys = [k for pattern in keys for k in
+                ([k for k in logged if k.startswith(pattern[:-1])] if pattern.endswith("*") else [pattern])]
         series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
         series = {k: v for k, v in series.items() if v}
         if series:
             panels.append((title, series))
+    return panels
+
+
+def training_curves(metrics_file: Path, out_file: Path) -> Path:
+    rows = [json.loads(line) for line in open(metrics_file)]
+    panels = curve_panels(rows)
     if not panels:
         raise ValueError(f"{metrics_file} has no metrics to plot")
     cols = 2

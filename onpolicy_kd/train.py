@@ -37,7 +37,7 @@ from onpolicy_kd.monitor import Monitor
 from onpolicy_kd.objectives import micro_batch_loss
 from onpolicy_kd.optim import build_optimizer, build_scheduler
 from onpolicy_kd.penalties import sequences_with_pairs
-from onpolicy_kd.rollout import Rollout, rollout, score_sequences
+from onpolicy_kd.rollout import Rollout, rollout
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -134,7 +134,7 @@ def step_mode(recipe: Recipe, step: int) -> str:
 
 def make_batch(recipe: Recipe, source: str, rows: list[int], ctx: "RunContext", generator: torch.Generator,
                times: dict[str, float]) -> Rollout:
-    """Completions for one micro-batch: references, or sampled (student / teacher-mixed / teacher) and scored."""
+    """Completions for one micro-batch: references, or sampled (student / teacher-mixed / teacher)."""
     if source == "references":
         return reference_rollout(ctx.data.train, rows, ctx.tokenizer.pad_token_id, ctx.accelerator.device)
     ids, mask = prompt_batch(ctx.data.train, rows, ctx.tokenizer.pad_token_id, ctx.accelerator.device)
@@ -147,12 +147,8 @@ def make_batch(recipe: Recipe, source: str, rows: list[int], ctx: "RunContext", 
                         alpha=alpha, do_sample=r.do_sample, stop_strings=r.stop_strings, generator=generator,
                         vocab_size=ctx.vocab)
     times["time/rollout_s"] += time.perf_counter() - started
-    if alpha == 0 and recipe.objective.mode == "pg":  # the teacher scores the finished sequences in one pass
-        started = time.perf_counter()
-        attention = torch.cat([mask, torch.ones_like(batch.completion_ids)], 1)
-        batch.teacher_logprobs = torch.where(batch.completion_mask, score_sequences(
-            ctx.teacher, batch.sequences, attention, batch.completion_ids.shape[1], r.temperature, ctx.vocab), 0.0)
-        times["time/teacher_s"] += time.perf_counter() - started
+    # no separate teacher scoring pass: the loss runs the teacher over the completions anyway (the pg rewards
+    # and the divergences come from that forward)
     return batch
 
 
@@ -202,10 +198,10 @@ def optimize_step(recipe: Recipe, ctx: "RunContext", optimizer, scheduler, batch
         bad = False
         for batch, lm_batch in zip(batches, lm_batches):
             with acc.accumulate(ctx.student):
-                started = time.perf_counter()
+                started, teacher_before = time.perf_counter(), times["time/teacher_s"]
                 loss, terms = micro_batch_loss(recipe, loss_mode, ctx.student, ctx.teacher, batch, num_tokens=num_tokens,
                                                vocab=ctx.vocab, backend=ctx.backend, embeddings=ctx.embeddings,
-                                               lm_batch=lm_batch, num_sequences=num_sequences)
+                                               lm_batch=lm_batch, num_sequences=num_sequences, times=times)
                 if not torch.isfinite(loss):
                     bad = True  # backpropagate zeros so every rank's gradient hooks still fire
                     loss = sum(p.sum() for p in ctx.student.parameters() if p.requires_grad) * 0.0
@@ -215,7 +211,8 @@ def optimize_step(recipe: Recipe, ctx: "RunContext", optimizer, scheduler, batch
                 for key, value in terms.items():
                     sums[key] = sums.get(key, 0.0) + value * local_tokens
                 weight += local_tokens
-                times["time/student_s"] += time.perf_counter() - started
+                # the student's forward, loss and backward: all but the teacher's forward inside micro_batch_loss
+                times["time/student_s"] += time.perf_counter() - started - (times["time/teacher_s"] - teacher_before)
                 if acc.sync_gradients:
                     started = time.perf_counter()
                     bad = global_sum(acc, int(bad)) > 0  # every rank skips together

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from onpolicy_kd.config import HiddenConfig
 from onpolicy_kd.errors import ConfigError
 from onpolicy_kd.hidden import STITCHING, Stitching, attach_stitching, auto_layer_pairs, hidden_state_loss, layer_pairs
+from onpolicy_kd.plots import curve_panels
 from onpolicy_kd.train import main
 
 from conftest import llama_config
@@ -56,6 +57,9 @@ def test_loss_matches_a_float64_loop(kind, num_tokens):
 
     loss = hidden_state_loss(stitching(student_hidden), [teacher_hidden[k] for _, k in pairs], mask, kind=kind,
                              num_tokens=num_tokens)
+    per_pair = hidden_state_loss(stitching(student_hidden), [teacher_hidden[k] for _, k in pairs], mask, kind=kind,
+                                 num_tokens=num_tokens, per_pair=True)
+    assert per_pair.shape == (3,) and per_pair.mean().item() == pytest.approx(loss.item(), rel=1e-6)
     weights = [p.weight for p in stitching.projections]
     count = num_tokens if num_tokens is not None else float(mask.sum())
     reference = naive_hidden_loss(student_hidden, weights, pairs, teacher_hidden, mask, kind, count)
@@ -147,6 +151,14 @@ def test_training_pulls_hidden_states_together_and_exports_a_plain_student(tmp_p
     mse = [r["train/hidden_mse"] for r in metrics_of(out) if "train/hidden_mse" in r]
     assert len(mse) == 20 and all(torch.isfinite(torch.tensor(mse)))
     assert sum(mse[-5:]) < 0.7 * sum(mse[:5]), mse  # seen: 0.35 vs 0.64 per token
+    # per layer pair too (auto pairs for 2 student layers over 3 teacher layers: 1 -> 2, 2 -> 3), and plotted
+    for row in (r for r in metrics_of(out) if "train/hidden_mse" in r):
+        pairs = [row["hidden/mse_layer_1_to_2"], row["hidden/mse_layer_2_to_3"]]
+        assert sum(pairs) / 2 == pytest.approx(row["train/hidden_mse"], rel=1e-6)
+    panels = dict(curve_panels(metrics_of(out)))
+    assert list(panels["hidden-state loss per layer pair (student -> teacher)"]) == [
+        "hidden/mse_layer_1_to_2", "hidden/mse_layer_2_to_3"]
+    assert "train/hidden_mse" in panels["loss terms"]
 
     final = out / "final"
     own = load_file(final / "model.safetensors")
