@@ -37,14 +37,14 @@ RECIPE = ROOT / "recipes" / "smollm2_news.yaml"
 VARIANTS = ("trl", "ours_plain", "ours_recipe")
 
 
-def setting(steps: int, output_dir: Path, variant: str) -> list[str]:
-    overrides = [f"train.max_steps={steps}", f"train.output_dir={output_dir}", "logging.live=false"]
+def setting(steps: int, output_dir: Path, variant: str, seed: int) -> list[str]:
+    overrides = [f"train.max_steps={steps}", f"train.output_dir={output_dir}", "logging.live=false", f"train.seed={seed}"]
     if variant != "ours_recipe":
         overrides += ["penalties.entropy=0"]
     return overrides
 
 
-def run_variant(variant: str, steps: int, out_json: Path) -> None:
+def run_variant(variant: str, steps: int, seed: int, out_json: Path) -> None:
     import torch
 
     from onpolicy_kd.config import load_recipe
@@ -52,7 +52,7 @@ def run_variant(variant: str, steps: int, out_json: Path) -> None:
     from onpolicy_kd.train import train
 
     work = Path(tempfile.mkdtemp(prefix=f"step-{variant}-"))
-    recipe = load_recipe(RECIPE, setting(steps, work, variant))
+    recipe = load_recipe(RECIPE, setting(steps, work, variant, seed))
     models = load_models(recipe, str(RECIPE))
     if variant.startswith("ours"):
         started = time.perf_counter()
@@ -140,44 +140,54 @@ def run_trl(recipe, models, steps: int, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="train.seed of each repetition (the "
+                        "held-out prompts and their sampling seed stay fixed)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--run", choices=VARIANTS, help=argparse.SUPPRESS)  # a child process: one variant
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step.md"))
     args = parser.parse_args()
     if args.run:
-        run_variant(args.run, args.steps, args.json)
+        run_variant(args.run, args.steps, args.seeds[0], args.json)
         return
 
     from results_file import publish
 
-    results = {}
-    for variant in args.variants:
-        out = Path(tempfile.mkdtemp()) / "result.json"
-        print(f"--- {variant}", flush=True)
-        subprocess.run([sys.executable, __file__, "--run", variant, "--steps", str(args.steps), "--json", str(out)],
-                       check=True, cwd=ROOT)
-        results[variant] = json.loads(out.read_text())
+    results: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        for variant in args.variants:
+            out = Path(tempfile.mkdtemp()) / "result.json"
+            print(f"--- {variant}, seed {seed}", flush=True)
+            subprocess.run([sys.executable, __file__, "--run", variant, "--steps", str(args.steps), "--seeds", str(seed),
+                            "--json", str(out)], check=True, cwd=ROOT)
+            results.setdefault(variant, []).append(json.loads(out.read_text()))
 
     def median_step(r):
         return statistics.median(r["step_s"][2:] or r["step_s"])
 
-    base = median_step(results["trl"]) if "trl" in results else None
-    any_result = next(iter(results.values()))
-    lines = [f"\n## {time.strftime('%Y-%m-%d')} CPU (2 cores), torch {any_result['torch']}: recipes/smollm2_news.yaml, "
-             f"{args.steps} steps, batch 4, 32 new tokens, float32\n",
-             f"`python benchmarks/step.py --steps {args.steps}` (each variant in its own process, same initial student)\n",
+    def mean(values):
+        return statistics.fmean(values)
+
+    base = mean([median_step(r) for r in results["trl"]]) if "trl" in results else None
+    torch_version = next(iter(results.values()))[0]["torch"]
+    seeds = ", ".join(map(str, args.seeds))
+    lines = [f"\n## {time.strftime('%Y-%m-%d')} CPU (2 cores), torch {torch_version}: recipes/smollm2_news.yaml, "
+             f"{args.steps} steps, batch 4, 32 new tokens, float32, seeds {seeds}\n",
+             f"`python benchmarks/step.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}` (each variant "
+             f"and seed in its own process, same initial student; step times: mean over seeds of the median step)\n",
              "| variant | median step | vs TRL | rollout / teacher / student / optimizer | mean completion | "
-             "train time | peak RSS | held-out reverse KL before -> after |",
-             "|---|---|---|---|---|---|---|---|"]
-    for variant, r in results.items():
-        step = median_step(r)
-        phases = " / ".join(f"{r['phases'][k]:.2f}" for k in
-                            ("time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s")) if r["phases"] else "-"
+             "train time | peak RSS | held-out reverse KL after (per seed) | mean after (before) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for variant, runs in results.items():
+        step = mean([median_step(r) for r in runs])
+        keys = ("time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s")
+        phases = " / ".join(f"{mean([r['phases'][k] for r in runs]):.2f}" for k in keys) if runs[0]["phases"] else "-"
         ratio = f"{base / step:.2f}x" if base else "-"
-        lines.append(f"| {variant} | {step:.2f} s | {ratio} | {phases} | {r['mean_len']:.1f} tokens | {r['train_s']:.0f} s "
-                     f"| {r['peak_rss_gib']:.2f} GiB | {r['before']:.3f} -> {r['after']:.3f} "
-                     f"({100 * (r['after'] / r['before'] - 1):+.0f}%) |")
+        afters = [r["after"] for r in runs]
+        lines.append(f"| {variant} | {step:.2f} s | {ratio} | {phases} | {mean([r['mean_len'] for r in runs]):.1f} tokens "
+                     f"| {mean([r['train_s'] for r in runs]):.0f} s | {max(r['peak_rss_gib'] for r in runs):.2f} GiB "
+                     f"| {', '.join(f'{a:.3f}' for a in afters)} | {mean(afters):.3f} "
+                     f"({100 * (mean(afters) / runs[0]['before'] - 1):+.0f}%) |")
     publish("\n".join(lines) + "\n", args.out)
 
 

@@ -71,7 +71,6 @@ def _model_row(source: str, model: object, tokenizer: object) -> dict[str, objec
 def dry_run(recipe: Recipe, recipe_path: str) -> int:
     started = time.perf_counter()
     models: Models = load_models(recipe, recipe_path)
-    stitching = attach_stitching(models.student, models.teacher, recipe.hidden) if recipe.hidden.weight else None
     data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed)
     if not is_main_process():
         return 0
@@ -94,7 +93,8 @@ def dry_run(recipe: Recipe, recipe_path: str) -> int:
             "truncated": stats["truncated"], "with reference": sum(1 for r in split["reference"] if r),
             "cache": "hit" if data.cache_hits[name] else "written",
         }))
-    if stitching is not None:
+    if recipe.hidden.weight:  # attached after the model table, which counts the student's own parameters
+        stitching = attach_stitching(models.student, models.teacher, recipe.hidden)
         console.print(f"hidden-state distillation ({recipe.hidden.loss}, weight {recipe.hidden.weight}): "
                       f"[student, teacher] layer pairs {[list(p) for p in stitching.pairs]}, "
                       f"{count_parameters(stitching):,} stitching parameters")

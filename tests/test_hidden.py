@@ -198,3 +198,13 @@ def test_resume_restores_the_stitching(tmp_path, far_pair, isolated_cache):
     for key in finals["straight", 0]:
         torch.testing.assert_close(finals["resumed", 1][key], finals["straight", 0][key], rtol=0, atol=1e-6)
         assert not torch.equal(finals["resumed", 1][key], finals["resumed", 0][key])  # steps 3-4 moved them
+
+
+def test_dry_run_prints_the_pairs_and_rejects_bad_layers(tmp_path, far_pair, isolated_cache, capsys):
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    assert main([str(recipe), *NARROW_STUDENT, "--dry-run"]) == 0
+    out = capsys.readouterr().out.replace("\n", " ")
+    assert "layer pairs [[1, 2], [2, 3]]" in out and "1,024 stitching parameters" in out
+    assert main([str(recipe), *NARROW_STUDENT, "hidden.layers=[[1, 2], [3, 3]]"]) == 2
+    err = capsys.readouterr().err
+    assert "hidden.layers: pair [3, 3] is out of range: the student has layers 0..2" in err and "Traceback" not in err
