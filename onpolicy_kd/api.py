@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from onpolicy_kd.config import Recipe, load_recipe
+from onpolicy_kd.config import DICT_SOURCE, Recipe, load_recipe
 from onpolicy_kd.errors import DataError, ModelLoadError
 from onpolicy_kd.models import load_models
 from onpolicy_kd.train import TrainResult, train
@@ -83,7 +83,7 @@ def distill(
     if isinstance(recipe, Recipe):
         recipe = recipe.model_dump(mode="python")
     resolved = load_recipe(recipe, overrides, api_values=api_values)
-    recipe_path = str(recipe) if not isinstance(recipe, Mapping) else "<recipe dict>"
+    recipe_path = str(recipe) if not isinstance(recipe, Mapping) else DICT_SOURCE
     models = load_models(resolved, recipe_path, teacher=teacher, student=student, tokenizer=tokenizer) \
         if teacher is not None or student is not None else None
     return train(

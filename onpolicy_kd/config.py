@@ -41,6 +41,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "ONPOLICY_KD_MIXED_PRECISION": "train.mixed_precision",
 }
 
+DICT_SOURCE = "<recipe dict>"  # how error messages and model cards name a recipe given as a Python mapping
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv", "skew_forward_kl", "skew_reverse_kl")
 MODES = ("pg", "gkd", "kd", "seqkd", "sft")
 
@@ -452,7 +453,7 @@ def load_recipe(
     """
     environ = os.environ if environ is None else environ
     if isinstance(source, Mapping):
-        path, file_data, file_lines = Path("<recipe dict>"), copy.deepcopy(dict(source)), {}
+        path, file_data, file_lines = Path(DICT_SOURCE), copy.deepcopy(dict(source)), {}
     else:
         path = Path(source)
         file_data, file_lines = _read_recipe_file(path)

@@ -218,9 +218,20 @@ def load_teacher(cfg: TeacherConfig, recipe_path: str | None = None) -> tuple[Pr
         cfg.tokenizer or cfg.name_or_path, "teacher.tokenizer" if cfg.tokenizer else "teacher.name_or_path",
         revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, recipe_path=recipe_path,
     )
+    freeze_teacher(teacher)
+    return teacher, tokenizer
+
+
+def freeze_teacher(teacher: PreTrainedModel) -> None:
     teacher.eval()
     teacher.requires_grad_(False)
-    return teacher, tokenizer
+
+
+def prepare_student(student: PreTrainedModel, cfg: StudentConfig) -> None:
+    """Training mode, with gradient checkpointing when the recipe asks for it."""
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    student.train()
 
 
 def load_student(
@@ -261,9 +272,7 @@ def load_student(
         tokenizer = load_tokenizer(
             cfg.tokenizer or cfg.name_or_path, "student.tokenizer" if cfg.tokenizer else "student.name_or_path", **common
         )
-    if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-    student.train()
+    prepare_student(student, cfg)
     return student, tokenizer
 
 
@@ -289,15 +298,12 @@ def load_models(
         raise ModelLoadError("a teacher model object needs its tokenizer: pass tokenizer= as well")
     else:
         teacher_tokenizer = tokenizer
-        teacher.eval()
-        teacher.requires_grad_(False)
+        freeze_teacher(teacher)
     if student is None:
         student, student_tokenizer = load_student(recipe.student, teacher, teacher_tokenizer, recipe.train.seed, recipe_path)
     else:
         student_tokenizer = tokenizer or teacher_tokenizer
-        if recipe.student.gradient_checkpointing:
-            student.gradient_checkpointing_enable()
-        student.train()
+        prepare_student(student, recipe.student)
     check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
     return Models(teacher=teacher, student=student, tokenizer=teacher_tokenizer)
 

@@ -112,8 +112,8 @@ def micro_batch_loss(
         metrics[f"train/{obj.divergence}"] = loss.item() * scale
     else:
         loss = _logit_loss(recipe, mode, student, student_logits[..., :vocab], teacher_logits[..., :vocab], batch,
-                           metrics, num_tokens=num_tokens, vocab=vocab, embeddings=embeddings, lm_batch=lm_batch,
-                           num_sequences=num_sequences)
+                           metrics, num_tokens=num_tokens, scale=scale, vocab=vocab, embeddings=embeddings,
+                           lm_batch=lm_batch, num_sequences=num_sequences)
     if with_hidden:
         stitching = getattr(innermost(student), STITCHING)  # called as a module: ZeRO-3 gathers its weights
         kind = recipe.hidden.loss
@@ -127,12 +127,14 @@ def micro_batch_loss(
 
 
 def _logit_loss(recipe: Recipe, mode: str, student: torch.nn.Module, student_logits: Tensor, teacher_logits: Tensor,
-                batch: Rollout, metrics: dict[str, float], *, num_tokens: float, vocab: int, embeddings: Tensor,
-                lm_batch: Rollout | None, num_sequences: float | None) -> Tensor:
-    """kd/gkd divergence or the pg loss from full logits, plus the penalties; fills `metrics`."""
+                batch: Rollout, metrics: dict[str, float], *, num_tokens: float, scale: float, vocab: int,
+                embeddings: Tensor, lm_batch: Rollout | None, num_sequences: float | None) -> Tensor:
+    """kd/gkd divergence or the pg loss from full logits, plus the penalties; fills `metrics`.
+
+    `scale` turns a value divided by the global token count into this micro-batch's per-token mean.
+    """
     obj = recipe.objective
     mask = batch.completion_mask
-    scale = num_tokens / max(int(mask.sum()), 1)
     if mode in ("kd", "gkd"):
         loss = divergence(student_logits, teacher_logits, mask, kind=obj.divergence, beta=obj.beta, skew=obj.skew,
                           temperature=obj.temperature, num_tokens=num_tokens)
