@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from onpolicy_kd.losses import chunked_divergence, divergence  # noqa: E402
+from onpolicy_kd.objectives.divergences import chunked_divergence, divergence  # noqa: E402
 from results_file import publish  # noqa: E402
 
 VARIANTS = ("plain", "chunked", "trl", "liger")

@@ -3,7 +3,7 @@
     python benchmarks/step.py                 # the offline default task (recipes/smollm2_news.yaml), 40 steps
     python benchmarks/step.py --steps 10      # shorter
 
-The task of ../shared/BENCH.md: SmolLM2-135M-Instruct teacher, its 10-layer copy as student, Lee news
+The offline default task: SmolLM2-135M-Instruct teacher, its 10-layer copy as student, Lee news
 prompts (train rows 0-279, held out 280-291), batch 4, 32 new tokens, temperature 1, lr 1e-4 constant,
 grad clip 1, reverse KL (beta = 1), float32 on the CPU. Three variants, each in its own process (so peak
 memory is per variant) and from the same initial student:
@@ -49,8 +49,8 @@ def setting(steps: int, output_dir: Path, variant: str, seed: int) -> list[str]:
 def run_variant(variant: str, steps: int, seed: int, out_json: Path) -> None:
     import torch
 
-    from onpolicy_kd.config import load_recipe
-    from onpolicy_kd.models import load_models
+    from onpolicy_kd.recipe import load_recipe
+    from onpolicy_kd.models.loading import load_models
     from onpolicy_kd.train import train
 
     work = Path(tempfile.mkdtemp(prefix=f"step-{variant}-"))
@@ -83,8 +83,8 @@ def run_trl(recipe, models, steps: int, work: Path) -> dict:
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
-    from onpolicy_kd.data import load_prompt_data
-    from onpolicy_kd.evaluation import heldout_metrics
+    from onpolicy_kd.data.loading import load_prompt_data
+    from onpolicy_kd.evaluation.heldout import heldout_metrics
 
     tokenizer, student, teacher = models.tokenizer, models.student, models.teacher
     data = load_prompt_data(recipe.data, tokenizer, seed=recipe.train.seed)
@@ -95,7 +95,7 @@ def run_trl(recipe, models, steps: int, work: Path) -> dict:
 
     accelerator = Accelerator(cpu=True)
     vocab = len(tokenizer)
-    before = heldout_metrics(recipe, accelerator, student, teacher, tokenizer, data.eval, vocab)["eval/reverse_kl"]
+    before = heldout_metrics(recipe, accelerator, student, teacher, tokenizer, data.eval)["eval/reverse_kl"]
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -134,7 +134,7 @@ def run_trl(recipe, models, steps: int, work: Path) -> dict:
     trainer.train()
     wall = time.perf_counter() - started
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    after = heldout_metrics(recipe, accelerator, trained, teacher, tokenizer, data.eval, vocab)["eval/reverse_kl"]
+    after = heldout_metrics(recipe, accelerator, trained, teacher, tokenizer, data.eval)["eval/reverse_kl"]
     return {"step_s": timer.times, "phases": {}, "mean_len": statistics.fmean(lengths) if lengths else float("nan"),
             "before": before, "after": after, "train_s": sum(timer.times), "wall_s": wall}
 

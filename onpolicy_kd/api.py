@@ -30,10 +30,10 @@ from typing import Any, Mapping, Sequence
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from onpolicy_kd.config import DICT_SOURCE, Recipe, load_recipe
+from onpolicy_kd.recipe import DICT_SOURCE, Recipe, load_recipe
 from onpolicy_kd.errors import DataError, ModelLoadError
-from onpolicy_kd.models import load_models
-from onpolicy_kd.train import TrainResult, train
+from onpolicy_kd.models.loading import load_models
+from onpolicy_kd.training.loop import TrainResult, train
 
 IN_MEMORY = "<in-memory dataset>"
 

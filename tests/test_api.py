@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from onpolicy_kd import TrainResult, distill
 from onpolicy_kd.errors import ConfigError, DataError, ModelLoadError, VocabularyMismatchError
-from onpolicy_kd.hidden import STITCHING
+from onpolicy_kd.objectives.hidden import STITCHING
 
 from test_train import metrics_of, recipe_for
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from onpolicy_kd.config import ENV_OVERRIDES, load_recipe, recipe_to_yaml
+from onpolicy_kd.recipe import ENV_OVERRIDES, load_recipe, recipe_to_yaml
 from onpolicy_kd.errors import ConfigError
 from onpolicy_kd.train import main
 

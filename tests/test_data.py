@@ -8,10 +8,10 @@ import time
 import pandas as pd
 import pytest
 
-from onpolicy_kd.config import DataConfig
-from onpolicy_kd.data import load_prompt_data
+from onpolicy_kd.recipe import DataConfig
+from onpolicy_kd.data.loading import load_prompt_data
 from onpolicy_kd.errors import DataError
-from onpolicy_kd.prompts import PromptBuilder, detect_format
+from onpolicy_kd.data.prompts import PromptBuilder, detect_format
 
 ARTICLE = "A bushfire near the town forced hundreds of people from their homes. " * 3
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from rouge_score import rouge_scorer
 
-from onpolicy_kd import metrics as M
+from onpolicy_kd.evaluation import metrics as M
 from onpolicy_kd.evaluate import main as evaluate_main
 from onpolicy_kd.train import main as train_main
 
@@ -76,16 +76,16 @@ def test_evaluate_a_run(trained_run, capsys):
 
 def test_teacher_row_is_a_reference(trained_run, capsys):
     """The teacher evaluated against itself: zero KL, ROUGE 1 against its own completions."""
-    from onpolicy_kd.config import load_recipe
-    from onpolicy_kd.data import load_prompt_data
-    from onpolicy_kd.evaluate import evaluate_student
-    from onpolicy_kd.models import load_models
+    from onpolicy_kd.recipe import load_recipe
+    from onpolicy_kd.data.loading import load_prompt_data
+    from onpolicy_kd.evaluate import evaluate_heldout
+    from onpolicy_kd.models.loading import load_models
 
     _, recipe_path = trained_run
     recipe = load_recipe(recipe_path, ["eval.max_samples=3", "eval.max_new_tokens=5"])
     models = load_models(recipe)
     data = load_prompt_data(recipe.data, models.tokenizer)
-    result = evaluate_student(recipe, models.teacher, models.teacher, models.tokenizer, data.eval, "teacher")
+    result = evaluate_heldout(recipe, models.teacher, models, data.eval, "teacher")
     assert abs(result.summary["reverse_kl_samples"]) < 1e-6 and result.summary["rouge1_teacher"] == 1.0
     assert math.isclose(result.summary["ppl_student"], result.summary["ppl_teacher"], rel_tol=1e-6)
 

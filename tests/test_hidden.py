@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from onpolicy_kd.config import HiddenConfig
+from onpolicy_kd.recipe import HiddenConfig
 from onpolicy_kd.errors import ConfigError
-from onpolicy_kd.hidden import STITCHING, Stitching, attach_stitching, auto_layer_pairs, hidden_state_loss, layer_pairs
-from onpolicy_kd.plots import curve_panels
+from onpolicy_kd.objectives.hidden import STITCHING, Stitching, attach_stitching, auto_layer_pairs, hidden_state_loss, layer_pairs
+from onpolicy_kd.evaluation.plots import curve_panels
 from onpolicy_kd.train import main
 
 from conftest import llama_config
@@ -95,12 +95,12 @@ def test_auto_pairs_are_uniform_and_end_on_the_last_layer():
     assert auto_layer_pairs(10, 30) == [(i, 3 * i) for i in range(1, 11)]
     assert auto_layer_pairs(4, 30) == [(1, 8), (2, 15), (3, 23), (4, 30)]  # 7.5 -> 8, 22.5 -> 23: halves up
     assert auto_layer_pairs(3, 3) == [(1, 1), (2, 2), (3, 3)]
-    assert layer_pairs(HiddenConfig(layers=[[0, 0], [2, 4]]), 2, 4) == [(0, 0), (2, 4)]
+    assert layer_pairs(HiddenConfig(layers=[[0, 0], [2, 4]]).layers, 2, 4) == [(0, 0), (2, 4)]
 
 
 def test_out_of_range_layer_is_a_clear_error():
     with pytest.raises(ConfigError) as err:
-        layer_pairs(HiddenConfig(layers=[[1, 2], [3, 9]]), 2, 4)
+        layer_pairs(HiddenConfig(layers=[[1, 2], [3, 9]]).layers, 2, 4)
     message = str(err.value)
     assert "hidden.layers" in message and "[3, 9]" in message and "0..2" in message and "0..4" in message
 
@@ -118,20 +118,19 @@ def test_stitching_init_identity_when_widths_match_xavier_otherwise():
 def test_an_exact_copy_starts_at_zero_loss():
     from transformers import AutoModelForCausalLM
 
-    from onpolicy_kd.batches import forward_completions
-    from onpolicy_kd.rollout import Rollout
+    from onpolicy_kd.batch import Completions
+    from onpolicy_kd.models.forward import forward_completions
 
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(llama_config(50, layers=2)).eval()
     student = copy.deepcopy(teacher)
-    stitching = attach_stitching(student, teacher, HiddenConfig(weight=1.0))
+    stitching = attach_stitching(student, teacher, HiddenConfig(weight=1.0).layers)
     assert getattr(student, STITCHING) is stitching and stitching.pairs == [(1, 1), (2, 2)]
     ids = torch.randint(0, 50, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.bool)
-    zeros = torch.zeros(2, 3)
-    batch = Rollout(ids[:, :3], mask[:, :3], ids[:, 3:], mask[:, 3:], zeros, zeros, zeros, ["", ""], steps=3)
-    _, student_hidden = forward_completions(student, batch, logits=False, hidden=True)
-    _, teacher_hidden = forward_completions(teacher, batch, logits=False, hidden=True)
+    batch = Completions(ids[:, :3], mask[:, :3], ids[:, 3:], mask[:, 3:], source="references", texts=["", ""])
+    student_hidden = forward_completions(student, batch, logits=False, hidden=True).hidden
+    teacher_hidden = forward_completions(teacher, batch, logits=False, hidden=True).hidden
     assert len(student_hidden) == 3 and student_hidden[0].shape == (2, 3, 32)
     loss = hidden_state_loss(stitching(student_hidden), [teacher_hidden[t] for _, t in stitching.pairs], batch.completion_mask)
     assert loss.item() == pytest.approx(0.0, abs=1e-10)
@@ -208,3 +207,15 @@ def test_dry_run_prints_the_pairs_and_rejects_bad_layers(tmp_path, far_pair, iso
     assert main([str(recipe), *NARROW_STUDENT, "hidden.layers=[[1, 2], [3, 3]]"]) == 2
     err = capsys.readouterr().err
     assert "hidden.layers: pair [3, 3] is out of range: the student has layers 0..2" in err and "Traceback" not in err
+
+
+def test_float64_hidden_states_keep_float64_math():
+    torch.manual_seed(2)
+    student = [torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)]
+    teacher = [torch.randn(2, 5, 8, dtype=torch.float64)]
+    mask = torch.rand(2, 5) > 0.3
+    loss = hidden_state_loss(student, teacher, mask, kind="mse")
+    assert loss.dtype == torch.float64
+    reference = naive_hidden_loss(student, [torch.eye(8, dtype=torch.float64)], [(0, 0)], teacher, mask, "mse",
+                                  float(mask.sum()))
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-14)

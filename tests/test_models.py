@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from onpolicy_kd.config import StudentConfig
+from onpolicy_kd.recipe import StudentConfig
 from onpolicy_kd.errors import ModelLoadError, VocabularyMismatchError
-from onpolicy_kd.models import (
+from onpolicy_kd.models.loading import (
     check_same_vocabulary, copy_with_layers, load_model, load_student, load_teacher, load_tokenizer,
 )
-from onpolicy_kd.config import TeacherConfig
+from onpolicy_kd.recipe import TeacherConfig
 from onpolicy_kd.train import main
 
 from conftest import CORPUS, llama_config, save_tiny_llama, train_tokenizer, write_recipe
@@ -143,7 +143,7 @@ def test_logits_are_linear_only_for_a_plain_head(tiny_tokenizer):
     exactly what the model computes (no soft-capping, logit scaling or head bias)."""
     from transformers import AutoModelForCausalLM, CohereConfig, Gemma2Config, GPT2Config
 
-    from onpolicy_kd.models import logits_are_linear
+    from onpolicy_kd.models.loading import logits_are_linear
 
     small = dict(vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                  num_attention_heads=2, num_key_value_heads=1, head_dim=8)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from onpolicy_kd import assets
-from onpolicy_kd.models import load_model
+from onpolicy_kd.models.loading import load_model
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ def test_gguf_file_loads_and_answers(teacher_dir):
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
     with torch.no_grad():
         torch.testing.assert_close(from_gguf(ids).logits, from_folder(ids).logits)
-    from onpolicy_kd.models import load_tokenizer
+    from onpolicy_kd.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(teacher_dir), "teacher.name_or_path")
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],

@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 import torch
 
-from onpolicy_kd.penalties import (
+from onpolicy_kd.objectives.penalties import (
+    entropy,
     diversity_penalty, diversity_shaping, entropy_penalty, entropy_shaping, frequency_penalty, frequency_shaping,
 )
 
@@ -132,7 +133,7 @@ def test_entropy_penalty(batch, floor):
 
 def test_entropy_shaping(batch):
     logits, _, mask, _ = batch
-    cost = entropy_shaping(logits, mask, weight=0.5, floor=2.2)
+    cost = entropy_shaping(entropy(logits), mask, weight=0.5, floor=2.2)
     for b in range(B):
         for t in range(T):
             q = torch.softmax(logits[b, t].detach().double(), -1)
@@ -150,7 +151,7 @@ def test_penalties_off_are_zero(batch):
 
 def test_diversity_global_sequence_count(batch):
     """Micro-batches divided by the global number of sequences add up to the full batch (accumulation-exact)."""
-    from onpolicy_kd.penalties import sequences_with_pairs
+    from onpolicy_kd.objectives.penalties import sequences_with_pairs
 
     logits, _, mask, embeddings = batch
     full, _ = diversity_penalty(logits, embeddings, mask, weight=0.3)
@@ -158,3 +159,16 @@ def test_diversity_global_sequence_count(batch):
     assert n == 2  # the third sequence has a single valid token
     parts = [diversity_penalty(logits[i:j], embeddings, mask[i:j], 0.3, num_sequences=n)[0] for i, j in ((0, 1), (1, 3))]
     torch.testing.assert_close(sum(parts), full)
+
+
+def test_float64_inputs_keep_float64_math(batch):
+    """Every penalty computes in float64 when given float64 logits: ~1e-12 from the float64 loops."""
+    logits, tokens, mask, embeddings = batch
+    logits64 = logits.detach().double().requires_grad_()
+    loss, _ = frequency_penalty(logits64, tokens, mask, weight=1.0)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, naive_frequency(logits64, tokens, mask), rtol=1e-12, atol=1e-14)
+    loss, _ = diversity_penalty(logits64, embeddings.double(), mask, weight=1.0)
+    torch.testing.assert_close(loss, -naive_diversity(logits64, mask, embeddings.double()), rtol=1e-10, atol=1e-12)
+    loss, _ = entropy_penalty(logits64, mask, weight=1.0, floor=2.2)
+    torch.testing.assert_close(loss, naive_entropy(logits64, mask, 2.2), rtol=1e-12, atol=1e-14)

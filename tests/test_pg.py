@@ -15,8 +15,8 @@ import itertools
 import pytest
 import torch
 
-from onpolicy_kd.losses import per_token_divergence
-from onpolicy_kd.pg import discounted_returns, policy_gradient_loss
+from onpolicy_kd.objectives.divergences import per_token_divergence
+from onpolicy_kd.objectives.pg import discounted_returns, policy_gradient_loss
 
 from tabular import Tabular
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from onpolicy_kd.losses import log_probs
-from onpolicy_kd.rollout import filter_logprobs, left_pad, rollout
+from onpolicy_kd.objectives.divergences import log_probs
+from onpolicy_kd.batch import left_pad
+from onpolicy_kd.rollout.engine import filter_logprobs, rollout
 
 from conftest import CORPUS, llama_config, train_tokenizer
 
@@ -98,10 +99,22 @@ def test_recorded_logprobs_equal_a_fresh_forward_pass(setup, alpha):
         fresh[name] = log_probs(logits, temperature).gather(-1, out.completion_ids.unsqueeze(-1)).squeeze(-1)
     valid = out.completion_mask
     torch.testing.assert_close(out.student_logprobs[valid], fresh["student"][valid], rtol=0, atol=1e-5)
-    torch.testing.assert_close(out.teacher_logprobs[valid], fresh["teacher"][valid], rtol=0, atol=1e-5)
+    if alpha > 0:  # lockstep decoding records the teacher's log-probs; alone, the student records none
+        torch.testing.assert_close(out.teacher_logprobs[valid], fresh["teacher"][valid], rtol=0, atol=1e-5)
+    else:
+        assert out.teacher_logprobs is None
+    entropy = -(log_probs_of(student, seq, att, positions, T, temperature))
+    torch.testing.assert_close(out.student_entropy[valid], entropy[valid], rtol=0, atol=1e-5)
     mixture = torch.log(alpha * fresh["teacher"].exp() + (1 - alpha) * fresh["student"].exp())
     torch.testing.assert_close(out.sample_logprobs[valid], mixture[valid], rtol=0, atol=1e-5)
     assert (out.student_logprobs[~valid] == 0).all()
+
+
+@torch.no_grad()
+def log_probs_of(model, seq, att, positions, T, temperature):
+    """sum_v q log q at each completion position (minus the entropy), from a fresh forward pass."""
+    logq = log_probs(model(input_ids=seq, attention_mask=att, position_ids=positions).logits[:, -T - 1 : -1], temperature)
+    return (logq.exp() * logq).sum(-1)
 
 
 @torch.no_grad()

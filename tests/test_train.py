@@ -59,9 +59,9 @@ def metrics_of(output_dir: Path) -> list[dict]:
 
 def initial_student(tmp_path: Path, far_pair) -> dict[str, torch.Tensor]:
     """The student's weights before training (init=config with the recipe's seed)."""
-    from onpolicy_kd.config import StudentConfig
-    from onpolicy_kd.models import load_student, load_teacher
-    from onpolicy_kd.config import TeacherConfig
+    from onpolicy_kd.recipe import StudentConfig
+    from onpolicy_kd.models.loading import load_student, load_teacher
+    from onpolicy_kd.recipe import TeacherConfig
 
     teacher, tok = load_teacher(TeacherConfig(name_or_path=str(far_pair[0])))
     student, _ = load_student(StudentConfig(init="config", config_overrides={"num_hidden_layers": 2}), teacher, tok, seed=5)

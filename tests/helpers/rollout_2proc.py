@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import CORPUS, llama_config, train_tokenizer  # noqa: E402
 
-from onpolicy_kd.rollout import left_pad, rollout  # noqa: E402
+from onpolicy_kd.batch import left_pad  # noqa: E402
+from onpolicy_kd.rollout import rollout  # noqa: E402
 
 accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
 tok = train_tokenizer(CORPUS)
@@ -34,7 +35,7 @@ first = rollout(student, teacher, ids, mask, tokenizer=tok, max_new_tokens=1, do
 eos = first.completion_ids[:, 0].tolist() if rank == 0 else []
 out = rollout(student, teacher, ids, mask, tokenizer=tok, max_new_tokens=6, alpha=alpha, eos_token_ids=eos, do_sample=False,
               generator=torch.Generator().manual_seed(rank))
-stats = accelerator.gather(torch.tensor([[out.steps, int(out.lengths.max()), int(out.lengths.min())]]))
+stats = accelerator.gather(torch.tensor([[out.decode_steps, int(out.lengths.max()), int(out.lengths.min())]]))
 if accelerator.is_main_process:
     Path(sys.argv[1]).write_text(json.dumps({"world_size": accelerator.num_processes, "stats": stats.tolist()}))
 accelerator.wait_for_everyone()

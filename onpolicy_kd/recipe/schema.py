@@ -1,38 +1,24 @@
-"""The recipe: one typed schema for a whole distillation run, strictly checked.
+"""The recipe schema: one typed section per concern, strictly checked (unknown keys, wrong types and
+out-of-range values are errors), and the checks between keys.
 
-A recipe is a YAML file (read with `yaml.safe_load` semantics), plus a few environment variables
-for per-machine settings, plus `section.key=value` overrides from the command line. Precedence:
-command line > environment > recipe file > schema defaults. The layers are merged by OmegaConf
-(which also parses the dotted overrides and resolves `${cache:...}` paths) and validated by
-pydantic, so an unknown key, a wrong type, an out-of-range value or a contradictory combination is
-a `ConfigError` that names the source (file and line, command line, or environment variable), the
-key, the bad value and what is allowed.
-
-Environment variables (per-machine settings; each maps to one recipe key):
-
-| variable | recipe key |
-|---|---|
-| `ONPOLICY_KD_OUTPUT_DIR` | `train.output_dir` |
-| `ONPOLICY_KD_CACHE_DIR` | `data.cache_dir` (also the root of `${cache:...}` paths) |
-| `ONPOLICY_KD_LOSS_BACKEND` | `objective.backend` |
-| `ONPOLICY_KD_MIXED_PRECISION` | `train.mixed_precision` |
+Every key changes what a run does, or is an error: a key that only matters in some modes or settings
+(say `objective.beta` outside the JSD, `optim.momentum` outside SGD) is rejected when it is set where it
+has no effect, with a message saying where it applies. What each mode reads comes from the mode table
+(onpolicy_kd/objectives/modes.py).
 """
 
 from __future__ import annotations
 
-import copy
-import difflib
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
-import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from onpolicy_kd.errors import ConfigError
+from onpolicy_kd.objectives.divergences import BACKENDS, DIVERGENCES
+from onpolicy_kd.objectives.modes import MODES
 
 ENV_OVERRIDES: dict[str, str] = {
     "ONPOLICY_KD_OUTPUT_DIR": "train.output_dir",
@@ -40,10 +26,6 @@ ENV_OVERRIDES: dict[str, str] = {
     "ONPOLICY_KD_LOSS_BACKEND": "objective.backend",
     "ONPOLICY_KD_MIXED_PRECISION": "train.mixed_precision",
 }
-
-DICT_SOURCE = "<recipe dict>"  # how error messages and model cards name a recipe given as a Python mapping
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv", "skew_forward_kl", "skew_reverse_kl")
-MODES = ("pg", "gkd", "kd", "seqkd", "sft")
 
 
 def cache_root() -> Path:
@@ -153,7 +135,10 @@ class RolloutConfig(Section):
     )
     do_sample: bool = Field(True, description="false = greedy decoding")
     stop_strings: list[str] = Field(default_factory=list)
-    batch_size: int | None = Field(None, ge=1, description="generation batch; default train.batch_size")
+    batch_size: int | None = Field(
+        None, ge=1, description="prompts per generation call, independent of the training micro-batch (the step's "
+                                "prompts are generated in batches of this size, then split into micro-batches); "
+                                "default train.batch_size")
 
     @model_validator(mode="after")
     def _greedy(self) -> "RolloutConfig":
@@ -163,8 +148,8 @@ class RolloutConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    mode: Literal["pg", "gkd", "kd", "seqkd", "sft"] = "gkd"
-    divergence: Literal[DIVERGENCES] = "reverse_kl"  # type: ignore[valid-type]
+    mode: Literal[tuple(MODES)] = "gkd"  # type: ignore[valid-type]
+    divergence: Literal[tuple(DIVERGENCES)] = "reverse_kl"  # type: ignore[valid-type]
     beta: float = Field(0.5, ge=0, le=1, description="generalized JSD weight in [0, 1]: 0 = forward KL, 1 = reverse KL")
     skew: float = Field(0.1, gt=0, lt=1, description="skew KL mixing weight in (0, 1)")
     temperature: float = Field(1.0, gt=0, description="> 0; divides both models' logits inside the divergence")
@@ -181,7 +166,7 @@ class ObjectiveConfig(Section):
     ppo_epochs: int = Field(1, ge=1)
     ppo_clip: float = Field(0.2, gt=0, lt=1)
     lm_coef: float = Field(0.0, ge=0, description="pg: weight of the language-modelling loss on references")
-    backend: Literal["auto", "torch", "chunked", "liger"] = Field(
+    backend: Literal[("auto", *BACKENDS)] = Field(  # type: ignore[valid-type]
         "auto", description="divergence implementation; auto = liger on CUDA when it applies, else chunked torch"
     )
     chunk_size: int = Field(1024, ge=1, description="tokens per chunk in the memory-bounded divergence")
@@ -284,204 +269,61 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
-        mode = self.objective.mode
-        if mode in ("kd", "seqkd", "sft") and self.rollout.alpha > 0:
+        mode_name = self.objective.mode
+        mode = MODES[mode_name]
+        if not mode.samples_student and self.rollout.alpha > 0:
             raise ValueError(
                 f"rollout.alpha={self.rollout.alpha} mixes the teacher into student rollouts, "
-                f"but objective.mode={mode} samples no student rollouts; set rollout.alpha=0 or use mode pg/gkd"
+                f"but objective.mode={mode_name} samples no student rollouts; set rollout.alpha=0 or use mode pg/gkd"
             )
-        if self.objective.seq_kd and mode != "gkd":
-            raise ValueError(f"objective.seq_kd applies to mode=gkd only (mode is {mode}); use mode=seqkd instead")
-        if self.objective.ppo_epochs > 1 and mode != "pg":
-            raise ValueError(f"objective.ppo_epochs={self.objective.ppo_epochs} applies to mode=pg only (mode is {mode})")
+        if self.objective.seq_kd and mode_name != "gkd":
+            raise ValueError(f"objective.seq_kd applies to mode=gkd only (mode is {mode_name}); use mode=seqkd instead")
         if self.student.init == "teacher_layers" and self.student.tokenizer:
             raise ValueError("student.tokenizer is not used with student.init=teacher_layers (it is the teacher's)")
+        for key, applies, where in _conditional_keys(self):
+            section_name, name = key.split(".")
+            section = getattr(self, section_name)
+            value, default = getattr(section, name), type(section).model_fields[name].get_default(call_default_factory=True)
+            if value != default and not applies:  # a value other than the default where it would be ignored
+                raise ValueError(f"{key}={value!r} has no effect here: it applies {where}; remove it or change the "
+                                 f"setting")
         return self
 
 
-# ----------------------------------------------------------------------------------------------
-# Loading and error reporting
+# objective keys each loss reads (the mode table says which loss a mode uses)
+_DIVERGENCE_KEYS = ("divergence", "beta", "skew", "temperature", "backend", "chunk_size")
+_PG_KEYS = ("discount", "length_norm", "single_step", "importance", "is_clip", "pg_baseline", "ppo_epochs",
+            "ppo_clip", "lm_coef")
 
 
-def _yaml_key_lines(text: str, path: Path) -> dict[tuple[str, ...], int]:
-    """Map each dotted key path of a YAML mapping to its 1-based line, for error messages.
-
-    Also rejects duplicate keys, which yaml.safe_load would silently resolve by keeping the last one.
-    """
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key_node, value_node in node.value:
-                key = (*prefix, str(key_node.value))
-                if key in lines:
-                    raise ConfigError(
-                        f"{path}:{key_node.start_mark.line + 1}: duplicate key '{'.'.join(key)}' (first at line "
-                        f"{lines[key]}); YAML would silently keep only the last one: merge them"
-                    )
-                lines[key] = key_node.start_mark.line + 1
-                walk(value_node, key)
-
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
-    return lines
-
-
-def _read_recipe_file(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
-    if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}\n  give the path of a YAML recipe, e.g. recipes/smollm2_news.yaml")
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML\n  {err}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe is a mapping of sections (teacher:, student:, data:, ...), got {type(data).__name__}")
-    return data, _yaml_key_lines(text, path)
-
-
-def _parse_dotlist(items: Sequence[str], what: str) -> dict[str, Any]:
-    for item in items:
-        key = item.split("=", 1)[0]
-        if "=" not in item or not key or key.startswith("-"):
-            raise ConfigError(f"{what} {item!r}: expected section.key=value, e.g. train.max_steps=10")
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(list(items)))  # type: ignore[return-value]
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{what}: cannot parse {list(items)}: {err}") from None
-
-
-def _flatten_keys(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
-    """The dotted paths of the leaves (sections keep the file's line in error messages)."""
-    keys: set[tuple[str, ...]] = set()
-    for key, value in tree.items():
-        path = (*prefix, str(key))
-        if isinstance(value, Mapping):
-            keys |= _flatten_keys(value, path)
-        else:
-            keys.add(path)
+def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
+    """(key, whether it has an effect in this recipe, where it applies): a non-default value where it has none
+    is an error (a default is fine: a saved resolved recipe lists every key)."""
+    obj, mode = r.objective, r.objective.mode
+    divergence_modes = [m for m, spec in MODES.items() if spec.chunkable]
+    keys = [(f"objective.{k}", mode in divergence_modes, f"to modes {'/'.join(divergence_modes)}")
+            for k in _DIVERGENCE_KEYS]
+    keys += [(f"objective.{k}", mode == "pg", "to mode=pg") for k in _PG_KEYS]
+    keys += [
+        ("objective.lmbda", mode == "gkd", "to mode=gkd"),
+        ("objective.beta", obj.divergence == "jsd", "to divergence=jsd"),
+        ("objective.skew", obj.divergence.startswith("skew_"), "to the skew divergences"),
+        ("objective.importance", r.rollout.alpha > 0, "when rollout.alpha > 0 (teacher-mixed samples)"),
+        ("objective.is_clip", r.rollout.alpha > 0, "when rollout.alpha > 0 (teacher-mixed samples)"),
+        ("objective.chunk_size", obj.backend in ("auto", "chunked"), "to backend=chunked (or auto)"),
+        ("penalties.entropy_floor", r.penalties.entropy > 0, "with penalties.entropy > 0"),
+        ("penalties.shape_reward", mode == "pg" and bool(r.penalties.frequency or r.penalties.diversity
+                                                         or r.penalties.entropy),
+         "to mode=pg with a penalty weight > 0"),
+        ("optim.momentum", r.optim.name == "sgd", "to optim.name=sgd"),
+        ("optim.betas", r.optim.name == "adamw", "to optim.name=adamw"),
+        ("optim.eps", r.optim.name == "adamw", "to optim.name=adamw"),
+        ("student.config_overrides", r.student.init == "config", "to student.init=config"),
+        ("student.revision", r.student.init == "pretrained" or bool(r.student.name_or_path),
+         "when the student loads from student.name_or_path"),
+        ("logging.num_samples", r.logging.sample_steps > 0, "with logging.sample_steps > 0"),
+        ("hidden.loss", r.hidden.weight > 0, "with hidden.weight > 0"),
+        ("hidden.layers", r.hidden.weight > 0, "with hidden.weight > 0"),
+        ("data.eval_size", r.data.eval_split is None, "when data.eval_split is not set"),
+    ]
     return keys
-
-
-def _schema_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    """Every valid dotted key of the schema, with its field info."""
-    keys: dict[tuple[str, ...], Any] = {}
-    for name, field in model.model_fields.items():
-        path = (*prefix, name)
-        keys[path] = field
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys |= _schema_keys(annotation, path)
-    return keys
-
-
-def _lookup(tree: Any, path: Sequence[str | int]) -> Any:
-    for part in path:
-        if isinstance(tree, Mapping) and part in tree:
-            tree = tree[part]
-        elif isinstance(tree, list) and isinstance(part, int) and part < len(tree):
-            tree = tree[part]
-        else:
-            return None
-    return tree
-
-
-def _format_errors(
-    err: ValidationError,
-    merged: Mapping[str, Any],
-    where: Mapping[tuple[str, ...], str],
-    recipe_path: Path,
-) -> str:
-    schema = _schema_keys(Recipe)
-    out = [f"invalid recipe {recipe_path}"]
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if isinstance(p, (str, int)))
-        # Pydantic puts model-level (validator) errors at the section's location; keep the path.
-        key = ".".join(str(p) for p in loc) or "(recipe)"
-        source = where.get(tuple(str(p) for p in loc))
-        if source is None:
-            # errors inside a section point at the section's own source line, when known
-            for cut in range(len(loc) - 1, 0, -1):
-                source = where.get(tuple(str(p) for p in loc[:cut]))
-                if source:
-                    break
-        source = source or str(recipe_path)
-        if e["type"] == "extra_forbidden":
-            parent = tuple(str(p) for p in loc[:-1])
-            siblings = sorted(k[-1] for k in schema if k[:-1] == parent)
-            close = difflib.get_close_matches(str(loc[-1]), siblings, n=1, cutoff=0.6)
-            prefix = ".".join(parent) + "." if parent else ""
-            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(siblings)}"
-            out.append(f"  {key}: unknown key ({source})\n    {hint}")
-            continue
-        if e["type"] == "missing":
-            out.append(f"  {key}: required key is missing ({source})")
-            continue
-        field = schema.get(tuple(str(p) for p in loc))
-        msg = str(e["msg"]).removeprefix("Value error, ")
-        if not loc or isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            # A contradiction between keys (a section's validator): the message names the keys.
-            file_line = where.get(tuple(str(p) for p in loc), "") if loc else ""
-            out.append(f"  {key}: contradictory settings ({file_line if ':' in file_line else recipe_path})\n    {msg}")
-            continue
-        value = _lookup(merged, loc)
-        allowed = getattr(field, "description", None) if field is not None else None
-        line = f"  {key} = {value!r} ({source})\n    {msg}" if field is not None else f"  {key} ({source})\n    {msg}"
-        if allowed:
-            line += f"\n    allowed: {allowed}"
-        out.append(line)
-    return "\n".join(out)
-
-
-def load_recipe(
-    source: str | os.PathLike[str] | Mapping[str, Any],
-    overrides: Sequence[str] = (),
-    environ: Mapping[str, str] | None = None,
-    *,
-    api_values: Mapping[str, Any] | None = None,
-) -> Recipe:
-    """Read, merge and validate a recipe. Raises `ConfigError` with a message a user can act on.
-
-    `source` is a YAML file or, from Python, a mapping of sections. `api_values` (nested sections) are what
-    the Python API sets from the objects it was given; they win over every other layer.
-    """
-    environ = os.environ if environ is None else environ
-    if isinstance(source, Mapping):
-        path, file_data, file_lines = Path(DICT_SOURCE), copy.deepcopy(dict(source)), {}
-    else:
-        path = Path(source)
-        file_data, file_lines = _read_recipe_file(path)
-
-    env_items = [f"{key}={environ[var]}" for var, key in ENV_OVERRIDES.items() if environ.get(var)]
-    env_data = _parse_dotlist(env_items, "environment variable")
-    cli_data = _parse_dotlist(overrides, "command-line override")
-    api_data = dict(api_values or {})
-
-    # Remember where each key came from, for error messages (later layers win).
-    where: dict[tuple[str, ...], str] = {k: f"{path}:{line}" for k, line in file_lines.items()}
-    env_var_of = {tuple(key.split(".")): var for var, key in ENV_OVERRIDES.items()}
-    where |= {k: f"environment variable {env_var_of.get(k, '?')}" for k in _flatten_keys(env_data)}
-    where |= {k: "command line" for k in _flatten_keys(cli_data)}
-    where |= {k: "set by distill() from the objects passed to it" for k in _flatten_keys(api_data)}
-
-    try:
-        merged_conf = OmegaConf.merge(OmegaConf.create(file_data), env_data, cli_data, api_data)
-        merged: dict[str, Any] = OmegaConf.to_container(merged_conf, resolve=True)  # type: ignore[assignment]
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{path}: cannot merge or resolve the recipe: {err}") from None
-
-    try:
-        return Recipe.model_validate(merged)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, merged, where, path)) from None
-
-
-def recipe_to_yaml(recipe: Recipe) -> str:
-    """The resolved recipe as YAML (what --dry-run prints and the run saves)."""
-    return yaml.safe_dump(recipe.model_dump(mode="python"), sort_keys=False, allow_unicode=True)

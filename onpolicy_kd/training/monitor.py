@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from onpolicy_kd.console import console
+from onpolicy_kd.evaluation.report import samples_table
 
 SHOWN = ("train/loss", "train/reverse_kl", "eval/reverse_kl", "train/entropy", "rollout/mean_len", "optim/lr",
          "optim/grad_norm", "perf/tokens_per_s", "time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s")
@@ -82,11 +83,6 @@ class Monitor:
         if self.enabled:
             (self.live.console if self.live is not None else console).print(*renderables, soft_wrap=True)
 
-    def samples(self, step: int, rows: list[tuple[str, str, str]]) -> None:
-        """A table of sample completions: prompt (its end), student, teacher."""
-        table = Table(title=f"samples at step {step}", show_lines=True, expand=True)
-        for column in ("prompt (end)", "student", "teacher"):
-            table.add_column(column, overflow="fold", ratio=1)
-        for prompt, student, teacher in rows:
-            table.add_row(Text("..." + prompt[-200:]), Text(student), Text(teacher))
-        self.print(table)
+    def samples(self, step: int, predictions: list[dict]) -> None:
+        """A table of sample completions: prompt (its end), reference, teacher, student."""
+        self.print(samples_table(predictions, f"samples at step {step}", count=len(predictions)))

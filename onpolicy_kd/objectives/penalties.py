@@ -15,7 +15,9 @@ Diversity (Euclidean distances between token embeddings), with E the student's i
     reward  r_t += lambda_div * mean_{j != t} ||E_{y_t} - E_{y_j}||_2  (sampled tokens' embeddings; cost = minus that)
 Entropy, with H_t = -sum_v q(v|c_t) log q(v|c_t) and floor h_min:
     loss    lambda_ent * mean_t max(0, h_min - H_t); with h_min = +inf, -lambda_ent * mean_t H_t (plain bonus)
-    reward  r_t -= lambda_ent * max(0, h_min - H_t)  (H_t detached; with h_min = +inf, r_t += lambda_ent * H_t)
+    reward  r_t -= lambda_ent * max(0, h_min - H_t)  (with h_min = +inf, r_t += lambda_ent * H_t), H_t of the
+            behaviour student as recorded while sampling: a reward is a constant of the sample
+Math is in at least float32 (float64 inputs keep float64).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import math
 
 import torch
 
-from onpolicy_kd.losses import log_probs, reduce_tokens
+from onpolicy_kd.objectives.divergences import log_probs, reduce_tokens
 
 Tensor = torch.Tensor
 
@@ -39,16 +41,16 @@ def _previous_count_probability(probs_BTV: Tensor, tokens_BT: Tensor, mask_BT: T
     return torch.where(keep_BTT, q_of_previous_BTT, torch.zeros_like(q_of_previous_BTT)).sum(-1)
 
 
-def _positions(tokens_BT: Tensor) -> Tensor:
+def _positions(tokens_BT: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """1-based position t of each completion token, as float (the denominator of the frequency terms)."""
-    return torch.arange(1, tokens_BT.shape[1] + 1, device=tokens_BT.device, dtype=torch.float32).expand_as(tokens_BT)
+    return torch.arange(1, tokens_BT.shape[1] + 1, device=tokens_BT.device, dtype=dtype).expand_as(tokens_BT)
 
 
 def frequency_penalty(
     logits_BTV: Tensor, tokens_BT: Tensor, mask_BT: Tensor, weight: float, num_tokens: Tensor | int | None = None,
 ) -> tuple[Tensor, Tensor]:
     probs = log_probs(logits_BTV).exp()
-    value_BT = _previous_count_probability(probs, tokens_BT, mask_BT) / _positions(tokens_BT)
+    value_BT = _previous_count_probability(probs, tokens_BT, mask_BT) / _positions(tokens_BT, probs.dtype)
     value = reduce_tokens(value_BT, mask_BT, num_tokens)
     return weight * value, value.detach()
 
@@ -85,7 +87,7 @@ def diversity_penalty(
     one. The logged value is this batch's own mean.
     """
     probs = log_probs(logits_BTV).exp()
-    expected_BTH = probs @ embeddings_VH.detach().float()[: probs.shape[-1]]
+    expected_BTH = probs @ embeddings_VH.detach().to(probs.dtype)[: probs.shape[-1]]
     spread_B, has_pairs_B = _mean_pairwise_distance(expected_BTH, mask_BT)
     total = torch.where(has_pairs_B, spread_B, torch.zeros_like(spread_B)).sum()
     local = has_pairs_B.sum().clamp_min(1)
@@ -127,9 +129,11 @@ def entropy_penalty(
     return weight * reduce_tokens(shortfall_BT, mask_BT, num_tokens), reduce_tokens(h_BT.detach(), mask_BT, num_tokens)
 
 
-def entropy_shaping(logits_BTV: Tensor, mask_BT: Tensor, weight: float, floor: float = math.inf) -> Tensor:
-    """Cost lambda_ent * max(0, floor - H_t) per position (subtracted from the reward); -lambda_ent * H_t at floor = inf."""
-    with torch.no_grad():
-        h_BT = entropy(logits_BTV)
-        shortfall_BT = -h_BT if math.isinf(floor) else torch.clamp(floor - h_BT, min=0)
+def entropy_shaping(entropy_BT: Tensor, mask_BT: Tensor, weight: float, floor: float = math.inf) -> Tensor:
+    """Cost lambda_ent * max(0, floor - H_t) per position (subtracted from the reward); -lambda_ent * H_t at floor = inf.
+
+    `entropy_BT` is the behaviour student's entropy at each sampled position (the rollout records it).
+    """
+    h_BT = entropy_BT.detach()
+    shortfall_BT = -h_BT if math.isinf(floor) else torch.clamp(floor - h_BT, min=0)
     return torch.where(mask_BT.bool(), weight * shortfall_BT, torch.zeros_like(shortfall_BT))

@@ -4,13 +4,15 @@ At each step the distribution sampled from is p~ = alpha * p_teacher + (1 - alph
 after temperature (alpha = 0: the student alone; alpha = 1: the teacher alone, for sequence-level
 KD). top-k and top-p are then applied to p~ itself (the distribution actually sampled from) and it is
 renormalised; the recorded `sample_logprobs` are log-probabilities under that filtered distribution,
-while `student_logprobs` and `teacher_logprobs` are the unfiltered tempered log-probabilities.
+while `student_logprobs` and `teacher_logprobs` are the unfiltered tempered log-probabilities, and
+`student_entropy` the entropy of the student's tempered distribution at each sampled position.
 
 Decoding is our own KV-cached loop: one prefill, then one single-token forward per step per model,
 with position ids taken from the attention mask so left padding does not shift positions (a prompt
 gives the same greedy completion alone or in a padded batch). With alpha > 0 both models decode in
 lockstep, each with its own cache, and the teacher's log-probs come for free. With alpha = 0 only the
-student decodes and the teacher scores the finished sequences in one batched forward pass.
+student decodes (the teacher is not needed and its log-probs are not recorded: the training loop's
+teacher forward over the finished completions gives them when a loss needs them).
 
 A row finishes at its first EOS (or stop string), which is kept in the completion mask; later
 positions are padding and masked. Masks come from the step at which each row finished, never from
@@ -23,40 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from onpolicy_kd.losses import log_probs
+from onpolicy_kd.batch import Completions, Source, completion_mask, position_ids
+from onpolicy_kd.objectives.divergences import log_probs
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class Rollout:
-    prompt_ids: Tensor  # (B, P), left-padded
-    prompt_mask: Tensor  # (B, P)
-    completion_ids: Tensor  # (B, T), padding after the first EOS
-    completion_mask: Tensor  # (B, T), 1 up to and including the first EOS / stop string
-    student_logprobs: Tensor  # (B, T) log q_old(y_t | c_t) at the rollout temperature
-    teacher_logprobs: Tensor  # (B, T) log p(y_t | c_t) at the rollout temperature
-    sample_logprobs: Tensor  # (B, T) log of the (filtered) distribution y_t was drawn from
-    texts: list[str]  # decoded completions (valid tokens only)
-    steps: int  # decode steps taken (the same on every rank)
-
-    @property
-    def sequences(self) -> Tensor:
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
-
-    @property
-    def lengths(self) -> Tensor:
-        return self.completion_mask.sum(1)
 
 
 def filter_logprobs(logprobs_BV: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -115,27 +92,36 @@ def _forward_last(model: nn.Module, ids: Tensor, attention: Tensor, positions: T
     return out.logits[:, -1].float(), out.past_key_values
 
 
-def _positions(mask_BL: Tensor) -> Tensor:
-    return (mask_BL.long().cumsum(-1) - 1).clamp_min(0)
+class _StopStrings:
+    """Which rows' completions so far end with one of the stop strings (decoding only their tails)."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], batch_size: int) -> None:
+        self.tokenizer, self.stop_strings = tokenizer, list(stop_strings)
+        self.longest = max((len(tokenizer(s, add_special_tokens=False).input_ids) for s in stop_strings), default=0) + 2
+        self.rows: list[list[int]] = [[] for _ in range(batch_size)]
+
+    def update(self, next_tok: Tensor, finished: Tensor, ended: Tensor) -> Tensor:
+        """Record this step's tokens; True for the open rows a stop string has just ended."""
+        for b, tok in enumerate(next_tok.tolist()):
+            if not finished[b]:
+                self.rows[b].append(tok)
+        hit = torch.zeros_like(ended)
+        open_rows = [b for b in range(len(self.rows)) if not finished[b] and not ended[b]]
+        if open_rows:
+            tails = self.tokenizer.batch_decode([self.rows[b][-self.longest:] for b in open_rows],
+                                                skip_special_tokens=False)
+            for b, tail in zip(open_rows, tails):
+                hit[b] = any(s in tail for s in self.stop_strings)
+        return hit
 
 
-@torch.no_grad()
-def score_sequences(model: nn.Module, sequences_BL: Tensor, attention_BL: Tensor, completion_len: int,
-                    temperature: float = 1.0, vocab_size: int | None = None) -> Tensor:
-    """Teacher-forced log-probs of the last `completion_len` tokens: one batched forward pass."""
-    out = model(input_ids=sequences_BL, attention_mask=attention_BL, position_ids=_positions(attention_BL),
-                logits_to_keep=completion_len + 1)
-    logits = out.logits[:, -completion_len - 1 : -1]
-    if vocab_size:
-        logits = logits[..., :vocab_size]
-    tokens = sequences_BL[:, -completion_len:]
-    return log_probs(logits, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def _stop_hit(tokenizer, rows: list[list[int]], stop_strings: Sequence[str], longest: int) -> list[bool]:
-    """Does the completion so far end with one of the stop strings? (decodes only its tail)."""
-    tails = tokenizer.batch_decode([r[-longest:] for r in rows], skip_special_tokens=False)
-    return [any(s in tail for s in stop_strings) for tail in tails]
+def _draw(sampling_lp: Tensor, do_sample: bool, generator: torch.Generator | None, step: int) -> Tensor:
+    """The next token of every row: sampled from the (filtered) distribution, or its argmax when greedy."""
+    if torch.isnan(sampling_lp).any():
+        raise FloatingPointError(f"non-finite logits while sampling (decode step {step + 1})")
+    if do_sample:
+        return torch.multinomial(sampling_lp.exp(), 1, generator=generator).squeeze(1)
+    return sampling_lp.argmax(-1)
 
 
 @torch.no_grad()
@@ -157,8 +143,11 @@ def rollout(
     generator: torch.Generator | None = None,
     all_finished: Callable[[bool], bool] = all_ranks_finished,
     vocab_size: int | None = None,
-) -> Rollout:
-    """Sample completions for a left-padded batch of prompts. See the module docstring."""
+    source: Source | None = None,
+    rows: Sequence[int] = (),
+) -> Completions:
+    """Sample completions for a left-padded batch of prompts (module docstring); `teacher` only for alpha > 0.
+    `source` says who wrote them (default: 'teacher' at alpha = 1, else 'student'), `rows` where the prompts are."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha={alpha} must be in [0, 1]")
     if teacher is None and alpha > 0:
@@ -168,16 +157,14 @@ def rollout(
     eos = torch.tensor(list(eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id]), device=device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(eos[0])
     lockstep = alpha > 0
-    longest_stop = max((len(tokenizer(s, add_special_tokens=False).input_ids) for s in stop_strings), default=0) + 2
+    stops = _StopStrings(tokenizer, stop_strings, B)
 
-    tokens, student_lp, teacher_lp, sample_lp = [], [], [], []
+    tokens, student_lp, teacher_lp, sample_lp, entropies = [], [], [], [], []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
-    rows: list[list[int]] = [[] for _ in range(B)]
     attention = prompt_mask.long()
-    positions = _positions(attention)
-    models = (student, teacher) if lockstep else (student,)
-    with eval_mode(*[m for m in models if m is not None]):
+    positions = position_ids(attention)
+    with eval_mode(*((student, teacher) if lockstep else (student,))):
         s_logits, s_cache = _forward_last(student, prompt_ids, attention, positions, None)
         if lockstep:
             t_logits, t_cache = _forward_last(teacher, prompt_ids, attention, positions, None)
@@ -188,29 +175,19 @@ def rollout(
             s_lp = log_probs(s_logits[:, :vocab], temperature)
             t_lp = log_probs(t_logits[:, :vocab], temperature) if lockstep else None
             sampling_lp = filter_logprobs(mixture_logprobs(s_lp, t_lp, alpha), top_k, top_p)
-            if torch.isnan(sampling_lp).any():
-                raise FloatingPointError(f"non-finite logits while sampling (decode step {steps + 1})")
-            if do_sample:
-                next_tok = torch.multinomial(sampling_lp.exp(), 1, generator=generator).squeeze(1)
-            else:
-                next_tok = sampling_lp.argmax(-1)
+            next_tok = _draw(sampling_lp, do_sample, generator, steps)
             next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)
             take = lambda lp: lp.gather(-1, next_tok.unsqueeze(-1)).squeeze(-1)  # noqa: E731
             tokens.append(next_tok)
             student_lp.append(take(s_lp))
+            entropies.append(-(s_lp.exp() * s_lp.clamp_min(torch.finfo(s_lp.dtype).min)).sum(-1))  # 0 log 0 = 0
             sample_lp.append(take(sampling_lp))
             if lockstep:
                 teacher_lp.append(take(t_lp))
             lengths += (~finished).long()
             ended = torch.isin(next_tok, eos)
             if stop_strings:
-                for b, tok in enumerate(next_tok.tolist()):
-                    if not finished[b]:
-                        rows[b].append(tok)
-                open_rows = [b for b in range(B) if not finished[b] and not ended[b]]
-                hits = _stop_hit(tokenizer, [rows[b] for b in open_rows], stop_strings, longest_stop) if open_rows else []
-                for b, hit in zip(open_rows, hits):
-                    ended[b] |= hit
+                ended |= stops.update(next_tok, finished, ended)
             finished |= ended
             steps += 1
             if all_finished(bool(finished.all())) or steps == max_new_tokens:
@@ -223,39 +200,25 @@ def rollout(
                 t_logits, t_cache = _forward_last(teacher, step_ids, attention, next_position, t_cache)
             next_position = next_position + 1
 
+    return _completions(prompt_ids, prompt_mask, tokens, lengths, pad_id, tokenizer, source or (
+        "teacher" if alpha == 1 else "student"), temperature, alpha, student_lp, teacher_lp if lockstep else None,
+        sample_lp, entropies, steps, rows)
+
+
+def _completions(prompt_ids, prompt_mask, tokens, lengths, pad_id, tokenizer, source, temperature, alpha, student_lp,
+                 teacher_lp, sample_lp, entropies, steps, rows) -> Completions:
+    """The batch from the per-step records: ids padded after each row's end, masks from the lengths."""
     completion_ids = torch.stack(tokens, 1)
-    completion_mask = torch.arange(completion_ids.shape[1], device=device).unsqueeze(0) < lengths.unsqueeze(1)
-    completion_ids = completion_ids.masked_fill(~completion_mask, pad_id)
-    if lockstep:
-        teacher_logprobs = torch.stack(teacher_lp, 1)
-    elif teacher is not None:
-        with eval_mode(teacher):
-            teacher_logprobs = score_sequences(
-                teacher, torch.cat([prompt_ids, completion_ids], 1),
-                torch.cat([prompt_mask.long(), torch.ones_like(completion_ids)], 1),
-                completion_ids.shape[1], temperature, vocab_size or student.get_output_embeddings().weight.shape[0],
-            )
-    else:
-        teacher_logprobs = torch.zeros_like(completion_ids, dtype=torch.float32)
-    zero = torch.zeros((), device=device)
-    mask_lp = lambda x: torch.where(completion_mask, x, zero)  # noqa: E731
+    mask = completion_mask(lengths, completion_ids.shape[1])
+    completion_ids = completion_ids.masked_fill(~mask, pad_id)
+    zero = torch.zeros((), device=prompt_ids.device)
+    recorded = lambda values: torch.where(mask, torch.stack(values, 1), zero)  # noqa: E731
     texts = tokenizer.batch_decode(
         [ids[: int(n)] for ids, n in zip(completion_ids.tolist(), lengths.tolist())], skip_special_tokens=True
     )
-    return Rollout(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=completion_mask,
-        student_logprobs=mask_lp(torch.stack(student_lp, 1)), teacher_logprobs=mask_lp(teacher_logprobs),
-        sample_logprobs=mask_lp(torch.stack(sample_lp, 1)), texts=texts, steps=steps,
+    return Completions(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=mask,
+        source=source, texts=texts, temperature=temperature, alpha=alpha, student_logprobs=recorded(student_lp),
+        teacher_logprobs=recorded(teacher_lp) if teacher_lp is not None else None,
+        sample_logprobs=recorded(sample_lp), student_entropy=recorded(entropies), decode_steps=steps, rows=list(rows),
     )
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """Left-pad token-id lists into (ids, mask)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, width - len(p):] = torch.tensor(list(p))
-            mask[i, width - len(p):] = 1
-    return ids.to(device), mask.to(device)

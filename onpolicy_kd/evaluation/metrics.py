@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from rouge_score import rouge_scorer
 
-from onpolicy_kd.losses import gather_logprobs, per_token_divergence
+from onpolicy_kd.objectives.divergences import gather_logprobs, per_token_divergence
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 _SCORER = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)

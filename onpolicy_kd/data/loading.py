@@ -23,10 +23,10 @@ import datasets
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from onpolicy_kd.config import DataConfig, cache_root
+from onpolicy_kd.recipe import DataConfig, cache_root
 from onpolicy_kd.errors import DataError
 from onpolicy_kd.hub import expand_path, hub_reachable, looks_like_local_path
-from onpolicy_kd.prompts import PromptBuilder, TaskFormat, detect_format
+from onpolicy_kd.data.prompts import PromptBuilder, TaskFormat, detect_format
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 CACHE_VERSION = 1  # bump when PromptBuilder's output changes for the same inputs

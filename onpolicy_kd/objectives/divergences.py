@@ -1,6 +1,6 @@
 """Token-level divergences between student and teacher next-token distributions: pure tensor functions.
 
-Conventions (../shared/ALGORITHMS.md; the same beta as TRL's `generalized_jsd_loss`, so recipes move
+Conventions (docs/algorithms.md; the same beta as TRL's `generalized_jsd_loss`, so recipes move
 between the two). With p the teacher and q the student, per position over the full vocabulary:
 
     forward_kl       KL(p || q)
@@ -12,8 +12,9 @@ between the two). With p the teacher and q the student, per position over the fu
     skew_reverse_kl  KL(q || skew q + (1 - skew) p)
 
 Temperature divides both models' logits before the softmax; the loss is *not* rescaled by tau^2
-(as in TRL). All math is float32 in log space (log_softmax; mixtures through logsumexp), whatever
-the input dtype. Terms with p(v) = 0 contribute 0 (the 0 log 0 = 0 convention).
+(as in TRL). All math is in log space (log_softmax; mixtures through logsumexp), in float32 for
+half-precision inputs and in the input's own precision for float32 and float64 (a float64 reference
+test gets float64 math). Terms with p(v) = 0 contribute 0 (the 0 log 0 = 0 convention).
 
 Reduction: the sum over valid tokens divided by `num_tokens`, the number of valid tokens in the
 *global* batch (all micro-batches of an optimizer step, all processes) when the caller passes it,
@@ -35,7 +36,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from onpolicy_kd.errors import ConfigError
 
 Tensor = torch.Tensor
 
@@ -81,7 +81,7 @@ def _skew_reverse_kl(s: Tensor, t: Tensor, beta: float, skew: float) -> Tensor:
     return _kl(s, _log_mix(s, t, skew))
 
 
-# name -> f(student_logprobs, teacher_logprobs, beta, skew) -> per-row values (float32)
+# name -> f(student_logprobs, teacher_logprobs, beta, skew) -> per-row values (in the log-probs' precision)
 DIVERGENCES: dict[str, Callable[[Tensor, Tensor, float, float], Tensor]] = {
     "forward_kl": _forward_kl,
     "reverse_kl": _reverse_kl,
@@ -104,9 +104,14 @@ def _check(kind: str, beta: float, skew: float, temperature: float) -> Callable[
     return DIVERGENCES[kind]
 
 
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision the losses compute in: float32 at least, float64 when given float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """float32 log-softmax of logits / temperature."""
-    logits = logits.float()
+    """log-softmax of logits / temperature, in at least float32."""
+    logits = logits.to(math_dtype(logits.dtype))
     return F.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
 
 
@@ -162,8 +167,9 @@ class _ChunkedDivergence(torch.autograd.Function):
     ) -> Tensor:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(student_hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if need_weight else None
-        total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        dtype = math_dtype(student_hidden.dtype)
+        grad_weight = torch.zeros_like(student_weight, dtype=math_dtype(student_weight.dtype)) if need_weight else None
+        total = torch.zeros((), dtype=dtype, device=student_hidden.device)
         weight = student_weight.detach().requires_grad_(need_weight)
         for start in range(0, student_hidden.shape[0], chunk_size):
             end = start + chunk_size
@@ -239,6 +245,7 @@ def gather_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) ->
 # Liger-Kernel's fused linear JSD computes exactly our generalized JSD (same beta convention: P teacher,
 # Q student, beta = 0 forward KL, beta = 1 reverse KL), averaged over its rows, on CUDA only.
 LIGER_KINDS = {"jsd", "forward_kl", "reverse_kl"}
+BACKENDS = ("torch", "chunked", "liger")
 
 
 def liger_available() -> bool:
@@ -249,30 +256,19 @@ def liger_available() -> bool:
     return True
 
 
-def select_backend(requested: str, device: torch.device, kind: str) -> str:
-    """'auto' -> 'liger' on CUDA when installed and the divergence is one it computes, else 'chunked'."""
-    if requested == "auto":
-        if device.type == "cuda" and kind in LIGER_KINDS and liger_available():
-            return "liger"
-        return "chunked"
-    if requested == "liger":
-        if kind not in LIGER_KINDS:
-            raise ConfigError(f"objective.backend=liger computes {sorted(LIGER_KINDS)}, not {kind}; use backend=chunked")
-        if device.type != "cuda" or not liger_available():
-            raise ConfigError("objective.backend=liger needs CUDA and `pip install liger-kernel`; use backend=chunked")
-    return requested
-
-
 def linear_divergence(
     student_hidden: Tensor, teacher_hidden: Tensor, student_lm_head: Tensor, teacher_lm_head: Tensor,
     mask: Tensor | None = None, *, kind: str, beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0,
-    num_tokens: Tensor | int | None = None, backend: str = "auto", chunk_size: int = 1024,
+    num_tokens: Tensor | int | None = None, backend: str = "chunked", chunk_size: int = 1024,
 ) -> Tensor:
-    """The divergence from hidden states and heads, with the implementation `select_backend` picks.
+    """The divergence from hidden states and heads, with the given implementation (chosen once, at set-up).
 
     'torch' materialises full logits (the reference), 'chunked' bounds memory, 'liger' fuses on CUDA.
     """
-    backend = select_backend(backend, student_hidden.device, kind)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown divergence backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    if backend == "liger" and kind not in LIGER_KINDS:
+        raise ValueError(f"the liger backend computes {sorted(LIGER_KINDS)}, not {kind}")
     vocab = min(student_lm_head.shape[0], teacher_lm_head.shape[0])
     if backend == "chunked":
         return chunked_divergence(student_hidden, teacher_hidden, student_lm_head, teacher_lm_head, mask, kind=kind,

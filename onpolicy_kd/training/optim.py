@@ -6,7 +6,7 @@ import torch
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
-from onpolicy_kd.config import OptimConfig
+from onpolicy_kd.recipe import OptimConfig
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -2,7 +2,7 @@
 
 Objective: KL(q_theta(y|x) || p(y|x)) = -E_{y~q}[sum_t r_t], with reward r_t = log p(y_t|c_t) - log q_old(y_t|c_t)
 (constants: no gradient flows through rewards or returns). Its gradient, with MiniLLM's single-step
-decomposition (../shared/ALGORITHMS.md):
+decomposition (docs/algorithms.md):
 
     grad L = E[ sum_t grad KL(q_theta(.|c_t) || p(.|c_t)) ]           single-step term, exact over V
            - E[ sum_t w_t * R_{t+1} * grad log q_theta(y_t|c_t) ]     long-term term, sampled
@@ -19,10 +19,13 @@ Samples may come from the teacher-mixed p~ = alpha p + (1-alpha) q_old. Importan
   W_<=t'. Unbiased for any alpha (the enumeration test checks it), higher variance.
 `is_clip` caps every weight (per token, or the cumulative product) to bound the variance.
 
-`baseline="mean"` subtracts the batch's mean return from every return before weighting: a constant
-shift, so the long-term term keeps (almost exactly) its expectation while its variance drops a lot
-when rewards are large and same-signed (log p - log q is mostly negative). Off by default in this
-function (the exactness tests use the plain estimator); the recipe default is `pg_baseline: mean`.
+A baseline b is subtracted from every return before weighting: a constant shift, so the long-term
+term keeps (almost exactly) its expectation while its variance drops a lot when rewards are large
+and same-signed (log p - log q is mostly negative). `baseline="mean"` uses this batch's mean return;
+a number is a mean the caller computed over more samples (the training loop passes the mean over the
+whole optimizer step, all micro-batches and processes, so a step's gradient does not depend on how
+its samples are split). Off by default in this function (the exactness tests use the plain
+estimator); the recipe default is `pg_baseline: mean`.
 
 Several optimisation epochs per rollout use PPO's clipped ratio rho_t = q_theta(y_t)/q_old(y_t):
 the long-term term is -min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t); at rho = 1 (first epoch)
@@ -36,7 +39,7 @@ from typing import Literal
 
 import torch
 
-from onpolicy_kd.losses import reduce_tokens
+from onpolicy_kd.objectives.divergences import reduce_tokens
 
 Tensor = torch.Tensor
 
@@ -63,42 +66,36 @@ def _next(x_BT: Tensor) -> Tensor:
     return torch.cat([x_BT[:, 1:], torch.zeros_like(x_BT[:, :1])], dim=1)
 
 
-def policy_gradient_loss(
-    logprobs_BT: Tensor,
+@dataclass
+class Returns:
+    """The constants of the PG loss for one batch, all (B, T): computed before any gradient is taken."""
+
+    rewards: Tensor  # r_t (shaped), 0 at padding
+    future: Tensor  # the (length-normalised) return each sampled token is credited with, before the baseline
+    single_step_weight: Tensor  # importance weight of the single-step term at t
+    advantage_weight: Tensor  # importance weight of the long-term term at t
+
+
+def pg_returns(
     old_logprobs_BT: Tensor,
     teacher_logprobs_BT: Tensor,
     mask_BT: Tensor,
     *,
     sample_logprobs_BT: Tensor | None = None,
-    single_step_kl_BT: Tensor | None = None,
     reward_shaping_BT: Tensor | None = None,
+    single_step: bool = True,
     discount: float = 1.0,
     length_norm: bool = True,
     importance: Literal["token", "sequence"] = "token",
     is_clip: float | None = None,
-    ppo_clip: float = 0.2,
-    lm_loss: Tensor | None = None,
-    lm_coef: float = 0.0,
-    baseline: Literal["none", "mean"] = "none",
-    num_tokens: Tensor | int | None = None,
-) -> PolicyGradientOutput:
-    """The PG loss for one batch of completions (all tensors (B, T), aligned with the completion tokens).
-
-    logprobs_BT: log q_theta(y_t|c_t) of the model being trained (carries the gradient).
-    old_logprobs_BT: log q_old(y_t|c_t) recorded at rollout (behaviour student).
-    teacher_logprobs_BT: log p(y_t|c_t).
-    sample_logprobs_BT: log p~(y_t|c_t) of the distribution sampled from; None = the old student (alpha = 0).
-    single_step_kl_BT: KL(q_theta(.|c_t) || p(.|c_t)) per position, with gradient; None = no single-step term.
-    reward_shaping_BT: subtracted from the rewards (penalties in reward form), constant.
-    num_tokens: the global valid-token count for the reduction (default: the local one). Passing the number of
-        sequences instead makes the loss a per-sequence sum, whose gradient estimates grad KL(q || p) itself.
-    """
+) -> Returns:
+    """Rewards, returns and importance weights (no gradient): see the module docstring."""
     if importance not in ("token", "sequence"):
         raise ValueError(f"importance={importance!r}: use 'token' or 'sequence'")
     mask = mask_BT.bool()
     zeros = torch.zeros_like(old_logprobs_BT)
     old = old_logprobs_BT.detach()
-    rewards = (teacher_logprobs_BT - old).detach()
+    rewards = (teacher_logprobs_BT.detach() - old)
     if reward_shaping_BT is not None:
         rewards = rewards - reward_shaping_BT.detach()
     rewards = torch.where(mask, rewards, zeros)
@@ -120,23 +117,68 @@ def policy_gradient_loss(
         single_step_weight, advantage_weight = torch.ones_like(w), w
 
     # Long-term return: from t+1 with the single-step term (which covers r_t exactly), else from t.
-    use_single_step = single_step_kl_BT is not None
-    future = _next(returns) if use_single_step else returns
+    future = _next(returns) if single_step else returns
     if length_norm:
         remaining = torch.flip(torch.cumsum(torch.flip(mask.to(returns.dtype), [1]), 1), [1])  # valid terms from t on
-        n_terms = _next(remaining) if use_single_step else remaining
+        n_terms = _next(remaining) if single_step else remaining
         future = future / n_terms.clamp_min(1)
-    if baseline == "mean":  # variance reduction: subtract the batch's mean return over valid tokens
-        future = future - torch.where(mask, future, zeros).sum() / mask.sum().clamp_min(1)
-    advantage = torch.where(mask, advantage_weight * future, zeros).detach()
+    return Returns(rewards, torch.where(mask, future, zeros), single_step_weight, advantage_weight)
 
+
+def policy_gradient_loss(
+    logprobs_BT: Tensor,
+    old_logprobs_BT: Tensor,
+    teacher_logprobs_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    sample_logprobs_BT: Tensor | None = None,
+    single_step_kl_BT: Tensor | None = None,
+    reward_shaping_BT: Tensor | None = None,
+    discount: float = 1.0,
+    length_norm: bool = True,
+    importance: Literal["token", "sequence"] = "token",
+    is_clip: float | None = None,
+    ppo_clip: float = 0.2,
+    lm_loss: Tensor | None = None,
+    lm_coef: float = 0.0,
+    baseline: Literal["none", "mean"] | float | Tensor = "none",
+    num_tokens: Tensor | int | None = None,
+) -> PolicyGradientOutput:
+    """The PG loss for one batch of completions (all tensors (B, T), aligned with the completion tokens).
+
+    logprobs_BT: log q_theta(y_t|c_t) of the model being trained (carries the gradient).
+    old_logprobs_BT: log q_old(y_t|c_t) recorded at rollout (behaviour student).
+    teacher_logprobs_BT: log p(y_t|c_t).
+    sample_logprobs_BT: log p~(y_t|c_t) of the distribution sampled from; None = the old student (alpha = 0).
+    single_step_kl_BT: KL(q_theta(.|c_t) || p(.|c_t)) per position, with gradient; None = no single-step term.
+    reward_shaping_BT: subtracted from the rewards (penalties in reward form), constant.
+    baseline: "none", "mean" (this batch's mean return) or the value to subtract (e.g. a mean over a whole step).
+    num_tokens: the global valid-token count for the reduction (default: the local one). Passing the number of
+        sequences instead makes the loss a per-sequence sum, whose gradient estimates grad KL(q || p) itself.
+    """
+    returns = pg_returns(
+        old_logprobs_BT, teacher_logprobs_BT, mask_BT, sample_logprobs_BT=sample_logprobs_BT,
+        reward_shaping_BT=reward_shaping_BT, single_step=single_step_kl_BT is not None, discount=discount,
+        length_norm=length_norm, importance=importance, is_clip=is_clip,
+    )
+    mask = mask_BT.bool()
+    zeros = torch.zeros_like(returns.future)
+    future = returns.future
+    if isinstance(baseline, str):
+        if baseline not in ("none", "mean"):
+            raise ValueError(f"baseline={baseline!r}: use 'none', 'mean' or a number")
+        baseline = future.sum() / mask.sum().clamp_min(1) if baseline == "mean" else 0.0
+    future = torch.where(mask, future - baseline, zeros)
+    advantage = torch.where(mask, returns.advantage_weight * future, zeros).detach()
+
+    old = old_logprobs_BT.detach()
     ratio = torch.exp(logprobs_BT - old)
     surrogate = torch.minimum(ratio * advantage, torch.clamp(ratio, 1 - ppo_clip, 1 + ppo_clip) * advantage)
     pg_loss = reduce_tokens(-surrogate, mask, num_tokens)
     loss = pg_loss
-    single_step = torch.zeros((), device=pg_loss.device)
-    if use_single_step:
-        single_step = reduce_tokens(single_step_weight.detach() * single_step_kl_BT, mask, num_tokens)
+    single_step = torch.zeros((), device=pg_loss.device, dtype=pg_loss.dtype)
+    if single_step_kl_BT is not None:
+        single_step = reduce_tokens(returns.single_step_weight.detach() * single_step_kl_BT, mask, num_tokens)
         loss = loss + single_step
     if lm_loss is not None and lm_coef:
         loss = loss + lm_coef * lm_loss
@@ -144,14 +186,15 @@ def policy_gradient_loss(
     with torch.no_grad():
         n_valid = mask.sum().clamp_min(1)
         clipped = ((ratio - 1).abs() > ppo_clip) & mask
+        weight = returns.advantage_weight * returns.single_step_weight
         metrics = {
             "pg/loss": pg_loss.item(),
             "pg/single_step_kl": single_step.item(),
-            "pg/reward": (rewards.sum() / n_valid).item(),
-            "pg/return": (torch.where(mask, future, zeros).sum() / n_valid).item(),
+            "pg/reward": (returns.rewards.sum() / n_valid).item(),
+            "pg/return": (future.sum() / n_valid).item(),
             "pg/ratio": (torch.where(mask, ratio, zeros).sum() / n_valid).item(),
             "pg/clip_frac": (clipped.sum() / n_valid).item(),
-            "pg/is_weight": (torch.where(mask, advantage_weight * single_step_weight, zeros).sum() / n_valid).item(),
+            "pg/is_weight": (torch.where(mask, weight, zeros).sum() / n_valid).item(),
         }
         if lm_loss is not None and lm_coef:
             metrics["pg/lm_loss"] = lm_loss.item()

@@ -1,7 +1,7 @@
 """accelerate set-up for every launch mode: one CPU process, CPU DDP (gloo), GPUs, DeepSpeed ZeRO-2/3.
 
 - Without CUDA the process group uses gloo; otherwise every rank of a 2-process CPU launch thinks it
-  is rank 0 of 1 (../shared/DEEPSPEED_CPU.md).
+  is rank 0 of 1 (docs/distributed.md).
 - DeepSpeed needs the micro-batch size and clipping in its own config (we prepare no dataloader).
 - The frozen teacher is a DeepSpeed inference engine under ZeRO-3 (sharded, stage 3), and a plain
   module moved to the device otherwise (TRL's `prepare_deepspeed` does exactly this; we reuse it).
@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType
 
-from onpolicy_kd.config import Recipe
+from onpolicy_kd.recipe import Recipe
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:

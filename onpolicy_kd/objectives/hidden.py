@@ -1,6 +1,6 @@
 """Hidden-state distillation: an auxiliary loss pulling the student's hidden states towards the teacher's.
 
-(../shared/ALGORITHMS.md, "hidden-state distillation".) Layers are numbered as transformers'
+(docs/algorithms.md, "Hidden-state distillation".) Layers are numbered as transformers'
 `output_hidden_states` numbers them: 0 is the embedding output, i the output of decoder layer i, and the
 last is after the final norm (what the lm_head reads).
 
@@ -16,7 +16,7 @@ last is after the final norm (what the lm_head reads).
   L pairs, summed over valid tokens and divided by the global valid-token count:
       mse:    (1/L) Σ_l mean_d ((W_l h^s_l)_d − (h^t_l)_d)²
       cosine: (1/L) Σ_l (1 − cos(W_l h^s_l, h^t_l))
-  The teacher side carries no gradient. Float32 math whatever the model dtype.
+  The teacher side carries no gradient. Float32 math for half-precision models (float64 stays float64).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from onpolicy_kd.config import HiddenConfig
 from onpolicy_kd.errors import ConfigError
 
 Tensor = torch.Tensor
@@ -39,15 +38,16 @@ def auto_layer_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int
     return [(i, (2 * i * teacher_layers + student_layers) // (2 * student_layers)) for i in range(1, student_layers + 1)]
 
 
-def layer_pairs(cfg: HiddenConfig, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
-    if cfg.layers == "auto":
+def layer_pairs(layers: str | Sequence[Sequence[int]], student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """`hidden.layers` ('auto' or [[student, teacher], ...]) as checked pairs."""
+    if layers == "auto":
         return auto_layer_pairs(student_layers, teacher_layers)
-    for s, t in cfg.layers:
+    for s, t in layers:
         if s > student_layers or t > teacher_layers:
             raise ConfigError(
                 f"hidden.layers: pair [{s}, {t}] is out of range: the student has layers 0..{student_layers} and the "
                 f"teacher 0..{teacher_layers} (0 = embedding output, i = output of decoder layer i)")
-    return [(s, t) for s, t in cfg.layers]
+    return [(s, t) for s, t in layers]
 
 
 class Stitching(nn.Module):
@@ -71,10 +71,10 @@ class Stitching(nn.Module):
         return [proj(student_hidden[s]) for proj, (s, _) in zip(self.projections, self.pairs)]
 
 
-def attach_stitching(student: nn.Module, teacher: nn.Module, cfg: HiddenConfig) -> Stitching:
-    """Create the projections for `cfg` and register them on the student (before the optimizer is built)."""
+def attach_stitching(student: nn.Module, teacher: nn.Module, layers: str | Sequence[Sequence[int]]) -> Stitching:
+    """Create the projections for `hidden.layers` and register them on the student (before the optimizer is built)."""
     s_cfg, t_cfg = student.config, teacher.config
-    pairs = layer_pairs(cfg, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+    pairs = layer_pairs(layers, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
     reference = student.get_input_embeddings().weight
     stitching = Stitching(pairs, s_cfg.hidden_size, t_cfg.hidden_size).to(reference.device, reference.dtype)
     student.add_module(STITCHING, stitching)
@@ -104,7 +104,8 @@ def hidden_state_loss(
     sums = []
     for student_h, teacher_h in zip(projected, teacher_hidden, strict=True):
         # valid rows only: padded positions never enter the math (their hidden states may be anything)
-        student_h, teacher_h = student_h[mask].float(), teacher_h[mask].detach().float()
+        dtype = torch.promote_types(student_h.dtype, torch.float32)
+        student_h, teacher_h = student_h[mask].to(dtype), teacher_h[mask].detach().to(dtype)
         if kind == "mse":
             distance = (student_h - teacher_h).pow(2).mean(-1)
         else:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from onpolicy_kd.config import Recipe, StudentConfig, TeacherConfig
+from onpolicy_kd.recipe import Recipe, StudentConfig, TeacherConfig
 from onpolicy_kd.errors import ModelLoadError, VocabularyMismatchError
 from onpolicy_kd.hub import expand_path, hub_reachable, looks_like_local_path
 
@@ -148,7 +148,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__} to copy a subset of them")
 
 
-def copy_with_layers(teacher: PreTrainedModel, keep: list[int], dtype: str = "float32") -> PreTrainedModel:
+def copy_with_layers(teacher: PreTrainedModel, keep: list[int], dtype: str = "float32",
+                     attn_implementation: str | None = None) -> PreTrainedModel:
     """A new model with the teacher's embeddings, head and the decoder layers in `keep` (in order)."""
     n_layers = teacher.config.num_hidden_layers
     if len(set(keep)) != len(keep) or any(not 0 <= i < n_layers for i in keep):
@@ -159,7 +160,8 @@ def copy_with_layers(teacher: PreTrainedModel, keep: list[int], dtype: str = "fl
         config.layer_types = [config.layer_types[i] for i in keep]
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    student = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype] if dtype != "auto" else teacher.dtype)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    student = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype] if dtype != "auto" else teacher.dtype, **extra)
 
     # A fresh model re-numbers its attention `layer_idx` (KV-cache slots) from 0; copy weights by name.
     prefix, _ = decoder_layers(teacher)
@@ -242,7 +244,7 @@ def load_student(
     if cfg.init == "teacher_layers":
         n_layers = teacher.config.num_hidden_layers
         keep = cfg.keep_layers or list(range(0, n_layers, cfg.layer_stride or 1))
-        student = copy_with_layers(teacher, keep, cfg.dtype)
+        student = copy_with_layers(teacher, keep, cfg.dtype, cfg.attn_implementation)
         tokenizer = teacher_tokenizer
     elif cfg.init == "config":
         if cfg.name_or_path:
@@ -261,6 +263,7 @@ def load_student(
         student = AutoModelForCausalLM.from_config(
             config, dtype=DTYPES[cfg.dtype] if cfg.dtype != "auto" else torch.float32,
             trust_remote_code=cfg.trust_remote_code,
+            **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}),
         )
         tokenizer = load_tokenizer(cfg.tokenizer, "student.tokenizer", **common) if cfg.tokenizer else teacher_tokenizer
     else:

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from onpolicy_kd.errors import UserError
-from onpolicy_kd.hidden import STITCHING, split_stitching
+from onpolicy_kd.objectives.hidden import STITCHING, split_stitching
 
 STATE_FILE = "trainer_state.json"
 PATTERN = re.compile(r"^checkpoint-(\d+)$")

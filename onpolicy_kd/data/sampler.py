@@ -1,0 +1,58 @@
+"""Which prompts each process takes, and the prompt and reference batches of those rows.
+
+The prompt order is a sequence of seeded permutations of the training rows (one per epoch), read
+`batch_size * num_processes` rows at a time; process r takes its own slice of each global batch.
+The only state is the global position, so a resumed run continues with exactly the prompts the
+interrupted one would have seen next, whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+
+from onpolicy_kd.batch import Completions, left_pad, right_pad
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class PromptSampler:
+    n_rows: int
+    batch_size: int  # per process
+    num_processes: int
+    process_index: int
+    seed: int
+    position: int = 0  # global rows consumed so far (saved in checkpoints)
+
+    def _row(self, global_index: int) -> int:
+        epoch, offset = divmod(global_index, self.n_rows)
+        order = torch.randperm(self.n_rows, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return int(order[offset])
+
+    def next_batch(self) -> list[int]:
+        start = self.position + self.process_index * self.batch_size
+        rows = [self._row(start + i) for i in range(self.batch_size)]
+        self.position += self.batch_size * self.num_processes
+        return rows
+
+
+def prompt_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The prompts of `rows`, left-padded: (ids (B, P), mask (B, P))."""
+    return left_pad([dataset[i]["prompt_ids"] for i in rows], pad_id, device)
+
+
+def reference_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torch.device) -> Completions:
+    """The dataset's reference completions of `rows` as a batch (no sampling log-probs)."""
+    prompt_ids, prompt_mask = prompt_batch(dataset, rows, pad_id, device)
+    refs = [dataset[i]["reference_ids"] for i in rows]
+    ids, mask = right_pad(refs, pad_id, device)
+    return Completions(prompt_ids, prompt_mask, ids, mask, source="references",
+                       texts=[dataset[i]["reference"] for i in rows], rows=list(rows))
+
+
+def count_references(dataset: Dataset) -> int:
+    """How many rows have a non-empty reference completion (the whole split: it is tokenised once)."""
+    return sum(1 for r in dataset["reference_ids"] if len(r) > 0)

@@ -1,0 +1,59 @@
+"""A model's teacher-forced forward pass over a batch's completions, returning what the losses read.
+
+Only the positions that predict completion tokens are projected to the vocabulary (`logits_to_keep`);
+on the memory-bounded path no logits are computed at all: the loss projects the last hidden state
+chunk by chunk itself, with the lm_head weight returned here. Logits are cut to the shared vocabulary
+(models may have padded embedding rows).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from onpolicy_kd.batch import Completions
+from onpolicy_kd.models.distributed import innermost
+from onpolicy_kd.objectives.hidden import STITCHING
+from onpolicy_kd.objectives.loss import ModelOutputs
+
+Tensor = torch.Tensor
+
+
+def forward_completions(model: nn.Module, batch: Completions, *, vocab: int | None = None, logits: bool = True,
+                        hidden: bool = False, head: bool = False) -> ModelOutputs:
+    """logits (B, T, V) predicting each completion token (or None), every layer's (B, T, H) hidden states at those
+    positions with `hidden` (as `output_hidden_states` numbers them; the last is post-norm, what the lm_head
+    reads), and with `head` the lm_head weight."""
+    T = batch.completion_ids.shape[1]
+    out = model(input_ids=batch.sequences, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                logits_to_keep=T + 1 if logits else 1, output_hidden_states=hidden, use_cache=False)
+    states = tuple(h[:, -T - 1 : -1] for h in out.hidden_states) if hidden else None
+    return ModelOutputs(
+        logits=out.logits[:, :-1, :vocab] if logits else None, hidden=states,
+        head=innermost(model).get_output_embeddings().weight if head else None,
+    )
+
+
+def student_forward(student: nn.Module, batch: Completions, *, vocab: int, logits: bool, hidden: bool,
+                    lm_batch: Completions | None = None, input_embeddings: bool = False) -> ModelOutputs:
+    """The student's outputs for the loss: logits or (memory-bounded) the last hidden state and head, the stitched
+    hidden states for hidden-state distillation, logits over `lm_batch` for pg's language-modelling term."""
+    out = forward_completions(student, batch, vocab=vocab, logits=logits, hidden=hidden or not logits,
+                              head=not logits)
+    if hidden:
+        stitching = getattr(innermost(student), STITCHING)  # called as a module: ZeRO-3 gathers its weights
+        out.projected, out.pairs = stitching(out.hidden), stitching.pairs
+    if lm_batch is not None:
+        out.lm_logits, out.lm_batch = forward_completions(student, lm_batch, vocab=vocab).logits, lm_batch
+    if input_embeddings:
+        out.input_embeddings = innermost(student).get_input_embeddings().weight
+    return out
+
+
+@torch.no_grad()
+def teacher_forward(teacher: nn.Module, batch: Completions, *, vocab: int, logits: bool,
+                    hidden: bool) -> ModelOutputs:
+    """The frozen teacher's outputs: logits, or (memory-bounded) the last hidden state and head; every layer's
+    hidden states for hidden-state distillation."""
+    return forward_completions(teacher, batch, vocab=vocab, logits=logits, hidden=hidden or not logits,
+                               head=not logits)

@@ -1,0 +1,196 @@
+"""The loss of one micro-batch: the mode's loss, plus the penalties and the hidden-state loss.
+
+A loss function gets the batch (`Completions`: ids, masks, and how they were sampled), the student's
+and the teacher's outputs over its completions (`ModelOutputs`), the recipe's settings and the step's
+normalisers (`StepContext`); it never runs a model. Which loss a mode uses is in objectives/modes.py.
+
+Reduction: every term is summed over valid tokens and divided by a count over the whole optimizer step
+(all micro-batches, all processes): `num_tokens` for token terms, `num_sequences` for the diversity
+penalty, `lm_tokens` for the language-modelling term, so a step's gradient does not depend on how its
+samples are split into micro-batches or processes. The PG baseline is likewise the mean return over the
+whole step. Metrics are per-token means over this micro-batch's own tokens (the loop weights them by
+token counts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+
+from onpolicy_kd.batch import Completions
+from onpolicy_kd.objectives import penalties as pen
+from onpolicy_kd.objectives.divergences import (
+    divergence, gather_logprobs, linear_divergence, per_token_divergence, reduce_tokens, token_cross_entropy,
+)
+from onpolicy_kd.objectives.hidden import hidden_state_loss
+from onpolicy_kd.objectives.pg import pg_returns, policy_gradient_loss
+
+if TYPE_CHECKING:
+    from onpolicy_kd.recipe import Recipe
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ModelOutputs:
+    """A model's forward pass over a batch's completions: what the losses read."""
+
+    logits: Tensor | None = None  # (B, T, V) predicting each completion token, V the shared vocabulary; None on
+    #                               the memory-bounded path
+    hidden: Sequence[Tensor] | None = None  # every layer's (B, T, H) states at those positions (last = post-norm)
+    head: Tensor | None = None  # the lm_head weight (V, H), for the memory-bounded divergence
+    projected: Sequence[Tensor] | None = None  # student only: its paired hidden states through the stitching
+    pairs: Sequence[tuple[int, int]] = ()  # student only: the (student, teacher) layer pairs of `projected`
+    input_embeddings: Tensor | None = None  # student only: (V, H), for the diversity penalty
+    lm_logits: Tensor | None = None  # student only: logits over `lm_batch` (pg's language-modelling term)
+    lm_batch: Completions | None = None
+
+
+@dataclass
+class StepContext:
+    """Normalisers of one optimizer step (global: all micro-batches and processes) and the head backend."""
+
+    num_tokens: float
+    num_sequences: float = 0.0  # sequences with at least two valid tokens (diversity penalty)
+    lm_tokens: float = 0.0  # valid reference tokens of the language-modelling term
+    pg_baseline: float = 0.0  # the mean PG return over the step (0 when pg_baseline is none)
+    head: str = "torch"  # divergence implementation on the memory-bounded path: chunked or liger
+
+
+LossFn = Callable[[Completions, ModelOutputs, "ModelOutputs | None", "Recipe", StepContext, dict], Tensor]
+
+
+def _per_token(value: Tensor, batch: Completions, ctx: StepContext) -> float:
+    """A term divided by the step's token count -> this micro-batch's per-token mean."""
+    return value.item() * ctx.num_tokens / max(batch.num_tokens, 1)
+
+
+def cross_entropy_loss(batch: Completions, student: ModelOutputs, teacher: ModelOutputs | None, recipe: "Recipe",
+                       ctx: StepContext, metrics: dict) -> Tensor:
+    """sft / seqkd: -log q(y_t) on the references or teacher samples."""
+    loss = token_cross_entropy(student.logits, batch.completion_ids, batch.completion_mask, ctx.num_tokens)
+    metrics["train/ce"] = _per_token(loss, batch, ctx)
+    return loss
+
+
+def divergence_loss(batch: Completions, student: ModelOutputs, teacher: ModelOutputs | None, recipe: "Recipe",
+                    ctx: StepContext, metrics: dict) -> Tensor:
+    """kd / gkd: the divergence between teacher and student at every completion position."""
+    obj, mask = recipe.objective, batch.completion_mask
+    settings = dict(kind=obj.divergence, beta=obj.beta, skew=obj.skew, temperature=obj.temperature,
+                    num_tokens=ctx.num_tokens)
+    if student.logits is None:  # memory-bounded: from the last hidden states and the two heads
+        loss = linear_divergence(student.hidden[-1], teacher.hidden[-1], student.head, teacher.head, mask,
+                                 backend=ctx.head, chunk_size=obj.chunk_size, **settings)
+    else:
+        loss = divergence(student.logits, teacher.logits, mask, **settings)
+    metrics[f"train/{obj.divergence}"] = _per_token(loss, batch, ctx)
+    return loss
+
+
+def teacher_token_logprobs(batch: Completions, teacher: ModelOutputs | None) -> Tensor:
+    """log p(y_t) at the sampling temperature: from the teacher's forward, else from its lockstep decode."""
+    if teacher is not None and teacher.logits is not None:
+        return gather_logprobs(teacher.logits, batch.completion_ids, batch.temperature).detach()
+    if batch.teacher_logprobs is None:
+        raise ValueError("the PG rewards need the teacher's log-probs: run the teacher or sample with alpha > 0")
+    return batch.teacher_logprobs
+
+
+def reward_shaping(recipe: "Recipe", batch: Completions, input_embeddings: Tensor | None) -> Tensor | None:
+    """The penalties in reward form (pg with penalties.shape_reward), a cost per sampled token."""
+    p = recipe.penalties
+    if not p.shape_reward:
+        return None
+    mask = batch.completion_mask
+    cost = torch.zeros_like(batch.student_logprobs)
+    if p.frequency:
+        cost = cost + pen.frequency_shaping(batch.completion_ids, mask, p.frequency)
+    if p.diversity:
+        cost = cost + pen.diversity_shaping(batch.completion_ids, input_embeddings, mask, p.diversity)
+    if p.entropy:
+        cost = cost + pen.entropy_shaping(batch.student_entropy, mask, p.entropy, p.entropy_floor)
+    return cost
+
+
+def batch_returns(batch: Completions, teacher: ModelOutputs | None, recipe: "Recipe", input_embeddings: Tensor | None):
+    """The PG returns of a batch (constants): the step's baseline is their mean over all its batches."""
+    obj = recipe.objective
+    return pg_returns(
+        batch.student_logprobs, teacher_token_logprobs(batch, teacher), batch.completion_mask,
+        sample_logprobs_BT=batch.sample_logprobs if batch.alpha > 0 else None,
+        reward_shaping_BT=reward_shaping(recipe, batch, input_embeddings), single_step=obj.single_step,
+        discount=obj.discount, length_norm=obj.length_norm, importance=obj.importance, is_clip=obj.is_clip,
+    )
+
+
+def policy_gradient_step_loss(batch: Completions, student: ModelOutputs, teacher: ModelOutputs | None,
+                              recipe: "Recipe", ctx: StepContext, metrics: dict) -> Tensor:
+    """pg: MiniLLM's policy gradient with teacher log-prob rewards (objectives/pg.py)."""
+    obj, temperature = recipe.objective, batch.temperature
+    single_step = None
+    if obj.single_step:
+        single_step = per_token_divergence(student.logits, teacher.logits, kind="reverse_kl", temperature=temperature)
+    out = policy_gradient_loss(
+        gather_logprobs(student.logits, batch.completion_ids, temperature), batch.student_logprobs,
+        teacher_token_logprobs(batch, teacher), batch.completion_mask,
+        sample_logprobs_BT=batch.sample_logprobs if batch.alpha > 0 else None, single_step_kl_BT=single_step,
+        reward_shaping_BT=reward_shaping(recipe, batch, student.input_embeddings), discount=obj.discount,
+        length_norm=obj.length_norm, importance=obj.importance, is_clip=obj.is_clip, ppo_clip=obj.ppo_clip,
+        baseline=ctx.pg_baseline, num_tokens=ctx.num_tokens,
+    )
+    metrics.update(out.metrics)
+    scale = ctx.num_tokens / max(batch.num_tokens, 1)
+    metrics["pg/loss"] *= scale  # the two loss terms were divided by the step's count
+    metrics["pg/single_step_kl"] *= scale
+    return out.loss
+
+
+def penalty_loss(recipe: "Recipe", batch: Completions, student: ModelOutputs, ctx: StepContext,
+                 metrics: dict) -> Tensor:
+    """Frequency, diversity and entropy penalties in loss form (objectives/penalties.py)."""
+    p, mask, logits = recipe.penalties, batch.completion_mask, student.logits
+    total = torch.zeros((), device=mask.device)
+    if p.frequency:
+        loss, value = pen.frequency_penalty(logits, batch.completion_ids, mask, p.frequency, ctx.num_tokens)
+        total, metrics["penalty/frequency"] = total + loss, _per_token(value, batch, ctx)
+    if p.diversity:  # its logged value is already this batch's own mean over sequences
+        loss, value = pen.diversity_penalty(logits, student.input_embeddings, mask, p.diversity, ctx.num_sequences)
+        total, metrics["penalty/diversity"] = total + loss, value.item()
+    if p.entropy:
+        loss, value = pen.entropy_penalty(logits, mask, p.entropy, p.entropy_floor, ctx.num_tokens)
+        total, metrics["penalty/entropy"] = total + loss, _per_token(value, batch, ctx)
+    return total
+
+
+def step_loss(recipe: "Recipe", loss_fn: LossFn, batch: Completions, student: ModelOutputs,
+              teacher: ModelOutputs | None, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
+    """(loss to backpropagate, metrics) of one micro-batch: the mode's loss plus every auxiliary term."""
+    metrics: dict[str, float] = {}
+    loss = loss_fn(batch, student, teacher, recipe, ctx, metrics)
+    if student.logits is not None and (recipe.penalties.frequency or recipe.penalties.diversity
+                                       or recipe.penalties.entropy):
+        loss = loss + penalty_loss(recipe, batch, student, ctx, metrics)
+    if student.lm_logits is not None and recipe.objective.lm_coef:
+        lm = student.lm_batch
+        lm_loss = token_cross_entropy(student.lm_logits, lm.completion_ids, lm.completion_mask, ctx.lm_tokens)
+        loss = loss + recipe.objective.lm_coef * lm_loss
+        metrics["pg/lm_loss"] = lm_loss.item() * ctx.lm_tokens / max(lm.num_tokens, 1)
+    if student.projected is not None:
+        kind = recipe.hidden.loss
+        pairs = hidden_state_loss(student.projected, [teacher.hidden[t] for _, t in student.pairs],
+                                  batch.completion_mask, kind=kind, num_tokens=ctx.num_tokens, per_pair=True)
+        loss = loss + recipe.hidden.weight * pairs.mean()
+        scale = ctx.num_tokens / max(batch.num_tokens, 1)
+        metrics[f"train/hidden_{kind}"] = pairs.mean().item() * scale
+        for (s, t), value in zip(student.pairs, pairs.tolist()):
+            metrics[f"hidden/{kind}_layer_{s}_to_{t}"] = value * scale
+    if student.logits is not None and teacher is not None and teacher.logits is not None:
+        with torch.no_grad():  # what the student's distribution looks like, whatever the objective
+            mask = batch.completion_mask
+            metrics["train/reverse_kl"] = reduce_tokens(
+                per_token_divergence(student.logits, teacher.logits, kind="reverse_kl"), mask).item()
+            metrics["train/entropy"] = reduce_tokens(pen.entropy(student.logits), mask).item()
+    return loss, metrics

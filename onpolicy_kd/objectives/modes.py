@@ -1,0 +1,128 @@
+"""What each `objective.mode` does, in one table. The recipe checks, the training loop and the loss read it.
+
+| mode  | completions of a step                                   | loss                 | references needed     | passes per rollout |
+|-------|---------------------------------------------------------|----------------------|-----------------------|--------------------|
+| sft   | the dataset's references                                | cross-entropy        | always                | 1                  |
+| seqkd | teacher samples                                         | cross-entropy        | no                    | 1                  |
+| kd    | the dataset's references                                | divergence           | always                | 1                  |
+| gkd   | student samples with probability lmbda, else references | divergence           | when lmbda < 1 and    | 1                  |
+|       | (teacher samples with seq_kd): the lambda coin          |                      | not seq_kd            |                    |
+| pg    | student samples (teacher-mixed with rollout.alpha)      | MiniLLM policy grad. | when lm_coef > 0      | ppo_epochs         |
+
+The lambda coin is a function of (seed, step) only: the same on every process and after a resume.
+Penalties and the hidden-state loss are added to every mode's loss (objectives/loss.py).
+`forward_plan` says which forward passes a step needs: the teacher runs only when the loss reads it,
+and the divergence works from hidden states and the two lm_heads (never materialising full logits)
+when the head backend allows it and nothing else needs the student's logits.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from onpolicy_kd.batch import Source
+from onpolicy_kd.objectives.loss import LossFn, cross_entropy_loss, divergence_loss, policy_gradient_step_loss
+
+if TYPE_CHECKING:  # the recipe sections, for type hints only (the recipe package imports this table)
+    from onpolicy_kd.recipe import Recipe
+    from onpolicy_kd.recipe.schema import ObjectiveConfig
+
+
+@dataclass(frozen=True)
+class Mode:
+    completions: Callable[["ObjectiveConfig", bool], Source]  # (objective, lambda coin says on-policy) -> source
+    loss: LossFn
+    samples_student: bool  # its completions can be student samples (so rollout.alpha applies)
+    reads_teacher: bool  # its loss reads the teacher's distribution
+    chunkable: bool  # its loss is a divergence that the memory-bounded head can compute
+    references: Callable[["ObjectiveConfig"], str | None]  # why it needs reference completions, or None
+    passes: Callable[["ObjectiveConfig"], int]  # optimizer steps per rollout
+
+
+def _gkd_completions(obj: "ObjectiveConfig", on_policy: bool) -> Source:
+    if on_policy:
+        return "student"
+    return "teacher" if obj.seq_kd else "references"
+
+
+def _gkd_references(obj: "ObjectiveConfig") -> str | None:
+    if obj.lmbda < 1 and not obj.seq_kd:
+        return f"objective.lmbda={obj.lmbda} < 1 uses references on off-policy steps (or set objective.seq_kd=true)"
+    return None
+
+
+def _one_pass(obj: "ObjectiveConfig") -> int:
+    return 1
+
+
+MODES: dict[str, Mode] = {
+    "pg": Mode(
+        completions=lambda obj, coin: "student", loss=policy_gradient_step_loss, samples_student=True,
+        reads_teacher=True, chunkable=False, passes=lambda obj: obj.ppo_epochs,
+        references=lambda obj: f"objective.lm_coef={obj.lm_coef} trains on references" if obj.lm_coef > 0 else None,
+    ),
+    "gkd": Mode(
+        completions=_gkd_completions, loss=divergence_loss, samples_student=True, reads_teacher=True, chunkable=True,
+        passes=_one_pass, references=_gkd_references,
+    ),
+    "kd": Mode(
+        completions=lambda obj, coin: "references", loss=divergence_loss, samples_student=False,
+        reads_teacher=True, chunkable=True, passes=_one_pass,
+        references=lambda obj: "objective.mode=kd trains on reference completions",
+    ),
+    "seqkd": Mode(
+        completions=lambda obj, coin: "teacher", loss=cross_entropy_loss, samples_student=False,
+        reads_teacher=False, chunkable=False, passes=_one_pass, references=lambda obj: None,
+    ),
+    "sft": Mode(
+        completions=lambda obj, coin: "references", loss=cross_entropy_loss, samples_student=False,
+        reads_teacher=False, chunkable=False, passes=_one_pass,
+        references=lambda obj: "objective.mode=sft trains on reference completions",
+    ),
+}
+
+
+def lambda_coin(seed: int, step: int, lmbda: float) -> bool:
+    """True when this step's completions are on-policy: probability lmbda, a function of (seed, step) only."""
+    return random.Random(f"{seed}-{step}").random() < lmbda
+
+
+def completion_source(recipe: "Recipe", step: int) -> Source:
+    """Who writes this step's completions: 'student', 'teacher' or 'references'."""
+    obj = recipe.objective
+    return MODES[obj.mode].completions(obj, lambda_coin(recipe.train.seed, step, obj.lmbda))
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """Which forward passes over the completions a step runs, and what they return."""
+
+    student_logits: bool  # full (B, T, V) logits; else the last hidden state for the memory-bounded head
+    teacher: bool  # the teacher runs at all
+    teacher_logits: bool
+    hidden_states: bool  # every layer's hidden states of both models (hidden-state distillation)
+    head: str  # the divergence implementation: torch (full logits), chunked, liger
+
+    @property
+    def chunked(self) -> bool:
+        return not self.student_logits
+
+
+def logit_penalties(recipe: "Recipe") -> bool:
+    p = recipe.penalties
+    return bool(p.frequency or p.diversity or p.entropy)
+
+
+def forward_plan(recipe: "Recipe", head: str) -> ForwardPlan:
+    """The forward passes for this recipe, with `head` the backend chosen at set-up (torch, chunked or liger)."""
+    mode = MODES[recipe.objective.mode]
+    hidden = recipe.hidden.weight > 0
+    chunked = mode.chunkable and head != "torch" and not logit_penalties(recipe)
+    teacher_logits = mode.reads_teacher and not chunked
+    if recipe.objective.mode == "pg" and not recipe.objective.single_step and recipe.rollout.alpha > 0:
+        teacher_logits = False  # the rewards' log p(y_t) come from the teacher's lockstep decode
+    teacher = (mode.reads_teacher and (teacher_logits or chunked)) or hidden
+    return ForwardPlan(student_logits=not chunked, teacher=teacher, teacher_logits=teacher_logits,
+                       hidden_states=hidden, head=head if chunked else "torch")

@@ -1,0 +1,225 @@
+"""Reading a recipe: the YAML file, environment variables and command-line overrides, merged and validated.
+
+A recipe is a YAML file (read with `yaml.safe_load` semantics), plus a few environment variables
+for per-machine settings, plus `section.key=value` overrides from the command line. Precedence:
+command line > environment > recipe file > schema defaults. The layers are merged by OmegaConf
+(which also parses the dotted overrides and resolves `${cache:...}` paths) and validated by
+pydantic, so an unknown key, a wrong type, an out-of-range value or a contradictory combination is
+a `ConfigError` that names the source (file and line, command line, or environment variable), the
+key, the bad value and what is allowed.
+
+Environment variables (per-machine settings; each maps to one recipe key):
+
+| variable | recipe key |
+|---|---|
+| `ONPOLICY_KD_OUTPUT_DIR` | `train.output_dir` |
+| `ONPOLICY_KD_CACHE_DIR` | `data.cache_dir` (also the root of `${cache:...}` paths) |
+| `ONPOLICY_KD_LOSS_BACKEND` | `objective.backend` |
+| `ONPOLICY_KD_MIXED_PRECISION` | `train.mixed_precision` |
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ValidationError
+
+from onpolicy_kd.errors import ConfigError
+from onpolicy_kd.recipe.schema import ENV_OVERRIDES, Recipe
+
+DICT_SOURCE = "<recipe dict>"  # how error messages and model cards name a recipe given as a Python mapping
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and error reporting
+
+
+def _yaml_key_lines(text: str, path: Path) -> dict[tuple[str, ...], int]:
+    """Map each dotted key path of a YAML mapping to its 1-based line, for error messages.
+
+    Also rejects duplicate keys, which yaml.safe_load would silently resolve by keeping the last one.
+    """
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*prefix, str(key_node.value))
+                if key in lines:
+                    raise ConfigError(
+                        f"{path}:{key_node.start_mark.line + 1}: duplicate key '{'.'.join(key)}' (first at line "
+                        f"{lines[key]}); YAML would silently keep only the last one: merge them"
+                    )
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _read_recipe_file(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}\n  give the path of a YAML recipe, e.g. recipes/smollm2_news.yaml")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML\n  {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (teacher:, student:, data:, ...), got {type(data).__name__}")
+    return data, _yaml_key_lines(text, path)
+
+
+def _parse_dotlist(items: Sequence[str], what: str) -> dict[str, Any]:
+    for item in items:
+        key = item.split("=", 1)[0]
+        if "=" not in item or not key or key.startswith("-"):
+            raise ConfigError(f"{what} {item!r}: expected section.key=value, e.g. train.max_steps=10")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(items)))  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{what}: cannot parse {list(items)}: {err}") from None
+
+
+def _flatten_keys(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
+    """The dotted paths of the leaves (sections keep the file's line in error messages)."""
+    keys: set[tuple[str, ...]] = set()
+    for key, value in tree.items():
+        path = (*prefix, str(key))
+        if isinstance(value, Mapping):
+            keys |= _flatten_keys(value, path)
+        else:
+            keys.add(path)
+    return keys
+
+
+def _schema_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Every valid dotted key of the schema, with its field info."""
+    keys: dict[tuple[str, ...], Any] = {}
+    for name, field in model.model_fields.items():
+        path = (*prefix, name)
+        keys[path] = field
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys |= _schema_keys(annotation, path)
+    return keys
+
+
+def _lookup(tree: Any, path: Sequence[str | int]) -> Any:
+    for part in path:
+        if isinstance(tree, Mapping) and part in tree:
+            tree = tree[part]
+        elif isinstance(tree, list) and isinstance(part, int) and part < len(tree):
+            tree = tree[part]
+        else:
+            return None
+    return tree
+
+
+def _format_errors(
+    err: ValidationError,
+    merged: Mapping[str, Any],
+    where: Mapping[tuple[str, ...], str],
+    recipe_path: Path,
+) -> str:
+    schema = _schema_keys(Recipe)
+    out = [f"invalid recipe {recipe_path}"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if isinstance(p, (str, int)))
+        # Pydantic puts model-level (validator) errors at the section's location; keep the path.
+        key = ".".join(str(p) for p in loc) or "(recipe)"
+        source = where.get(tuple(str(p) for p in loc))
+        if source is None:
+            # errors inside a section point at the section's own source line, when known
+            for cut in range(len(loc) - 1, 0, -1):
+                source = where.get(tuple(str(p) for p in loc[:cut]))
+                if source:
+                    break
+        source = source or str(recipe_path)
+        if e["type"] == "extra_forbidden":
+            parent = tuple(str(p) for p in loc[:-1])
+            siblings = sorted(k[-1] for k in schema if k[:-1] == parent)
+            close = difflib.get_close_matches(str(loc[-1]), siblings, n=1, cutoff=0.6)
+            prefix = ".".join(parent) + "." if parent else ""
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(siblings)}"
+            out.append(f"  {key}: unknown key ({source})\n    {hint}")
+            continue
+        if e["type"] == "missing":
+            out.append(f"  {key}: required key is missing ({source})")
+            continue
+        field = schema.get(tuple(str(p) for p in loc))
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if not loc or isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            # A contradiction between keys (a section's validator): the message names the keys.
+            file_line = where.get(tuple(str(p) for p in loc), "") if loc else ""
+            out.append(f"  {key}: contradictory settings ({file_line if ':' in file_line else recipe_path})\n    {msg}")
+            continue
+        value = _lookup(merged, loc)
+        allowed = getattr(field, "description", None) if field is not None else None
+        line = f"  {key} = {value!r} ({source})\n    {msg}" if field is not None else f"  {key} ({source})\n    {msg}"
+        if allowed:
+            line += f"\n    allowed: {allowed}"
+        out.append(line)
+    return "\n".join(out)
+
+
+def load_recipe(
+    source: str | os.PathLike[str] | Mapping[str, Any],
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+    *,
+    api_values: Mapping[str, Any] | None = None,
+) -> Recipe:
+    """Read, merge and validate a recipe. Raises `ConfigError` with a message a user can act on.
+
+    `source` is a YAML file or, from Python, a mapping of sections. `api_values` (nested sections) are what
+    the Python API sets from the objects it was given; they win over every other layer.
+    """
+    environ = os.environ if environ is None else environ
+    if isinstance(source, Mapping):
+        path, file_data, file_lines = Path(DICT_SOURCE), copy.deepcopy(dict(source)), {}
+    else:
+        path = Path(source)
+        file_data, file_lines = _read_recipe_file(path)
+
+    env_items = [f"{key}={environ[var]}" for var, key in ENV_OVERRIDES.items() if environ.get(var)]
+    env_data = _parse_dotlist(env_items, "environment variable")
+    cli_data = _parse_dotlist(overrides, "command-line override")
+    api_data = dict(api_values or {})
+
+    # Remember where each key came from, for error messages (later layers win).
+    where: dict[tuple[str, ...], str] = {k: f"{path}:{line}" for k, line in file_lines.items()}
+    env_var_of = {tuple(key.split(".")): var for var, key in ENV_OVERRIDES.items()}
+    where |= {k: f"environment variable {env_var_of.get(k, '?')}" for k in _flatten_keys(env_data)}
+    where |= {k: "command line" for k in _flatten_keys(cli_data)}
+    where |= {k: "set by distill() from the objects passed to it" for k in _flatten_keys(api_data)}
+
+    try:
+        merged_conf = OmegaConf.merge(OmegaConf.create(file_data), env_data, cli_data, api_data)
+        merged: dict[str, Any] = OmegaConf.to_container(merged_conf, resolve=True)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: cannot merge or resolve the recipe: {err}") from None
+
+    try:
+        return Recipe.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, merged, where, path)) from None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (what --dry-run prints and the run saves)."""
+    return yaml.safe_dump(recipe.model_dump(mode="python"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,282 @@
+"""The training loop: `train()` shows one step from top to bottom; the phases are in training/phases.py.
+
+    prompts -> completions -> teacher forward -> loss and backward (per micro-batch) -> clip and optimizer step
+            -> metrics, evaluation, samples, checkpoint (after_step)
+
+What a mode does (where completions come from, its loss, how many passes over a rollout) is read from the
+mode table (objectives/modes.py); which forward passes run, and whether the divergence uses the
+memory-bounded head, is decided once at set-up (`choose_head`, `forward_plan`) and printed.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from onpolicy_kd.console import console
+from onpolicy_kd.data.loading import PromptData, load_prompt_data
+from onpolicy_kd.data.sampler import PromptSampler, count_references
+from onpolicy_kd.errors import ConfigError, DataError, UserError
+from onpolicy_kd.evaluation.heldout import greedy_samples, heldout_metrics
+from onpolicy_kd.models.distributed import make_accelerator, prepare_teacher, zero_stage
+from onpolicy_kd.models.loading import Models, load_models, logits_are_linear
+from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
+from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
+from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_source, forward_plan, logit_penalties
+from onpolicy_kd.recipe import Recipe, recipe_to_yaml
+from onpolicy_kd.training.checkpoint import export_final, load_checkpoint, model_card, resolve_resume, save_checkpoint
+from onpolicy_kd.training.monitor import Monitor
+from onpolicy_kd.training.optim import build_optimizer, build_scheduler
+from onpolicy_kd.training.phases import (
+    MetricSums, PhaseTimer, backward_micro_batch, draw_completions, optimizer_step, step_context, teacher_outputs,
+)
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint stores besides the weights and optimizer (trainer_state.json)."""
+
+    step: int = 0
+    data_position: int = 0  # global prompt rows consumed (PromptSampler.position)
+    bad_steps_total: int = 0
+    bad_steps_in_a_row: int = 0
+    train_seconds: float = 0.0
+    before: dict[str, float] = field(default_factory=dict)  # held-out metrics before the first step
+
+
+class StopRequested:
+    """SIGINT / SIGTERM ask the loop to save a checkpoint and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001
+        self.signal = signum
+
+
+@dataclass
+class Run:
+    """Everything the steps of one run work with, built once by `setup`."""
+
+    recipe: Recipe
+    recipe_path: str
+    accelerator: Accelerator
+    student: torch.nn.Module  # wrapped for DDP / DeepSpeed
+    teacher: torch.nn.Module
+    tokenizer: object
+    data: PromptData
+    vocab: int  # the shared vocabulary (the losses ignore padded embedding rows)
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    sampler: PromptSampler
+    mode: Mode
+    plan: ForwardPlan
+    state: TrainerState
+    monitor: Monitor
+    stop: StopRequested
+    input_embeddings: torch.Tensor  # the student's, for the diversity penalty's reward form
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or signal-stopped) run leaves: the trained student and where everything was written."""
+
+    student: torch.nn.Module  # the trained student, unwrapped, on the training device
+    tokenizer: object
+    output_dir: Path
+    final_dir: Path | None  # <output_dir>/final; None when a signal stopped the run (a checkpoint was saved)
+    before: dict[str, float]  # held-out metrics before the first step (eval/reverse_kl, ...)
+    after: dict[str, float] | None
+    steps: int
+    head: str = "torch"  # the divergence implementation the run used (torch, chunked, liger)
+    stitching: torch.nn.Module | None = None  # hidden-state projections, detached from the student
+    stopped_by_signal: int | None = None
+    zero_stage: int = 0
+
+
+def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None) -> TrainResult:
+    """Train the student as the recipe says. `models` and the raw splits come from the Python API."""
+    run = setup(recipe, recipe_path, models, raw_train, raw_eval)
+    with run.monitor:
+        evaluate_at_start(run)
+        while run.state.step < recipe.train.max_steps:
+            timer, sums = PhaseTimer(), MetricSums()
+            source = completion_source(recipe, run.state.step)  # student / teacher samples or references
+            with timer("rollout"):
+                batches = draw_completions(run, source)  # one batch per micro-batch
+            with timer("teacher"):
+                teachers = [teacher_outputs(run, batch) for batch in batches]  # once per rollout
+            context = step_context(run, batches, teachers)  # global token counts, PG baseline
+            skipped, metrics = False, {}
+            for _ in range(run.mode.passes(recipe.objective)):  # pg: ppo_epochs passes over the rollout
+                bad = False
+                for batch, teacher in zip(batches, teachers):
+                    with timer("student"):  # forward, loss, backward (gradients accumulate)
+                        bad |= backward_micro_batch(run, batch, teacher, context, sums)
+                with timer("optimizer"):  # clip, step, schedule; skipped on a non-finite loss
+                    skipped |= optimizer_step(run, bad, metrics)
+            metrics |= sums.global_means(run.accelerator)
+            if after_step(run, source, context.num_tokens, metrics, skipped, timer):  # log, eval, checkpoint
+                return stopped_by_signal(run)
+        after = heldout(run)
+        run.monitor.log(run.state.step, after, advance=False)
+    return finish(run, after)
+
+
+def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None) -> Run:
+    """Accelerator, models, data, optimizer, schedule and prompt order, resumed from a checkpoint if asked."""
+    accelerator = make_accelerator(recipe)
+    set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
+    models = models or load_models(recipe, recipe_path)
+    if recipe.hidden.weight:  # before the optimizer is built: the projections train with the student
+        attach_stitching(models.student, models.teacher, recipe.hidden.layers)
+    data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, train=raw_train, eval_=raw_eval)
+    mode = MODES[recipe.objective.mode]
+    reason = mode.references(recipe.objective)
+    if reason and count_references(data.train) == 0:
+        raise DataError(f"{reason}, but {recipe.data.path} has none (format {data.task.name}, columns "
+                        f"{data.task.columns}); map a reference column with data.columns.reference=<column>")
+    cfg = recipe.train
+    optimizer = build_optimizer(recipe.optim, models.student)
+    # pg takes ppo_epochs optimizer steps per training step: the schedule spans all of them
+    scheduler = build_scheduler(recipe.optim, optimizer, cfg.max_steps * mode.passes(recipe.objective))
+    student, optimizer = accelerator.prepare(models.student, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    teacher = prepare_teacher(models.teacher, accelerator)
+    head, why = choose_head(recipe, accelerator, models)
+    sampler = PromptSampler(len(data.train), cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed)
+    state = TrainerState()
+    resume = resolve_resume(cfg.resume_from, cfg.output_dir)
+    if resume is not None:
+        state = TrainerState(**{k: v for k, v in load_checkpoint(accelerator, resume).items()
+                                if k in TrainerState.__dataclass_fields__})
+        sampler.position = state.data_position
+    if recipe.logging.tensorboard:
+        accelerator.init_trackers("onpolicy_kd")
+    monitor = Monitor(cfg.output_dir, cfg.max_steps, state.step, enabled=accelerator.is_main_process,
+                      live=recipe.logging.live, accelerator=accelerator, tensorboard=recipe.logging.tensorboard)
+    if mode.chunkable:
+        monitor.print(f"divergence head: {head} ({why})")
+    return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
+               optimizer, scheduler, sampler, mode, forward_plan(recipe, head), state, monitor, StopRequested(),
+               accelerator.unwrap_model(student).get_input_embeddings().weight)
+
+
+def choose_head(recipe: Recipe, accelerator: Accelerator, models: Models) -> tuple[str, str]:
+    """The divergence implementation, decided once: (torch | chunked | liger, why)."""
+    obj = recipe.objective
+    if obj.backend == "liger":
+        if obj.divergence not in LIGER_KINDS:
+            raise ConfigError(f"objective.backend=liger computes {sorted(LIGER_KINDS)}, not {obj.divergence}; "
+                              f"use backend=chunked")
+        if accelerator.device.type != "cuda" or not liger_available():
+            raise ConfigError("objective.backend=liger needs CUDA and `pip install liger-kernel`; use backend=chunked")
+    if not MODES[obj.mode].chunkable:
+        return "torch", f"mode {obj.mode} reads the student's full logits"
+    if obj.backend == "torch":
+        return "torch", "objective.backend=torch: full logits"
+    if logit_penalties(recipe):
+        return "torch", "the penalties read the student's full distribution"
+    if zero_stage(accelerator) == 3:
+        return "torch", "under ZeRO-3 the lm_head weights are sharded: full logits"
+    if not (logits_are_linear(models.student) and logits_are_linear(models.teacher)):
+        return "torch", "a model's logits are more than hidden @ lm_head (soft-capping, scaling or a bias): full logits"
+    if obj.backend == "liger" or (obj.backend == "auto" and accelerator.device.type == "cuda"
+                                  and obj.divergence in LIGER_KINDS and liger_available()):
+        return "liger", "Liger-Kernel's fused linear JSD on CUDA"
+    return "chunked", f"memory-bounded: {obj.chunk_size} tokens at a time, full logits never materialised"
+
+
+def heldout(run: Run) -> dict[str, float]:
+    return heldout_metrics(run.recipe, run.accelerator, run.student, run.teacher, run.tokenizer, run.data.eval)
+
+
+def evaluate_at_start(run: Run) -> None:
+    if run.state.step == 0:
+        run.state.before = heldout(run)
+        run.monitor.log(0, run.state.before, advance=False)
+        run.monitor.print(f"held-out reverse KL before training: {run.state.before['eval/reverse_kl']:.3f} nats/token")
+
+
+def checkpoint(run: Run) -> Path:
+    run.state.data_position = run.sampler.position
+    return save_checkpoint(run.accelerator, run.recipe.train.output_dir, run.state.step, asdict(run.state),
+                           run.recipe.train.save_total_limit)
+
+
+def after_step(run: Run, source: str, num_tokens: float, metrics: dict[str, float], skipped: bool,
+               timer: PhaseTimer) -> bool:
+    """Bookkeeping after an optimizer step: the NaN/Inf guard, metrics, evaluation, samples and checkpoints.
+    Returns True when a signal asked the run to stop (a checkpoint has then been saved)."""
+    recipe, state, monitor, cfg = run.recipe, run.state, run.monitor, run.recipe.train
+    state.step += 1
+    state.bad_steps_in_a_row = state.bad_steps_in_a_row + 1 if skipped else 0
+    state.bad_steps_total += int(skipped)
+    if skipped:
+        monitor.print(f"[yellow]warning:[/] non-finite loss at step {state.step}: step skipped "
+                      f"({state.bad_steps_in_a_row} in a row, {state.bad_steps_total} in all)")
+        if state.bad_steps_in_a_row >= cfg.max_bad_steps:
+            raise UserError(
+                f"the loss was NaN/Inf for {state.bad_steps_in_a_row} steps in a row (step {state.step}); try a lower "
+                f"optim.lr, optim.max_grad_norm, train.mixed_precision=bf16 or no instead of fp16, a higher "
+                f"rollout.temperature, and check the data; resume from the last checkpoint after changing them")
+    elapsed = timer.elapsed()
+    state.train_seconds += elapsed
+    prompts = cfg.grad_accum * cfg.batch_size * run.accelerator.num_processes
+    metrics |= timer.metrics() | {
+        "optim/lr": run.scheduler.get_last_lr()[0], "rollout/mean_len": num_tokens / prompts,
+        "perf/tokens_per_s": num_tokens / elapsed, "time/step_s": elapsed, "train/skipped_steps": state.bad_steps_total,
+        "data/on_policy": float(source == "student"),
+    }
+    if state.step % recipe.logging.log_steps == 0 or state.step == cfg.max_steps:
+        monitor.log(state.step, metrics)
+    if recipe.eval.eval_steps and state.step % recipe.eval.eval_steps == 0 and state.step < cfg.max_steps:
+        monitor.log(state.step, heldout(run), advance=False)
+    if recipe.logging.sample_steps and state.step % recipe.logging.sample_steps == 0:
+        monitor.samples(state.step, greedy_samples(recipe, run.accelerator, run.student, run.teacher, run.tokenizer,
+                                                   run.data.eval))
+    if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < cfg.max_steps:
+        checkpoint(run)
+    if run.stop.signal is not None:
+        checkpoint(run)
+        monitor.print(f"stopped by signal {run.stop.signal} at step {state.step}: checkpoint saved; "
+                      f"resume with train.resume_from=latest")
+        return True
+    return False
+
+
+def finish(run: Run, after: dict[str, float]) -> TrainResult:
+    """The last checkpoint, the exported student with its model card, and the before/after summary."""
+    recipe, state, accelerator = run.recipe, run.state, run.accelerator
+    checkpoint(run)
+    card = model_card(recipe, run.recipe_path, state.before, after, state.step, state.train_seconds)
+    final = export_final(accelerator, run.student, run.tokenizer, recipe.train.output_dir, recipe_to_yaml(recipe), card)
+    if accelerator.is_main_process:
+        before_kl = state.before.get("eval/reverse_kl", float("nan"))
+        console.print(f"held-out reverse KL (student || teacher): {before_kl:.3f} -> {after['eval/reverse_kl']:.3f} "
+                      f"nats/token ({100 * (after['eval/reverse_kl'] / before_kl - 1):+.0f}%) in "
+                      f"{state.train_seconds:.0f} s; student saved to {final}")
+    accelerator.end_training()
+    return _result(run, after, final, None)
+
+
+def stopped_by_signal(run: Run) -> TrainResult:
+    return _result(run, None, None, run.stop.signal)
+
+
+def _result(run: Run, after: dict | None, final: Path | None, signum: int | None) -> TrainResult:
+    """The run's result, with the stitching projections taken off the student (it is a plain model again)."""
+    student = run.accelerator.unwrap_model(run.student)
+    stitching = student._modules.pop(STITCHING, None)
+    return TrainResult(student=student, tokenizer=run.tokenizer, output_dir=Path(run.recipe.train.output_dir),
+                       final_dir=final, before=run.state.before, after=after, steps=run.state.step,
+                       head=run.plan.head, stitching=stitching, stopped_by_signal=signum,
+                       zero_stage=zero_stage(run.accelerator))

@@ -1,0 +1,162 @@
+"""The phases of one training step, each one call from `train()` (training/loop.py):
+
+    draw_completions  -> one `Completions` batch per micro-batch (references, student or teacher samples)
+    teacher_outputs   -> the frozen teacher's forward over each batch, once per rollout (PPO epochs reuse it)
+    step_context      -> the step's global normalisers (token and sequence counts) and the PG baseline
+    backward_micro_batch -> the student's forward, the loss, `accelerator.backward`
+    optimizer_step    -> gradient clipping, the optimizer and schedule step (skipped on a non-finite loss)
+
+Seeds: a generation batch's sampling generator is seeded from (train.seed, step, batch index, process), so
+a resumed run draws exactly what the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from onpolicy_kd.batch import Completions, Source, concatenate
+from onpolicy_kd.data.sampler import prompt_batch, reference_batch
+from onpolicy_kd.models.distributed import for_generation, global_sum
+from onpolicy_kd.models.forward import student_forward, teacher_forward
+from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, batch_returns, step_loss
+from onpolicy_kd.objectives.penalties import sequences_with_pairs
+from onpolicy_kd.rollout import rollout
+
+if TYPE_CHECKING:
+    from onpolicy_kd.training.loop import Run
+
+
+class PhaseTimer:
+    """Wall-clock seconds per phase of one step (`with timer("rollout"): ...`), as `time/<phase>_s` metrics."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds = dict.fromkeys(("rollout", "teacher", "student", "optimizer"), 0.0)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - started
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time/{phase}_s": seconds for phase, seconds in self.seconds.items()}
+
+
+class MetricSums:
+    """Per-token metrics of the micro-batches, weighted by their token counts, averaged over all processes."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weight = 0
+
+    def add(self, metrics: dict[str, float], tokens: int) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value * tokens
+        self.weight += tokens
+
+    def global_means(self, accelerator) -> dict[str, float]:
+        total = global_sum(accelerator, self.weight)  # every rank has the same keys, in the same order
+        return {key: global_sum(accelerator, value) / max(total, 1) for key, value in sorted(self.sums.items())}
+
+
+def draw_completions(run: "Run", source: Source) -> list[Completions]:
+    """This step's completions, one batch per micro-batch: the dataset's references, or samples from the student
+    (teacher-mixed with rollout.alpha) or from the teacher, generated `rollout.batch_size` prompts at a time."""
+    recipe, acc, pad = run.recipe, run.accelerator, run.tokenizer.pad_token_id
+    rows = [run.sampler.next_batch() for _ in range(recipe.train.grad_accum)]
+    if source == "references":
+        return [reference_batch(run.data.train, r, pad, acc.device) for r in rows]
+    r, step = recipe.rollout, run.state.step
+    flat = [row for micro in rows for row in micro]
+    size = r.batch_size or recipe.train.batch_size
+    generated = []
+    with for_generation(run.student, acc) as student:
+        for index, start in enumerate(range(0, len(flat), size)):
+            chunk = flat[start : start + size]
+            prompt_ids, prompt_mask = prompt_batch(run.data.train, chunk, pad, acc.device)
+            generator = torch.Generator(device=acc.device).manual_seed(
+                recipe.train.seed * 1_000_003 + step * 1009 + index * 31 + acc.process_index)
+            alpha = 1.0 if source == "teacher" else r.alpha
+            generated.append(rollout(
+                student, run.teacher if alpha > 0 else None, prompt_ids, prompt_mask, tokenizer=run.tokenizer,
+                max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, alpha=alpha,
+                do_sample=r.do_sample, stop_strings=r.stop_strings, generator=generator, vocab_size=run.vocab,
+                source=source, rows=chunk))
+    if size != recipe.train.batch_size:  # re-split the generation batches into training micro-batches
+        everything, n = concatenate(generated, pad), recipe.train.batch_size
+        generated = [everything.select(range(i * n, (i + 1) * n)) for i in range(len(rows))]
+    if recipe.objective.lm_coef:  # pg's language-modelling term reads the same prompts' references
+        for batch in generated:
+            batch.references = reference_batch(run.data.train, batch.rows, pad, acc.device)
+    return generated
+
+
+def teacher_outputs(run: "Run", batch: Completions) -> ModelOutputs | None:
+    """The teacher's forward over a batch's completions, as far as the loss reads it (None: it reads nothing)."""
+    plan = run.plan
+    if not plan.teacher:
+        return None
+    return teacher_forward(run.teacher, batch, vocab=run.vocab, logits=plan.teacher_logits, hidden=plan.hidden_states)
+
+
+def step_context(run: "Run", batches: list[Completions], teachers: list[ModelOutputs | None]) -> StepContext:
+    """The step's normalisers, summed over all micro-batches and processes, and the PG mean baseline."""
+    acc, recipe = run.accelerator, run.recipe
+    ctx = StepContext(
+        num_tokens=global_sum(acc, sum(b.num_tokens for b in batches)),
+        num_sequences=global_sum(acc, sum(sequences_with_pairs(b.completion_mask) for b in batches)),
+        head=run.plan.head,
+    )
+    if recipe.objective.lm_coef:
+        ctx.lm_tokens = global_sum(acc, sum(b.references.num_tokens for b in batches))
+    if recipe.objective.mode == "pg" and recipe.objective.pg_baseline == "mean":
+        returns = [batch_returns(b, t, recipe, run.input_embeddings) for b, t in zip(batches, teachers)]
+        ctx.pg_baseline = global_sum(acc, sum(float(r.future.sum()) for r in returns)) / max(ctx.num_tokens, 1)
+    return ctx
+
+
+def backward_micro_batch(run: "Run", batch: Completions, teacher: ModelOutputs | None, ctx: StepContext,
+                         sums: MetricSums) -> bool:
+    """The student's forward, the loss and its backward for one micro-batch; True when the loss was not finite."""
+    acc, plan = run.accelerator, run.plan
+    with acc.accumulate(run.student):
+        student = student_forward(run.student, batch, vocab=run.vocab, logits=plan.student_logits,
+                                  hidden=plan.hidden_states, lm_batch=batch.references,
+                                  input_embeddings=bool(run.recipe.penalties.diversity))
+        loss, metrics = step_loss(run.recipe, run.mode.loss, batch, student, teacher, ctx)
+        bad = not torch.isfinite(loss)
+        if bad:  # backpropagate zeros so every rank's gradient hooks still fire
+            loss = sum(p.sum() for p in run.student.parameters() if p.requires_grad) * 0.0
+        # accelerate / DeepSpeed divide the loss by grad_accum and DDP averages over processes: undo both, since
+        # the loss is already divided by the step's global counts
+        acc.backward(loss * (run.recipe.train.grad_accum * acc.num_processes))
+    metrics["train/loss"] = loss.item() * ctx.num_tokens / max(batch.num_tokens, 1)
+    sums.add(metrics, batch.num_tokens)
+    return bad
+
+
+def optimizer_step(run: "Run", bad: bool, metrics: dict[str, float]) -> bool:
+    """Clip, step the optimizer and the schedule, zero the gradients; every process skips the step together when
+    any had a non-finite loss. Returns whether it was skipped."""
+    acc = run.accelerator
+    bad = global_sum(acc, int(bad)) > 0
+    if not bad and run.recipe.optim.max_grad_norm:
+        norm = acc.clip_grad_norm_(run.student.parameters(), run.recipe.optim.max_grad_norm)
+        if norm is not None:
+            metrics["optim/grad_norm"] = float(norm)
+    if not bad:
+        run.optimizer.step()
+    run.optimizer.zero_grad()
+    if not bad:
+        run.scheduler.step()
+    return bad

@@ -1,0 +1,254 @@
+"""The pieces of one training step: the mode table, the lambda coin, the batch type (masks, positions, splitting),
+the forward plan and head choice, and the step's loss being independent of how its samples are split."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from onpolicy_kd.batch import Completions, completion_mask, concatenate, left_pad, position_ids, right_pad
+from onpolicy_kd.objectives.modes import MODES, completion_source, forward_plan, lambda_coin
+from onpolicy_kd.recipe import Recipe
+
+from conftest import llama_config
+
+
+def recipe(**sections) -> Recipe:
+    base = {"teacher": {"name_or_path": "t"}, "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
+            "data": {"path": "d.jsonl"}}
+    for name, values in sections.items():
+        base[name] = values
+    return Recipe.model_validate(base)
+
+
+# --- the mode table -------------------------------------------------------------------------------------------
+
+
+def test_mode_table_sources_and_references():
+    plain = recipe().objective
+    assert {m: spec.completions(plain, True) for m, spec in MODES.items()} == {
+        "pg": "student", "gkd": "student", "kd": "references", "seqkd": "teacher", "sft": "references"}
+    assert MODES["gkd"].completions(plain, False) == "references"
+    seq = recipe(objective={"mode": "gkd", "lmbda": 0.5, "seq_kd": True}).objective
+    assert MODES["gkd"].completions(seq, False) == "teacher" and MODES["gkd"].references(seq) is None
+    assert "lmbda=0.5" in MODES["gkd"].references(recipe(objective={"lmbda": 0.5}).objective)
+    assert MODES["sft"].references(plain) and MODES["kd"].references(plain) and MODES["seqkd"].references(plain) is None
+    pg = recipe(objective={"mode": "pg", "lm_coef": 0.5, "ppo_epochs": 3}).objective
+    assert "lm_coef" in MODES["pg"].references(pg) and MODES["pg"].passes(pg) == 3
+    assert all(spec.passes(plain) == 1 for name, spec in MODES.items() if name != "pg")
+
+
+def test_lambda_coin_is_a_function_of_seed_and_step():
+    draws = [lambda_coin(7, step, 0.3) for step in range(4000)]
+    assert draws == [lambda_coin(7, step, 0.3) for step in range(4000)]  # same on every process, after a resume
+    assert abs(sum(draws) / len(draws) - 0.3) < 0.03
+    assert draws != [lambda_coin(8, step, 0.3) for step in range(4000)]
+    assert all(lambda_coin(7, s, 1.0) for s in range(100)) and not any(lambda_coin(7, s, 0.0) for s in range(100))
+    r = recipe(objective={"lmbda": 0.5}, train={"seed": 7})
+    assert [completion_source(r, s) for s in range(50)] == [
+        "student" if lambda_coin(7, s, 0.5) else "references" for s in range(50)]
+
+
+@pytest.mark.parametrize("sections, expected", [
+    ({}, dict(student_logits=False, teacher=True, teacher_logits=False, hidden_states=False, head="chunked")),
+    ({"penalties": {"entropy": 0.1}}, dict(student_logits=True, teacher_logits=True, head="torch")),
+    ({"objective": {"mode": "sft"}}, dict(student_logits=True, teacher=False)),
+    ({"objective": {"mode": "sft"}, "hidden": {"weight": 0.1}}, dict(teacher=True, teacher_logits=False,
+                                                                      hidden_states=True)),
+    ({"objective": {"mode": "pg"}}, dict(student_logits=True, teacher=True, teacher_logits=True)),
+    # no single-step term and teacher-mixed sampling: the rewards come from the lockstep decode, no teacher pass
+    ({"objective": {"mode": "pg", "single_step": False}, "rollout": {"alpha": 0.2}}, dict(teacher=False)),
+    ({"objective": {"mode": "pg", "single_step": False}}, dict(teacher=True, teacher_logits=True)),
+])
+def test_forward_plan(sections, expected):
+    plan = forward_plan(recipe(**sections), "chunked")
+    assert {key: getattr(plan, key) for key in expected} == expected
+
+
+def test_head_is_chosen_once_with_a_reason():
+    from onpolicy_kd.errors import ConfigError
+    from onpolicy_kd.training.loop import choose_head
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(llama_config(40, layers=1))
+    models = SimpleNamespace(student=model, teacher=model)
+    cpu = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None))
+    assert choose_head(recipe(), cpu, models)[0] == "chunked"
+    assert choose_head(recipe(objective={"backend": "torch"}), cpu, models)[0] == "torch"
+    assert choose_head(recipe(penalties={"frequency": 0.1}), cpu, models) == (
+        "torch", "the penalties read the student's full distribution")
+    assert choose_head(recipe(objective={"mode": "pg"}), cpu, models)[0] == "torch"
+    zero3 = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
+    assert "ZeRO-3" in choose_head(recipe(), zero3, models)[1]
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        choose_head(recipe(objective={"backend": "liger", "divergence": "jsd"}), cpu, models)
+    with pytest.raises(ConfigError, match="liger computes"):
+        choose_head(recipe(objective={"backend": "liger", "divergence": "tv"}), cpu, models)
+
+
+# --- the batch type -------------------------------------------------------------------------------------------
+
+
+def test_masks_and_positions():
+    mask = completion_mask(torch.tensor([0, 2, 4]), 4)
+    assert mask.tolist() == [[False] * 4, [True, True, False, False], [True] * 4]
+    ids, prompt_mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    completions, cmask = right_pad([[1], [2, 3, 4]], pad_id=0)
+    assert completions.tolist() == [[1, 0, 0], [2, 3, 4]] and cmask.tolist() == [[True, False, False], [True] * 3]
+    batch = Completions(ids, prompt_mask, completions, cmask, source="references", texts=["a", "b"])
+    # positions count attended tokens only: left padding does not shift them
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 3, 3], [0, 0, 0, 1, 2, 3]]  # nor does padding after the end
+    assert position_ids(torch.tensor([[0, 1, 1]])).tolist() == [[0, 0, 1]]
+    assert batch.lengths.tolist() == [1, 3] and batch.num_tokens == 4
+    assert right_pad([[], []], 0)[0].shape == (2, 1)  # at least one (masked) column
+
+
+def _sampled(rows: list[list[int]], lengths: list[int], width: int) -> Completions:
+    ids, mask = left_pad(rows, 0)
+    completion = torch.arange(len(rows) * width).reshape(len(rows), width) + 100
+    cmask = completion_mask(torch.tensor(lengths), width)
+    logprobs = torch.where(cmask, -completion.float(), torch.zeros(()))
+    return Completions(ids, mask, completion, cmask, source="student", texts=[str(i) for i in range(len(rows))],
+                       student_logprobs=logprobs, sample_logprobs=logprobs, student_entropy=logprobs, alpha=0.2,
+                       rows=list(range(len(rows))))
+
+
+def test_select_and_concatenate_keep_every_row_intact():
+    a = _sampled([[1, 2, 3], [4]], [2, 3], 3)
+    b = _sampled([[5, 6]], [1], 2)
+    both = concatenate([a, b], pad_id=0)
+    assert both.prompt_ids.tolist() == [[1, 2, 3], [0, 0, 4], [0, 5, 6]]
+    assert both.completion_mask.sum(1).tolist() == [2, 3, 1] and both.completion_ids.shape == (3, 3)
+    assert both.texts == ["0", "1", "0"] and both.alpha == 0.2
+    part = both.select([1, 2])
+    assert part.prompt_ids.tolist() == [[0, 4], [5, 6]]  # the all-padding column is dropped
+    assert part.completion_ids.tolist() == [[103, 104, 105], [100, 101, 0]]  # ids kept, 0 = concatenation padding
+    assert part.completion_mask.tolist() == [[True] * 3, [True, False, False]]
+    assert part.student_logprobs[0].tolist() == [-103.0, -104.0, -105.0] and part.texts == ["1", "0"]
+    short = both.select([2])
+    assert short.completion_ids.shape == (1, 1) and short.sequences.tolist() == [[5, 6, 100]]
+
+
+# --- a step does not depend on how its samples are split -----------------------------------------------------
+
+
+VOCAB = 300  # the tiny tokenizer's
+
+
+def _models():
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(llama_config(VOCAB, layers=2)).eval()
+    student = AutoModelForCausalLM.from_config(llama_config(VOCAB, layers=2, hidden=16))
+    student.config.use_cache = teacher.config.use_cache = True
+    return teacher, student
+
+
+def _step_gradients(run, batches, student):
+    from onpolicy_kd.models.forward import student_forward
+    from onpolicy_kd.objectives.loss import step_loss
+    from onpolicy_kd.training.phases import step_context, teacher_outputs
+
+    student.zero_grad()
+    teachers = [teacher_outputs(run, b) for b in batches]
+    ctx = step_context(run, batches, teachers)
+    for batch, teacher in zip(batches, teachers):
+        out = student_forward(student, batch, vocab=run.vocab, logits=run.plan.student_logits,
+                              hidden=run.plan.hidden_states, lm_batch=batch.references, input_embeddings=True)
+        loss, _ = step_loss(run.recipe, run.mode.loss, batch, out, teacher, ctx)
+        loss.backward()
+    return {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}, ctx
+
+
+@pytest.mark.parametrize("sections", [
+    {"objective": {"mode": "pg", "importance": "sequence", "lm_coef": 0.3}, "rollout": {"alpha": 0.3},
+     "penalties": {"frequency": 0.1, "diversity": 0.05, "entropy": 0.05, "entropy_floor": 2.0, "shape_reward": True}},
+    {"objective": {"mode": "pg"}},
+    {"objective": {"mode": "gkd", "divergence": "jsd", "beta": 0.3}, "hidden": {"weight": 0.5}},
+    {"objective": {"mode": "kd"}, "hidden": {"weight": 0.5, "loss": "cosine"}, "penalties": {"diversity": 0.1}},
+], ids=["pg-mixed-penalties-lm", "pg", "gkd-hidden", "kd-hidden-diversity"])
+def test_the_step_gradient_does_not_depend_on_the_split(sections, tiny_tokenizer):
+    """The same 8 fixed samples as one micro-batch and as 4 micro-batches of 2: the same gradient (every term is
+    divided by the step's global counts; the PG baseline is the step's mean return)."""
+    from onpolicy_kd.data.sampler import reference_batch
+    from onpolicy_kd.objectives.hidden import attach_stitching
+    from onpolicy_kd.objectives.modes import MODES, forward_plan
+    from onpolicy_kd.rollout import rollout
+
+    r = recipe(**sections)
+    teacher, student = _models()
+    if r.hidden.weight:
+        attach_stitching(student, teacher, r.hidden.layers)
+    tok = tiny_tokenizer
+    prompts = [tok(text).input_ids[: 3 + i] for i, text in enumerate(["The quick brown fox jumps"] * 4 +
+                                                                        ["Hello world! How are you"] * 4)]
+    ids, mask = left_pad(prompts, tok.pad_token_id or tok.eos_token_id)
+    alpha = r.rollout.alpha
+    batch = rollout(student, teacher if alpha else None, ids, mask, tokenizer=tok, max_new_tokens=6, alpha=alpha,
+                    generator=torch.Generator().manual_seed(1), rows=list(range(8)), vocab_size=VOCAB)
+    if r.objective.lm_coef:
+        rows = [{"prompt_ids": p, "reference_ids": [7, 8, 9][: 1 + i % 3], "reference": "x"} for i, p in enumerate(prompts)]
+        dataset = _Rows(rows)
+        batch.references = reference_batch(dataset, list(range(8)), 0, "cpu")
+    accelerator = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, reduction: t, num_processes=1)
+    run = SimpleNamespace(recipe=r, accelerator=accelerator, teacher=teacher, vocab=VOCAB, mode=MODES[r.objective.mode],
+                          plan=forward_plan(r, "chunked"), input_embeddings=student.get_input_embeddings().weight)
+    whole, ctx = _step_gradients(run, [batch], student)
+    parts = [batch.select(range(i, i + 2)) for i in range(0, 8, 2)]
+    if r.objective.lm_coef:
+        for i, part in enumerate(parts):
+            part.references = reference_batch(dataset, list(range(2 * i, 2 * i + 2)), 0, "cpu")
+    split, split_ctx = _step_gradients(run, parts, student)
+    assert split_ctx.num_tokens == ctx.num_tokens and split_ctx.pg_baseline == pytest.approx(ctx.pg_baseline, rel=1e-6)
+    assert whole.keys() == split.keys() and len(whole) > 10
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)
+    if r.objective.mode == "pg" and not r.penalties.shape_reward:
+        assert ctx.pg_baseline != 0  # the baseline is in play (a per-micro-batch mean would break the equality)
+
+
+class _Rows:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def test_a_per_micro_batch_baseline_would_depend_on_the_split(tiny_tokenizer):
+    """The check above can fail: the old estimator (each micro-batch's own mean return) gives another gradient."""
+    from onpolicy_kd.objectives.pg import policy_gradient_loss
+    from onpolicy_kd.rollout import rollout
+
+    teacher, student = _models()
+    tok = tiny_tokenizer
+    prompts = [tok("The quick brown fox jumps").input_ids[: 3 + i] for i in range(8)]
+    ids, mask = left_pad(prompts, tok.eos_token_id)
+    batch = rollout(student, None, ids, mask, tokenizer=tok, max_new_tokens=6, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        teacher_lp = torch.log_softmax(teacher(input_ids=batch.sequences).logits[:, -7:-1], -1)
+    teacher_lp = teacher_lp.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    logprobs = batch.student_logprobs.clone().requires_grad_()
+    n = batch.num_tokens
+
+    def grad(baseline_of):
+        total = 0
+        for i in range(0, 8, 2):
+            s = slice(i, i + 2)
+            total = total + policy_gradient_loss(logprobs[s], batch.student_logprobs[s], teacher_lp[s],
+                                                 batch.completion_mask[s], baseline=baseline_of(s), num_tokens=n).loss
+        return torch.autograd.grad(total, logprobs)[0]
+
+    whole = policy_gradient_loss(logprobs, batch.student_logprobs, teacher_lp, batch.completion_mask, baseline="mean",
+                                 num_tokens=n).loss
+    reference = torch.autograd.grad(whole, logprobs)[0]
+    assert not torch.allclose(grad(lambda s: "mean"), reference, rtol=1e-3)
+    from onpolicy_kd.objectives.pg import pg_returns
+
+    future = pg_returns(batch.student_logprobs, teacher_lp, batch.completion_mask, single_step=False).future
+    global_mean = float(future.sum()) / n
+    torch.testing.assert_close(grad(lambda s: global_mean), reference, rtol=1e-5, atol=1e-7)
