@@ -7,7 +7,7 @@ Random-init models of real shapes (throughput does not depend on the weights), c
 (EOS disabled) so every variant generates the same number of tokens. Variants:
 - generate: `model.generate(do_sample=True)`, dynamic cache (what TRL's non-vLLM path uses);
 - ours_student: our loop, alpha = 0, student only (no teacher scoring) - compares with `generate`;
-- ours_alpha0: the full alpha = 0 rollout: student decode + one batched teacher scoring pass;
+- ours_alpha0: an alpha = 0 rollout as training runs it: student decode, then the teacher's batched forward;
 - ours_alpha0.3: teacher-mixed sampling, both models decoding in lockstep.
 Median of --repeat runs after one warm-up; results appended to benchmarks/results/rollout.md.
 """
@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from onpolicy_kd.models.forward import teacher_forward  # noqa: E402
 from onpolicy_kd.rollout import rollout  # noqa: E402
 from results_file import publish  # noqa: E402
 
@@ -82,8 +83,9 @@ def main() -> None:
             input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=True, top_k=0,
             pad_token_id=0, eos_token_id=None),
         "ours, student only": lambda: rollout(student, None, ids, mask, tokenizer=tok, max_new_tokens=new, eos_token_ids=[]),
-        "ours, alpha=0 (+ teacher scoring)": lambda: rollout(student, teacher, ids, mask, tokenizer=tok, max_new_tokens=new,
-                                                              eos_token_ids=[]),
+        "ours, alpha=0 (+ teacher scoring)": lambda: teacher_forward(
+            teacher, rollout(student, None, ids, mask, tokenizer=tok, max_new_tokens=new, eos_token_ids=[]),
+            vocab=None, logits=True, hidden=False),
         "ours, alpha=0.3 (lockstep)": lambda: rollout(student, teacher, ids, mask, tokenizer=tok, max_new_tokens=new,
                                                        alpha=0.3, eos_token_ids=[]),
     }

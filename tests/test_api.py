@@ -76,6 +76,16 @@ def test_custom_student_object_in_memory_data(tmp_path, teacher_and_tokenizer, i
     assert len(steps) == 3
 
 
+def test_recipe_attention_implementation_applies_to_a_student_object(tmp_path, teacher_and_tokenizer, isolated_cache):
+    teacher, tokenizer = teacher_and_tokenizer
+    student = AutoModelForCausalLM.from_config(teacher.config)
+    assert student.config._attn_implementation != "eager"
+    result = distill(recipe_dict(tmp_path, student={"attn_implementation": "eager"}, train={
+        "max_steps": 1, "batch_size": 2, "output_dir": str(tmp_path / "out")}),
+        teacher=teacher, student=student, tokenizer=tokenizer, train_data=ROWS)
+    assert result.student.config._attn_implementation == "eager"
+
+
 def test_recipe_file_and_overrides_as_on_the_command_line(tmp_path, far_pair, isolated_cache):
     """A recipe file, an override, hidden-state distillation: the stitching comes back apart from the student."""
     recipe = recipe_for(tmp_path, far_pair, "gkd")

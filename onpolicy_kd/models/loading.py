@@ -76,11 +76,14 @@ def _unreachable_message(what: str, name: str, key: str, recipe_path: str | None
     )
 
 
-def _load_kwargs(source: Source, revision: str | None, trust_remote_code: bool) -> dict[str, Any]:
+def _load_kwargs(source: Source, revision: str | None, trust_remote_code: bool, key: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if source.gguf_file:
         kwargs["gguf_file"] = source.gguf_file
-    if revision and not source.local:
+    if revision and source.local:
+        raise ModelLoadError(f"{key.split('.')[0]}.revision={revision!r} selects a version of a Hub model, but {key} is "
+                             f"a local path ({source.location}); remove the revision")
+    if revision:
         kwargs["revision"] = revision
     if not source.local and not hub_reachable():
         kwargs["local_files_only"] = True  # the HF cache may still have it; no minute of retries
@@ -101,7 +104,7 @@ def load_tokenizer(
     recipe_path: str | None = None,
 ) -> PreTrainedTokenizerBase:
     source = resolve_source(name_or_path, key)
-    kwargs = _load_kwargs(source, revision, trust_remote_code)
+    kwargs = _load_kwargs(source, revision, trust_remote_code, key)
     tokenizer = _from_pretrained(AutoTokenizer, source, "tokenizer", key, recipe_path, **kwargs)
     prepare_tokenizer_for_generation(tokenizer)
     return tokenizer
@@ -121,7 +124,7 @@ def load_model(
     trust_remote_code: bool = False, attn_implementation: str | None = None, recipe_path: str | None = None,
 ) -> PreTrainedModel:
     source = resolve_source(name_or_path, key)
-    kwargs = _load_kwargs(source, revision, trust_remote_code)
+    kwargs = _load_kwargs(source, revision, trust_remote_code, key)
     kwargs["dtype"] = DTYPES[dtype]
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -230,7 +233,10 @@ def freeze_teacher(teacher: PreTrainedModel) -> None:
 
 
 def prepare_student(student: PreTrainedModel, cfg: StudentConfig) -> None:
-    """Training mode, with gradient checkpointing when the recipe asks for it."""
+    """Training mode, with the recipe's attention implementation and gradient checkpointing (also for model objects
+    given to the Python API)."""
+    if cfg.attn_implementation and student.config._attn_implementation != cfg.attn_implementation:
+        student.set_attn_implementation(cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     student.train()
@@ -249,7 +255,7 @@ def load_student(
     elif cfg.init == "config":
         if cfg.name_or_path:
             source = resolve_source(cfg.name_or_path, "student.name_or_path")
-            kwargs = _load_kwargs(source, cfg.revision, cfg.trust_remote_code)
+            kwargs = _load_kwargs(source, cfg.revision, cfg.trust_remote_code, "student.name_or_path")
             config = _from_pretrained(AutoConfig, source, "student config", "student.name_or_path", recipe_path, **kwargs)
         else:
             config = copy.deepcopy(teacher.config)

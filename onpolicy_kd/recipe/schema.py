@@ -17,6 +17,7 @@ from typing import Any, Literal
 from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from onpolicy_kd.hub import looks_like_local_path
 from onpolicy_kd.objectives.divergences import BACKENDS, DIVERGENCES
 from onpolicy_kd.objectives.modes import MODES
 
@@ -181,7 +182,7 @@ class PenaltiesConfig(Section):
 
 
 class HiddenConfig(Section):
-    """Hidden-state distillation, an auxiliary loss added in every mode (onpolicy_kd/hidden.py)."""
+    """Hidden-state distillation, an auxiliary loss added in every mode (onpolicy_kd/objectives/hidden.py)."""
 
     weight: float = Field(0.0, ge=0, description="weight of the hidden-state loss; 0 = off")
     loss: Literal["mse", "cosine"] = "mse"
@@ -325,5 +326,7 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
         ("hidden.loss", r.hidden.weight > 0, "with hidden.weight > 0"),
         ("hidden.layers", r.hidden.weight > 0, "with hidden.weight > 0"),
         ("data.eval_size", r.data.eval_split is None, "when data.eval_split is not set"),
+        ("data.name", not looks_like_local_path(r.data.path), "to Hub datasets (data.path is a local path)"),
+        ("data.system_prompt", r.data.chat_template, "with data.chat_template=true"),
     ]
     return keys
