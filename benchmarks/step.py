@@ -95,7 +95,7 @@ def run_trl(recipe, models, steps: int, work: Path) -> dict:
 
     accelerator = Accelerator(cpu=True)
     vocab = len(tokenizer)
-    before = heldout_metrics(recipe, accelerator, student, teacher, tokenizer, data.eval)["eval/reverse_kl"]
+    before = heldout_metrics(recipe, accelerator, student, teacher, tokenizer, data.eval)[0]["eval/reverse_kl"]
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -134,7 +134,7 @@ def run_trl(recipe, models, steps: int, work: Path) -> dict:
     trainer.train()
     wall = time.perf_counter() - started
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    after = heldout_metrics(recipe, accelerator, trained, teacher, tokenizer, data.eval)["eval/reverse_kl"]
+    after = heldout_metrics(recipe, accelerator, trained, teacher, tokenizer, data.eval)[0]["eval/reverse_kl"]
     return {"step_s": timer.times, "phases": {}, "mean_len": statistics.fmean(lengths) if lengths else float("nan"),
             "before": before, "after": after, "train_s": sum(timer.times), "wall_s": wall}
 

@@ -34,6 +34,7 @@ from onpolicy_kd.recipe import DICT_SOURCE, Recipe, load_recipe
 from onpolicy_kd.errors import DataError, ModelLoadError
 from onpolicy_kd.models.loading import load_models
 from onpolicy_kd.training.loop import TrainResult, train
+from onpolicy_kd.training.stages import run_stages
 
 IN_MEMORY = "<in-memory dataset>"
 
@@ -86,6 +87,10 @@ def distill(
     recipe_path = str(recipe) if not isinstance(recipe, Mapping) else DICT_SOURCE
     models = load_models(resolved, recipe_path, teacher=teacher, student=student, tokenizer=tokenizer) \
         if teacher is not None or student is not None else None
+    if resolved.stages:
+        if train_data is not None:
+            raise DataError("train_data= with stages: give each stage's data in the recipe (stages[k].data)")
+        return run_stages(resolved, recipe_path, models)
     return train(
         resolved, recipe_path, models,
         raw_train=_as_dataset(train_data, "train_data") if train_data is not None else None,

@@ -48,7 +48,7 @@ def resolve_target(target: str, overrides: Sequence[str]) -> tuple[Recipe, str, 
 def evaluate_heldout(recipe: Recipe, student, models, dataset, name: str):
     """The full held-out evaluation of one student (or of the teacher itself, as the reference column)."""
     return evaluate(student, models.teacher, models.tokenizer, dataset, recipe.eval,
-                    temperature=recipe.rollout.temperature, full=True, name=name)
+                    temperature=recipe.rollout.temperature, references=True, name=name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

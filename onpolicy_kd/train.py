@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -21,7 +22,9 @@ from onpolicy_kd.errors import UserError
 from onpolicy_kd.models.loading import Models, count_parameters, load_models
 from onpolicy_kd.objectives.hidden import attach_stitching
 from onpolicy_kd.recipe import Recipe, load_recipe, recipe_to_yaml
+from onpolicy_kd.recipe.loading import resolve_stages
 from onpolicy_kd.training.loop import TrainResult, train
+from onpolicy_kd.training.stages import run_stages
 
 __all__ = ["TrainResult", "dry_run", "main", "train"]
 
@@ -52,6 +55,15 @@ def _model_row(source: str, model: object, tokenizer: object) -> dict[str, objec
         "vocab (tokenizer / rows)": f"{len(tokenizer)} / {model.get_input_embeddings().num_embeddings}",  # type: ignore
         "dtype": str(model.dtype).removeprefix("torch."),  # type: ignore[attr-defined]
     }
+
+
+def stage_row(stage: Recipe) -> dict[str, object]:
+    obj = stage.objective
+    what = obj.mode + (f" {obj.divergence}" if obj.mode in ("kd", "gkd") else "")
+    return {"steps": stage.train.max_steps, "objective": what, "data": f"{Path(stage.data.path).name} ({stage.data.split})",
+            "batch": f"{stage.train.batch_size} x {stage.train.grad_accum}",
+            "optim": f"{stage.optim.name} lr {stage.optim.lr:g} {stage.optim.scheduler}",
+            "rollout": f"{stage.rollout.max_new_tokens} tokens, alpha {stage.rollout.alpha}"}
 
 
 def dry_run(recipe: Recipe, recipe_path: str) -> int:
@@ -85,6 +97,10 @@ def dry_run(recipe: Recipe, recipe_path: str) -> int:
                       f"[student, teacher] layer pairs {[list(p) for p in stitching.pairs]}, "
                       f"{count_parameters(stitching):,} stitching parameters")
     console.print(summary_table(rows, title=f"data: {recipe.data.path} (format {data.task.name}, columns {data.task.columns})"))
+    if recipe.stages:
+        console.print(summary_table([(f"{k + 1} {spec.name}", stage_row(stage)) for k, (spec, stage)
+                                     in enumerate(zip(recipe.stages, resolve_stages(recipe, recipe_path)))],
+                                    title="stages (run in order; evaluation on the recipe's held-out prompts)"))
     console.rule("first eval prompt, as the student sees it")
     console.print(data.eval[0]["prompt"], markup=False)
     console.print(f"[green]dry run OK[/] in {time.perf_counter() - started:.1f} s: recipe valid, models and data load")
@@ -97,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
         if args.dry_run:
             return dry_run(recipe, args.recipe)
-        result = train(recipe, args.recipe)
+        result = run_stages(recipe, args.recipe) if recipe.stages else train(recipe, args.recipe)
         if result.zero_stage == 3:
             # A gloo worker thread can race interpreter shutdown after ZeRO-3 runs (SIGABRT in ~2% of CPU runs,
             # docs/distributed.md): everything is saved, so leave without the interpreter's teardown.

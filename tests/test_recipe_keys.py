@@ -144,6 +144,13 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "logging.num_samples": (["logging.sample_steps=1"], ["logging.num_samples=1"]),
     "logging.tensorboard": ([], ["logging.tensorboard=true"]),
     "logging.live": ([], ["logging.live=true"]),
+    "eval.collapse_distinct1": (["eval.max_new_tokens=12"], ["eval.collapse_distinct1=1.0"]),  # a console warning
+    "eval.stop_on_collapse": (["eval.max_new_tokens=12", "eval.collapse_distinct1=1.0", "eval.eval_steps=1",
+                               "train.max_steps=3"],
+                              ["eval.stop_on_collapse=true"]),
+    "rollout.teacher_cache": (["objective.mode=seqkd"], ["rollout.teacher_cache=true"]),
+    "stages": ([], ["stages=[{name: a, max_steps: 1}, {name: b, max_steps: 1, optim: {lr: 0.01}}]",
+                    "train.max_steps=100"]),
 }
 
 
@@ -280,7 +287,8 @@ def observe(recipe: Path, overrides: list[str], monkeypatch, capsys) -> dict:
                 row = json.loads(line)
                 metrics.append({k: v for k, v in row.items() if not k.startswith(("time/", "perf/"))})
     printed = capsys.readouterr()  # kept (not compared) to debug a failing key
-    return {"log": printed.err[-2000:], "status": status, "output": str(out_dir), "files": files, "weights": weights, "metrics": metrics,
+    warnings = [line for line in printed.out.splitlines() if "warning:" in line]
+    return {"log": printed.err[-2000:], "warnings": warnings, "status": status, "output": str(out_dir), "files": files, "weights": weights, "metrics": metrics,
             "calls": spy.calls}
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from datasets import Dataset
 
-from onpolicy_kd.batch import Completions, left_pad, right_pad
+from onpolicy_kd.batch import Completions, Source, left_pad, right_pad
 
 Tensor = torch.Tensor
 
@@ -44,13 +44,15 @@ def prompt_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torch.d
     return left_pad([dataset[i]["prompt_ids"] for i in rows], pad_id, device)
 
 
-def reference_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torch.device) -> Completions:
-    """The dataset's reference completions of `rows` as a batch (no sampling log-probs)."""
+def reference_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torch.device, *,
+                    source: Source = "references") -> Completions:
+    """The completions stored with `rows` as a batch (no sampling log-probs): the dataset's references, or with
+    source='teacher' the cached teacher completions (rollout.teacher_cache)."""
+    ids_column, text_column = ("teacher_ids", "teacher_text") if source == "teacher" else ("reference_ids", "reference")
     prompt_ids, prompt_mask = prompt_batch(dataset, rows, pad_id, device)
-    refs = [dataset[i]["reference_ids"] for i in rows]
-    ids, mask = right_pad(refs, pad_id, device)
-    return Completions(prompt_ids, prompt_mask, ids, mask, source="references",
-                       texts=[dataset[i]["reference"] for i in rows], rows=list(rows))
+    ids, mask = right_pad([dataset[i][ids_column] for i in rows], pad_id, device)
+    return Completions(prompt_ids, prompt_mask, ids, mask, source=source,
+                       texts=[dataset[i][text_column] for i in rows], rows=list(rows))
 
 
 def count_references(dataset: Dataset) -> int:

@@ -2,14 +2,16 @@
 `evaluate` command.
 
 On the first `eval.max_samples` held-out prompts, in batches of `eval.batch_size`:
-- always: the student's own completions sampled at `rollout.temperature` with a generator seeded from
+- the student's own completions sampled at `rollout.temperature` with a generator seeded from
   `eval.seed` and the batch index (so successive evaluations see comparable samples, and differences
   come from the student), and on them the per-token KL(q || p) (`eval/reverse_kl`, what on-policy
   reverse-KL distillation minimises) and KL(p || q) over the full vocabulary at temperature 1;
-- with `full` (the `evaluate` command, or `eval.full: true` in training): greedy completions of student
-  and teacher, ROUGE-1/2/L of the student against the reference (when the data has one) and against the
-  teacher, KL both ways and perplexity of both models on the references, and the greedy completion's
-  length, distinct-1/2 and repetition rate.
+- greedy completions of student and teacher: the student's length, distinct-1/2 and repetition rate, and
+  ROUGE-1/2/L against the teacher's completion (and against the reference when the data has one). These
+  show a student whose KL falls while its text collapses onto repeats. The teacher, frozen, is decoded once
+  per run (`teacher_texts` hands its completions back in);
+- with `references` (the `evaluate` command, or `eval.full: true` in training): KL both ways and perplexity
+  of both models on the references.
 Token-level means are over all tokens of the set; per-completion metrics are means over prompts. Every
 process runs the same evaluation (the ranks decode in lockstep, as ZeRO-3 needs), so every rank gets the
 same numbers.
@@ -38,8 +40,8 @@ PER_PROMPT_KEYS = ("rouge1_ref", "rouge2_ref", "rougeL_ref", "rouge1_teacher", "
 @dataclass
 class Evaluated:
     name: str
-    summary: dict[str, float]  # reverse_kl_samples, forward_kl_samples, sampled_length, and with `full` the rest
-    predictions: list[dict]  # with `full`: prompt, reference, teacher, student, per-prompt metrics
+    summary: dict[str, float]  # reverse_kl_samples, forward_kl_samples, sampled_length, greedy text metrics, ...
+    predictions: list[dict]  # prompt, reference, teacher, student, per-prompt metrics
 
 
 class _TokenSums:
@@ -71,8 +73,8 @@ def _completion_metrics(tokens: list[int], text: str, teacher_text: str, referen
 
 
 @torch.no_grad()
-def evaluate(student, teacher, tokenizer, dataset: Dataset, cfg: EvalConfig, *, temperature: float, full: bool,
-             name: str = "student") -> Evaluated:
+def evaluate(student, teacher, tokenizer, dataset: Dataset, cfg: EvalConfig, *, temperature: float, references: bool,
+             name: str = "student", teacher_texts: list[str] | None = None) -> Evaluated:
     """The held-out evaluation of `student` against `teacher` (plain modules, on the same device)."""
     vocab, device = len(tokenizer), next(student.parameters()).device
     n = min(cfg.max_samples, len(dataset))
@@ -87,12 +89,11 @@ def evaluate(student, teacher, tokenizer, dataset: Dataset, cfg: EvalConfig, *, 
                                              forward_completions(teacher, sampled, vocab=vocab).logits)
         samples.add(sampled.completion_mask, forward_kl=forward_kl, reverse_kl=reverse_kl)
         sampled_lengths += sampled.lengths.tolist()
-        if not full:
-            continue
         greedy_s = _greedy(student, ids, mask, tokenizer, cfg.max_new_tokens)
-        greedy_t = _greedy(teacher, ids, mask, tokenizer, cfg.max_new_tokens)
+        teacher_batch = (teacher_texts[start : start + len(rows)] if teacher_texts is not None
+                         else _greedy(teacher, ids, mask, tokenizer, cfg.max_new_tokens).texts)
         perplexities: dict[int, dict] = {}
-        if all(len(dataset[r]["reference_ids"]) > 0 for r in rows):
+        if references and all(len(dataset[r]["reference_ids"]) > 0 for r in rows):
             ref = reference_batch(dataset, rows, tokenizer.pad_token_id, device)
             s_logits = forward_completions(student, ref, vocab=vocab).logits
             t_logits = forward_completions(teacher, ref, vocab=vocab).logits
@@ -105,9 +106,9 @@ def evaluate(student, teacher, tokenizer, dataset: Dataset, cfg: EvalConfig, *, 
         for b, row in enumerate(rows):
             record = dataset[row]
             tokens = greedy_s.completion_ids[b][greedy_s.completion_mask[b]].tolist()
-            sample = _completion_metrics(tokens, greedy_s.texts[b], greedy_t.texts[b], record["reference"])
+            sample = _completion_metrics(tokens, greedy_s.texts[b], teacher_batch[b], record["reference"])
             predictions.append({"prompt": record["prompt"], "reference": record["reference"],
-                                "teacher": greedy_t.texts[b], "student": greedy_s.texts[b],
+                                "teacher": teacher_batch[b], "student": greedy_s.texts[b],
                                 "metrics": sample | perplexities.get(b, {})})
     summary = {"reverse_kl_samples": samples.mean("reverse_kl"), "forward_kl_samples": samples.mean("forward_kl"),
                "sampled_length": statistics.fmean(sampled_lengths)}
@@ -120,15 +121,20 @@ def evaluate(student, teacher, tokenizer, dataset: Dataset, cfg: EvalConfig, *, 
     return Evaluated(name, summary, predictions)
 
 
-def heldout_metrics(recipe: Recipe, accelerator, student, teacher, tokenizer, dataset: Dataset) -> dict[str, float]:
-    """Training's evaluation point: `eval/reverse_kl` and `eval/mean_len`, and everything else with `eval.full`."""
+TRAINING_KEYS = ("distinct1", "repetition", "rougeL_teacher")  # always logged: a collapsing text shows in them
+
+
+def heldout_metrics(recipe: Recipe, accelerator, student, teacher, tokenizer, dataset: Dataset,
+                    teacher_texts: list[str] | None = None) -> tuple[dict[str, float], list[str]]:
+    """Training's evaluation point: `eval/reverse_kl`, `eval/mean_len` and the greedy text metrics (everything with
+    `eval.full`); and the teacher's greedy completions, to hand back in next time."""
     with for_generation(student, accelerator) as model:
         result = evaluate(model, teacher, tokenizer, dataset, recipe.eval, temperature=recipe.rollout.temperature,
-                          full=recipe.eval.full)
+                          references=recipe.eval.full, teacher_texts=teacher_texts)
     out = {"eval/reverse_kl": result.summary["reverse_kl_samples"], "eval/mean_len": result.summary["sampled_length"]}
-    if recipe.eval.full:
-        out |= {f"eval/{key}": value for key, value in result.summary.items()}
-    return out
+    keys = result.summary if recipe.eval.full else TRAINING_KEYS
+    out |= {f"eval/{key}": result.summary[key] for key in keys if key in result.summary}
+    return out, [p["teacher"] for p in result.predictions]
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ PANELS = {
                    "train/hidden_cosine"),
     "hidden-state loss per layer pair (student -> teacher)": ("hidden/*",),
     "reverse KL to the teacher (nats/token)": ("train/reverse_kl", "eval/reverse_kl"),
+    "greedy held-out text (collapse shows here)": ("eval/distinct1", "eval/repetition", "eval/rougeL_teacher"),
     "reward and return (pg)": ("pg/reward", "pg/return"),
     "penalties": ("penalty/frequency", "penalty/diversity", "penalty/entropy"),
     "student entropy (nats/token)": ("train/entropy",),
@@ -45,6 +46,16 @@ def curve_panels(rows: list[dict]) -> list[tuple[str, dict[str, list[tuple[int, 
     return panels
 
 
+def stage_starts(rows: list[dict]) -> list[tuple[int, str]]:
+    """(first step, name) of each stage of a staged run (none for a single-stage run)."""
+    starts, seen = [], set()
+    for row in rows:
+        if "stage" in row and row["stage"] not in seen:
+            seen.add(row["stage"])
+            starts.append((row["step"], row["stage"]))
+    return starts
+
+
 def training_curves(metrics_file: Path, out_file: Path) -> Path:
     rows = [json.loads(line) for line in open(metrics_file)]
     panels = curve_panels(rows)
@@ -52,7 +63,11 @@ def training_curves(metrics_file: Path, out_file: Path) -> Path:
         raise ValueError(f"{metrics_file} has no metrics to plot")
     cols = 2
     fig, axes = plt.subplots((len(panels) + 1) // cols, cols, figsize=(11, 3 * ((len(panels) + 1) // cols)), squeeze=False)
+    boundaries = stage_starts(rows)
     for ax, (title, series) in zip(axes.flat, panels):
+        for step, name in boundaries:
+            ax.axvline(step, color="grey", alpha=0.4, linestyle="--")
+            ax.annotate(name, (step, 1), xycoords=("data", "axes fraction"), fontsize=6, color="grey", va="top")
         for key, points in series.items():
             steps, values = zip(*points)
             ax.plot(steps, values, marker="o" if len(points) < 12 else None, markersize=3, label=key)

@@ -163,7 +163,7 @@ def _format_errors(
             continue
         field = schema.get(tuple(str(p) for p in loc))
         msg = str(e["msg"]).removeprefix("Value error, ")
-        if not loc or isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+        if not loc or field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
             # A contradiction between keys (a section's validator): the message names the keys.
             file_line = where.get(tuple(str(p) for p in loc), "") if loc else ""
             out.append(f"  {key}: contradictory settings ({file_line if ':' in file_line else recipe_path})\n    {msg}")
@@ -215,9 +215,40 @@ def load_recipe(
         raise ConfigError(f"{path}: cannot merge or resolve the recipe: {err}") from None
 
     try:
-        return Recipe.model_validate(merged)
+        recipe = Recipe.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, merged, where, path)) from None
+    resolve_stages(recipe, path)  # a broken stage is an error now, not when the run reaches it
+    return recipe
+
+
+STAGE_SECTIONS = ("objective", "rollout", "data", "optim", "penalties", "hidden", "train")
+
+
+def resolve_stages(recipe: Recipe, path: str | Path = DICT_SOURCE) -> list[Recipe]:
+    """Every stage as a whole recipe: the recipe's sections with the stage's keys on top, its max_steps, and its own
+    output folder `<output_dir>/stages/<k>-<name>`; each checked like a recipe."""
+    base = recipe.model_dump(mode="python")
+    base["stages"] = []
+    resolved = []
+    for k, stage in enumerate(recipe.stages):
+        merged = copy.deepcopy(base)
+        for section in STAGE_SECTIONS:
+            merged[section] = {**merged[section], **copy.deepcopy(getattr(stage, section))}
+        merged["train"] |= {"max_steps": stage.max_steps,
+                            "output_dir": str(Path(recipe.train.output_dir) / "stages" / f"{k + 1}-{stage.name}")}
+        where = {(section, *key): f"stages[{k}] ({stage.name})" for section in STAGE_SECTIONS
+                 for key in _flatten_keys(getattr(stage, section))}
+        try:
+            resolved.append(Recipe.model_validate(merged))
+        except ValidationError as err:
+            message = _format_errors(err, merged, where, Path(path))
+            raise ConfigError(message.replace(f"invalid recipe {path}", f"invalid stage {k} ({stage.name}) of {path}",
+                                              1)) from None
+    names = [stage.name for stage in recipe.stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: stage names must differ, got {names}")
+    return resolved
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

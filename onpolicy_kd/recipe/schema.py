@@ -136,6 +136,9 @@ class RolloutConfig(Section):
     )
     do_sample: bool = Field(True, description="false = greedy decoding")
     stop_strings: list[str] = Field(default_factory=list)
+    teacher_cache: bool = Field(
+        False, description="teacher samples (mode seqkd, gkd with seq_kd) come from a cache of one completion per "
+                           "training prompt, generated once with these rollout settings and reused by later runs")
     batch_size: int | None = Field(
         None, ge=1, description="prompts per generation call, independent of the training micro-batch (the step's "
                                 "prompts are generated in batches of this size, then split into micro-batches); "
@@ -243,8 +246,13 @@ class EvalConfig(Section):
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(100, ge=1)
     seed: int = 1234
-    full: bool = Field(False, description="also run the whole evaluation (ROUGE, KL on references, perplexity, "
-                                          "distinct-n) at every evaluation during training")
+    full: bool = Field(False, description="also KL and perplexity on the references (and ROUGE against them) at "
+                                          "every evaluation during training")
+    collapse_distinct1: float = Field(
+        0.3, ge=0, le=1, description="warn when the student's greedy held-out completions have a mean distinct-1 "
+                                     "below this (the text is collapsing onto repeats)")
+    stop_on_collapse: bool = Field(False, description="end the run (or the stage) at an evaluation that finds "
+                                                      "collapse; the student is exported as it is")
 
 
 class LoggingConfig(Section):
@@ -253,6 +261,30 @@ class LoggingConfig(Section):
     num_samples: int = Field(2, ge=1)
     tensorboard: bool = False
     live: bool = Field(True, description="rich live display (off: plain lines, e.g. for log files)")
+
+
+class StageConfig(Section):
+    """One phase of a staged run: the keys it changes on top of the recipe, and its step budget."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="a short name (letters, digits, _ . -)")
+    max_steps: int = Field(ge=1, description="optimizer steps of this stage")
+    objective: dict[str, Any] = Field(default_factory=dict)
+    rollout: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict, description="training data of this stage; evaluation "
+                                                                   "always uses the recipe's own held-out prompts")
+    optim: dict[str, Any] = Field(default_factory=dict)
+    penalties: dict[str, Any] = Field(default_factory=dict)
+    hidden: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict, description="batch_size and grad_accum only")
+
+    @field_validator("train")
+    @classmethod
+    def _train_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        other = set(value) - {"batch_size", "grad_accum"}
+        if other:
+            raise ValueError(f"a stage may set train.batch_size and train.grad_accum only, not {sorted(other)} "
+                             f"(the step budget is the stage's max_steps)")
+        return value
 
 
 class Recipe(Section):
@@ -267,6 +299,9 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    stages: list[StageConfig] = Field(
+        default_factory=list, description="phases run in order, the student flowing from one to the next; "
+                                          "empty = one phase, the recipe itself")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
@@ -281,6 +316,8 @@ class Recipe(Section):
             raise ValueError(f"objective.seq_kd applies to mode=gkd only (mode is {mode_name}); use mode=seqkd instead")
         if self.student.init == "teacher_layers" and self.student.tokenizer:
             raise ValueError("student.tokenizer is not used with student.init=teacher_layers (it is the teacher's)")
+        if self.stages and self.train.max_steps != type(self.train).model_fields["max_steps"].default:
+            raise ValueError("train.max_steps is not used with stages: each stage sets its own max_steps")
         for key, applies, where in _conditional_keys(self):
             section_name, name = key.split(".")
             section = getattr(self, section_name)
@@ -326,6 +363,8 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
         ("hidden.loss", r.hidden.weight > 0, "with hidden.weight > 0"),
         ("hidden.layers", r.hidden.weight > 0, "with hidden.weight > 0"),
         ("data.eval_size", r.data.eval_split is None, "when data.eval_split is not set"),
+        ("rollout.teacher_cache", mode == "seqkd" or (mode == "gkd" and obj.seq_kd and obj.lmbda < 1),
+         "to modes that train on teacher samples (seqkd, or gkd with seq_kd and lmbda < 1)"),
         ("data.name", not looks_like_local_path(r.data.path), "to Hub datasets (data.path is a local path)"),
         ("data.system_prompt", r.data.chat_template, "with data.chat_template=true"),
     ]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import signal
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,13 +23,15 @@ from onpolicy_kd.console import console
 from onpolicy_kd.data.loading import PromptData, load_prompt_data
 from onpolicy_kd.data.sampler import PromptSampler, count_references
 from onpolicy_kd.errors import ConfigError, DataError, UserError
+from onpolicy_kd.hub import expand_path
 from onpolicy_kd.evaluation.heldout import greedy_samples, heldout_metrics
 from onpolicy_kd.models.distributed import make_accelerator, prepare_teacher, zero_stage
 from onpolicy_kd.models.loading import Models, load_models, logits_are_linear
 from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
 from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
 from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_source, forward_plan, logit_penalties
-from onpolicy_kd.recipe import Recipe, recipe_to_yaml
+from onpolicy_kd.recipe import Recipe, cache_root, recipe_to_yaml
+from onpolicy_kd.rollout.teacher_cache import cached_teacher_completions
 from onpolicy_kd.training.checkpoint import export_final, load_checkpoint, model_card, resolve_resume, save_checkpoint
 from onpolicy_kd.training.monitor import Monitor
 from onpolicy_kd.training.optim import build_optimizer, build_scheduler
@@ -48,6 +50,18 @@ class TrainerState:
     bad_steps_in_a_row: int = 0
     train_seconds: float = 0.0
     before: dict[str, float] = field(default_factory=dict)  # held-out metrics before the first step
+
+
+@dataclass
+class Stage:
+    """Where a stage of a staged run (training/stages.py) stands: its place, and the run-wide metrics file."""
+
+    name: str
+    index: int
+    count: int
+    step_offset: int  # steps of the stages before it
+    metrics_file: Path
+    eval_data: object = None  # the run's held-out prompts (DataConfig), whatever the stage trains on
 
 
 class StopRequested:
@@ -83,6 +97,9 @@ class Run:
     monitor: Monitor
     stop: StopRequested
     input_embeddings: torch.Tensor  # the student's, for the diversity penalty's reward form
+    teacher_texts: list[str] | None = None  # the frozen teacher's greedy held-out completions, decoded once
+    collapsed: bool = False  # an evaluation found collapse and eval.stop_on_collapse ends the run
+    last_eval: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,12 +119,14 @@ class TrainResult:
     zero_stage: int = 0
 
 
-def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None) -> TrainResult:
-    """Train the student as the recipe says. `models` and the raw splits come from the Python API."""
-    run = setup(recipe, recipe_path, models, raw_train, raw_eval)
+def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None, *,
+          stage: Stage | None = None, before: dict[str, float] | None = None) -> TrainResult:
+    """Train the student as the recipe says. `models` and the raw splits come from the Python API; `stage` and
+    `before` (the previous stage's last evaluation) from a staged run."""
+    run = setup(recipe, recipe_path, models, raw_train, raw_eval, stage)
     with run.monitor:
-        evaluate_at_start(run)
-        while run.state.step < recipe.train.max_steps:
+        evaluate_at_start(run, before)
+        while run.state.step < recipe.train.max_steps and not run.collapsed:
             timer, sums = PhaseTimer(), MetricSums()
             source = completion_source(recipe, run.state.step)  # student / teacher samples or references
             with timer("rollout"):
@@ -126,12 +145,12 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
             metrics |= sums.global_means(run.accelerator)
             if after_step(run, source, context.num_tokens, metrics, skipped, timer):  # log, eval, checkpoint
                 return stopped_by_signal(run)
-        after = heldout(run)
-        run.monitor.log(run.state.step, after, advance=False)
+        after = run.last_eval if run.collapsed else heldout(run)
     return finish(run, after)
 
 
-def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None) -> Run:
+def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None,
+          stage: Stage | None = None) -> Run:
     """Accelerator, models, data, optimizer, schedule and prompt order, resumed from a checkpoint if asked."""
     accelerator = make_accelerator(recipe)
     set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
@@ -139,6 +158,10 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     if recipe.hidden.weight:  # before the optimizer is built: the projections train with the student
         attach_stitching(models.student, models.teacher, recipe.hidden.layers)
     data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, train=raw_train, eval_=raw_eval)
+    if stage is not None and stage.eval_data is not None and stage.eval_data != recipe.data:
+        data = replace(data, eval=load_prompt_data(stage.eval_data, models.tokenizer, seed=recipe.train.seed).eval)
+    if recipe.rollout.teacher_cache:
+        data = replace(data, train=with_teacher_completions(recipe, models, data.train, accelerator))
     mode = MODES[recipe.objective.mode]
     reason = mode.references(recipe.objective)
     if reason and count_references(data.train) == 0:
@@ -162,12 +185,39 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     if recipe.logging.tensorboard:
         accelerator.init_trackers("onpolicy_kd")
     monitor = Monitor(cfg.output_dir, cfg.max_steps, state.step, enabled=accelerator.is_main_process,
-                      live=recipe.logging.live, accelerator=accelerator, tensorboard=recipe.logging.tensorboard)
+                      live=recipe.logging.live, accelerator=accelerator, tensorboard=recipe.logging.tensorboard,
+                      stage=stage)
+    if stage is not None:
+        monitor.print(f"[bold]stage {stage.index + 1}/{stage.count}: {stage.name}[/] ({recipe.objective.mode}, "
+                      f"{cfg.max_steps} steps, data {recipe.data.path})")
     if mode.chunkable:
         monitor.print(f"divergence head: {head} ({why})")
     return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
                optimizer, scheduler, sampler, mode, forward_plan(recipe, head), state, monitor, StopRequested(),
                accelerator.unwrap_model(student).get_input_embeddings().weight)
+
+
+def with_teacher_completions(recipe: Recipe, models: Models, train_split, accelerator: Accelerator):
+    """The training prompts with the teacher's cached completions as columns (generated on first use)."""
+    r = recipe.rollout
+    settings = {"max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p,
+                "do_sample": r.do_sample, "stop_strings": list(r.stop_strings)}
+    teacher = models.teacher.to(accelerator.device)
+
+    def progress(done: int, total: int) -> None:
+        if accelerator.is_main_process and (done == total or done % (10 * (r.batch_size or recipe.train.batch_size)) == 0):
+            console.print(f"teacher completions for the cache: {done}/{total} prompts")
+
+    with accelerator.main_process_first():  # the main process writes the cache, the others read it
+        completions, hit, folder = cached_teacher_completions(
+            teacher, models.tokenizer, train_split, settings, cache_dir=Path(expand_path(recipe.data.cache_dir)) if recipe.data.cache_dir else cache_root() / "data",
+            batch_size=r.batch_size or recipe.train.batch_size, seed=recipe.train.seed, device=accelerator.device,
+            vocab=len(models.tokenizer), progress=progress)
+    if accelerator.is_main_process:
+        console.print(f"teacher completions: {'read from' if hit else 'written to'} {folder}")
+    for column in completions.column_names:
+        train_split = train_split.add_column(column, completions[column])
+    return train_split
 
 
 def choose_head(recipe: Recipe, accelerator: Accelerator, models: Models) -> tuple[str, str]:
@@ -196,13 +246,26 @@ def choose_head(recipe: Recipe, accelerator: Accelerator, models: Models) -> tup
 
 
 def heldout(run: Run) -> dict[str, float]:
-    return heldout_metrics(run.recipe, run.accelerator, run.student, run.teacher, run.tokenizer, run.data.eval)
+    """The held-out evaluation, logged; a collapsing text is warned about (and ends the run if the recipe says so)."""
+    metrics, run.teacher_texts = heldout_metrics(run.recipe, run.accelerator, run.student, run.teacher, run.tokenizer,
+                                                 run.data.eval, run.teacher_texts)
+    run.monitor.log(run.state.step, metrics, advance=False)
+    run.last_eval = metrics
+    cfg = run.recipe.eval
+    if metrics.get("eval/distinct1", 1.0) < cfg.collapse_distinct1:
+        run.collapsed = cfg.stop_on_collapse and run.state.step > 0
+        run.monitor.print(
+            f"[yellow]warning:[/] the student's greedy held-out completions are collapsing at step "
+            f"{run.monitor.step_offset + run.state.step}: "
+            f"distinct-1 {metrics['eval/distinct1']:.2f} (< eval.collapse_distinct1={cfg.collapse_distinct1}), "
+            f"repetition {metrics['eval/repetition']:.2f}, ROUGE-L vs the teacher {metrics['eval/rougeL_teacher']:.2f}"
+            + ("; stopping (eval.stop_on_collapse)" if run.collapsed else ""))
+    return metrics
 
 
-def evaluate_at_start(run: Run) -> None:
+def evaluate_at_start(run: Run, before: dict[str, float] | None) -> None:
     if run.state.step == 0:
-        run.state.before = heldout(run)
-        run.monitor.log(0, run.state.before, advance=False)
+        run.state.before = before if before is not None else heldout(run)
         run.monitor.print(f"held-out reverse KL before training: {run.state.before['eval/reverse_kl']:.3f} nats/token")
 
 
@@ -239,7 +302,7 @@ def after_step(run: Run, source: str, num_tokens: float, metrics: dict[str, floa
     if state.step % recipe.logging.log_steps == 0 or state.step == cfg.max_steps:
         monitor.log(state.step, metrics)
     if recipe.eval.eval_steps and state.step % recipe.eval.eval_steps == 0 and state.step < cfg.max_steps:
-        monitor.log(state.step, heldout(run), advance=False)
+        heldout(run)
     if recipe.logging.sample_steps and state.step % recipe.logging.sample_steps == 0:
         monitor.samples(state.step, greedy_samples(recipe, run.accelerator, run.student, run.teacher, run.tokenizer,
                                                    run.data.eval))
@@ -260,12 +323,20 @@ def finish(run: Run, after: dict[str, float]) -> TrainResult:
     card = model_card(recipe, run.recipe_path, state.before, after, state.step, state.train_seconds)
     final = export_final(accelerator, run.student, run.tokenizer, recipe.train.output_dir, recipe_to_yaml(recipe), card)
     if accelerator.is_main_process:
-        before_kl = state.before.get("eval/reverse_kl", float("nan"))
-        console.print(f"held-out reverse KL (student || teacher): {before_kl:.3f} -> {after['eval/reverse_kl']:.3f} "
-                      f"nats/token ({100 * (after['eval/reverse_kl'] / before_kl - 1):+.0f}%) in "
-                      f"{state.train_seconds:.0f} s; student saved to {final}")
+        console.print(summary_line(state.before, after, state.train_seconds, final))
     accelerator.end_training()
     return _result(run, after, final, None)
+
+
+def summary_line(before: dict[str, float], after: dict[str, float], seconds: float, final: Path) -> str:
+    """Before -> after: the KL, and beside it what the student's greedy text looks like."""
+    def change(key: str, digits: int = 3) -> str:
+        return f"{before.get(key, float('nan')):.{digits}f} -> {after.get(key, float('nan')):.{digits}f}"
+
+    kl = f"{change('eval/reverse_kl')} nats/token ({100 * (after['eval/reverse_kl'] / before['eval/reverse_kl'] - 1):+.0f}%)"
+    return (f"held-out reverse KL (student || teacher): {kl}; greedy text: distinct-1 {change('eval/distinct1', 2)}, "
+            f"repetition {change('eval/repetition', 2)}, ROUGE-L vs teacher {change('eval/rougeL_teacher', 2)}; "
+            f"{seconds:.0f} s of training; student saved to {final}")
 
 
 def stopped_by_signal(run: Run) -> TrainResult:

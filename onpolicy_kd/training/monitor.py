@@ -28,13 +28,18 @@ SHOWN = ("train/loss", "train/reverse_kl", "eval/reverse_kl", "train/entropy", "
 
 class Monitor:
     def __init__(self, output_dir: str | Path, max_steps: int, start_step: int, *, enabled: bool, live: bool,
-                 accelerator=None, tensorboard: bool = False):
+                 accelerator=None, tensorboard: bool = False, stage=None):
+        """`stage` (a staged run's Stage): metrics go to the run's metrics.jsonl with a `stage` key and steps
+        counted over the whole run; the progress bar names the stage."""
         self.enabled = enabled
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = stage.metrics_file if stage is not None else Path(output_dir) / "metrics.jsonl"
+        self.step_offset = stage.step_offset if stage is not None else 0
+        self.stage = {"stage": stage.name} if stage is not None else {}
+        label = f"stage {stage.index + 1}/{stage.count} {stage.name}" if stage is not None else "distilling"
         self.latest: dict[str, float] = {}
         self.accelerator = accelerator if tensorboard else None
         self.live_mode = live and enabled and console.is_terminal
-        self.progress = Progress(TextColumn("[bold]distilling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        self.progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("eta"), TimeRemainingColumn(), console=console)
         self.task = self.progress.add_task("train", total=max_steps, completed=start_step)
         self.live: Live | None = None
@@ -68,16 +73,16 @@ class Monitor:
             return
         self.latest.update(metrics)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": self.step_offset + step, **self.stage, **metrics}) + "\n")
         if self.accelerator is not None:
-            self.accelerator.log(metrics, step=step)
+            self.accelerator.log(metrics, step=self.step_offset + step)
         if advance:
             self.progress.update(self.task, completed=step)
         if self.live is not None:
             self.live.update(self._render())
         else:
             keys = [k for k in SHOWN if k in metrics] or sorted(metrics)[:6]
-            console.print(f"step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in keys), highlight=False)
+            console.print(f"step {self.step_offset + step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in keys), highlight=False)
 
     def print(self, *renderables: Any) -> None:
         if self.enabled:

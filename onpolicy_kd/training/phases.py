@@ -74,8 +74,8 @@ def draw_completions(run: "Run", source: Source) -> list[Completions]:
     (teacher-mixed with rollout.alpha) or from the teacher, generated `rollout.batch_size` prompts at a time."""
     recipe, acc, pad = run.recipe, run.accelerator, run.tokenizer.pad_token_id
     rows = [run.sampler.next_batch() for _ in range(recipe.train.grad_accum)]
-    if source == "references":
-        return [reference_batch(run.data.train, r, pad, acc.device) for r in rows]
+    if source == "references" or (source == "teacher" and recipe.rollout.teacher_cache):
+        return [reference_batch(run.data.train, r, pad, acc.device, source=source) for r in rows]
     r, step = recipe.rollout, run.state.step
     flat = [row for micro in rows for row in micro]
     size = r.batch_size or recipe.train.batch_size

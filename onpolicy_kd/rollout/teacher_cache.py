@@ -1,0 +1,100 @@
+"""Teacher completions of a prompt set, generated once with the rollout engine and cached with `datasets`.
+
+Sequence-level KD (mode `seqkd`, or `gkd` with `seq_kd`) trains on the teacher's completions of the training
+prompts. Sampling the teacher afresh at every step costs a whole teacher decode per step; with
+`rollout.teacher_cache: true` each prompt's completion is generated once, with the recipe's rollout settings
+(greedy or sampled; a sampled row is seeded from the run's seed and its batch), stored under
+`<cache>/teacher/<key>` with `Dataset.save_to_disk`, and read back by later runs in seconds.
+
+The key covers what the completions depend on: the teacher (its config, and the names, sizes and
+modification times of its weight files), the prompts (their token ids), the sampling settings and the seed.
+A cache entry is written to a temporary folder and renamed into place, so a killed run never leaves half
+of one; an entry that cannot be read is a clear error that names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+import torch
+from datasets import Dataset
+
+from onpolicy_kd.batch import left_pad
+from onpolicy_kd.errors import DataError
+from onpolicy_kd.rollout.engine import rollout
+
+COLUMNS = ("teacher_ids", "teacher_text")
+
+
+def teacher_fingerprint(teacher: torch.nn.Module) -> str:
+    """The teacher's config and, when it was loaded from a folder, its weight files' names, sizes and times."""
+    config = teacher.config.to_json_string(use_diff=False)
+    source = Path(str(getattr(teacher, "name_or_path", "") or getattr(teacher.config, "_name_or_path", "")))
+    files = []
+    if source.is_dir():
+        for path in sorted(source.glob("*")):
+            if path.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
+                stat = path.stat()
+                files.append((path.name, stat.st_size, int(stat.st_mtime)))
+    return hashlib.sha256(json.dumps([config, str(source), files]).encode()).hexdigest()
+
+
+def cache_key(teacher: torch.nn.Module, prompts: Dataset, settings: dict[str, Any]) -> str:
+    digest = hashlib.sha256()
+    digest.update(teacher_fingerprint(teacher).encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for ids in prompts["prompt_ids"]:
+        digest.update(json.dumps(ids).encode())
+    return digest.hexdigest()[:20]
+
+
+@torch.no_grad()
+def generate_teacher_completions(teacher, tokenizer, prompts: Dataset, settings: dict[str, Any], *, batch_size: int,
+                                 seed: int, device: torch.device, vocab: int,
+                                 progress: Callable[[int, int], None] | None = None) -> Dataset:
+    """The teacher's completion of every prompt (row-aligned): token ids (up to and including EOS) and text."""
+    ids_out, texts = [], []
+    pad = tokenizer.pad_token_id
+    for index, start in enumerate(range(0, len(prompts), batch_size)):
+        rows = list(range(start, min(start + batch_size, len(prompts))))
+        prompt_ids, prompt_mask = left_pad([prompts[r]["prompt_ids"] for r in rows], pad, device)
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+        batch = rollout(teacher, None, prompt_ids, prompt_mask, tokenizer=tokenizer, generator=generator,
+                        vocab_size=vocab, source="teacher", all_finished=lambda done: done, **settings)
+        for b in range(len(rows)):
+            ids_out.append(batch.completion_ids[b][batch.completion_mask[b]].tolist())
+            texts.append(batch.texts[b])
+        if progress is not None:
+            progress(len(ids_out), len(prompts))
+    return Dataset.from_dict({"teacher_ids": ids_out, "teacher_text": texts})
+
+
+def cached_teacher_completions(teacher, tokenizer, prompts: Dataset, settings: dict[str, Any], *, cache_dir: Path,
+                               batch_size: int, seed: int, device: torch.device, vocab: int,
+                               progress: Callable[[int, int], None] | None = None) -> tuple[Dataset, bool, Path]:
+    """(the completions, whether they came from the cache, the cache entry's folder)."""
+    key = cache_key(teacher, prompts, {**settings, "seed": seed})
+    folder = Path(cache_dir) / "teacher" / key
+    if folder.is_dir():
+        try:
+            found = datasets.load_from_disk(str(folder))
+        except Exception as err:  # noqa: BLE001 - any unreadable entry gets the same advice
+            raise DataError(f"the teacher-completion cache {folder} cannot be read ({type(err).__name__}: {err}); "
+                            f"delete that folder to generate it again") from None
+        if list(found.column_names) != list(COLUMNS) or len(found) != len(prompts):
+            raise DataError(f"the teacher-completion cache {folder} does not match its {len(prompts)} prompts "
+                            f"(columns {found.column_names}, {len(found)} rows); delete that folder to generate it again")
+        return found, True, folder
+    completions = generate_teacher_completions(teacher, tokenizer, prompts, settings, batch_size=batch_size, seed=seed,
+                                               device=device, vocab=vocab, progress=progress)
+    tmp = folder.with_name(f".tmp-{key}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    completions.save_to_disk(str(tmp))
+    os.replace(tmp, folder)
+    return datasets.load_from_disk(str(folder)), False, folder
