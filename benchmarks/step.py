@@ -39,8 +39,14 @@ RECIPE = ROOT / "recipes" / "smollm2_news.yaml"
 VARIANTS = ("trl", "ours", "ours_entropy_floor")
 
 
+# the on-policy step alone, from the 10-layer student (every 3rd teacher layer), as in the earlier results; the
+# recipe's healing stage and its 17-layer student are the student-quality pipeline, not this step benchmark
+ON_POLICY_ONLY = ["stages=[]", "student.keep_layers=null", "student.layer_stride=3"]
+
+
 def setting(steps: int, output_dir: Path, variant: str, seed: int) -> list[str]:
-    overrides = [f"train.max_steps={steps}", f"train.output_dir={output_dir}", "logging.live=false", f"train.seed={seed}"]
+    overrides = [*ON_POLICY_ONLY, f"train.max_steps={steps}", f"train.output_dir={output_dir}", "logging.live=false",
+                 f"train.seed={seed}"]
     if variant == "ours_entropy_floor":
         overrides += ["penalties.entropy=0.5", "penalties.entropy_floor=1.5"]
     return overrides

@@ -36,7 +36,8 @@ def test_dry_run_loads_real_teacher_and_layer_dropped_student(teacher_dir):
     out = proc.stdout
     assert "LlamaForCausalLM" in out
     assert "134,515,008" in out  # SmolLM2-135M-Instruct, 30 layers
-    assert "63,713,088" in out  # every 3rd layer kept: 10 layers
+    assert "88,493," in out  # the first 14 and last 3 layers kept: 17 layers, 66% of the teacher
+    assert "1 heal" in out and "2 onpolicy" in out  # the stages
     assert "49152 / 49152" in out
     assert "summarization" in out and "dry run OK" in out
     assert "Summarize the following news article in one sentence." in out and "<|im_start|>assistant" in out
