@@ -45,10 +45,11 @@ def resolve_target(target: str, overrides: Sequence[str]) -> tuple[Recipe, str, 
     return load_recipe(path, overrides), str(path), None
 
 
-def evaluate_heldout(recipe: Recipe, student, models, dataset, name: str):
-    """The full held-out evaluation of one student (or of the teacher itself, as the reference column)."""
+def evaluate_heldout(recipe: Recipe, student, models, dataset, name: str, teacher_texts: list[str] | None = None):
+    """The full held-out evaluation of one student (or of the teacher itself, as the reference column);
+    `teacher_texts`, the teacher's greedy completions from an earlier evaluation, spare decoding them again."""
     return evaluate(student, models.teacher, models.tokenizer, dataset, recipe.eval,
-                    temperature=recipe.rollout.temperature, references=True, name=name)
+                    temperature=recipe.rollout.temperature, references=True, name=name, teacher_texts=teacher_texts)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,13 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         recipe, recipe_path, run = resolve_target(targets[0], overrides)
         models = load_models(recipe, recipe_path)  # the teacher, and the recipe's initial student
         data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed)
-        results = []
+        results, teacher_texts = [], None  # the frozen teacher is decoded once, for every column
         for target in targets:
             _, _, target_run = resolve_target(target, overrides)
             student = load_model(str(target_run / "final"), "student") if target_run else models.student
             name = target_run.name if target_run else f"{Path(target).stem} (initial)"
-            results.append(evaluate_heldout(recipe, student.eval(), models, data.eval, name))
-        teacher = evaluate_heldout(recipe, models.teacher, models, data.eval, "teacher (reference)")
+            results.append(evaluate_heldout(recipe, student.eval(), models, data.eval, name, teacher_texts))
+            teacher_texts = [p["teacher"] for p in results[-1].predictions]
+        teacher = evaluate_heldout(recipe, models.teacher, models, data.eval, "teacher (reference)", teacher_texts)
         out = Path(args.out) if args.out else (run / "eval" if run else Path(recipe.train.output_dir) / "eval_initial")
         for r in results:
             write_outputs(r, out if len(results) == 1 else out / r.name.split(" ")[0])

@@ -138,12 +138,15 @@ def heldout_metrics(recipe: Recipe, accelerator, student, teacher, tokenizer, da
 
 
 @torch.no_grad()
-def greedy_samples(recipe: Recipe, accelerator, student, teacher, tokenizer, dataset: Dataset) -> list[dict]:
-    """The first `logging.num_samples` held-out prompts with the student's and the teacher's greedy completions."""
+def greedy_samples(recipe: Recipe, accelerator, student, teacher, tokenizer, dataset: Dataset,
+                   teacher_texts: list[str] | None = None) -> list[dict]:
+    """The first `logging.num_samples` held-out prompts with the student's and the teacher's greedy completions
+    (`teacher_texts`: the teacher's, from the last evaluation, which decoded these prompts the same way)."""
     rows = list(range(min(recipe.logging.num_samples, len(dataset))))
     ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, accelerator.device)
     with for_generation(student, accelerator) as model:
         student_out = _greedy(model, ids, mask, tokenizer, recipe.eval.max_new_tokens)
-    teacher_out = _greedy(teacher, ids, mask, tokenizer, recipe.eval.max_new_tokens)  # the teacher decodes alone
+    if teacher_texts is None or len(teacher_texts) < len(rows):
+        teacher_texts = _greedy(teacher, ids, mask, tokenizer, recipe.eval.max_new_tokens).texts  # decodes alone
     return [{"prompt": dataset[r]["prompt"], "reference": dataset[r]["reference"], "teacher": t, "student": s}
-            for r, s, t in zip(rows, student_out.texts, teacher_out.texts)]
+            for r, s, t in zip(rows, student_out.texts, teacher_texts)]

@@ -62,7 +62,12 @@ class StepContext:
 LossFn = Callable[[Completions, ModelOutputs, "ModelOutputs | None", "Recipe", StepContext, dict], Tensor]
 
 
-def _per_token(value: Tensor, batch: Completions, ctx: StepContext) -> float:
+def token_scale(batch: Completions, ctx: StepContext) -> float:
+    """Turns a value divided by the step's token count into this micro-batch's per-token mean."""
+    return ctx.num_tokens / max(batch.num_tokens, 1)
+
+
+def per_token_mean(value: Tensor, batch: Completions, ctx: StepContext) -> float:
     """A term divided by the step's token count -> this micro-batch's per-token mean."""
     return value.item() * ctx.num_tokens / max(batch.num_tokens, 1)
 
@@ -71,7 +76,7 @@ def cross_entropy_loss(batch: Completions, student: ModelOutputs, teacher: Model
                        ctx: StepContext, metrics: dict) -> Tensor:
     """sft / seqkd: -log q(y_t) on the references or teacher samples."""
     loss = token_cross_entropy(student.logits, batch.completion_ids, batch.completion_mask, ctx.num_tokens)
-    metrics["train/ce"] = _per_token(loss, batch, ctx)
+    metrics["train/ce"] = per_token_mean(loss, batch, ctx)
     return loss
 
 
@@ -86,7 +91,7 @@ def divergence_loss(batch: Completions, student: ModelOutputs, teacher: ModelOut
                                  backend=ctx.head, chunk_size=obj.chunk_size, **settings)
     else:
         loss = divergence(student.logits, teacher.logits, mask, **settings)
-    metrics[f"train/{obj.divergence}"] = _per_token(loss, batch, ctx)
+    metrics[f"train/{obj.divergence}"] = per_token_mean(loss, batch, ctx)
     return loss
 
 
@@ -142,7 +147,7 @@ def policy_gradient_step_loss(batch: Completions, student: ModelOutputs, teacher
         baseline=ctx.pg_baseline, num_tokens=ctx.num_tokens,
     )
     metrics.update(out.metrics)
-    scale = ctx.num_tokens / max(batch.num_tokens, 1)
+    scale = token_scale(batch, ctx)
     metrics["pg/loss"] *= scale  # the two loss terms were divided by the step's count
     metrics["pg/single_step_kl"] *= scale
     return out.loss
@@ -155,13 +160,13 @@ def penalty_loss(recipe: "Recipe", batch: Completions, student: ModelOutputs, ct
     total = torch.zeros((), device=mask.device)
     if p.frequency:
         loss, value = pen.frequency_penalty(logits, batch.completion_ids, mask, p.frequency, ctx.num_tokens)
-        total, metrics["penalty/frequency"] = total + loss, _per_token(value, batch, ctx)
+        total, metrics["penalty/frequency"] = total + loss, per_token_mean(value, batch, ctx)
     if p.diversity:  # its logged value is already this batch's own mean over sequences
         loss, value = pen.diversity_penalty(logits, student.input_embeddings, mask, p.diversity, ctx.num_sequences)
         total, metrics["penalty/diversity"] = total + loss, value.item()
     if p.entropy:
         loss, value = pen.entropy_penalty(logits, mask, p.entropy, p.entropy_floor, ctx.num_tokens)
-        total, metrics["penalty/entropy"] = total + loss, _per_token(value, batch, ctx)
+        total, metrics["penalty/entropy"] = total + loss, per_token_mean(value, batch, ctx)
     return total
 
 
@@ -170,8 +175,7 @@ def step_loss(recipe: "Recipe", loss_fn: LossFn, batch: Completions, student: Mo
     """(loss to backpropagate, metrics) of one micro-batch: the mode's loss plus every auxiliary term."""
     metrics: dict[str, float] = {}
     loss = loss_fn(batch, student, teacher, recipe, ctx, metrics)
-    if student.logits is not None and (recipe.penalties.frequency or recipe.penalties.diversity
-                                       or recipe.penalties.entropy):
+    if student.logits is not None and pen.any_penalty(recipe.penalties):
         loss = loss + penalty_loss(recipe, batch, student, ctx, metrics)
     if student.lm_logits is not None and recipe.objective.lm_coef:
         lm = student.lm_batch
@@ -183,7 +187,7 @@ def step_loss(recipe: "Recipe", loss_fn: LossFn, batch: Completions, student: Mo
         pairs = hidden_state_loss(student.projected, [teacher.hidden[t] for _, t in student.pairs],
                                   batch.completion_mask, kind=kind, num_tokens=ctx.num_tokens, per_pair=True)
         loss = loss + recipe.hidden.weight * pairs.mean()
-        scale = ctx.num_tokens / max(batch.num_tokens, 1)
+        scale = token_scale(batch, ctx)
         metrics[f"train/hidden_{kind}"] = pairs.mean().item() * scale
         for (s, t), value in zip(student.pairs, pairs.tolist()):
             metrics[f"hidden/{kind}_layer_{s}_to_{t}"] = value * scale

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from onpolicy_kd.batch import Source
+from onpolicy_kd.objectives.penalties import any_penalty
 from onpolicy_kd.objectives.loss import LossFn, cross_entropy_loss, divergence_loss, policy_gradient_step_loss
 
 if TYPE_CHECKING:  # the recipe sections, for type hints only (the recipe package imports this table)
@@ -110,16 +111,11 @@ class ForwardPlan:
         return not self.student_logits
 
 
-def logit_penalties(recipe: "Recipe") -> bool:
-    p = recipe.penalties
-    return bool(p.frequency or p.diversity or p.entropy)
-
-
 def forward_plan(recipe: "Recipe", head: str) -> ForwardPlan:
     """The forward passes for this recipe, with `head` the backend chosen at set-up (torch, chunked or liger)."""
     mode = MODES[recipe.objective.mode]
     hidden = recipe.hidden.weight > 0
-    chunked = mode.chunkable and head != "torch" and not logit_penalties(recipe)
+    chunked = mode.chunkable and head != "torch" and not any_penalty(recipe.penalties)
     teacher_logits = mode.reads_teacher and not chunked
     if recipe.objective.mode == "pg" and not recipe.objective.single_step and recipe.rollout.alpha > 0:
         teacher_logits = False  # the rewards' log p(y_t) come from the teacher's lockstep decode

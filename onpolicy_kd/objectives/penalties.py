@@ -31,6 +31,11 @@ from onpolicy_kd.objectives.divergences import log_probs, reduce_tokens
 Tensor = torch.Tensor
 
 
+def any_penalty(penalties) -> bool:
+    """Whether any penalty weight of a `penalties` section is on (they all read the student's full distribution)."""
+    return bool(penalties.frequency or penalties.diversity or penalties.entropy)
+
+
 def _previous_count_probability(probs_BTV: Tensor, tokens_BT: Tensor, mask_BT: Tensor) -> Tensor:
     """sum_v q(v|c_t) c_t(v) = sum_{s<t, valid} q(y_s|c_t), via a (B, T, T) gather instead of (B, T, V) counts."""
     T = tokens_BT.shape[1]

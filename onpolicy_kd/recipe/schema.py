@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from onpolicy_kd.hub import looks_like_local_path
 from onpolicy_kd.objectives.divergences import BACKENDS, DIVERGENCES
 from onpolicy_kd.objectives.modes import MODES
+from onpolicy_kd.objectives.penalties import any_penalty
 
 ENV_OVERRIDES: dict[str, str] = {
     "ONPOLICY_KD_OUTPUT_DIR": "train.output_dir",
@@ -350,8 +351,7 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
         ("objective.is_clip", r.rollout.alpha > 0, "when rollout.alpha > 0 (teacher-mixed samples)"),
         ("objective.chunk_size", obj.backend in ("auto", "chunked"), "to backend=chunked (or auto)"),
         ("penalties.entropy_floor", r.penalties.entropy > 0, "with penalties.entropy > 0"),
-        ("penalties.shape_reward", mode == "pg" and bool(r.penalties.frequency or r.penalties.diversity
-                                                         or r.penalties.entropy),
+        ("penalties.shape_reward", mode == "pg" and any_penalty(r.penalties),
          "to mode=pg with a penalty weight > 0"),
         ("optim.momentum", r.optim.name == "sgd", "to optim.name=sgd"),
         ("optim.betas", r.optim.name == "adamw", "to optim.name=adamw"),

@@ -29,7 +29,8 @@ from onpolicy_kd.models.distributed import make_accelerator, prepare_teacher, ze
 from onpolicy_kd.models.loading import Models, load_models, logits_are_linear
 from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
 from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
-from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_source, forward_plan, logit_penalties
+from onpolicy_kd.objectives.penalties import any_penalty
+from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_source, forward_plan
 from onpolicy_kd.recipe import Recipe, cache_root, recipe_to_yaml
 from onpolicy_kd.rollout.teacher_cache import cached_teacher_completions
 from onpolicy_kd.training.checkpoint import export_final, load_checkpoint, model_card, resolve_resume, save_checkpoint
@@ -233,7 +234,7 @@ def choose_head(recipe: Recipe, accelerator: Accelerator, models: Models) -> tup
         return "torch", f"mode {obj.mode} reads the student's full logits"
     if obj.backend == "torch":
         return "torch", "objective.backend=torch: full logits"
-    if logit_penalties(recipe):
+    if any_penalty(recipe.penalties):
         return "torch", "the penalties read the student's full distribution"
     if zero_stage(accelerator) == 3:
         return "torch", "under ZeRO-3 the lm_head weights are sharded: full logits"
@@ -305,7 +306,7 @@ def after_step(run: Run, source: str, num_tokens: float, metrics: dict[str, floa
         heldout(run)
     if recipe.logging.sample_steps and state.step % recipe.logging.sample_steps == 0:
         monitor.samples(state.step, greedy_samples(recipe, run.accelerator, run.student, run.teacher, run.tokenizer,
-                                                   run.data.eval))
+                                                   run.data.eval, run.teacher_texts))
     if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < cfg.max_steps:
         checkpoint(run)
     if run.stop.signal is not None:

@@ -22,7 +22,7 @@ from onpolicy_kd.batch import Completions, Source, concatenate
 from onpolicy_kd.data.sampler import prompt_batch, reference_batch
 from onpolicy_kd.models.distributed import for_generation, global_sum
 from onpolicy_kd.models.forward import student_forward, teacher_forward
-from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, batch_returns, step_loss
+from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, batch_returns, per_token_mean, step_loss
 from onpolicy_kd.objectives.penalties import sequences_with_pairs
 from onpolicy_kd.rollout import rollout
 
@@ -79,6 +79,7 @@ def draw_completions(run: "Run", source: Source) -> list[Completions]:
     r, step = recipe.rollout, run.state.step
     flat = [row for micro in rows for row in micro]
     size = r.batch_size or recipe.train.batch_size
+    alpha = 1.0 if source == "teacher" else r.alpha
     generated = []
     with for_generation(run.student, acc) as student:
         for index, start in enumerate(range(0, len(flat), size)):
@@ -86,7 +87,6 @@ def draw_completions(run: "Run", source: Source) -> list[Completions]:
             prompt_ids, prompt_mask = prompt_batch(run.data.train, chunk, pad, acc.device)
             generator = torch.Generator(device=acc.device).manual_seed(
                 recipe.train.seed * 1_000_003 + step * 1009 + index * 31 + acc.process_index)
-            alpha = 1.0 if source == "teacher" else r.alpha
             generated.append(rollout(
                 student, run.teacher if alpha > 0 else None, prompt_ids, prompt_mask, tokenizer=run.tokenizer,
                 max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, alpha=alpha,
@@ -140,7 +140,7 @@ def backward_micro_batch(run: "Run", batch: Completions, teacher: ModelOutputs |
         # accelerate / DeepSpeed divide the loss by grad_accum and DDP averages over processes: undo both, since
         # the loss is already divided by the step's global counts
         acc.backward(loss * (run.recipe.train.grad_accum * acc.num_processes))
-    metrics["train/loss"] = loss.item() * ctx.num_tokens / max(batch.num_tokens, 1)
+    metrics["train/loss"] = per_token_mean(loss, batch, ctx)
     sums.add(metrics, batch.num_tokens)
     return bad
 

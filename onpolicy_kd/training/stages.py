@@ -22,7 +22,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from onpolicy_kd.console import console
+from onpolicy_kd.console import console, is_main_process
 from onpolicy_kd.models.loading import Models, load_models
 from onpolicy_kd.recipe import Recipe, recipe_to_yaml
 from onpolicy_kd.recipe.loading import resolve_stages
@@ -67,7 +67,7 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None) -
     if result is None:
         raise RuntimeError("every stage had finished already: nothing to resume")
     final = Path(recipe.train.output_dir) / "final"
-    if result.final_dir is not None and _is_main_process():
+    if result.final_dir is not None and is_main_process():
         tmp = final.with_name(".tmp-final")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(result.final_dir, tmp)
@@ -79,6 +79,3 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None) -
     result.final_dir = final
     return result
 
-
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
