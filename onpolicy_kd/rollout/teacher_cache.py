@@ -3,8 +3,8 @@
 Sequence-level KD (mode `seqkd`, or `gkd` with `seq_kd`) trains on the teacher's completions of the training
 prompts. Sampling the teacher afresh at every step costs a whole teacher decode per step; with
 `rollout.teacher_cache: true` each prompt's completion is generated once, with the recipe's rollout settings
-(greedy or sampled; a sampled row is seeded from the run's seed and its batch), stored under
-`<cache>/teacher/<key>` with `Dataset.save_to_disk`, and read back by later runs in seconds.
+(greedy or sampled; a sampled row is seeded from the run's seed and its batch), stored in `teacher/<key>` of
+the data cache (`data.cache_dir`) with `Dataset.save_to_disk`, and read back by later runs in seconds.
 
 The key covers what the completions depend on: the teacher (its config, and the names, sizes and
 modification times of its weight files), the prompts (their token ids), the sampling settings and the seed.
