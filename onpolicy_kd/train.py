@@ -23,7 +23,7 @@ from onpolicy_kd.models.loading import Models, count_parameters, load_models
 from onpolicy_kd.objectives.hidden import attach_stitching
 from onpolicy_kd.recipe import Recipe, load_recipe, recipe_to_yaml
 from onpolicy_kd.recipe.loading import resolve_stages
-from onpolicy_kd.training.loop import TrainResult, train
+from onpolicy_kd.training.loop import TrainResult, budget_text, train
 from onpolicy_kd.training.stages import run_stages
 
 __all__ = ["TrainResult", "dry_run", "main", "train"]
@@ -60,7 +60,7 @@ def _model_row(source: str, model: object, tokenizer: object) -> dict[str, objec
 def stage_row(stage: Recipe) -> dict[str, object]:
     obj = stage.objective
     what = obj.mode + (f" {obj.divergence}" if obj.mode in ("kd", "gkd") else "")
-    return {"steps": stage.train.max_steps, "objective": what, "data": f"{Path(stage.data.path).name} ({stage.data.split})",
+    return {"budget": budget_text(stage.train), "objective": what, "data": f"{Path(stage.data.path).name} ({stage.data.split})",
             "batch": f"{stage.train.batch_size} x {stage.train.grad_accum}",
             "optim": f"{stage.optim.name} lr {stage.optim.lr:g} {stage.optim.scheduler}",
             "rollout": f"{stage.rollout.max_new_tokens} tokens, alpha {stage.rollout.alpha}"}
@@ -114,13 +114,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(recipe, args.recipe)
         result = run_stages(recipe, args.recipe) if recipe.stages else train(recipe, args.recipe)
+        # stopped by a signal (a checkpoint was saved): not finished, so the shell's code for it (130, 143)
+        code = 128 + result.stopped_by_signal if result.stopped_by_signal else 0
         if result.zero_stage == 3:
             # A gloo worker thread can race interpreter shutdown after ZeRO-3 runs (SIGABRT in ~2% of CPU runs,
             # docs/distributed.md): everything is saved, so leave without the interpreter's teardown.
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(0)
-        return 0
+            os._exit(code)
+        return code
     except FloatingPointError as err:
         print_error(UserError(f"{err}: the model's weights are no longer finite; lower optim.lr or "
                               f"optim.max_grad_norm, avoid fp16, and resume from the last checkpoint"))

@@ -120,6 +120,7 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "optim.warmup_ratio": ([], ["optim.warmup_ratio=0.5"]),
     "optim.max_grad_norm": ([], ["optim.max_grad_norm=0.001"]),
     "train.max_steps": ([], ["train.max_steps=3"]),
+    "train.max_time": (["train.max_steps=50"], ["train.max_time=0.01"]),  # stops after the first step
     "train.batch_size": ([], ["train.batch_size=3"]),
     "train.grad_accum": ([], ["train.grad_accum=2"]),
     "train.seed": ([], ["train.seed=6"]),

@@ -103,6 +103,17 @@ def test_resume_in_the_middle_of_a_stage_ends_where_an_uninterrupted_run_ends(tm
     assert steps == [5]  # stage 1 skipped, stage 2 resumed after its step 2 (run step 4)
 
 
+def test_a_stage_with_a_time_budget_hands_over_after_the_steps_it_took(tmp_path, far_pair, isolated_cache):
+    path = staged(tmp_path, far_pair)
+    stages = ("stages=[{name: warmup, max_time: 1.5, objective: {mode: seqkd}, rollout: {teacher_cache: true}}, "
+              "{name: onpolicy, max_steps: 2}]")
+    assert main([str(path), stages]) == 0
+    rows = [r for r in metrics_of(tmp_path / "out") if "train/loss" in r]
+    warmup = [r["step"] for r in rows if r["stage"] == "warmup"]
+    assert len(warmup) >= 1 and warmup == list(range(1, len(warmup) + 1))
+    assert [r["step"] for r in rows if r["stage"] == "onpolicy"] == [len(warmup) + 1, len(warmup) + 2]
+
+
 def test_dry_run_prints_the_plan(tmp_path, far_pair, isolated_cache, capsys, monkeypatch):
     from onpolicy_kd.console import console
 
@@ -121,6 +132,10 @@ def test_a_broken_stage_is_a_recipe_error(tmp_path, far_pair):
         load_recipe(path, ["train.max_steps=7"])
     with pytest.raises(ConfigError, match="batch_size and train.grad_accum only"):
         load_recipe(path, ["stages=[{name: a, max_steps: 1, train: {seed: 3}}]"])
+    with pytest.raises(ConfigError, match="needs a budget"):
+        load_recipe(path, ["stages=[{name: a}]"])
+    with pytest.raises(ConfigError, match="train.max_time is not used with stages"):
+        load_recipe(path, ["train.max_time=60"])
     with pytest.raises(ConfigError, match="must differ"):
         load_recipe(path, ["stages=[{name: a, max_steps: 1}, {name: a, max_steps: 1}]"])
 
@@ -166,6 +181,24 @@ def test_teacher_cache_miss_then_hit(cache_inputs, tmp_path, monkeypatch):
 def test_teacher_cache_key_follows_the_settings(cache_inputs, tmp_path, change):
     _, _, folder = _cached(cache_inputs, tmp_path)
     _, hit, other = _cached(cache_inputs, tmp_path, **change)
+    assert not hit and other != folder
+
+
+def test_teacher_cache_is_shared_by_prompt_orders_and_greedy_seeds(cache_inputs, tmp_path, monkeypatch):
+    """Another seed shuffles the same prompts: the entry is found and its rows come back in the new order."""
+    import onpolicy_kd.rollout.teacher_cache as teacher_cache
+
+    teacher, tok, prompts, settings = cache_inputs
+    first, _, folder = _cached(cache_inputs, tmp_path, do_sample=False)
+    monkeypatch.setattr(teacher_cache, "generate_teacher_completions", lambda *a, **k: pytest.fail("regenerated"))
+    shuffled = prompts.select([3, 0, 4, 1, 2])
+    again, hit, same = teacher_cache.cached_teacher_completions(
+        teacher, tok, shuffled, {**settings, "do_sample": False}, cache_dir=tmp_path, batch_size=2, seed=99,
+        device=torch.device("cpu"), vocab=len(tok))
+    assert hit and same == folder
+    assert again["teacher_ids"] == [first["teacher_ids"][i] for i in (3, 0, 4, 1, 2)]
+    monkeypatch.undo()
+    _, hit, other = _cached(cache_inputs, tmp_path, do_sample=True)  # sampled: its own entry, seeded
     assert not hit and other != folder
 
 

@@ -191,7 +191,7 @@ def test_sigterm_saves_a_usable_checkpoint(tmp_path, far_pair, isolated_cache):
     _wait_for(lambda: (out / "metrics.jsonl").is_file() and "train/loss" in (out / "metrics.jsonl").read_text(), proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]  # not finished: schedulers must not take it as done
     assert "checkpoint saved; resume with train.resume_from=latest" in stdout.replace("\n", " ")
     (checkpoint,) = (out / "checkpoints").iterdir()
     step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
@@ -216,3 +216,42 @@ def test_schedule_spans_every_ppo_epoch(tmp_path, far_pair, isolated_cache):
     assert main([str(recipe), "objective.ppo_epochs=2", "optim.scheduler=linear", "optim.lr=0.006"]) == 0
     lrs = [r["optim/lr"] for r in metrics_of(tmp_path / "out") if "optim/lr" in r]
     assert lrs[0] == pytest.approx(0.006 * 4 / 6) and lrs[1] == pytest.approx(0.006 * 2 / 6) and lrs[2] == 0
+
+
+def test_time_budget_ends_the_run_and_drives_the_schedule(tmp_path, far_pair, isolated_cache, capsys):
+    """train.max_time stops at the budget (not max_steps), exports the student, and a cosine schedule decays with
+    the time spent."""
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    assert main([str(recipe), "train.max_steps=100000", "train.max_time=3", "optim.scheduler=cosine"]) == 0
+    rows = [r for r in metrics_of(tmp_path / "out") if "train/loss" in r]
+    spent = sum(r["time/step_s"] for r in rows)
+    assert 2 <= len(rows) < 100000 and spent >= 3 and spent - rows[-1]["time/step_s"] < 3  # stopped at the first step past it
+    lrs = [r["optim/lr"] for r in rows]
+    assert lrs[0] > lrs[-1] and all(a >= b for a, b in zip(lrs, lrs[1:]))  # decays over time, not over 100000 steps
+    assert lrs[-1] < 0.5 * 3.0e-3
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+    assert "time budget spent" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+def test_budget_schedule_is_transformers_schedule_when_time_is_not_ahead(kind):
+    """With the time fraction behind the step fraction the schedule is transformers' (to rounding); with time ahead
+    it follows the time fraction."""
+    from transformers import get_scheduler
+
+    from onpolicy_kd.recipe.schema import OptimConfig
+    from onpolicy_kd.training.optim import build_scheduler
+
+    cfg = OptimConfig(lr=1.0, scheduler=kind, warmup_steps=3)
+    ours = build_scheduler(cfg, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 20, lambda: 0.0)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[kind]
+    theirs = get_scheduler(name, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), num_warmup_steps=3,
+                           num_training_steps=20)
+    for _ in range(20):
+        assert ours.get_last_lr()[0] == pytest.approx(theirs.get_last_lr()[0], rel=1e-12, abs=1e-15)
+        ours.optimizer.step(), ours.step(), theirs.optimizer.step(), theirs.step()
+    ahead = build_scheduler(cfg, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 20, lambda: 0.5)
+    for _ in range(4):  # past the warm-up, at 1/17 of the steps but half the time
+        ahead.optimizer.step(), ahead.step()
+    expected = {"constant": 1.0, "linear": 0.5, "cosine": 0.5}[kind]
+    assert ahead.get_last_lr()[0] == pytest.approx(expected)

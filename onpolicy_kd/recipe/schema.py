@@ -228,7 +228,11 @@ class OptimConfig(Section):
 
 
 class TrainConfig(Section):
-    max_steps: int = Field(100, ge=1)
+    max_steps: int = Field(100, ge=1, description="optimizer steps (with max_time: at most this many)")
+    max_time: float | None = Field(
+        None, gt=0, description="a wall-clock budget in seconds of training steps (evaluation, checkpoints and "
+                                "loading not counted): the run stops at whichever of max_steps and max_time comes "
+                                "first, and the learning-rate schedule follows the larger of the two fractions used")
     batch_size: int = Field(8, ge=1, description="prompts per process per micro-batch")
     grad_accum: int = Field(1, ge=1)
     seed: int = 42
@@ -268,7 +272,9 @@ class StageConfig(Section):
     """One phase of a staged run: the keys it changes on top of the recipe, and its step budget."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="a short name (letters, digits, _ . -)")
-    max_steps: int = Field(ge=1, description="optimizer steps of this stage")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps of this stage")
+    max_time: float | None = Field(None, gt=0, description="seconds of training steps of this stage (like "
+                                                           "train.max_time); at least one of the two budgets")
     objective: dict[str, Any] = Field(default_factory=dict)
     rollout: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict, description="training data of this stage; evaluation "
@@ -284,8 +290,14 @@ class StageConfig(Section):
         other = set(value) - {"batch_size", "grad_accum"}
         if other:
             raise ValueError(f"a stage may set train.batch_size and train.grad_accum only, not {sorted(other)} "
-                             f"(the step budget is the stage's max_steps)")
+                             f"(the budget is the stage's max_steps / max_time)")
         return value
+
+    @model_validator(mode="after")
+    def _budget(self) -> "StageConfig":
+        if self.max_steps is None and self.max_time is None:
+            raise ValueError(f"stage {self.name!r} needs a budget: max_steps, max_time (seconds) or both")
+        return self
 
 
 class Recipe(Section):
@@ -317,8 +329,10 @@ class Recipe(Section):
             raise ValueError(f"objective.seq_kd applies to mode=gkd only (mode is {mode_name}); use mode=seqkd instead")
         if self.student.init == "teacher_layers" and self.student.tokenizer:
             raise ValueError("student.tokenizer is not used with student.init=teacher_layers (it is the teacher's)")
-        if self.stages and self.train.max_steps != type(self.train).model_fields["max_steps"].default:
-            raise ValueError("train.max_steps is not used with stages: each stage sets its own max_steps")
+        for budget in ("max_steps", "max_time"):
+            if self.stages and getattr(self.train, budget) != type(self.train).model_fields[budget].default:
+                raise ValueError(f"train.{budget} is not used with stages: each stage sets its own budget "
+                                 f"(max_steps and/or max_time)")
         for key, applies, where in _conditional_keys(self):
             section_name, name = key.split(".")
             section = getattr(self, section_name)

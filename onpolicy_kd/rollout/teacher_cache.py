@@ -7,7 +7,10 @@ prompts. Sampling the teacher afresh at every step costs a whole teacher decode 
 the data cache (`data.cache_dir`) with `Dataset.save_to_disk`, and read back by later runs in seconds.
 
 The key covers what the completions depend on: the teacher (its config, and the names, sizes and
-modification times of its weight files), the prompts (their token ids), the sampling settings and the seed.
+modification times of its weight files), the set of prompts (their token ids), the sampling settings and,
+when sampling, the seed. The prompts are generated in one canonical order (sorted by their token ids) and
+handed back in the caller's, so a run with another seed, which shuffles the same training prompts
+differently, reads the same entry (for greedy completions; sampled ones are drawn again for a new seed).
 A cache entry is written to a temporary folder and renamed into place, so a killed run never leaves half
 of one; an entry that cannot be read is a clear error that names it.
 """
@@ -78,9 +81,20 @@ def generate_teacher_completions(teacher, tokenizer, prompts: Dataset, settings:
 def cached_teacher_completions(teacher, tokenizer, prompts: Dataset, settings: dict[str, Any], *, cache_dir: Path,
                                batch_size: int, seed: int, device: torch.device, vocab: int,
                                progress: Callable[[int, int], None] | None = None) -> tuple[Dataset, bool, Path]:
-    """(the completions, whether they came from the cache, the cache entry's folder)."""
-    key = cache_key(teacher, prompts, {**settings, "seed": seed})
+    """(the completions in the order of `prompts`, whether they came from the cache, the cache entry's folder)."""
+    order = sorted(range(len(prompts)), key=lambda row: prompts[row]["prompt_ids"])  # the canonical order
+    back = sorted(range(len(order)), key=order.__getitem__)  # canonical position of each of the caller's rows
+    prompts = prompts.select(order)
+    key = cache_key(teacher, prompts, {**settings, "seed": seed} if settings.get("do_sample", True) else settings)
     folder = Path(cache_dir) / "teacher" / key
+    found, hit = _read_or_generate(teacher, tokenizer, prompts, settings, folder, batch_size=batch_size, seed=seed,
+                                   device=device, vocab=vocab, progress=progress)
+    return found.select(back), hit, folder
+
+
+def _read_or_generate(teacher, tokenizer, prompts: Dataset, settings: dict[str, Any], folder: Path, *, batch_size: int,
+                      seed: int, device: torch.device, vocab: int,
+                      progress: Callable[[int, int], None] | None) -> tuple[Dataset, bool]:
     if folder.is_dir():
         try:
             found = datasets.load_from_disk(str(folder))
@@ -90,11 +104,11 @@ def cached_teacher_completions(teacher, tokenizer, prompts: Dataset, settings: d
         if list(found.column_names) != list(COLUMNS) or len(found) != len(prompts):
             raise DataError(f"the teacher-completion cache {folder} does not match its {len(prompts)} prompts "
                             f"(columns {found.column_names}, {len(found)} rows); delete that folder to generate it again")
-        return found, True, folder
+        return found, True
     completions = generate_teacher_completions(teacher, tokenizer, prompts, settings, batch_size=batch_size, seed=seed,
                                                device=device, vocab=vocab, progress=progress)
-    tmp = folder.with_name(f".tmp-{key}-{os.getpid()}")
+    tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     completions.save_to_disk(str(tmp))
     os.replace(tmp, folder)
-    return datasets.load_from_disk(str(folder)), False, folder
+    return datasets.load_from_disk(str(folder)), False

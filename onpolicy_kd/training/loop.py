@@ -32,6 +32,7 @@ from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
 from onpolicy_kd.objectives.penalties import any_penalty
 from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_source, forward_plan
 from onpolicy_kd.recipe import Recipe, cache_root, recipe_to_yaml
+from onpolicy_kd.recipe.loading import TIME_ONLY_STEP_CAP
 from onpolicy_kd.rollout.teacher_cache import cached_teacher_completions
 from onpolicy_kd.training.checkpoint import export_final, load_checkpoint, model_card, resolve_resume, save_checkpoint
 from onpolicy_kd.training.monitor import Monitor
@@ -75,6 +76,7 @@ class StopRequested:
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001
         self.signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C (or SIGTERM) ends the process at once
 
 
 @dataclass
@@ -100,6 +102,7 @@ class Run:
     input_embeddings: torch.Tensor  # the student's, for the diversity penalty's reward form
     teacher_texts: list[str] | None = None  # the frozen teacher's greedy held-out completions, decoded once
     collapsed: bool = False  # an evaluation found collapse and eval.stop_on_collapse ends the run
+    out_of_time: bool = False  # train.max_time is spent
     last_eval: dict[str, float] = field(default_factory=dict)
 
 
@@ -127,7 +130,7 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     run = setup(recipe, recipe_path, models, raw_train, raw_eval, stage)
     with run.monitor:
         evaluate_at_start(run, before)
-        while run.state.step < recipe.train.max_steps and not run.collapsed:
+        while run.state.step < recipe.train.max_steps and not (run.collapsed or run.out_of_time):
             timer, sums = PhaseTimer(), MetricSums()
             source = completion_source(recipe, run.state.step)  # student / teacher samples or references
             with timer("rollout"):
@@ -169,33 +172,42 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
         raise DataError(f"{reason}, but {recipe.data.path} has none (format {data.task.name}, columns "
                         f"{data.task.columns}); map a reference column with data.columns.reference=<column>")
     cfg = recipe.train
+    state = TrainerState()  # filled in place on resume: the time-budget schedule reads it
     optimizer = build_optimizer(recipe.optim, models.student)
     # pg takes ppo_epochs optimizer steps per training step: the schedule spans all of them
-    scheduler = build_scheduler(recipe.optim, optimizer, cfg.max_steps * mode.passes(recipe.objective))
+    scheduler = build_scheduler(recipe.optim, optimizer, cfg.max_steps * mode.passes(recipe.objective),
+                                (lambda: state.train_seconds / cfg.max_time) if cfg.max_time else None)
     student, optimizer = accelerator.prepare(models.student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     teacher = prepare_teacher(models.teacher, accelerator)
     head, why = choose_head(recipe, accelerator, models)
     sampler = PromptSampler(len(data.train), cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed)
-    state = TrainerState()
     resume = resolve_resume(cfg.resume_from, cfg.output_dir)
     if resume is not None:
-        state = TrainerState(**{k: v for k, v in load_checkpoint(accelerator, resume).items()
-                                if k in TrainerState.__dataclass_fields__})
+        for key, value in load_checkpoint(accelerator, resume).items():
+            if key in TrainerState.__dataclass_fields__:
+                setattr(state, key, value)
         sampler.position = state.data_position
     if recipe.logging.tensorboard:
         accelerator.init_trackers("onpolicy_kd")
-    monitor = Monitor(cfg.output_dir, cfg.max_steps, state.step, enabled=accelerator.is_main_process,
-                      live=recipe.logging.live, accelerator=accelerator, tensorboard=recipe.logging.tensorboard,
-                      stage=stage)
+    monitor = Monitor(cfg.output_dir, cfg.max_time or cfg.max_steps, state.train_seconds if cfg.max_time else state.step,
+                      enabled=accelerator.is_main_process, live=recipe.logging.live, accelerator=accelerator,
+                      tensorboard=recipe.logging.tensorboard, stage=stage, by_time=cfg.max_time is not None)
     if stage is not None:
         monitor.print(f"[bold]stage {stage.index + 1}/{stage.count}: {stage.name}[/] ({recipe.objective.mode}, "
-                      f"{cfg.max_steps} steps, data {recipe.data.path})")
+                      f"{budget_text(cfg)}, data {recipe.data.path})")
     if mode.chunkable:
         monitor.print(f"divergence head: {head} ({why})")
     return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
                optimizer, scheduler, sampler, mode, forward_plan(recipe, head), state, monitor, StopRequested(),
                accelerator.unwrap_model(student).get_input_embeddings().weight)
+
+
+def budget_text(cfg) -> str:
+    """'60 steps', '300 s' or '300 s (at most 60 steps)': a run's budget, as the console says it."""
+    if cfg.max_time is None:
+        return f"{cfg.max_steps} steps"
+    return f"{cfg.max_time:g} s" + (f" (at most {cfg.max_steps} steps)" if cfg.max_steps < TIME_ONLY_STEP_CAP else "")
 
 
 def with_teacher_completions(recipe: Recipe, models: Models, train_split, accelerator: Accelerator):
@@ -300,21 +312,38 @@ def after_step(run: Run, source: str, num_tokens: float, metrics: dict[str, floa
         "perf/tokens_per_s": num_tokens / elapsed, "time/step_s": elapsed, "train/skipped_steps": state.bad_steps_total,
         "data/on_policy": float(source == "student"),
     }
-    if state.step % recipe.logging.log_steps == 0 or state.step == cfg.max_steps:
-        monitor.log(state.step, metrics)
-    if recipe.eval.eval_steps and state.step % recipe.eval.eval_steps == 0 and state.step < cfg.max_steps:
+    agree_on_stop(run)
+    last = state.step == cfg.max_steps or run.out_of_time
+    if state.step % recipe.logging.log_steps == 0 or last:
+        monitor.log(state.step, metrics, completed=state.train_seconds if cfg.max_time else state.step)
+    if recipe.eval.eval_steps and state.step % recipe.eval.eval_steps == 0 and not last:
         heldout(run)
     if recipe.logging.sample_steps and state.step % recipe.logging.sample_steps == 0:
         monitor.samples(state.step, greedy_samples(recipe, run.accelerator, run.student, run.teacher, run.tokenizer,
                                                    run.data.eval, run.teacher_texts))
-    if cfg.save_steps and state.step % cfg.save_steps == 0 and state.step < cfg.max_steps:
+    if cfg.save_steps and state.step % cfg.save_steps == 0 and not last:
         checkpoint(run)
+    if run.out_of_time and run.stop.signal is None:
+        monitor.print(f"time budget spent: {state.train_seconds:.0f} s of training (train.max_time={cfg.max_time:g}) "
+                      f"after {state.step} steps")
     if run.stop.signal is not None:
         checkpoint(run)
         monitor.print(f"stopped by signal {run.stop.signal} at step {state.step}: checkpoint saved; "
                       f"resume with train.resume_from=latest")
         return True
     return False
+
+
+def agree_on_stop(run: Run) -> None:
+    """Whether to stop after this step, agreed by every process (one tiny gather per step): a signal to any one
+    rank, or the time budget as any rank measures it, stops them all at the same step."""
+    cfg = run.recipe.train
+    flags = torch.tensor([run.stop.signal or 0, int(cfg.max_time is not None and run.state.train_seconds >= cfg.max_time)],
+                         device=run.accelerator.device)
+    if run.accelerator.num_processes > 1:
+        flags = run.accelerator.gather(flags).view(-1, 2).max(dim=0).values
+    run.stop.signal = int(flags[0]) or None
+    run.out_of_time = bool(flags[1])
 
 
 def finish(run: Run, after: dict[str, float]) -> TrainResult:

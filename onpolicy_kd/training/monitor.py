@@ -27,21 +27,23 @@ SHOWN = ("train/loss", "train/reverse_kl", "eval/reverse_kl", "train/entropy", "
 
 
 class Monitor:
-    def __init__(self, output_dir: str | Path, max_steps: int, start_step: int, *, enabled: bool, live: bool,
-                 accelerator=None, tensorboard: bool = False, stage=None):
-        """`stage` (a staged run's Stage): metrics go to the run's metrics.jsonl with a `stage` key and steps
-        counted over the whole run; the progress bar names the stage."""
+    def __init__(self, output_dir: str | Path, total: float, completed: float, *, enabled: bool, live: bool,
+                 accelerator=None, tensorboard: bool = False, stage=None, by_time: bool = False):
+        """The progress bar counts steps (`total` = max_steps), or with `by_time` seconds of training
+        (`total` = train.max_time). `stage` (a staged run's Stage): metrics go to the run's metrics.jsonl with a
+        `stage` key and steps counted over the whole run; the progress bar names the stage."""
         self.enabled = enabled
         self.path = stage.metrics_file if stage is not None else Path(output_dir) / "metrics.jsonl"
         self.step_offset = stage.step_offset if stage is not None else 0
         self.stage = {"stage": stage.name} if stage is not None else {}
         label = f"stage {stage.index + 1}/{stage.count} {stage.name}" if stage is not None else "distilling"
+        label += " (seconds of training)" if by_time else ""
         self.latest: dict[str, float] = {}
         self.accelerator = accelerator if tensorboard else None
         self.live_mode = live and enabled and console.is_terminal
         self.progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("eta"), TimeRemainingColumn(), console=console)
-        self.task = self.progress.add_task("train", total=max_steps, completed=start_step)
+        self.task = self.progress.add_task("train", total=round(total), completed=round(completed))
         self.live: Live | None = None
         self.started = time.perf_counter()
         if enabled:
@@ -68,7 +70,7 @@ class Monitor:
             table.add_row(*cells)
         return Group(self.progress, table)
 
-    def log(self, step: int, metrics: dict[str, float], advance: bool = True) -> None:
+    def log(self, step: int, metrics: dict[str, float], advance: bool = True, completed: float | None = None) -> None:
         if not self.enabled:
             return
         self.latest.update(metrics)
@@ -77,7 +79,7 @@ class Monitor:
         if self.accelerator is not None:
             self.accelerator.log(metrics, step=self.step_offset + step)
         if advance:
-            self.progress.update(self.task, completed=step)
+            self.progress.update(self.task, completed=round(step if completed is None else completed))
         if self.live is not None:
             self.live.update(self._render())
         else:

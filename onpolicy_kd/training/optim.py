@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from functools import partial
+from typing import Callable
+
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_scheduler
 from transformers.optimization import Adafactor
 
@@ -23,7 +28,26 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
                      warmup_init=False)
 
 
-def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, max_steps: int):
+def build_scheduler(cfg: OptimConfig, optimizer: torch.optim.Optimizer, max_steps: int,
+                    time_used: Callable[[], float] | None = None):
+    """The learning-rate schedule over `max_steps`; with a time budget (`time_used` returns the fraction of
+    train.max_time spent so far), over whichever of the step and time budgets is further along, so a decaying
+    schedule reaches its end when the run does."""
     warmup = cfg.warmup_steps or round(cfg.warmup_ratio * max_steps)
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
+    if time_used is None:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
+    return LambdaLR(optimizer, partial(_budget_factor, cfg.scheduler, warmup, max_steps, time_used))
+
+
+def _budget_factor(kind: str, warmup: int, max_steps: int, time_used: Callable[[], float], step: int) -> float:
+    """transformers' warm-up / linear / cosine factors, with progress = the larger of the step and time fractions
+    (warm-up stays counted in steps)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, max((step - warmup) / max(1, max_steps - warmup), time_used()))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))

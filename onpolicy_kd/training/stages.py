@@ -1,7 +1,7 @@
 """Staged runs: the phases of one recipe (`stages:`), run in order, the student flowing from one to the next.
 
 Each stage is the top-level recipe with the stage's own keys on top (objective, rollout, data, optim, penalties,
-hidden, and train.batch_size / grad_accum), trained for its `max_steps` in `<output_dir>/stages/<k>-<name>/`
+hidden, and train.batch_size / grad_accum), trained for its budget (`max_steps` and/or `max_time`) in `<output_dir>/stages/<k>-<name>/`
 (its checkpoints and its own `final/`). The teacher is loaded once; the student a stage hands back is the
 next stage's starting point, with a fresh optimizer and schedule (the stage's own). The run's
 `metrics.jsonl` and console show the stage (`stage` key, steps counted over the whole run); every stage
@@ -16,6 +16,7 @@ student the last of them left, and resumes the current stage from its latest che
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +27,7 @@ from onpolicy_kd.console import console, is_main_process
 from onpolicy_kd.models.loading import Models, load_models
 from onpolicy_kd.recipe import Recipe, recipe_to_yaml
 from onpolicy_kd.recipe.loading import resolve_stages
+from onpolicy_kd.training.checkpoint import STATE_FILE, list_checkpoints
 from onpolicy_kd.training.loop import Stage, TrainResult, train
 
 
@@ -41,12 +43,20 @@ def load_finished_student(student, final: Path) -> None:
         raise RuntimeError(f"{final}: cannot restore the student (missing {missing}, unexpected {unexpected})")
 
 
-def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None) -> TrainResult:
-    """Train every stage in order; the result is the last stage's, with `final_dir` the run's own `final/`."""
+def steps_taken(stage_dir: Path) -> int:
+    """The steps a finished stage took (its last checkpoint, written when it finished)."""
+    found = list_checkpoints(stage_dir)
+    return json.loads((found[-1] / STATE_FILE).read_text())["step"] if found else 0
+
+
+def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
+               before: dict[str, float] | None = None) -> TrainResult:
+    """Train every stage in order; the result is the last stage's, with `final_dir` the run's own `final/`.
+    `before`: the initial student's held-out metrics, when the caller has them (else the first stage measures them)."""
     stages = resolve_stages(recipe)
     models = models or load_models(recipe, recipe_path)
     resuming = recipe.train.resume_from is not None
-    offset, before, result = 0, None, None
+    offset, result = 0, None
     for index, (spec, stage_recipe) in enumerate(zip(recipe.stages, stages)):
         stage_dir = Path(stage_recipe.train.output_dir)
         stage = Stage(name=spec.name, index=index, count=len(stages), step_offset=offset,
@@ -54,7 +64,7 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None) -
         if resuming and (stage_dir / "final" / "recipe.yaml").is_file():
             load_finished_student(models.student, stage_dir / "final")
             console.print(f"stage {index + 1}/{len(stages)} {spec.name}: finished earlier, its student restored")
-            offset += stage_recipe.train.max_steps
+            offset += steps_taken(stage_dir)
             continue
         if resuming:
             stage_recipe = stage_recipe.model_copy(
@@ -63,7 +73,7 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None) -
         if result.stopped_by_signal is not None:
             return result
         models = Models(teacher=models.teacher, student=result.student, tokenizer=models.tokenizer)
-        before, offset = result.after, offset + stage_recipe.train.max_steps
+        before, offset = result.after, offset + result.steps  # a time budget may end a stage before max_steps
     if result is None:
         raise RuntimeError("every stage had finished already: nothing to resume")
     final = Path(recipe.train.output_dir) / "final"

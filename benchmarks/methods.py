@@ -1,0 +1,290 @@
+"""Benchmark: distillation methods at equal wall time, judged by the student they hand back.
+
+    python benchmarks/methods.py                                  # every method, 300 s each, seeds 1 2 3
+    python benchmarks/methods.py --budget 300 --seeds 1 2 3 --methods staged kd seqkd trl
+    python benchmarks/methods.py --table-only                     # redraw the table and plot from the records
+
+The task is the offline default's (recipes/smollm2_news.yaml): SmolLM2-135M-Instruct teacher, the recipe's
+17-layer student copied from it (every method starts from this same student), Lee news articles (train rows
+0-279, 12 held out), batch 4, float32 on the CPU. Every method trains for the same wall-clock budget of
+training steps (`train.max_time`; loading and evaluation not counted) in its own process, one seed at a time,
+and is then measured by the same held-out evaluation (12 articles, 32 new tokens): reverse KL(q||p) and
+KL(p||q) on the student's sampled completions; distinct-1, repetition and ROUGE-L F against the teacher on
+its greedy completions.
+
+Methods (the recipe's own settings unless said):
+- staged: the recipe as shipped, its two stages given half the budget each (heal, then on-policy);
+- kd: the heal stage alone: dense forward KL on the teacher's cached greedy summaries (GKD with lambda 0 and
+  seq_kd; the data has no reference summaries, so "supervised" KD uses the teacher's);
+- seqkd: cross-entropy on the same cached teacher summaries (SeqKD), lr 5e-4 cosine like kd;
+- gkd_rkl: on-policy reverse KL on the student's own samples (the recipe's on-policy stage alone);
+- gkd_jsd: the same with the generalized JSD (beta 0.5);
+- pg: MiniLLM-style policy gradient (objective.mode=pg, its defaults);
+- trl: TRL's DistillationTrainer (on-policy reverse KL, its only objective) on the same student, prompt ids,
+  learning rate and budget (its schedule is constant: TRL's scheduler counts steps, not time).
+SFT needs reference completions; the Lee articles have none, so it has no row (SeqKD is SFT on teacher text).
+
+The teacher's summaries used by staged, kd and seqkd are generated once and cached (~6 min on this machine,
+not counted in the budget: every later run reads them in seconds). Each (method, seed) appends one JSON record
+to benchmarks/results/methods.jsonl; the markdown table (methods.md) and the plot (methods.png) are drawn from
+all records, so the table can be built up over several invocations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RECIPE = ROOT / "recipes" / "smollm2_news.yaml"
+RESULTS = ROOT / "benchmarks" / "results"
+RECORDS = RESULTS / "methods.jsonl"
+
+HEAL = ("objective: {mode: gkd, lmbda: 0.0, seq_kd: true, divergence: forward_kl}, "
+        "rollout: {teacher_cache: true, do_sample: false}, optim: {lr: 5.0e-4, scheduler: cosine, warmup_steps: 5}")
+TEACHER_TEXT = ["rollout.teacher_cache=true", "rollout.do_sample=false", "optim.lr=5.0e-4", "optim.scheduler=cosine",
+                "optim.warmup_steps=5"]
+SINGLE = ["stages=[]"]
+METHODS: dict[str, object] = {
+    "staged": lambda budget: [f"stages=[{{name: heal, max_time: {budget / 2:g}, {HEAL}}}, "
+                              f"{{name: onpolicy, max_time: {budget / 2:g}}}]"],
+    "kd": lambda budget: SINGLE + ["objective.lmbda=0.0", "objective.seq_kd=true", "objective.divergence=forward_kl",
+                                   *TEACHER_TEXT],
+    "seqkd": lambda budget: SINGLE + ["objective.mode=seqkd", *TEACHER_TEXT],
+    "gkd_rkl": lambda budget: SINGLE,
+    "gkd_jsd": lambda budget: SINGLE + ["objective.divergence=jsd", "objective.beta=0.5"],
+    "pg": lambda budget: SINGLE + ["objective.mode=pg"],
+    "trl": lambda budget: SINGLE,
+}
+LABELS = {"staged": "staged default (heal, then on-policy rKL)", "kd": "KD: dense forward KL on teacher text",
+          "seqkd": "SeqKD: CE on teacher text", "gkd_rkl": "on-policy GKD, reverse KL", "gkd_jsd": "on-policy GKD, JSD 0.5",
+          "pg": "PG (MiniLLM-style)", "trl": "TRL DistillationTrainer"}
+METRICS = (("eval/reverse_kl", "KL(q‖p)"), ("eval/forward_kl_samples", "KL(p‖q)"), ("eval/rougeL_teacher", "ROUGE-L vs teacher"),
+           ("eval/distinct1", "distinct-1"), ("eval/repetition", "repetition"))
+
+
+def overrides(method: str, seed: int, budget: float, work: Path) -> list[str]:
+    common = [f"train.seed={seed}", f"train.output_dir={work}", "logging.live=false", "eval.full=true"]
+    budget_keys = [] if method == "staged" else [f"train.max_time={budget:g}", "train.max_steps=100000"]
+    return [*METHODS[method](budget), *budget_keys, *common]
+
+
+def run_one(method: str, seed: int, budget: float, out_json: Path) -> None:
+    """In a child process: train one method for the budget, evaluate, write a JSON record."""
+    import torch
+
+    from onpolicy_kd.evaluation.heldout import greedy_samples
+    from onpolicy_kd.models.loading import load_models
+    from onpolicy_kd.recipe import load_recipe
+    from onpolicy_kd.train import train
+    from onpolicy_kd.training.stages import run_stages
+
+    work = Path(tempfile.mkdtemp(prefix=f"methods-{method}-"))
+    recipe = load_recipe(RECIPE, overrides(method, seed, budget, work))
+    models = load_models(recipe, str(RECIPE))
+    started = time.perf_counter()
+    if method == "trl":
+        record = run_trl(recipe, models, budget)
+    else:
+        result = run_stages(recipe, str(RECIPE), models) if recipe.stages else train(recipe, str(RECIPE), models)
+        rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
+        steps = [r for r in rows if "time/step_s" in r]
+        record = {"before": result.before, "after": result.after, "steps": len(steps),
+                  "train_s": sum(r["time/step_s"] for r in steps)}
+        from accelerate import Accelerator
+
+        samples = greedy_samples(recipe.model_copy(update={"logging": recipe.logging.model_copy(update={"num_samples": 2})}),
+                                 Accelerator(cpu=True), result.student, models.teacher, models.tokenizer,
+                                 load_eval(recipe, models.tokenizer))
+        record["samples"] = [{"teacher": s["teacher"], "student": s["student"]} for s in samples]
+    record |= {"method": method, "seed": seed, "budget_s": budget, "wall_s": time.perf_counter() - started,
+               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d")}
+    out_json.write_text(json.dumps(record))
+
+
+def load_eval(recipe, tokenizer):
+    from onpolicy_kd.data.loading import load_prompt_data
+
+    return load_prompt_data(recipe.data, tokenizer, seed=recipe.train.seed).eval
+
+
+def run_trl(recipe, models, budget: float) -> dict:
+    """TRL's DistillationTrainer for `budget` seconds of steps, fed our exact prompt ids (as benchmarks/step.py)."""
+    from accelerate import Accelerator
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from onpolicy_kd.data.loading import load_prompt_data
+    from onpolicy_kd.evaluation.heldout import greedy_samples, heldout_metrics
+
+    tokenizer, student, teacher = models.tokenizer, models.student, models.teacher
+    data = load_prompt_data(recipe.data, tokenizer, seed=recipe.train.seed)
+    texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in data.train["prompt_ids"]]
+    ids_of = dict(zip(texts, data.train["prompt_ids"]))
+    accelerator = Accelerator(cpu=True)
+    before = heldout_metrics(recipe, accelerator, student, teacher, tokenizer, data.eval)[0]
+
+    class TimeBudget(TrainerCallback):
+        def __init__(self):
+            self.spent, self.steps, self.started = 0.0, 0, 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.spent += time.perf_counter() - self.started
+            self.steps += 1
+            control.should_training_stop = self.spent >= budget
+
+    budget_cb = TimeBudget()
+    args = DistillationConfig(
+        output_dir=tempfile.mkdtemp(prefix="methods-trl-"), per_device_train_batch_size=recipe.train.batch_size,
+        gradient_accumulation_steps=1, max_steps=100000, learning_rate=recipe.optim.lr, lr_scheduler_type="constant",
+        warmup_steps=0, max_grad_norm=recipe.optim.max_grad_norm, weight_decay=0.0, temperature=recipe.rollout.temperature,
+        top_k=0, top_p=1.0, beta=1.0, max_completion_length=recipe.rollout.max_new_tokens, use_cpu=True, bf16=False,
+        fp16=False, gradient_checkpointing=False, disable_dropout=True, logging_steps=10, save_strategy="no",
+        report_to=[], seed=recipe.train.seed, dataloader_num_workers=0,
+    )
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
+                                  train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer,
+                                  callbacks=[budget_cb])
+    trainer._tokenize_prompts = lambda prompts: ([list(ids_of[p]) for p in prompts], None, {})
+    trainer.train()
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    after = heldout_metrics(recipe, accelerator, trained, teacher, tokenizer, data.eval)[0]
+    samples = greedy_samples(recipe.model_copy(update={"logging": recipe.logging.model_copy(update={"num_samples": 2})}),
+                             accelerator, trained, teacher, tokenizer, data.eval)
+    return {"before": before, "after": after, "steps": budget_cb.steps, "train_s": budget_cb.spent,
+            "samples": [{"teacher": s["teacher"], "student": s["student"]} for s in samples]}
+
+
+# --- the table and the plot ---------------------------------------------------------------------------------------
+
+def read_records() -> list[dict]:
+    return [json.loads(line) for line in open(RECORDS)] if RECORDS.is_file() else []
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(records: list[dict]) -> str:
+    by_key: dict[tuple[float, str], list[dict]] = {}
+    for r in records:
+        by_key.setdefault((r["budget_s"], r["method"]), []).append(r)
+    lines = ["# Methods at equal wall time (benchmarks/methods.py)", "",
+             "2-core CPU machine, float32. SmolLM2-135M-Instruct teacher; every method starts from the default recipe's "
+             "17-layer student (88.5M parameters, 66%). Budget: seconds of training steps per run (loading, the "
+             "teacher-summary cache and evaluation not counted). Held-out: 12 Lee articles; KLs on the student's "
+             "sampled completions, text metrics on its greedy 32-token completions. Mean ± standard deviation over "
+             "seeds (train.seed; the held-out prompts and their sampling seed fixed).", ""]
+    budgets = sorted({b for b, _ in by_key})
+    for budget in budgets:
+        lines += [f"## Budget {budget:g} s", "",
+                  "| method | seeds | steps | " + " | ".join(name for _, name in METRICS) + " | train time | peak RSS |",
+                  "|---|---|---|" + "---|" * len(METRICS) + "---|---|"]
+        rows = [(m, by_key[(budget, m)]) for m in METHODS if (budget, m) in by_key]
+        first = rows[0][1][0]["before"]
+        lines.append("| initial student | - | 0 | " + " | ".join(f"{first.get(k, float('nan')):.3f}" for k, _ in METRICS)
+                     + " | - | - |")
+        for method, runs in rows:
+            cells = [mean_sd([r["after"][k] for r in runs]) for k, _ in METRICS]
+            lines.append(f"| {LABELS[method]} | {', '.join(str(r['seed']) for r in runs)} | "
+                         f"{statistics.fmean(r['steps'] for r in runs):.0f} | " + " | ".join(cells) +
+                         f" | {statistics.fmean(r['train_s'] for r in runs):.0f} s | "
+                         f"{max(r['peak_rss_gib'] for r in runs):.2f} GiB |")
+        lines += ["", "Greedy completions of the first held-out article (seed of the first run):", ""]
+        teacher = rows[0][1][0].get("samples", [{}])[0].get("teacher", "")
+        lines.append(f"- teacher: {teacher!r}")
+        for method, runs in rows:
+            sample = runs[0].get("samples", [{}])[0].get("student", "")
+            lines.append(f"- {method}: {sample!r}")
+        lines.append("")
+    dates = sorted({r["date"] for r in records})
+    lines.append(f"Records: benchmarks/results/methods.jsonl ({len(records)} runs, {', '.join(dates)}; torch "
+                 f"{records[0]['torch']}). Command: `python benchmarks/methods.py --budget B --seeds ... --methods ...`.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    keys = (("eval/reverse_kl", "held-out KL(q‖p), lower is better"), ("eval/rougeL_teacher", "ROUGE-L vs teacher"),
+            ("eval/distinct1", "distinct-1 (teacher 0.90)"))
+    for method in METHODS:
+        runs = [r for r in records if r["method"] == method]
+        if not runs:
+            continue
+        for ax, (key, title) in zip(axes, keys):
+            xs = [r["train_s"] for r in runs]
+            ys = [r["after"][key] for r in runs]
+            ax.scatter(xs, ys, label=method, alpha=0.75)
+            ax.set_title(title)
+            ax.set_xlabel("seconds of training")
+    initial = records[0]["before"]
+    for ax, (key, _) in zip(axes, keys):
+        ax.axhline(initial[key], color="gray", linestyle=":", linewidth=1)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Distillation methods at equal wall time (each point one seed; dotted: the initial student)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def publish() -> None:
+    records = read_records()
+    if not records:
+        raise SystemExit(f"no records in {RECORDS}")
+    text = table(records)
+    (RESULTS / "methods.md").write_text(text)
+    plot(records, RESULTS / "methods.png")
+    print(text)
+
+
+def main() -> None:
+    global RESULTS, RECORDS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds of training steps per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of methods.jsonl / .md / .png")
+    parser.add_argument("--table-only", action="store_true", help="redraw methods.md and methods.png from the records")
+    parser.add_argument("--run", choices=list(METHODS), help=argparse.SUPPRESS)  # a child process: one run
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    RESULTS, RECORDS = args.results, args.results / "methods.jsonl"
+    if args.run:
+        run_one(args.run, args.seeds[0], args.budget, args.json)
+        return
+    if not args.table_only:
+        for seed in args.seeds:
+            for method in args.methods:
+                out = Path(tempfile.mkdtemp()) / "record.json"
+                print(f"--- {method}, seed {seed}, {args.budget:g} s", flush=True)
+                subprocess.run([sys.executable, __file__, "--run", method, "--seeds", str(seed), "--budget",
+                                str(args.budget), "--json", str(out)], check=True, cwd=ROOT)
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                with open(RECORDS, "a") as f:
+                    f.write(out.read_text() + "\n")
+                publish()
+    publish()
+
+
+if __name__ == "__main__":
+    main()
