@@ -89,16 +89,30 @@ def run_one(method: str, seed: int, budget: float, out_json: Path) -> None:
     from onpolicy_kd.training.stages import run_stages
 
     work = Path(tempfile.mkdtemp(prefix=f"methods-{method}-"))
-    recipe = load_recipe(RECIPE, overrides(method, seed, budget, work))
+    recipe = load_recipe(RECIPE, overrides("gkd_rkl" if method == "initial" else method, seed, budget, work))
     models = load_models(recipe, str(RECIPE))
     started = time.perf_counter()
-    if method == "trl":
-        record = run_trl(recipe, models, budget)
+    before = initial_metrics()
+    if method == "initial":  # the untrained student, measured like every trained one
+        from accelerate import Accelerator
+
+        from onpolicy_kd.evaluation.heldout import heldout_metrics
+
+        data = load_eval(recipe, models.tokenizer)
+        after = heldout_metrics(recipe, Accelerator(cpu=True), models.student, models.teacher, models.tokenizer, data)[0]
+        samples = greedy_samples(recipe.model_copy(update={"logging": recipe.logging.model_copy(update={"num_samples": 2})}),
+                                 Accelerator(cpu=True), models.student, models.teacher, models.tokenizer, data)
+        record = {"before": after, "after": after, "steps": 0, "train_s": 0.0,
+                  "samples": [{"teacher": s["teacher"], "student": s["student"]} for s in samples]}
+    elif method == "trl":
+        record = run_trl(recipe, models, budget, before)
     else:
-        result = run_stages(recipe, str(RECIPE), models) if recipe.stages else train(recipe, str(RECIPE), models)
+        result = (run_stages(recipe, str(RECIPE), models, before=before) if recipe.stages
+                  else train(recipe, str(RECIPE), models, before=before))
         rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
         steps = [r for r in rows if "time/step_s" in r]
-        record = {"before": result.before, "after": result.after, "steps": len(steps),
+        # a staged result's `before` is its last stage's start: the run's own start is the initial student
+        record = {"before": before or result.before, "after": result.after, "steps": len(steps),
                   "train_s": sum(r["time/step_s"] for r in steps)}
         from accelerate import Accelerator
 
@@ -112,13 +126,22 @@ def run_one(method: str, seed: int, budget: float, out_json: Path) -> None:
     out_json.write_text(json.dumps(record))
 
 
+def initial_metrics() -> dict | None:
+    """The initial student's held-out metrics (the `initial` record): every run starts from the same student and
+    the held-out evaluation is seeded, so they are measured once, before the first method runs."""
+    for record in read_records():
+        if record["method"] == "initial":
+            return record["after"]
+    return None
+
+
 def load_eval(recipe, tokenizer):
     from onpolicy_kd.data.loading import load_prompt_data
 
     return load_prompt_data(recipe.data, tokenizer, seed=recipe.train.seed).eval
 
 
-def run_trl(recipe, models, budget: float) -> dict:
+def run_trl(recipe, models, budget: float, before: dict | None = None) -> dict:
     """TRL's DistillationTrainer for `budget` seconds of steps, fed our exact prompt ids (as benchmarks/step.py)."""
     from accelerate import Accelerator
     from datasets import Dataset
@@ -133,7 +156,7 @@ def run_trl(recipe, models, budget: float) -> dict:
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in data.train["prompt_ids"]]
     ids_of = dict(zip(texts, data.train["prompt_ids"]))
     accelerator = Accelerator(cpu=True)
-    before = heldout_metrics(recipe, accelerator, student, teacher, tokenizer, data.eval)[0]
+    before = before or heldout_metrics(recipe, accelerator, student, teacher, tokenizer, data.eval)[0]
 
     class TimeBudget(TrainerCallback):
         def __init__(self):
@@ -183,8 +206,10 @@ def mean_sd(values: list[float]) -> str:
 
 def table(records: list[dict]) -> str:
     by_key: dict[tuple[float, str], list[dict]] = {}
+    initial = next((r for r in records if r["method"] == "initial"), None)
     for r in records:
-        by_key.setdefault((r["budget_s"], r["method"]), []).append(r)
+        if r["method"] != "initial":
+            by_key.setdefault((r["budget_s"], r["method"]), []).append(r)
     lines = ["# Methods at equal wall time (benchmarks/methods.py)", "",
              "2-core CPU machine, float32. SmolLM2-135M-Instruct teacher; every method starts from the default recipe's "
              "17-layer student (88.5M parameters, 66%). Budget: seconds of training steps per run (loading, the "
@@ -197,9 +222,9 @@ def table(records: list[dict]) -> str:
                   "| method | seeds | steps | " + " | ".join(name for _, name in METRICS) + " | train time | peak RSS |",
                   "|---|---|---|" + "---|" * len(METRICS) + "---|---|"]
         rows = [(m, by_key[(budget, m)]) for m in METHODS if (budget, m) in by_key]
-        first = rows[0][1][0]["before"]
-        lines.append("| initial student | - | 0 | " + " | ".join(f"{first.get(k, float('nan')):.3f}" for k, _ in METRICS)
-                     + " | - | - |")
+        if initial is not None:
+            lines.append("| initial student | - | 0 | " + " | ".join(f"{initial['after'][k]:.3f}" for k, _ in METRICS)
+                         + " | - | - |")
         for method, runs in rows:
             cells = [mean_sd([r["after"][k] for r in runs]) for k, _ in METRICS]
             lines.append(f"| {LABELS[method]} | {', '.join(str(r['seed']) for r in runs)} | "
@@ -209,6 +234,8 @@ def table(records: list[dict]) -> str:
         lines += ["", "Greedy completions of the first held-out article (seed of the first run):", ""]
         teacher = rows[0][1][0].get("samples", [{}])[0].get("teacher", "")
         lines.append(f"- teacher: {teacher!r}")
+        if initial is not None:
+            lines.append(f"- initial student: {initial['samples'][0]['student']!r}")
         for method, runs in rows:
             sample = runs[0].get("samples", [{}])[0].get("student", "")
             lines.append(f"- {method}: {sample!r}")
@@ -229,7 +256,7 @@ def plot(records: list[dict], path: Path) -> None:
     keys = (("eval/reverse_kl", "held-out KL(q‖p), lower is better"), ("eval/rougeL_teacher", "ROUGE-L vs teacher"),
             ("eval/distinct1", "distinct-1 (teacher 0.90)"))
     for method in METHODS:
-        runs = [r for r in records if r["method"] == method]
+        runs = [r for r in records if r["method"] == method and method != "initial"]
         if not runs:
             continue
         for ax, (key, title) in zip(axes, keys):
@@ -238,9 +265,10 @@ def plot(records: list[dict], path: Path) -> None:
             ax.scatter(xs, ys, label=method, alpha=0.75)
             ax.set_title(title)
             ax.set_xlabel("seconds of training")
-    initial = records[0]["before"]
+    initial = next((r["after"] for r in records if r["method"] == "initial"), None)
     for ax, (key, _) in zip(axes, keys):
-        ax.axhline(initial[key], color="gray", linestyle=":", linewidth=1)
+        if initial is not None:
+            ax.axhline(initial[key], color="gray", linestyle=":", linewidth=1)
     axes[0].legend(fontsize=8)
     fig.suptitle("Distillation methods at equal wall time (each point one seed; dotted: the initial student)")
     fig.tight_layout()
@@ -265,7 +293,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of methods.jsonl / .md / .png")
     parser.add_argument("--table-only", action="store_true", help="redraw methods.md and methods.png from the records")
-    parser.add_argument("--run", choices=list(METHODS), help=argparse.SUPPRESS)  # a child process: one run
+    parser.add_argument("--run", choices=[*METHODS, "initial"], help=argparse.SUPPRESS)  # a child process: one run
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     RESULTS, RECORDS = args.results, args.results / "methods.jsonl"
@@ -273,16 +301,16 @@ def main() -> None:
         run_one(args.run, args.seeds[0], args.budget, args.json)
         return
     if not args.table_only:
-        for seed in args.seeds:
-            for method in args.methods:
-                out = Path(tempfile.mkdtemp()) / "record.json"
-                print(f"--- {method}, seed {seed}, {args.budget:g} s", flush=True)
-                subprocess.run([sys.executable, __file__, "--run", method, "--seeds", str(seed), "--budget",
-                                str(args.budget), "--json", str(out)], check=True, cwd=ROOT)
-                RESULTS.mkdir(parents=True, exist_ok=True)
-                with open(RECORDS, "a") as f:
-                    f.write(out.read_text() + "\n")
-                publish()
+        first = [] if initial_metrics() is not None else [(args.seeds[0], "initial")]
+        for seed, method in first + [(seed, method) for seed in args.seeds for method in args.methods]:
+            out = Path(tempfile.mkdtemp()) / "record.json"
+            print(f"--- {method}, seed {seed}, {args.budget:g} s", flush=True)
+            subprocess.run([sys.executable, __file__, "--run", method, "--seeds", str(seed), "--budget",
+                            str(args.budget), "--json", str(out)], check=True, cwd=ROOT)
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            with open(RECORDS, "a") as f:
+                f.write(out.read_text() + "\n")
+            publish()
     publish()
 
 

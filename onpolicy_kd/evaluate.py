@@ -57,10 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("targets", nargs="+", help="run folders and/or recipe files, then section.key=value overrides")
     parser.add_argument("--compare", action="store_true", help="evaluate every target on the first one's prompts")
     parser.add_argument("--out", default=None, help="where to write predictions and metrics (default: <run>/eval)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags and targets/overrides in any order
     overrides = [t for t in args.targets if "=" in t]
     targets = [t for t in args.targets if "=" not in t]
     try:
+        if not targets:
+            raise UserError("nothing to evaluate: give a run folder or a recipe first, then any section.key=value "
+                            "overrides, e.g. python -m onpolicy_kd.evaluate outputs/smollm2_news eval.max_samples=30")
         if len(targets) > 1 and not args.compare:
             raise UserError("several targets: add --compare to evaluate them side by side")
         recipe, recipe_path, run = resolve_target(targets[0], overrides)

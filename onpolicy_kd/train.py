@@ -17,12 +17,15 @@ import torch
 from rich.syntax import Syntax
 
 from onpolicy_kd.console import console, is_main_process, print_error, summary_table
-from onpolicy_kd.data.loading import length_stats, load_prompt_data
+from onpolicy_kd.data.loading import check_data_path, length_stats, load_prompt_data
+from onpolicy_kd.data.sampler import rows_with_references
 from onpolicy_kd.errors import UserError
-from onpolicy_kd.models.loading import Models, count_parameters, load_models
+from onpolicy_kd.models.loading import Models, check_lengths, count_parameters, load_models
 from onpolicy_kd.objectives.hidden import attach_stitching
+from onpolicy_kd.objectives.modes import MODES
 from onpolicy_kd.recipe import Recipe, load_recipe, recipe_to_yaml
 from onpolicy_kd.recipe.loading import resolve_stages
+from onpolicy_kd.training.checkpoint import check_writable, checkpoint_bytes
 from onpolicy_kd.training.loop import TrainResult, budget_text, train
 from onpolicy_kd.training.stages import run_stages
 
@@ -41,7 +44,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dry-run", action="store_true",
         help="validate, load models and data, print the resolved recipe and a summary, then exit",
     )
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags and overrides in any order
 
 
 def _model_row(source: str, model: object, tokenizer: object) -> dict[str, object]:
@@ -68,8 +71,11 @@ def stage_row(stage: Recipe) -> dict[str, object]:
 
 def dry_run(recipe: Recipe, recipe_path: str) -> int:
     started = time.perf_counter()
+    for task in [recipe, *resolve_stages(recipe, recipe_path)]:
+        check_data_path(task.data)  # before the models load
     models: Models = load_models(recipe, recipe_path)
     data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed)
+    check_writable(recipe.train.output_dir, checkpoint_bytes(models.student))
     if not is_main_process():
         return 0
     console.rule(f"resolved recipe: {recipe_path}")
@@ -97,10 +103,22 @@ def dry_run(recipe: Recipe, recipe_path: str) -> int:
                       f"[student, teacher] layer pairs {[list(p) for p in stitching.pairs]}, "
                       f"{count_parameters(stitching):,} stitching parameters")
     console.print(summary_table(rows, title=f"data: {recipe.data.path} (format {data.task.name}, columns {data.task.columns})"))
+    stages = resolve_stages(recipe, recipe_path) if recipe.stages else []
     if recipe.stages:
+        for k, (spec, stage) in enumerate(zip(recipe.stages, stages)):
+            check_lengths(stage, models, where=f"stage {k} ({spec.name})")
         console.print(summary_table([(f"{k + 1} {spec.name}", stage_row(stage)) for k, (spec, stage)
-                                     in enumerate(zip(recipe.stages, resolve_stages(recipe, recipe_path)))],
+                                     in enumerate(zip(recipe.stages, stages))],
                                     title="stages (run in order; evaluation on the recipe's held-out prompts)"))
+    for name, task in ([(f"stage {k} ({spec.name})", stage) for k, (spec, stage) in enumerate(zip(recipe.stages, stages))]
+                       if recipe.stages else [("the recipe", recipe)]):
+        reason = MODES[task.objective.mode].references(task.objective)
+        if reason:  # the rows a mode that reads references will train on, counted over the whole split
+            split = data.train if task.data == recipe.data else load_prompt_data(task.data, models.tokenizer,
+                                                                                 seed=task.train.seed).train
+            used = rows_with_references(split, f"{name}: {reason}", str(task.data.path))
+            console.print(f"{name}: {task.objective.mode} trains on the {len(used)} of {len(split)} training rows "
+                          f"with a reference completion")
     console.rule("first eval prompt, as the student sees it")
     console.print(data.eval[0]["prompt"], markup=False)
     console.print(f"[green]dry run OK[/] in {time.perf_counter() - started:.1f} s: recipe valid, models and data load")

@@ -21,7 +21,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "onpolicy_kd"
 
 LAYERS = [
-    {"errors", "console", "hub", "batch"},
+    {"errors", "console", "hub", "batch", "metrics_log"},
     {"objectives"},
     {"recipe"},
     {"models"},

@@ -81,3 +81,54 @@ def test_launch_and_resume(name, tmp_path, far_pair, isolated_cache):
         "assert all(p.numel() > 0 and torch.isfinite(p).all() for p in m.parameters()); print('ok')"), str(final)],
         capture_output=True, text=True, timeout=120)
     assert check.stdout.strip() == "ok", check.stderr[-2000:]
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """{LOCAL_RANK: pid} of the training processes `accelerate launch` started (read from /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        rank = next((v.split(b"=", 1)[1] for v in environ if v.startswith(b"LOCAL_RANK=")), None)
+        if rank is not None and parent != 0 and b"onpolicy_kd.train" in (entry / "cmdline").read_bytes():
+            found[int(rank)] = int(entry.name)
+    return found
+
+
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, far_pair, isolated_cache):
+    """The stop flag is agreed at each step: a signal to rank 1 alone makes both ranks checkpoint and exit
+    (not rank 1 waiting in the checkpoint barrier while rank 0 trains on), with a non-zero status."""
+    import signal
+    import time
+
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    out = tmp_path / "out"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+           "-m", "onpolicy_kd.train", str(recipe), "train.max_steps=100000", "train.batch_size=2", "eval.max_samples=4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").is_file() and "train/loss" in (out / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    workers = worker_pids(proc.pid)
+    assert set(workers) == {0, 1}, workers
+    os.kill(workers[1], signal.SIGTERM)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the run did not stop after SIGTERM to rank 1 (deadlock)")
+    assert proc.returncode != 0, "a signal-stopped run must not look finished"
+    assert "checkpoint saved; resume with train.resume_from=latest" in stdout.replace("\n", " "), stderr[-3000:]
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["step"] >= 1
+    assert not (out / "final").exists()

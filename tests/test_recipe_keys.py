@@ -127,7 +127,9 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "train.output_dir": ([], ["train.output_dir={out2}"]),
     "train.save_steps": ([], ["train.save_steps=1"]),
     "train.save_total_limit": (["train.save_steps=1", "train.max_steps=3"], ["train.save_total_limit=1"]),
-    "train.resume_from": (["@prior-run"], ["train.resume_from=latest"]),
+    # the context starts over in the folder (train.overwrite), the change continues the run that is there
+    "train.resume_from": (["@prior-run", "train.overwrite=true"], ["train.resume_from=latest"]),
+    "train.overwrite": (["@prior-run", "@may-fail"], ["train.overwrite=true"]),  # refused, then cleared and run
     "train.mixed_precision": ([], ["train.mixed_precision=bf16"]),
     "train.deterministic": ([], ["train.deterministic=true"]),
     # weights blown up by the first step make every later loss non-finite (kd: no sampling to fail first);
@@ -315,8 +317,8 @@ def test_changing_the_key_changes_the_run(key, world, tmp_path, monkeypatch, cap
     runs = []
     for overrides in (context, context + change):
         shutil.rmtree(out, ignore_errors=True)
-        if prior_run:  # a checkpoint of another run (another seed) waits in the output folder
-            observe(recipe, [f"train.output_dir={out}", "train.seed=9", "train.max_steps=1"], monkeypatch, capsys)
+        if prior_run:  # a checkpoint of another run (another learning rate, one step) waits in the output folder
+            observe(recipe, [f"train.output_dir={out}", "optim.lr=0.05", "train.max_steps=1"], monkeypatch, capsys)
             monkeypatch.undo()
             monkeypatch.setenv("ONPOLICY_KD_CACHE_DIR", str(tmp_path / "cache"))
         runs.append(observe(recipe, [f"train.output_dir={out}", *overrides], monkeypatch, capsys))

@@ -53,6 +53,34 @@ def _hub_offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
+def check_data_path(cfg: DataConfig) -> None:
+    """A local data.path that does not exist, found before anything slow (model loading) starts."""
+    if looks_like_local_path(cfg.path) and not Path(expand_path(cfg.path)).exists():
+        raise DataError(f"data.path: local path does not exist: {expand_path(cfg.path)}")
+
+
+def check_text_file(path: Path) -> None:
+    """An empty file, bytes that are not UTF-8, or (JSON Lines) a line that is not JSON: the file and line named,
+    rather than the datasets builder's traceback."""
+    if path.stat().st_size == 0:
+        raise DataError(f"data.path={path} is empty; point data.path at a file with rows")
+    if path.suffix not in (".jsonl", ".json", ".csv", ".txt") or path.stat().st_size > 2**30:
+        return  # parquet and arrow are binary; very large files are left to the builder
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"data.path={path}, line {number}: not UTF-8 text (byte {err.start}: "
+                                f"{raw[err.start:err.start + 1]!r}); re-save the file as UTF-8") from None
+            if path.suffix == ".jsonl" and line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"data.path={path}, line {number}: not a JSON object ({err.msg}, column "
+                                    f"{err.colno}); fix or remove that line") from None
+
+
 def load_split(cfg: DataConfig, split: str) -> Dataset:
     """One split of the raw dataset, from local files or the Hub."""
     if looks_like_local_path(cfg.path):
@@ -65,10 +93,16 @@ def load_split(cfg: DataConfig, split: str) -> Dataset:
             if path.suffix not in LOCAL_BUILDERS:
                 raise DataError(f"data.path: unsupported file type {path.suffix!r}; use one of {sorted(LOCAL_BUILDERS)}")
             builder, files = LOCAL_BUILDERS[path.suffix], str(path)
+        if path.is_file():
+            check_text_file(path)
         try:
             return datasets.load_dataset(builder, data_files=files, split=split)
         except (ValueError, KeyError) as err:
             raise DataError(f"data.split={split!r} of {path}: {err}") from None
+        except datasets.exceptions.DatasetGenerationError as err:
+            cause = err.__cause__ or err.__context__ or err
+            raise DataError(f"data.path={path} cannot be read as {path.suffix[1:]}: {cause}; fix or remove the "
+                            f"offending rows") from None
     offline = not hub_reachable()
     try:
         with _hub_offline() if offline else contextlib.nullcontext():

@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 
 from onpolicy_kd.batch import Completions, Source, left_pad, right_pad
+from onpolicy_kd.errors import DataError
 
 Tensor = torch.Tensor
 
@@ -58,3 +59,12 @@ def reference_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torc
 def count_references(dataset: Dataset) -> int:
     """How many rows have a non-empty reference completion (the whole split: it is tokenised once)."""
     return sum(1 for r in dataset["reference_ids"] if len(r) > 0)
+
+
+def rows_with_references(dataset: Dataset, reason: str, where: str) -> Dataset:
+    """The rows a mode that reads references trains on: those that have one (counted over the whole split).
+    `reason` says why the mode needs them; `where` names the data (path, format, columns) for the error."""
+    keep = [i for i, ids in enumerate(dataset["reference_ids"]) if len(ids) > 0]
+    if not keep:
+        raise DataError(f"{reason}, but {where} has none; map a reference column with data.columns.reference=<column>")
+    return dataset if len(keep) == len(dataset) else dataset.select(keep)

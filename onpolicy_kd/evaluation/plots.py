@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
+
+from onpolicy_kd.console import console
+from onpolicy_kd.metrics_log import read_metrics
 
 matplotlib.use("Agg")  # no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
@@ -57,7 +59,10 @@ def stage_starts(rows: list[dict]) -> list[tuple[int, str]]:
 
 
 def training_curves(metrics_file: Path, out_file: Path) -> Path:
-    rows = [json.loads(line) for line in open(metrics_file)]
+    rows, unreadable = read_metrics(metrics_file)
+    if unreadable:
+        console.print(f"[yellow]note:[/] {metrics_file}: skipped {len(unreadable)} unreadable line(s) "
+                      f"{unreadable[:5]} (a run killed mid-write leaves a torn last line)")
     panels = curve_panels(rows)
     if not panels:
         raise ValueError(f"{metrics_file} has no metrics to plot")

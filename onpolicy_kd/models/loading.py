@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from onpolicy_kd.recipe import Recipe, StudentConfig, TeacherConfig
-from onpolicy_kd.errors import ModelLoadError, VocabularyMismatchError
+from onpolicy_kd.errors import ConfigError, ModelLoadError, VocabularyMismatchError
 from onpolicy_kd.hub import expand_path, hub_reachable, looks_like_local_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -93,10 +94,24 @@ def _load_kwargs(source: Source, revision: str | None, trust_remote_code: bool, 
 def _from_pretrained(loader: Any, source: Source, what: str, key: str, recipe_path: str | None, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(source.location, **kwargs)
+    except SafetensorError as err:  # a truncated or corrupt weights file
+        raise ModelLoadError(f"cannot read the {what}'s weights ({key}): {', '.join(_unreadable(source.location))} "
+                             f"is truncated or corrupt ({err}); copy or convert the model again") from None
     except (OSError, ValueError) as err:
         if kwargs.get("local_files_only") and not source.local:
             raise ModelLoadError(_unreachable_message(what, source.location, key, recipe_path)) from None
         raise ModelLoadError(f"cannot load the {what} from {source.location!r} ({key}): {err}") from None
+
+
+def _unreadable(location: str) -> list[str]:
+    """The .safetensors files in a model folder whose header cannot be read (or the folder, when none is found)."""
+    bad = []
+    for file in sorted(Path(location).glob("*.safetensors")):
+        try:
+            safe_open(str(file), "pt").keys()
+        except (SafetensorError, OSError):
+            bad.append(str(file))
+    return bad or [location]
 
 
 def load_tokenizer(
@@ -314,7 +329,26 @@ def load_models(
         student_tokenizer = tokenizer or teacher_tokenizer
         prepare_student(student, recipe.student)
     check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
-    return Models(teacher=teacher, student=student, tokenizer=teacher_tokenizer)
+    models = Models(teacher=teacher, student=student, tokenizer=teacher_tokenizer)
+    check_lengths(recipe, models)
+    return models
+
+
+def check_lengths(recipe: Recipe, models: Models, where: str = "the recipe") -> None:
+    """The longest sequence a run builds (a prompt plus the longest completion it samples, evaluates or reads) fits
+    both models' position limits; past them a learned-position model fails with an IndexError mid-run."""
+    completion = max(recipe.rollout.max_new_tokens, recipe.eval.max_new_tokens, recipe.data.max_response_tokens)
+    longest = recipe.data.max_prompt_tokens + completion
+    for role, model in (("teacher", models.teacher), ("student", models.student)):
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and longest > limit:
+            raise ConfigError(
+                f"{where}: prompts of up to data.max_prompt_tokens={recipe.data.max_prompt_tokens} tokens plus "
+                f"completions of up to {completion} (the largest of rollout.max_new_tokens="
+                f"{recipe.rollout.max_new_tokens}, eval.max_new_tokens={recipe.eval.max_new_tokens}, "
+                f"data.max_response_tokens={recipe.data.max_response_tokens}) make {longest} tokens, more than the "
+                f"{role}'s {limit} positions (max_position_embeddings); lower those keys so they add up to at most "
+                f"{limit}")
 
 
 # config fields with which a model's logits are not `hidden @ lm_head.weight.T` (Gemma 2/3 soft-capping, Cohere,

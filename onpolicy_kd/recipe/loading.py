@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -39,6 +40,22 @@ DICT_SOURCE = "<recipe dict>"  # how error messages and model cards name a recip
 
 # ----------------------------------------------------------------------------------------------
 # Loading and error reporting
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load's rules, but numbers like `1e-4` (no dot) are floats, as YAML 1.2 and the command line read
+    them; YAML 1.1 would make them strings, which the strict schema then rejects."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
 
 
 def _yaml_key_lines(text: str, path: Path) -> dict[tuple[str, ...], int]:
@@ -72,9 +89,14 @@ def _yaml_key_lines(text: str, path: Path) -> dict[tuple[str, ...], int]:
 def _read_recipe_file(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}\n  give the path of a YAML recipe, e.g. recipes/smollm2_news.yaml")
-    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: not UTF-8 text (byte {err.object[err.start:err.start + 1]!r}); "
+                          f"re-save the recipe as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML\n  {err}") from None
     if data is None:
@@ -89,9 +111,15 @@ def _parse_dotlist(items: Sequence[str], what: str) -> dict[str, Any]:
         key = item.split("=", 1)[0]
         if "=" not in item or not key or key.startswith("-"):
             raise ConfigError(f"{what} {item!r}: expected section.key=value, e.g. train.max_steps=10")
+    for item in items:
+        try:
+            yaml.load(item.split("=", 1)[1], Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{what} {item!r}: the value is not valid YAML ({getattr(err, 'problem', err)}); "
+                              f"quote it, or close its brackets") from None
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(items)))  # type: ignore[return-value]
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise ConfigError(f"{what}: cannot parse {list(items)}: {err}") from None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -109,6 +110,16 @@ class DataConfig(Section):
         default_factory=dict, description="task field -> dataset column, e.g. {document: article, reference: highlights}"
     )
     template: str | None = Field(None, description="prompt template with {field} slots; default per format")
+
+    @field_validator("template")
+    @classmethod
+    def _template_slots(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                list(string.Formatter().parse(value))
+            except ValueError as err:
+                raise ValueError(f"{err} in {value!r}: slots are {{field}}; write a literal brace as {{{{ or }}}}") from None
+        return value
     chat_template: bool = Field(False, description="wrap the prompt in the tokenizer's chat template")
     system_prompt: str | None = None
     truncate_field: str | None = Field(None, description="the template field cut to fit; default per format")
@@ -235,11 +246,13 @@ class TrainConfig(Section):
                                 "first, and the learning-rate schedule follows the larger of the two fractions used")
     batch_size: int = Field(8, ge=1, description="prompts per process per micro-batch")
     grad_accum: int = Field(1, ge=1)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32, description="seeds the student's init, the prompt order and sampling")
     output_dir: str = "outputs/run"
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
     save_total_limit: int = Field(2, ge=1)
     resume_from: str | None = Field(None, description="'latest' or a checkpoint folder")
+    overwrite: bool = Field(False, description="start over in an output_dir that holds another run (its files are "
+                                               "deleted first); without it such a run is refused at start-up")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     deterministic: bool = False
     max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/Inf losses before the run stops")

@@ -17,13 +17,24 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
+from onpolicy_kd.console import is_main_process
 from onpolicy_kd.errors import UserError
 from onpolicy_kd.objectives.hidden import STITCHING, split_stitching
 
 STATE_FILE = "trainer_state.json"
+RECIPE_FILE = "recipe.yaml"  # the resolved recipe the checkpoint was trained with
+
+# recipe keys a resumed run cannot change: the weights, the optimizer state or the prompt order would not fit
+# (a prefix stands for its whole section); every other change is applied on resume and listed
+FIXED_ON_RESUME = ("teacher", "student", "optim.name", "hidden.layers", "train.seed", "train.mixed_precision",
+                   "data.path", "data.name", "data.split", "data.format", "data.columns", "data.template",
+                   "data.chat_template", "data.system_prompt", "data.truncate_field", "data.max_prompt_tokens",
+                   "data.text_prompt_tokens", "data.max_samples")
+NOT_COMPARED = ("train.resume_from", "train.overwrite", "train.output_dir", "stages")
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -39,7 +50,65 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
+def checkpoint_step(path: Path) -> int:
+    return int(PATTERN.match(path.name).group(1))  # type: ignore[union-attr]
+
+
+# what a run writes into its output folder (TensorBoard files go to `onpolicy_kd/`, the tracker's project name)
+RUN_ITEMS = ("metrics.jsonl", "checkpoints", "final", "stages", "plots", "eval", "onpolicy_kd", ".tmp-final")
+
+
+def claim_output_dir(output_dir: str | Path, resume_from: str | None, overwrite: bool) -> None:
+    """A new run does not take over a folder holding another run: it stops here, before anything loads, unless
+    it resumes that run (`train.resume_from`) or `train.overwrite` clears the run's files first (other files
+    in the folder are left alone)."""
+    folder = Path(output_dir)
+    found = [name for name in RUN_ITEMS if (folder / name).exists()]
+    if resume_from is not None or not found:
+        return
+    if not overwrite:
+        checkpoints = list_checkpoints(folder)
+        latest = f"; its latest checkpoint is {checkpoints[-1].name}" if checkpoints else ""
+        raise UserError(f"train.output_dir={folder} already holds a run ({', '.join(found)}){latest}. Continue it "
+                        f"with train.resume_from=latest, start over with train.overwrite=true (deletes those files "
+                        f"first), or choose another train.output_dir")
+    # before the accelerator exists (the launcher's RANK says which process this is); the other ranks write
+    # nothing into the folder before the first checkpoint, a collective that waits for this one
+    if is_main_process():
+        for name in found:
+            path = folder / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def checkpoint_bytes(student) -> int:
+    """About what a checkpoint and the export take: the weights, two optimizer moments, the exported copy."""
+    return 4 * sum(p.numel() * p.element_size() for p in student.parameters())
+
+
+def check_writable(output_dir: str | Path, needed_bytes: int) -> None:
+    """Before training: the output folder can be created and written, and has room for a checkpoint
+    (`needed_bytes`, the student's weights and optimizer state, once more for the exported model)."""
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"train.output_dir={folder} is a file, not a folder; choose another train.output_dir")
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())  # nothing is created
+    if not existing.is_dir():
+        raise UserError(f"train.output_dir={folder}: {existing} is a file; choose another train.output_dir")
+    try:
+        probe = existing / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"train.output_dir={folder} cannot be written ({existing}: {err.strerror or err}); choose a "
+                        f"folder you can write to") from None
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise UserError(f"train.output_dir={folder}: {free / 2**30:.2f} GiB free, a checkpoint and the exported "
+                        f"student need about {needed_bytes / 2**30:.2f} GiB; free space or choose another folder")
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep: int,
+                    recipe_yaml: str) -> Path:
     root = checkpoints_dir(output_dir)
     final = root / f"checkpoint-{step:07d}"
     tmp = root / f".tmp-checkpoint-{step:07d}"
@@ -48,14 +117,26 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
             shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "num_processes": accelerator.num_processes}, indent=1))
+            (tmp / RECIPE_FILE).write_text(recipe_yaml)
+            _fsync_tree(tmp)
+    except (OSError, RuntimeError) as err:  # a full disk shows as either (torch: "basic_ios::clear: iostream error")
+        shutil.rmtree(tmp, ignore_errors=True)
+        good = list_checkpoints(output_dir)
+        raise UserError(f"writing checkpoint {final} failed ({type(err).__name__}: {err}); nothing half-written was "
+                        f"left. The last complete checkpoint is {good[-1] if good else 'none'}: free disk space (or "
+                        f"choose another train.output_dir) and resume with train.resume_from=latest") from None
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "num_processes": accelerator.num_processes}, indent=1))
-        _fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in list_checkpoints(output_dir)[:-keep]:
+        # rotation removes only this run's older checkpoints: ones with a later step (a run resumed from an
+        # earlier checkpoint left them) are kept
+        older = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) < step]
+        for old in older[: max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -66,6 +147,43 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out |= _leaves(value, f"{name}.") if isinstance(value, dict) else {name: value}
+    return out
+
+
+def world_size() -> int:
+    """The number of processes, before the accelerator exists (what `accelerate launch` / torchrun set)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resume_changes(checkpoint: Path, recipe) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint's value, this run's value) for every recipe key the resumed run changes. A change the
+    checkpoint cannot take is an error naming the keys, raised before any model loads."""
+    processes, world = json.loads((checkpoint / STATE_FILE).read_text()).get("num_processes"), world_size()
+    if processes is not None and processes != world:
+        raise UserError(f"checkpoint {checkpoint} was written by {processes} processes, this run has {world}: resume "
+                        f"with the same number of processes (DeepSpeed and RNG states are per rank)")
+    saved_file = checkpoint / RECIPE_FILE
+    if not saved_file.is_file():  # written before checkpoints kept their recipe: nothing to compare
+        return []
+    saved = _leaves(yaml.safe_load(saved_file.read_text()))
+    current = _leaves(recipe.model_dump(mode="json"))
+    changes = [(key, saved.get(key), value) for key, value in current.items()
+               if saved.get(key) != value and not key.startswith(NOT_COMPARED)]
+    fixed = [c for c in changes if c[0] == "hidden.weight" and (c[1] == 0) != (c[2] == 0)]  # stitching on/off
+    fixed += [c for c in changes if any(c[0] == key or c[0].startswith(key + ".") for key in FIXED_ON_RESUME)]
+    if fixed:
+        listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in fixed)
+        raise UserError(f"cannot resume {checkpoint} with these changes: {listed}. They change the model, the "
+                        f"optimizer state or the prompt order the checkpoint holds: put them back, or start a new "
+                        f"run (another train.output_dir, or train.overwrite=true)")
+    return changes
 
 
 def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:

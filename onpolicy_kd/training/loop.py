@@ -20,10 +20,11 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from onpolicy_kd.console import console
-from onpolicy_kd.data.loading import PromptData, load_prompt_data
-from onpolicy_kd.data.sampler import PromptSampler, count_references
-from onpolicy_kd.errors import ConfigError, DataError, UserError
+from onpolicy_kd.data.loading import PromptData, check_data_path, load_prompt_data
+from onpolicy_kd.data.sampler import PromptSampler, rows_with_references
+from onpolicy_kd.errors import ConfigError, UserError
 from onpolicy_kd.hub import expand_path
+from onpolicy_kd.metrics_log import truncate_metrics
 from onpolicy_kd.evaluation.heldout import greedy_samples, heldout_metrics
 from onpolicy_kd.models.distributed import make_accelerator, prepare_teacher, zero_stage
 from onpolicy_kd.models.loading import Models, load_models, logits_are_linear
@@ -34,9 +35,12 @@ from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_so
 from onpolicy_kd.recipe import Recipe, cache_root, recipe_to_yaml
 from onpolicy_kd.recipe.loading import TIME_ONLY_STEP_CAP
 from onpolicy_kd.rollout.teacher_cache import cached_teacher_completions
-from onpolicy_kd.training.checkpoint import export_final, load_checkpoint, model_card, resolve_resume, save_checkpoint
+from onpolicy_kd.training.checkpoint import (
+    check_writable, checkpoint_bytes, claim_output_dir, export_final, load_checkpoint, model_card, resolve_resume,
+    resume_changes, save_checkpoint,
+)
 from onpolicy_kd.training.monitor import Monitor
-from onpolicy_kd.training.optim import build_optimizer, build_scheduler
+from onpolicy_kd.training.optim import apply_optim_settings, build_optimizer, build_scheduler
 from onpolicy_kd.training.phases import (
     MetricSums, PhaseTimer, backward_micro_batch, draw_completions, optimizer_step, step_context, teacher_outputs,
 )
@@ -127,7 +131,11 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
           stage: Stage | None = None, before: dict[str, float] | None = None) -> TrainResult:
     """Train the student as the recipe says. `models` and the raw splits come from the Python API; `stage` and
     `before` (the previous stage's last evaluation) from a staged run."""
-    run = setup(recipe, recipe_path, models, raw_train, raw_eval, stage)
+    if stage is None:  # a staged run claims its folder once, for all its stages
+        claim_output_dir(recipe.train.output_dir, recipe.train.resume_from, recipe.train.overwrite)
+    checkpoint_path = resolve_resume(recipe.train.resume_from, recipe.train.output_dir)
+    changes = resume_changes(checkpoint_path, recipe) if checkpoint_path else []  # before anything loads
+    run = setup(recipe, recipe_path, models, raw_train, raw_eval, stage, checkpoint_path, changes)
     with run.monitor:
         evaluate_at_start(run, before)
         while run.state.step < recipe.train.max_steps and not (run.collapsed or run.out_of_time):
@@ -154,13 +162,16 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
 
 
 def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None,
-          stage: Stage | None = None) -> Run:
-    """Accelerator, models, data, optimizer, schedule and prompt order, resumed from a checkpoint if asked."""
+          stage: Stage | None = None, checkpoint_path: Path | None = None, changes: list | None = None) -> Run:
+    """Accelerator, models, data, optimizer, schedule and prompt order, resumed from a checkpoint if asked
+    (`checkpoint_path`, and the recipe keys changed since it was written)."""
     accelerator = make_accelerator(recipe)
     set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
+    check_data_path(recipe.data)  # before the models load
     models = models or load_models(recipe, recipe_path)
     if recipe.hidden.weight:  # before the optimizer is built: the projections train with the student
         attach_stitching(models.student, models.teacher, recipe.hidden.layers)
+    check_writable(recipe.train.output_dir, checkpoint_bytes(models.student))
     data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, train=raw_train, eval_=raw_eval)
     if stage is not None and stage.eval_data is not None and stage.eval_data != recipe.data:
         data = replace(data, eval=load_prompt_data(stage.eval_data, models.tokenizer, seed=recipe.train.seed).eval)
@@ -168,9 +179,12 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
         data = replace(data, train=with_teacher_completions(recipe, models, data.train, accelerator))
     mode = MODES[recipe.objective.mode]
     reason = mode.references(recipe.objective)
-    if reason and count_references(data.train) == 0:
-        raise DataError(f"{reason}, but {recipe.data.path} has none (format {data.task.name}, columns "
-                        f"{data.task.columns}); map a reference column with data.columns.reference=<column>")
+    if reason:
+        total = len(data.train)
+        data = replace(data, train=rows_with_references(data.train, reason, data_where(recipe, data)))
+        if len(data.train) < total and accelerator.is_main_process:
+            console.print(f"{recipe.objective.mode} trains on the {len(data.train)} of {total} training rows that have "
+                          f"a reference completion")
     cfg = recipe.train
     state = TrainerState()  # filled in place on resume: the time-budget schedule reads it
     optimizer = build_optimizer(recipe.optim, models.student)
@@ -182,17 +196,19 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     teacher = prepare_teacher(models.teacher, accelerator)
     head, why = choose_head(recipe, accelerator, models)
     sampler = PromptSampler(len(data.train), cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed)
-    resume = resolve_resume(cfg.resume_from, cfg.output_dir)
-    if resume is not None:
-        for key, value in load_checkpoint(accelerator, resume).items():
-            if key in TrainerState.__dataclass_fields__:
-                setattr(state, key, value)
+    if cfg.resume_from is not None:
+        resume(accelerator, cfg, stage, state, checkpoint_path)
         sampler.position = state.data_position
+        if any(key.startswith("optim.") for key, _, _ in changes or []):
+            apply_optim_settings(recipe.optim, optimizer, scheduler)
     if recipe.logging.tensorboard:
         accelerator.init_trackers("onpolicy_kd")
     monitor = Monitor(cfg.output_dir, cfg.max_time or cfg.max_steps, state.train_seconds if cfg.max_time else state.step,
                       enabled=accelerator.is_main_process, live=recipe.logging.live, accelerator=accelerator,
                       tensorboard=recipe.logging.tensorboard, stage=stage, by_time=cfg.max_time is not None)
+    if changes:
+        monitor.print("resumed with changed settings (applied): " + ", ".join(
+            f"{key} {old!r} -> {new!r}" for key, old, new in changes))
     if stage is not None:
         monitor.print(f"[bold]stage {stage.index + 1}/{stage.count}: {stage.name}[/] ({recipe.objective.mode}, "
                       f"{budget_text(cfg)}, data {recipe.data.path})")
@@ -201,6 +217,28 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
                optimizer, scheduler, sampler, mode, forward_plan(recipe, head), state, monitor, StopRequested(),
                accelerator.unwrap_model(student).get_input_embeddings().weight)
+
+
+def data_where(recipe: Recipe, data: PromptData) -> str:
+    return f"{recipe.data.path} (format {data.task.name}, columns {data.task.columns})"
+
+
+def resume(accelerator: Accelerator, cfg, stage: Stage | None, state: TrainerState, path: Path | None) -> None:
+    """Load the checkpoint (None: `latest` found none yet) into `state` and the accelerator's objects, and cut the
+    metrics file back to its step: the steps after it are run again, and logged once."""
+    if path is not None:
+        for key, value in load_checkpoint(accelerator, path).items():
+            if key in TrainerState.__dataclass_fields__:
+                setattr(state, key, value)
+    if accelerator.is_main_process:
+        metrics_file = stage.metrics_file if stage is not None else Path(cfg.output_dir) / "metrics.jsonl"
+        if stage is not None:  # steps counted over the whole run; the earlier stages' records stay
+            last = stage.step_offset + state.step
+        else:
+            last = state.step if path is not None else -1  # no checkpoint yet: the run starts over
+        dropped = truncate_metrics(metrics_file, last)
+        if dropped:
+            console.print(f"{metrics_file}: {dropped} record(s) after step {max(last, 0)} dropped (those steps run again)")
 
 
 def budget_text(cfg) -> str:
@@ -285,7 +323,7 @@ def evaluate_at_start(run: Run, before: dict[str, float] | None) -> None:
 def checkpoint(run: Run) -> Path:
     run.state.data_position = run.sampler.position
     return save_checkpoint(run.accelerator, run.recipe.train.output_dir, run.state.step, asdict(run.state),
-                           run.recipe.train.save_total_limit)
+                           run.recipe.train.save_total_limit, recipe_to_yaml(run.recipe))
 
 
 def after_step(run: Run, source: str, num_tokens: float, metrics: dict[str, float], skipped: bool,

@@ -51,3 +51,20 @@ def _budget_factor(kind: str, warmup: int, max_steps: int, time_used: Callable[[
     if kind == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def apply_optim_settings(cfg: OptimConfig, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """After resuming with changed `optim` keys: the recipe's hyper-parameters replace the ones the checkpoint's
+    optimizer state brought back (its moments stay), and the schedule continues from its step with the new base
+    learning rate."""
+    settings: dict = {"lr": cfg.lr, "initial_lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.name == "adamw":
+        settings |= {"betas": tuple(cfg.betas), "eps": cfg.eps}
+    elif cfg.name == "sgd":
+        settings["momentum"] = cfg.momentum
+    for group in optimizer.param_groups:
+        group.update(settings)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports

@@ -24,10 +24,11 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from onpolicy_kd.console import console, is_main_process
-from onpolicy_kd.models.loading import Models, load_models
+from onpolicy_kd.data.loading import check_data_path
+from onpolicy_kd.models.loading import Models, check_lengths, load_models
 from onpolicy_kd.recipe import Recipe, recipe_to_yaml
 from onpolicy_kd.recipe.loading import resolve_stages
-from onpolicy_kd.training.checkpoint import STATE_FILE, list_checkpoints
+from onpolicy_kd.training.checkpoint import STATE_FILE, claim_output_dir, list_checkpoints
 from onpolicy_kd.training.loop import Stage, TrainResult, train
 
 
@@ -54,7 +55,12 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
     """Train every stage in order; the result is the last stage's, with `final_dir` the run's own `final/`.
     `before`: the initial student's held-out metrics, when the caller has them (else the first stage measures them)."""
     stages = resolve_stages(recipe)
+    claim_output_dir(recipe.train.output_dir, recipe.train.resume_from, recipe.train.overwrite)
+    for stage_recipe in stages:
+        check_data_path(stage_recipe.data)  # before the models load
     models = models or load_models(recipe, recipe_path)
+    for k, (spec, stage_recipe) in enumerate(zip(recipe.stages, stages)):  # all of them before the first trains
+        check_lengths(stage_recipe, models, where=f"stage {k} ({spec.name})")
     resuming = recipe.train.resume_from is not None
     offset, result = 0, None
     for index, (spec, stage_recipe) in enumerate(zip(recipe.stages, stages)):
