@@ -96,7 +96,25 @@ def test_resume_refuses_another_number_of_processes_before_loading(tmp_path, far
     assert "written by 2 processes, this run has 1" in capsys.readouterr().err.replace("\n", " ")
 
 
-# --- 3. a signal to one rank of a multi-process run is in tests/test_distributed_train.py -------------------------
+# --- 3. signals: a signal to one rank of a multi-process run is in tests/test_distributed_train.py -----------------
+
+def test_a_second_signal_ends_the_process_at_once():
+    """The first SIGINT/SIGTERM asks for a checkpoint at the end of the step; the handler then gives the signal
+    back its default action, so a second one (an impatient Ctrl-C) ends the process without waiting."""
+    import signal
+
+    from onpolicy_kd.training.loop import StopRequested
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = StopRequested()
+        assert signal.getsignal(signal.SIGINT) == stop._handle
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what the first Ctrl-C runs
+        assert stop.signal == signal.SIGINT and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) == stop._handle  # the other signal still asks for a checkpoint
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 # --- 4. modes that read references see the whole split -----------------------------------------------------------
 
