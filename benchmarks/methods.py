@@ -240,6 +240,9 @@ def table(records: list[dict]) -> str:
             sample = runs[0].get("samples", [{}])[0].get("student", "")
             lines.append(f"- {method}: {sample!r}")
         lines.append("")
+    notes = [f"- {r['method']}, seed {r['seed']}: {r['note']}" for r in records if r.get("note")]
+    if notes:  # what a record's reader should know (added to methods.jsonl by hand, with the reason)
+        lines += ["Notes on single runs:", "", *notes, ""]
     dates = sorted({r["date"] for r in records})
     lines.append(f"Records: benchmarks/results/methods.jsonl ({len(records)} runs, {', '.join(dates)}; torch "
                  f"{records[0]['torch']}). Command: `python benchmarks/methods.py --budget B --seeds ... --methods ...`.")
@@ -247,30 +250,31 @@ def table(records: list[dict]) -> str:
 
 
 def plot(records: list[dict], path: Path) -> None:
+    """Quality against wall time (each run's KL at its training seconds: with several budgets, curves), and the
+    trade-off the table shows: the text metrics against the held-out KL, one point per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    keys = (("eval/reverse_kl", "held-out KL(q‖p), lower is better"), ("eval/rougeL_teacher", "ROUGE-L vs teacher"),
-            ("eval/distinct1", "distinct-1 (teacher 0.90)"))
-    for method in METHODS:
-        runs = [r for r in records if r["method"] == method and method != "initial"]
-        if not runs:
-            continue
-        for ax, (key, title) in zip(axes, keys):
-            xs = [r["train_s"] for r in runs]
-            ys = [r["after"][key] for r in runs]
-            ax.scatter(xs, ys, label=method, alpha=0.75)
-            ax.set_title(title)
-            ax.set_xlabel("seconds of training")
+    panels = ((("train_s", "seconds of training"), ("eval/reverse_kl", "held-out KL(q‖p), lower is better")),
+              (("eval/reverse_kl", "held-out KL(q‖p)"), ("eval/rougeL_teacher", "ROUGE-L vs teacher")),
+              (("eval/reverse_kl", "held-out KL(q‖p)"), ("eval/distinct1", "distinct-1 (teacher 0.90)")))
     initial = next((r["after"] for r in records if r["method"] == "initial"), None)
-    for ax, (key, _) in zip(axes, keys):
-        if initial is not None:
-            ax.axhline(initial[key], color="gray", linestyle=":", linewidth=1)
+    for method in METHODS:
+        runs = [r for r in records if r["method"] == method]
+        for ax, ((xkey, xlabel), (ykey, ylabel)) in zip(axes, panels):
+            if runs:
+                xs = [r[xkey] if xkey in r else r["after"][xkey] for r in runs]
+                ax.scatter(xs, [r["after"][ykey] for r in runs], label=method, alpha=0.75)
+            ax.set_xlabel(xlabel)
+            ax.set_title(ylabel)
+    if initial is not None:
+        for ax, (_, (ykey, _)) in zip(axes, panels):
+            ax.axhline(initial[ykey], color="gray", linestyle=":", linewidth=1)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Distillation methods at equal wall time (each point one seed; dotted: the initial student)")
+    fig.suptitle("Distillation methods at equal wall time (one point per run; dotted: the initial student)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
