@@ -71,7 +71,8 @@ def stage_row(stage: Recipe) -> dict[str, object]:
 
 def dry_run(recipe: Recipe, recipe_path: str) -> int:
     started = time.perf_counter()
-    for task in [recipe, *resolve_stages(recipe, recipe_path)]:
+    stages = resolve_stages(recipe, recipe_path) if recipe.stages else []
+    for task in [recipe, *stages]:
         check_data_path(task.data)  # before the models load
     models: Models = load_models(recipe, recipe_path)
     data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed)
@@ -103,7 +104,6 @@ def dry_run(recipe: Recipe, recipe_path: str) -> int:
                       f"[student, teacher] layer pairs {[list(p) for p in stitching.pairs]}, "
                       f"{count_parameters(stitching):,} stitching parameters")
     console.print(summary_table(rows, title=f"data: {recipe.data.path} (format {data.task.name}, columns {data.task.columns})"))
-    stages = resolve_stages(recipe, recipe_path) if recipe.stages else []
     if recipe.stages:
         for k, (spec, stage) in enumerate(zip(recipe.stages, stages)):
             check_lengths(stage, models, where=f"stage {k} ({spec.name})")

@@ -47,7 +47,7 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if PATTERN.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(PATTERN.match(p.name).group(1)))  # type: ignore[union-attr]
+    return sorted(found, key=checkpoint_step)
 
 
 def checkpoint_step(path: Path) -> int:
@@ -89,8 +89,6 @@ def check_writable(output_dir: str | Path, needed_bytes: int) -> None:
     """Before training: the output folder can be created and written, and has room for a checkpoint
     (`needed_bytes`, the student's weights and optimizer state, once more for the exported model)."""
     folder = Path(output_dir)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"train.output_dir={folder} is a file, not a folder; choose another train.output_dir")
     existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())  # nothing is created
     if not existing.is_dir():
         raise UserError(f"train.output_dir={folder}: {existing} is a file; choose another train.output_dir")
@@ -200,12 +198,9 @@ def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | No
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
+    """The trainer state; the accelerator's objects restored. `resume_changes` has already checked the number of
+    processes and the recipe, before any model loaded."""
     state = json.loads((path / STATE_FILE).read_text())
-    if state.get("num_processes", accelerator.num_processes) != accelerator.num_processes:
-        raise UserError(
-            f"checkpoint {path} was written by {state['num_processes']} processes, this run has "
-            f"{accelerator.num_processes}: resume with the same number of processes (DeepSpeed and RNG states are per rank)"
-        )
     accelerator.load_state(str(path))
     return state
 
