@@ -14,6 +14,8 @@ its greedy completions.
 
 Methods (the recipe's own settings unless said):
 - staged: the recipe as shipped, its two stages given half the budget each (heal, then on-policy);
+- staged_fkl: the same two stages, the heal given 2/3 of the budget and the on-policy stage 1/3 with forward
+  KL (mass-covering) on the student's samples instead of reverse KL (mode-seeking);
 - kd: the heal stage alone: dense forward KL on the teacher's cached greedy summaries (GKD with lambda 0 and
   seq_kd; the data has no reference summaries, so "supervised" KD uses the teacher's);
 - seqkd: cross-entropy on the same cached teacher summaries (SeqKD), lr 5e-4 cosine like kd;
@@ -57,6 +59,8 @@ SINGLE = ["stages=[]"]
 METHODS: dict[str, object] = {
     "staged": lambda budget: [f"stages=[{{name: heal, max_time: {budget / 2:g}, {HEAL}}}, "
                               f"{{name: onpolicy, max_time: {budget / 2:g}}}]"],
+    "staged_fkl": lambda budget: [f"stages=[{{name: heal, max_time: {budget * 2 / 3:g}, {HEAL}}}, "
+                                  f"{{name: onpolicy, max_time: {budget / 3:g}, objective: {{divergence: forward_kl}}}}]"],
     "kd": lambda budget: SINGLE + ["objective.lmbda=0.0", "objective.seq_kd=true", "objective.divergence=forward_kl",
                                    *TEACHER_TEXT],
     "seqkd": lambda budget: SINGLE + ["objective.mode=seqkd", *TEACHER_TEXT],
@@ -65,7 +69,8 @@ METHODS: dict[str, object] = {
     "pg": lambda budget: SINGLE + ["objective.mode=pg"],
     "trl": lambda budget: SINGLE,
 }
-LABELS = {"staged": "staged default (heal, then on-policy rKL)", "kd": "KD: dense forward KL on teacher text",
+LABELS = {"staged": "staged default (heal, then on-policy rKL)",
+          "staged_fkl": "staged: heal 2/3, then on-policy forward KL 1/3", "kd": "KD: dense forward KL on teacher text",
           "seqkd": "SeqKD: CE on teacher text", "gkd_rkl": "on-policy GKD, reverse KL", "gkd_jsd": "on-policy GKD, JSD 0.5",
           "pg": "PG (MiniLLM-style)", "trl": "TRL DistillationTrainer"}
 METRICS = (("eval/reverse_kl", "KL(q‖p)"), ("eval/forward_kl_samples", "KL(p‖q)"), ("eval/rougeL_teacher", "ROUGE-L vs teacher"),
@@ -74,7 +79,7 @@ METRICS = (("eval/reverse_kl", "KL(q‖p)"), ("eval/forward_kl_samples", "KL(p�
 
 def overrides(method: str, seed: int, budget: float, work: Path) -> list[str]:
     common = [f"train.seed={seed}", f"train.output_dir={work}", "logging.live=false", "eval.full=true"]
-    budget_keys = [] if method == "staged" else [f"train.max_time={budget:g}", "train.max_steps=100000"]
+    budget_keys = [] if method.startswith("staged") else [f"train.max_time={budget:g}", "train.max_steps=100000"]
     return [*METHODS[method](budget), *budget_keys, *common]
 
 

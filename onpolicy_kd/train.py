@@ -25,7 +25,7 @@ from onpolicy_kd.objectives.hidden import attach_stitching
 from onpolicy_kd.objectives.modes import MODES
 from onpolicy_kd.recipe import Recipe, load_recipe, recipe_to_yaml
 from onpolicy_kd.recipe.loading import resolve_stages
-from onpolicy_kd.training.checkpoint import check_writable, checkpoint_bytes
+from onpolicy_kd.training.checkpoint import check_writable, checkpoint_bytes, world_size
 from onpolicy_kd.training.loop import TrainResult, budget_text, train
 from onpolicy_kd.training.stages import run_stages
 
@@ -104,6 +104,8 @@ def dry_run(recipe: Recipe, recipe_path: str) -> int:
                       f"[student, teacher] layer pairs {[list(p) for p in stitching.pairs]}, "
                       f"{count_parameters(stitching):,} stitching parameters")
     console.print(summary_table(rows, title=f"data: {recipe.data.path} (format {data.task.name}, columns {data.task.columns})"))
+    if not recipe.stages:
+        console.print(f"budget: {budget_text(recipe.train, recipe.train.total_steps(len(data.train), world_size()))}")
     if recipe.stages:
         for k, (spec, stage) in enumerate(zip(recipe.stages, stages)):
             check_lengths(stage, models, where=f"stage {k} ({spec.name})")

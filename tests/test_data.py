@@ -178,3 +178,61 @@ def test_unreachable_hub_dataset(tiny_tokenizer, isolated_cache):
 def test_missing_local_file(tmp_path, tiny_tokenizer):
     with pytest.raises(DataError, match="local path does not exist"):
         load_prompt_data(DataConfig(path=str(tmp_path / "none.jsonl")), tiny_tokenizer)
+
+
+# --- TRL's dataset formats ------------------------------------------------------------------------------------------
+
+def _user(text):
+    return [{"role": "user", "content": text}]
+
+
+def _assistant(text):
+    return [{"role": "assistant", "content": text}]
+
+
+TRL_ROWS = {  # TRL's formats for language modelling / prompt-completion, a row each (12 rows per file below)
+    "standard_prompt_completion": lambda i: {"prompt": f"The sky is {i}", "completion": " blue."},
+    "standard_prompt_only": lambda i: {"prompt": f"The sky is {i}"},
+    "conversational_prompt_completion": lambda i: {"prompt": _user(f"What color is the sky {i}?"),
+                                                   "completion": _assistant("It is blue.")},
+    "conversational_prompt_only": lambda i: {"prompt": _user(f"What color is the sky {i}?")},
+    "conversational_messages": lambda i: {"messages": _user(f"What color is the sky {i}?") + _assistant("It is blue.")},
+    "sharegpt_from_value": lambda i: {"conversations": [{"from": "user", "value": f"What color is the sky {i}?"},
+                                                        {"from": "assistant", "value": "It is blue."}]},
+}
+
+
+@pytest.mark.parametrize("kind", list(TRL_ROWS))
+def test_trl_dataset_formats(kind, tmp_path, tiny_tokenizer, isolated_cache):
+    path = _jsonl(tmp_path / f"{kind}.jsonl", [TRL_ROWS[kind](i) for i in range(12)])
+    data = load_prompt_data(DataConfig(path=str(path), split="train[:10]", eval_split="train[10:]"), tiny_tokenizer)
+    row = data.train[3]
+    if kind.startswith("standard"):  # plain text: the prompt as written, TRL's completion as the reference
+        assert data.task.name == "instruction" and row["prompt"] == "The sky is 3"
+        assert row["reference"] == (" blue." if kind.endswith("completion") else "")
+        return
+    # conversational: rendered by the chat template (never as Python text), the assistant turn as the reference
+    assert data.task.name == "chat"
+    assert row["prompt"] == tiny_tokenizer.apply_chat_template(_user("What color is the sky 3?"), tokenize=False,
+                                                               add_generation_prompt=True)
+    assert "{'role'" not in row["prompt"] and "'content'" not in row["prompt"]
+    assert row["reference"] == ("" if kind == "conversational_prompt_only" else "It is blue.")
+    assert row["reference_ids"][-1:] == ([tiny_tokenizer.eos_token_id] if row["reference"] else [])
+
+
+def test_conversational_data_with_a_text_format_is_an_error(tmp_path, tiny_tokenizer, isolated_cache):
+    path = _jsonl(tmp_path / "conv.jsonl", [TRL_ROWS["conversational_prompt_completion"](i) for i in range(6)])
+    with pytest.raises(DataError, match="data.format=instruction, but column 'prompt' holds lists of messages.*data.format=chat"):
+        load_prompt_data(DataConfig(path=str(path), format="instruction", eval_size=2), tiny_tokenizer)
+    with pytest.raises(DataError, match=r"data.columns names the field\(s\) \['question'\], which no format has"):
+        load_prompt_data(DataConfig(path=str(path), columns={"question": "prompt"}, eval_size=2), tiny_tokenizer)
+
+
+def test_conversational_data_needs_a_chat_template(tmp_path, tiny_tokenizer, isolated_cache):
+    import copy
+
+    plain = copy.deepcopy(tiny_tokenizer)
+    plain.chat_template = None
+    path = _jsonl(tmp_path / "conv.jsonl", [TRL_ROWS["conversational_prompt_only"](i) for i in range(6)])
+    with pytest.raises(DataError, match="rendered with the tokenizer's chat template.*has none"):
+        load_prompt_data(DataConfig(path=str(path), eval_size=2), plain)

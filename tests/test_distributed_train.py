@@ -61,6 +61,11 @@ def test_launch_and_resume(name, tmp_path, far_pair, isolated_cache):
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["num_processes"] == processes and state["step"] == 2
     assert state["data_position"] == 2 * 2 * processes  # every rank took its own prompts
+    # the run says how it runs: on the console and as metrics.jsonl's first record
+    described = json.loads(open(out / "metrics.jsonl").readline())["run"]
+    backend = {"ddp": "DDP (gloo)", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}[name.split("_")[0]]
+    assert described["backend"].startswith(backend) and described["processes"] == processes
+    assert described["effective_batch"] == 2 * processes and f"runs as: {backend}" in first.stdout.replace("\n", " ")
 
     second = launch(config, processes, env_extra, recipe, "train.max_steps=4", "train.batch_size=2", "eval.max_samples=4",
                     "train.resume_from=latest", *extra)

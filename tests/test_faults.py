@@ -205,7 +205,7 @@ def test_sequences_longer_than_the_models_positions_are_refused_at_load(tmp_path
     err = capsys.readouterr().err.replace("\n", " ")
     assert "max_position_embeddings" in err and "rollout.max_new_tokens=1000000000" in err
     stages = "stages=[{name: a, max_steps: 1}, {name: b, max_steps: 1, rollout: {max_new_tokens: 600}}]"
-    assert main([str(recipe), stages, "train.max_steps=100", "--dry-run"]) == 2
+    assert main([str(recipe), stages, "train.max_steps=null", "--dry-run"]) == 2
     assert "stage 1 (b)" in capsys.readouterr().err
 
 

@@ -121,6 +121,7 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "optim.max_grad_norm": ([], ["optim.max_grad_norm=0.001"]),
     "train.max_steps": ([], ["train.max_steps=3"]),
     "train.max_time": (["train.max_steps=50"], ["train.max_time=0.01"]),  # stops after the first step
+    "train.epochs": (["train.max_steps=null", "train.epochs=0.05"], ["train.epochs=0.1"]),  # 2 steps, then 3
     "train.batch_size": ([], ["train.batch_size=3"]),
     "train.grad_accum": ([], ["train.grad_accum=2"]),
     "train.seed": ([], ["train.seed=6"]),
@@ -145,7 +146,8 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "logging.log_steps": ([], ["logging.log_steps=2"]),
     "logging.sample_steps": ([], ["logging.sample_steps=1"]),
     "logging.num_samples": (["logging.sample_steps=1"], ["logging.num_samples=1"]),
-    "logging.tensorboard": ([], ["logging.tensorboard=true"]),
+    "logging.report_to": ([], ["logging.report_to=[tensorboard]"]),
+    "logging.run_name": (["logging.report_to=[tensorboard]"], ["logging.run_name=other"]),
     "logging.live": ([], ["logging.live=true"]),
     "eval.collapse_distinct1": (["eval.max_new_tokens=12"], ["eval.collapse_distinct1=1.0"]),  # a console warning
     "eval.stop_on_collapse": (["eval.max_new_tokens=12", "eval.collapse_distinct1=1.0", "eval.eval_steps=1",
@@ -153,7 +155,7 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
                               ["eval.stop_on_collapse=true"]),
     "rollout.teacher_cache": (["objective.mode=seqkd"], ["rollout.teacher_cache=true"]),
     "stages": ([], ["stages=[{name: a, max_steps: 1}, {name: b, max_steps: 1, optim: {lr: 0.01}}]",
-                    "train.max_steps=100"]),
+                    "train.max_steps=null"]),
 }
 
 
@@ -257,6 +259,10 @@ class Spy:
         wrap(loss, "linear_divergence", lambda a, k, out: (k.get("backend"), k.get("chunk_size")))
         wrap(loop, "set_seed", lambda a, k, out: (a, sorted(k.items()), torch.are_deterministic_algorithms_enabled()))
         wrap(monitor.Monitor, "samples", lambda a, k, out: len(a[2]))
+        import accelerate
+
+        wrap(accelerate.Accelerator, "init_trackers", lambda a, k, out: (a[1:], sorted(
+            (key, str(v)) for key, v in k.get("init_kwargs", {}).items())))
 
         original_init = monitor.Monitor.__init__
 

@@ -78,7 +78,7 @@ MODES = {
            "rollout.alpha=0.2", "penalties.frequency=0.1", "penalties.diversity=0.05", "penalties.entropy=0.01",
            "penalties.entropy_floor=1.0", "penalties.shape_reward=true"],
     "gkd_penalties": ["penalties.frequency=0.1", "penalties.diversity=0.05", "penalties.entropy=0.01",
-                      "logging.sample_steps=2", "logging.tensorboard=true"],
+                      "logging.sample_steps=2", "logging.report_to=[tensorboard]"],
 }
 
 
@@ -91,7 +91,10 @@ def test_every_mode_trains(case, tmp_path, far_pair, isolated_cache):
     rows = metrics_of(out)
     steps = [r for r in rows if "train/loss" in r]
     assert len(steps) == 3 and all(torch.isfinite(torch.tensor(r["train/loss"])) for r in steps)
-    assert {"eval/reverse_kl", "step"} <= set(rows[0]) and "eval/reverse_kl" in rows[-1]
+    assert rows[0]["run"] == {"processes": 1, "backend": "single process", "device": "cpu", "mixed_precision": "no",
+                              "student_dtype": "float32", "teacher_dtype": "float32", "micro_batch": 4,
+                              "grad_accum": 1, "effective_batch": 4}  # how the run runs, first
+    assert {"eval/reverse_kl", "step"} <= set(rows[1]) and "eval/reverse_kl" in rows[-1]
     trained = load_file(out / "final" / "model.safetensors")
     before = initial_student(tmp_path, far_pair)
     changed = [k for k in trained if k in before and not torch.equal(trained[k], before[k])]
@@ -99,7 +102,7 @@ def test_every_mode_trains(case, tmp_path, far_pair, isolated_cache):
     card = (out / "final" / "README.md").read_text()
     assert f"# Distilled student ({mode})" in card and "eval/reverse_kl" in card
     assert (out / "final" / "recipe.yaml").is_file() and (out / "final" / "tokenizer.json").is_file()
-    if "logging.tensorboard=true" in MODES[case]:
+    if "logging.report_to=[tensorboard]" in MODES[case]:
         assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard event file"
 
 
@@ -231,6 +234,45 @@ def test_time_budget_ends_the_run_and_drives_the_schedule(tmp_path, far_pair, is
     assert lrs[-1] < 0.5 * 3.0e-3
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
     assert "time budget spent" in capsys.readouterr().out
+
+
+def test_epochs_set_the_number_of_steps_and_the_schedule(tmp_path, far_pair, isolated_cache, capsys):
+    """train.epochs instead of max_steps: ceil(rows / (batch x accumulation x processes)) steps per epoch, and a
+    linear schedule that ends at the last of them."""
+    recipe = recipe_for(tmp_path, far_pair, "kd")
+    assert main([str(recipe), "train.max_steps=null", "train.epochs=0.25", "optim.scheduler=linear",
+                 "train.grad_accum=2"]) == 0
+    rows = [r for r in metrics_of(tmp_path / "out") if "optim/lr" in r]
+    n_rows = len(load_recipe_data_rows(recipe))
+    per_epoch = -(-n_rows // (4 * 2))
+    expected = -(-per_epoch // 4)  # ceil(0.25 epochs)
+    assert len(rows) == expected >= 2
+    assert rows[-1]["optim/lr"] == 0 and rows[0]["optim/lr"] == pytest.approx(3.0e-3 * (expected - 1) / expected)
+    assert f"budget: 0.25 epochs ({expected} steps)" in capsys.readouterr().out.replace("\n", " ")
+
+
+def load_recipe_data_rows(recipe: Path):
+    from onpolicy_kd.data.loading import load_prompt_data
+    from onpolicy_kd.recipe import load_recipe
+    from transformers import AutoTokenizer
+
+    r = load_recipe(recipe)
+    return load_prompt_data(r.data, AutoTokenizer.from_pretrained(r.teacher.name_or_path), seed=r.train.seed).train
+
+
+def test_epochs_and_max_steps_together_are_an_error(tmp_path, far_pair):
+    from onpolicy_kd.errors import ConfigError
+    from onpolicy_kd.recipe import load_recipe
+    from onpolicy_kd.recipe.schema import TrainConfig
+
+    with pytest.raises(ConfigError, match="train.epochs=2 and train.max_steps=3 are two step budgets.*max_steps=null"):
+        load_recipe(recipe_for(tmp_path, far_pair, "kd"), ["train.epochs=2"])
+    with pytest.raises(ConfigError, match="warmup_ratio=0.1 is a fraction of the step budget"):
+        load_recipe(recipe_for(tmp_path, far_pair, "kd"), ["train.max_steps=null", "train.max_time=5",
+                                                           "optim.warmup_ratio=0.1"])
+    assert TrainConfig(epochs=1.5, batch_size=4, grad_accum=2).total_steps(n_rows=100, num_processes=2) == 11  # 7 x 1.5
+    assert TrainConfig(epochs=0.001).total_steps(n_rows=10, num_processes=1) == 1
+    assert TrainConfig().total_steps(10, 1) == 100 and TrainConfig(max_time=5).total_steps(10, 1) == 1_000_000
 
 
 @pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])

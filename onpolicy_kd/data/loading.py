@@ -29,7 +29,7 @@ from onpolicy_kd.hub import expand_path, hub_reachable, looks_like_local_path
 from onpolicy_kd.data.prompts import PromptBuilder, TaskFormat, detect_format
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-CACHE_VERSION = 1  # bump when PromptBuilder's output changes for the same inputs
+CACHE_VERSION = 2  # bump when PromptBuilder's output changes for the same inputs
 
 
 @dataclass
@@ -176,7 +176,7 @@ def load_prompt_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
     if len(train) == 0:
         raise DataError(f"data.split={cfg.split!r} of {cfg.path} has no rows")
 
-    task = detect_format(train.column_names, cfg.format, cfg.columns)
+    task = detect_format(train.column_names, cfg.format, cfg.columns, example=train[0])
     builder = PromptBuilder(
         tokenizer, task, template=cfg.template, truncate_field=cfg.truncate_field, chat_template=cfg.chat_template,
         system_prompt=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens,

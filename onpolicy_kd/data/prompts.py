@@ -8,8 +8,14 @@ unless `data.format` names one, with `data.columns` to map fields to other colum
 |---|---|---|---|
 | summarization | document (article, document), reference (highlights, summary) | document + "Summary:" | document (keeps its start) |
 | instruction | instruction (instruction, prompt, question), context (context, input), reference (response, output, completion, answer) | instruction [+ context] | context, else instruction (keeps its end) |
-| chat | messages (messages, conversations): list of {role, content} | the tokenizer's chat template | oldest turns, then the last user turn |
+| chat | messages (messages, conversations): list of {role, content}; or TRL's conversational prompt [+ completion]: lists of messages | the tokenizer's chat template | oldest turns, then the last user turn |
 | text | text (text, content) | the first `text_prompt_tokens` tokens | - |
+
+TRL's dataset formats map onto these: standard `prompt`/`completion` (strings) and prompt-only are
+`instruction` (the prompt used as written); conversational `prompt`/`completion` (lists of messages),
+prompt-only and `messages` are `chat`, rendered with the tokenizer's chat template, and ShareGPT-style
+`conversations` with `from`/`value` keys are converted by TRL's own `maybe_convert_to_chatml`. Whether a
+`prompt` column is conversational is read from the first row with TRL's `is_conversational`.
 
 Truncation cuts only the long field, so the instruction around it ("Summary:", the question) always
 survives: the template is split around that field, the fixed parts are tokenised whole and the
@@ -50,12 +56,26 @@ class TaskFormat:
     keep_end: bool = False  # when cutting, keep the field's end instead of its start
 
 
-def detect_format(column_names: Sequence[str], fmt: str = "auto", columns: dict[str, str] | None = None) -> TaskFormat:
-    """Pick the task format and the column of each field; explicit `columns` win over detection."""
+def detect_format(column_names: Sequence[str], fmt: str = "auto", columns: dict[str, str] | None = None,
+                  example: dict[str, Any] | None = None) -> TaskFormat:
+    """Pick the task format and the column of each field; explicit `columns` win over detection. `example` (the
+    first row) tells a conversational `prompt` column (TRL's format: a list of messages) from a plain one."""
     columns = dict(columns or {})
     for column in columns.values():
         if column not in column_names:
             raise DataError(f"data.columns maps to column {column!r}, which the dataset lacks; its columns: {list(column_names)}")
+    known = {f for fields in FIELD_CANDIDATES.values() for f in fields} | {"prompt", "completion"}
+    unknown = sorted(set(columns) - known)
+    if unknown:
+        raise DataError(f"data.columns names the field(s) {unknown}, which no format has; the fields are {sorted(known)}")
+    conversational = conversational_prompt(column_names, columns, example)
+    if conversational is not None:
+        if fmt not in ("auto", "chat"):
+            raise DataError(
+                f"data.format={fmt}, but column {conversational['prompt']!r} holds lists of messages (TRL's "
+                f"conversational format), which a {fmt} template would paste in as Python text; use data.format=chat "
+                f"(or auto): the messages go through the tokenizer's chat template")
+        return TaskFormat("chat", conversational, None, None)
     candidates = DETECTION_ORDER if fmt == "auto" else (fmt,)
     for name in candidates:
         mapping = {f: c for f, c in columns.items() if f in FIELD_CANDIDATES[name]}
@@ -74,10 +94,27 @@ def detect_format(column_names: Sequence[str], fmt: str = "auto", columns: dict[
             f"Map them with data.columns, e.g. data.columns.{missing[0]}=<column>"
         )
     raise DataError(
-        f"cannot tell the task format from the columns {list(column_names)}: expected e.g. article/highlights "
-        f"(summarization), instruction/response or prompt/completion (instruction), messages (chat) or text. "
-        f"Set data.format and map columns with data.columns, e.g. data.columns.document=body"
+        f"cannot tell the task format from the columns {list(column_names)}: the formats known are "
+        f"summarization (article/highlights, document/summary), instruction (instruction/context/response; TRL's "
+        f"standard prompt/completion and prompt-only), chat (messages or conversations; TRL's conversational "
+        f"prompt/completion) and text (text). Set data.format and map columns with data.columns, e.g. "
+        f"data.columns.document=body"
     )
+
+
+def conversational_prompt(column_names: Sequence[str], columns: dict[str, str],
+                          example: dict[str, Any] | None) -> dict[str, str] | None:
+    """{'prompt': column[, 'completion': column]} when the prompt column holds TRL-style lists of messages."""
+    from trl.data_utils import is_conversational
+
+    if example is None or "messages" in columns:
+        return None
+    prompt = columns.get("prompt") or columns.get("instruction") or ("prompt" if "prompt" in column_names else None)
+    if prompt is None or not is_conversational({"prompt": example.get(prompt)}):
+        return None
+    completion = columns.get("completion") or columns.get("reference") or (
+        "completion" if "completion" in column_names else None)
+    return {"prompt": prompt, **({"completion": completion} if completion else {})}
 
 
 def _with_defaults(name: str, mapping: dict[str, str]) -> TaskFormat:
@@ -122,6 +159,11 @@ class PromptBuilder:
                 raise DataError(f"data.truncate_field={self.truncate_field!r} is not a slot of data.template {self.template!r}")
         if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise DataError(f"data.chat_template=true but tokenizer {self.tokenizer.name_or_path!r} has no chat template")
+        if self.task.name == "chat" and not getattr(self.tokenizer, "chat_template", None):
+            raise DataError(f"the data is conversational (chat format, columns {sorted(self.task.columns.values())}), "
+                            f"which is rendered with the tokenizer's chat template, and tokenizer "
+                            f"{self.tokenizer.name_or_path!r} has none: use a tokenizer that has one, or give the data "
+                            f"as plain prompt/completion text")
 
     # -- pieces ------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
@@ -134,7 +176,9 @@ class PromptBuilder:
 
     def _fit(self, prefix: str, body: str, suffix: str, keep_end: bool) -> tuple[list[int], bool]:
         """prefix + body + suffix as ids, cutting only the body to respect max_prompt_tokens."""
-        head = ([self.tokenizer.bos_token_id] if self._adds_bos and not self.chat_template else []) + self._ids(prefix)
+        # a chat template writes its own BOS (as text) when the model wants one
+        templated = self.chat_template or self.task.name == "chat"
+        head = ([self.tokenizer.bos_token_id] if self._adds_bos and not templated else []) + self._ids(prefix)
         tail = self._ids(suffix)
         budget = self.max_prompt_tokens - len(head) - len(tail)
         if budget < 1:
@@ -156,6 +200,11 @@ class PromptBuilder:
 
     # -- formats -----------------------------------------------------------------------------
     def _templated(self, row: dict[str, Any]) -> tuple[list[int], bool, str | None]:
+        for task_field, column in self.task.columns.items():
+            if isinstance(row.get(column), (list, dict)):
+                raise DataError(f"column {column!r} ({self.task.name} format, field {task_field}) holds "
+                                f"{type(row[column]).__name__}s, not text: {str(row[column])[:80]}; use data.format=chat "
+                                f"for lists of messages, or map the field to a text column with data.columns")
         values = {f: ("" if row.get(c) is None else str(row[c])) for f, c in self.task.columns.items()}
         assert self.template is not None and self.truncate_field is not None
         text = self.template.format(**{**values, self.truncate_field: SENTINEL})
@@ -165,8 +214,23 @@ class PromptBuilder:
         ids, cut = self._fit(prefix, values[self.truncate_field], suffix, self.task.keep_end)
         return ids, cut, values.get("reference") or None
 
+    def _messages(self, row: dict[str, Any]) -> list[dict[str, str]]:
+        """The row's conversation as [{role, content}]: a messages column, or TRL's prompt [+ completion]."""
+        from trl.data_utils import maybe_convert_to_chatml
+
+        columns = self.task.columns
+        if "messages" in columns:
+            messages = list(row[columns["messages"]] or [])
+        else:
+            messages = list(row[columns["prompt"]] or []) + list(row.get(columns.get("completion", "")) or [])
+        messages = maybe_convert_to_chatml({"messages": [dict(m) for m in messages]})["messages"]  # from/value -> role/content
+        if any(not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str) for m in messages):
+            raise DataError(f"a chat row's messages need string 'role' and 'content' (or 'from' and 'value'); got "
+                            f"{messages[:2]!r}")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+
     def _chat(self, row: dict[str, Any]) -> tuple[list[int], bool, str | None]:
-        messages = [{"role": m["role"], "content": m["content"]} for m in row[self.task.columns["messages"]]]
+        messages = self._messages(row)
         reference = None
         if messages and messages[-1]["role"] == "assistant":
             reference = messages.pop()["content"]

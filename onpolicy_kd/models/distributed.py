@@ -18,17 +18,20 @@ import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType
 
+from onpolicy_kd.errors import UserError
 from onpolicy_kd.recipe import Recipe
+from onpolicy_kd.recipe.schema import TRACKERS
 
 
 def make_accelerator(recipe: Recipe) -> Accelerator:
+    check_trackers(recipe.logging.report_to)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
     accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.grad_accum,
         kwargs_handlers=handlers,
-        log_with="tensorboard" if recipe.logging.tensorboard else None,
+        log_with=list(recipe.logging.report_to) or None,
         project_dir=recipe.train.output_dir,
     )
     plugin = accelerator.state.deepspeed_plugin
@@ -39,6 +42,66 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         ds["train_batch_size"] = recipe.train.batch_size * recipe.train.grad_accum * accelerator.num_processes
         ds["gradient_clipping"] = recipe.optim.max_grad_norm or 0.0
     return accelerator
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every tracker in logging.report_to is installed (accelerate would drop a missing one with a log line)."""
+    from accelerate.tracking import get_available_trackers
+
+    available = {str(t) for t in get_available_trackers()}
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise UserError(f"logging.report_to: {', '.join(missing)} not installed; install it (pip install "
+                        f"{' '.join(TRACKERS[m] for m in missing)}) or remove it from logging.report_to")
+
+
+def init_trackers(accelerator: Accelerator, recipe: Recipe, stage_name: str | None = None) -> None:
+    """Start the trackers of logging.report_to with the run's name and the resolved recipe as its config (flattened
+    to `section.key`, scalar values: what every tracker accepts)."""
+    from pathlib import Path
+
+    name = recipe.logging.run_name or Path(recipe.train.output_dir).resolve().name
+    name = f"{name}/{stage_name}" if stage_name else name
+    flat = {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+            for section, keys in recipe.model_dump(mode="json", exclude={"stages"}).items() for key, value in keys.items()}
+    flat = {k: ("null" if v is None else v) for k, v in flat.items()}  # TensorBoard's hparams take no None
+    accelerator.init_trackers("onpolicy_kd", config=flat, init_kwargs={
+        "wandb": {"name": name, "dir": recipe.train.output_dir}, "mlflow": {"run_name": name},
+        "trackio": {"name": name}, "swanlab": {"experiment_name": name}, "aim": {"run_name": name},
+        "comet_ml": {"name": name}, "clearml": {"task_name": name}})
+
+
+def describe_run(accelerator: Accelerator, recipe: Recipe, student: torch.nn.Module, teacher: torch.nn.Module) -> dict:
+    """How the run runs, as printed at start-up and written first to metrics.jsonl: processes, the distributed
+    backend, device, precisions and the effective batch."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        offload = [f"{what} offload to {zero[key]['device']}" for what, key in
+                   (("optimizer", "offload_optimizer"), ("parameter", "offload_param"))
+                   if isinstance(zero.get(key), dict) and zero[key].get("device") not in (None, "none")]
+        backend = f"DeepSpeed ZeRO-{zero_stage(accelerator)}" + (f" ({', '.join(offload)})" if offload else "")
+    elif accelerator.num_processes > 1:
+        group = torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
+        backend = f"DDP ({group})"
+    else:
+        backend = "single process"
+    cfg = recipe.train
+    return {
+        "processes": accelerator.num_processes, "backend": backend, "device": str(accelerator.device),
+        "mixed_precision": str(accelerator.mixed_precision),
+        "student_dtype": str(next(student.parameters()).dtype).removeprefix("torch."),
+        "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch."),
+        "micro_batch": cfg.batch_size, "grad_accum": cfg.grad_accum,
+        "effective_batch": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
+    }
+
+
+def describe_text(d: dict) -> str:
+    return (f"runs as: {d['backend']}, {d['processes']} process{'es' if d['processes'] > 1 else ''} on {d['device']}; "
+            f"student {d['student_dtype']}, teacher {d['teacher_dtype']}, mixed precision {d['mixed_precision']}; "
+            f"batch {d['micro_batch']} x {d['grad_accum']} accumulation x {d['processes']} process"
+            f"{'es' if d['processes'] > 1 else ''} = {d['effective_batch']} prompts per step")
 
 
 def zero_stage(accelerator: Accelerator) -> int:

@@ -253,9 +253,6 @@ def load_recipe(
 STAGE_SECTIONS = ("objective", "rollout", "data", "optim", "penalties", "hidden", "train")
 
 
-TIME_ONLY_STEP_CAP = 1_000_000
-
-
 def resolve_stages(recipe: Recipe, path: str | Path = DICT_SOURCE) -> list[Recipe]:
     """Every stage as a whole recipe: the recipe's sections with the stage's keys on top, its max_steps, and its own
     output folder `<output_dir>/stages/<k>-<name>`; each checked like a recipe."""
@@ -266,8 +263,7 @@ def resolve_stages(recipe: Recipe, path: str | Path = DICT_SOURCE) -> list[Recip
         merged = copy.deepcopy(base)
         for section in STAGE_SECTIONS:
             merged[section] = {**merged[section], **copy.deepcopy(getattr(stage, section))}
-        # a stage with only a time budget: max_steps is a cap it will not reach
-        merged["train"] |= {"max_steps": stage.max_steps or TIME_ONLY_STEP_CAP, "max_time": stage.max_time,
+        merged["train"] |= {"max_steps": stage.max_steps, "epochs": stage.epochs, "max_time": stage.max_time,
                             "output_dir": str(Path(recipe.train.output_dir) / "stages" / f"{k + 1}-{stage.name}")}
         where = {(section, *key): f"stages[{k}] ({stage.name})" for section in STAGE_SECTIONS
                  for key in _flatten_keys(getattr(stage, section))}

@@ -238,12 +238,21 @@ class OptimConfig(Section):
         return self
 
 
+DEFAULT_MAX_STEPS = 100  # a run's length when the recipe gives no budget
+TIME_ONLY_STEP_CAP = 1_000_000  # a run with only a time budget: a step cap it will not reach
+
+
 class TrainConfig(Section):
-    max_steps: int = Field(100, ge=1, description="optimizer steps (with max_time: at most this many)")
+    max_steps: int | None = Field(None, ge=1, description=f"optimizer steps (with max_time: at most this many); "
+                                                          f"{DEFAULT_MAX_STEPS} when no budget is given")
+    epochs: float | None = Field(
+        None, gt=0, description="passes over the training prompts, instead of max_steps: an epoch is "
+                                "ceil(rows / (batch_size x grad_accum x processes)) steps (fractions allowed)")
     max_time: float | None = Field(
         None, gt=0, description="a wall-clock budget in seconds of training steps (evaluation, checkpoints and "
-                                "loading not counted): the run stops at whichever of max_steps and max_time comes "
-                                "first, and the learning-rate schedule follows the larger of the two fractions used")
+                                "loading not counted): the run stops at whichever of the step budget (max_steps or "
+                                "epochs) and max_time comes first, and the learning-rate schedule follows the larger "
+                                "of the two fractions used")
     batch_size: int = Field(8, ge=1, description="prompts per process per micro-batch")
     grad_accum: int = Field(1, ge=1)
     seed: int = Field(42, ge=0, lt=2**32, description="seeds the student's init, the prompt order and sampling")
@@ -256,6 +265,24 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     deterministic: bool = False
     max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/Inf losses before the run stops")
+
+    @model_validator(mode="after")
+    def _one_step_budget(self) -> "TrainConfig":
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError(f"train.epochs={self.epochs:g} and train.max_steps={self.max_steps} are two step budgets "
+                             f"for one run: keep one (on the command line, train.max_steps=null or train.epochs=null "
+                             f"removes the file's)")
+        return self
+
+    def total_steps(self, n_rows: int, num_processes: int) -> int:
+        """Optimizer steps of the run: max_steps, or epochs over `n_rows` training prompts (each step takes
+        batch_size x grad_accum prompts on every process), or the time-only cap, or the default."""
+        if self.epochs is not None:
+            per_epoch = math.ceil(n_rows / (self.batch_size * self.grad_accum * num_processes))
+            return max(1, math.ceil(self.epochs * per_epoch))
+        if self.max_steps is not None:
+            return self.max_steps
+        return TIME_ONLY_STEP_CAP if self.max_time is not None else DEFAULT_MAX_STEPS
 
 
 class EvalConfig(Section):
@@ -273,12 +300,36 @@ class EvalConfig(Section):
                                                       "collapse; the student is exported as it is")
 
 
+# experiment trackers accelerate drives (`Accelerator(log_with=...)`) -> the package each needs
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio",
+            "comet_ml": "comet-ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab"]
+
+
 class LoggingConfig(Section):
     log_steps: int = Field(1, ge=1)
     sample_steps: int = Field(0, ge=0, description="table of sample completions every N steps; 0 = off")
     num_samples: int = Field(2, ge=1)
-    tensorboard: bool = False
+    report_to: list[Tracker] = Field(
+        default_factory=list, description="experiment trackers, through accelerate: the metrics of every logged step "
+                                          "and the resolved recipe as the run's config (metrics.jsonl is always written)")
+    run_name: str | None = Field(None, description="the run's name in the trackers; default: output_dir's folder name")
     live: bool = Field(True, description="rich live display (off: plain lines, e.g. for log files)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tensorboard" in data:
+            raise ValueError("logging.tensorboard is now logging.report_to: [tensorboard] (any of "
+                             f"{sorted(TRACKERS)})")
+        return data
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"logging.report_to names a tracker twice: {value}")
+        return value
 
 
 class StageConfig(Section):
@@ -287,7 +338,9 @@ class StageConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="a short name (letters, digits, _ . -)")
     max_steps: int | None = Field(None, ge=1, description="optimizer steps of this stage")
     max_time: float | None = Field(None, gt=0, description="seconds of training steps of this stage (like "
-                                                           "train.max_time); at least one of the two budgets")
+                                                           "train.max_time); at least one budget")
+    epochs: float | None = Field(None, gt=0, description="passes over this stage's training prompts (like "
+                                                         "train.epochs), instead of max_steps")
     objective: dict[str, Any] = Field(default_factory=dict)
     rollout: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict, description="training data of this stage; evaluation "
@@ -303,13 +356,16 @@ class StageConfig(Section):
         other = set(value) - {"batch_size", "grad_accum"}
         if other:
             raise ValueError(f"a stage may set train.batch_size and train.grad_accum only, not {sorted(other)} "
-                             f"(the budget is the stage's max_steps / max_time)")
+                             f"(the budget is the stage's max_steps / epochs / max_time)")
         return value
 
     @model_validator(mode="after")
     def _budget(self) -> "StageConfig":
-        if self.max_steps is None and self.max_time is None:
-            raise ValueError(f"stage {self.name!r} needs a budget: max_steps, max_time (seconds) or both")
+        if self.max_steps is None and self.max_time is None and self.epochs is None:
+            raise ValueError(f"stage {self.name!r} needs a budget: max_steps or epochs, max_time (seconds), or a "
+                             f"step budget and a time budget")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError(f"stage {self.name!r}: max_steps and epochs are two step budgets; keep one")
         return self
 
 
@@ -342,10 +398,14 @@ class Recipe(Section):
             raise ValueError(f"objective.seq_kd applies to mode=gkd only (mode is {mode_name}); use mode=seqkd instead")
         if self.student.init == "teacher_layers" and self.student.tokenizer:
             raise ValueError("student.tokenizer is not used with student.init=teacher_layers (it is the teacher's)")
-        for budget in ("max_steps", "max_time"):
-            if self.stages and getattr(self.train, budget) != type(self.train).model_fields[budget].default:
+        for budget in ("max_steps", "epochs", "max_time"):
+            if self.stages and getattr(self.train, budget) is not None:
                 raise ValueError(f"train.{budget} is not used with stages: each stage sets its own budget "
-                                 f"(max_steps and/or max_time)")
+                                 f"(max_steps or epochs, and/or max_time)")
+        if self.optim.warmup_ratio and self.train.max_time is not None and self.train.max_steps is None \
+                and self.train.epochs is None:
+            raise ValueError(f"optim.warmup_ratio={self.optim.warmup_ratio} is a fraction of the step budget, and "
+                             f"this run has only a time budget (train.max_time); use optim.warmup_steps")
         for key, applies, where in _conditional_keys(self):
             section_name, name = key.split(".")
             section = getattr(self, section_name)

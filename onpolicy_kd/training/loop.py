@@ -26,14 +26,14 @@ from onpolicy_kd.errors import ConfigError, UserError
 from onpolicy_kd.hub import expand_path
 from onpolicy_kd.metrics_log import truncate_metrics
 from onpolicy_kd.evaluation.heldout import greedy_samples, heldout_metrics
-from onpolicy_kd.models.distributed import make_accelerator, prepare_teacher, zero_stage
+from onpolicy_kd.models.distributed import describe_run, describe_text, init_trackers, make_accelerator, prepare_teacher, zero_stage
 from onpolicy_kd.models.loading import Models, load_models, logits_are_linear
 from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
 from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
 from onpolicy_kd.objectives.penalties import any_penalty
 from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_source, forward_plan
 from onpolicy_kd.recipe import Recipe, cache_root, recipe_to_yaml
-from onpolicy_kd.recipe.loading import TIME_ONLY_STEP_CAP
+from onpolicy_kd.recipe.schema import DEFAULT_MAX_STEPS, TIME_ONLY_STEP_CAP
 from onpolicy_kd.rollout.teacher_cache import cached_teacher_completions
 from onpolicy_kd.training.checkpoint import (
     check_writable, checkpoint_bytes, claim_output_dir, export_final, load_checkpoint, model_card, resolve_resume,
@@ -103,6 +103,7 @@ class Run:
     state: TrainerState
     monitor: Monitor
     stop: StopRequested
+    max_steps: int  # the step budget: train.max_steps, or train.epochs over the training prompts
     input_embeddings: torch.Tensor  # the student's, for the diversity penalty's reward form
     teacher_texts: list[str] | None = None  # the frozen teacher's greedy held-out completions, decoded once
     collapsed: bool = False  # an evaluation found collapse and eval.stop_on_collapse ends the run
@@ -138,7 +139,7 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     run = setup(recipe, recipe_path, models, raw_train, raw_eval, stage, checkpoint_path, changes)
     with run.monitor:
         evaluate_at_start(run, before)
-        while run.state.step < recipe.train.max_steps and not (run.collapsed or run.out_of_time):
+        while run.state.step < run.max_steps and not (run.collapsed or run.out_of_time):
             timer, sums = PhaseTimer(), MetricSums()
             source = completion_source(recipe, run.state.step)  # student / teacher samples or references
             with timer("rollout"):
@@ -186,10 +187,11 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
             console.print(f"{recipe.objective.mode} trains on the {len(data.train)} of {total} training rows that have "
                           f"a reference completion")
     cfg = recipe.train
+    max_steps = cfg.total_steps(len(data.train), accelerator.num_processes)
     state = TrainerState()  # filled in place on resume: the time-budget schedule reads it
     optimizer = build_optimizer(recipe.optim, models.student)
     # pg takes ppo_epochs optimizer steps per training step: the schedule spans all of them
-    scheduler = build_scheduler(recipe.optim, optimizer, cfg.max_steps * mode.passes(recipe.objective),
+    scheduler = build_scheduler(recipe.optim, optimizer, max_steps * mode.passes(recipe.objective),
                                 (lambda: state.train_seconds / cfg.max_time) if cfg.max_time else None)
     student, optimizer = accelerator.prepare(models.student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
@@ -201,21 +203,26 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
         sampler.position = state.data_position
         if any(key.startswith("optim.") for key, _, _ in changes or []):
             apply_optim_settings(recipe.optim, optimizer, scheduler)
-    if recipe.logging.tensorboard:
-        accelerator.init_trackers("onpolicy_kd")
-    monitor = Monitor(cfg.output_dir, cfg.max_time or cfg.max_steps, state.train_seconds if cfg.max_time else state.step,
+    if recipe.logging.report_to:
+        init_trackers(accelerator, recipe, stage.name if stage is not None else None)
+    monitor = Monitor(cfg.output_dir, cfg.max_time or max_steps, state.train_seconds if cfg.max_time else state.step,
                       enabled=accelerator.is_main_process, live=recipe.logging.live, accelerator=accelerator,
-                      tensorboard=recipe.logging.tensorboard, stage=stage, by_time=cfg.max_time is not None)
+                      trackers=bool(recipe.logging.report_to), stage=stage, by_time=cfg.max_time is not None)
+    description = describe_run(accelerator, recipe, models.student, models.teacher)
+    monitor.print(describe_text(description))
+    monitor.record(state.step, {"run": description})
     if changes:
         monitor.print("resumed with changed settings (applied): " + ", ".join(
             f"{key} {old!r} -> {new!r}" for key, old, new in changes))
     if stage is not None:
         monitor.print(f"[bold]stage {stage.index + 1}/{stage.count}: {stage.name}[/] ({recipe.objective.mode}, "
-                      f"{budget_text(cfg)}, data {recipe.data.path})")
+                      f"{budget_text(cfg, max_steps)}, data {recipe.data.path})")
+    elif cfg.epochs is not None:
+        monitor.print(f"budget: {budget_text(cfg, max_steps)}")
     if mode.chunkable:
         monitor.print(f"divergence head: {head} ({why})")
     return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
-               optimizer, scheduler, sampler, mode, forward_plan(recipe, head), state, monitor, StopRequested(),
+               optimizer, scheduler, sampler, mode, forward_plan(recipe, head), state, monitor, StopRequested(), max_steps,
                accelerator.unwrap_model(student).get_input_embeddings().weight)
 
 
@@ -241,11 +248,17 @@ def resume(accelerator: Accelerator, cfg, stage: Stage | None, state: TrainerSta
             console.print(f"{metrics_file}: {dropped} record(s) after step {max(last, 0)} dropped (those steps run again)")
 
 
-def budget_text(cfg) -> str:
-    """'60 steps', '300 s' or '300 s (at most 60 steps)': a run's budget, as the console says it."""
+def budget_text(cfg, steps: int | None = None) -> str:
+    """'60 steps', '2 epochs (70 steps)', '300 s' or '300 s (at most 60 steps)': a run's budget, as the console
+    says it (`steps`: the step budget once the data is known)."""
+    if cfg.epochs is not None:
+        count = f"{cfg.epochs:g} epoch{'s' if cfg.epochs != 1 else ''}" + (f" ({steps} steps)" if steps else "")
+    else:
+        count = f"{steps or cfg.max_steps or DEFAULT_MAX_STEPS} steps"
     if cfg.max_time is None:
-        return f"{cfg.max_steps} steps"
-    return f"{cfg.max_time:g} s" + (f" (at most {cfg.max_steps} steps)" if cfg.max_steps < TIME_ONLY_STEP_CAP else "")
+        return count
+    capped = cfg.epochs is not None or (steps or cfg.max_steps or TIME_ONLY_STEP_CAP) < TIME_ONLY_STEP_CAP
+    return f"{cfg.max_time:g} s" + (f" (at most {count})" if capped else "")
 
 
 def with_teacher_completions(recipe: Recipe, models: Models, train_split, accelerator: Accelerator):
@@ -351,7 +364,7 @@ def after_step(run: Run, source: str, num_tokens: float, metrics: dict[str, floa
         "data/on_policy": float(source == "student"),
     }
     agree_on_stop(run)
-    last = state.step == cfg.max_steps or run.out_of_time
+    last = state.step == run.max_steps or run.out_of_time
     if state.step % recipe.logging.log_steps == 0 or last:
         monitor.log(state.step, metrics, completed=state.train_seconds if cfg.max_time else state.step)
     if recipe.eval.eval_steps and state.step % recipe.eval.eval_steps == 0 and not last:

@@ -1,4 +1,5 @@
-"""Metrics and the console: `metrics.jsonl`, TensorBoard, and a rich live display on the main process.
+"""Metrics and the console: `metrics.jsonl`, the trackers of logging.report_to, and a rich live display on the
+main process.
 
 Each logged step is one flat JSON object in `<output_dir>/metrics.jsonl` with slash keys
 (`train/loss`, `eval/reverse_kl`, `time/rollout_s`, ...) and `step`. The console shows a progress bar
@@ -28,7 +29,7 @@ SHOWN = ("train/loss", "train/reverse_kl", "eval/reverse_kl", "train/entropy", "
 
 class Monitor:
     def __init__(self, output_dir: str | Path, total: float, completed: float, *, enabled: bool, live: bool,
-                 accelerator=None, tensorboard: bool = False, stage=None, by_time: bool = False):
+                 accelerator=None, trackers: bool = False, stage=None, by_time: bool = False):
         """The progress bar counts steps (`total` = max_steps), or with `by_time` seconds of training
         (`total` = train.max_time). `stage` (a staged run's Stage): metrics go to the run's metrics.jsonl with a
         `stage` key and steps counted over the whole run; the progress bar names the stage."""
@@ -39,7 +40,7 @@ class Monitor:
         label = f"stage {stage.index + 1}/{stage.count} {stage.name}" if stage is not None else "distilling"
         label += " (seconds of training)" if by_time else ""
         self.latest: dict[str, float] = {}
-        self.accelerator = accelerator if tensorboard else None
+        self.accelerator = accelerator if trackers else None  # logging.report_to: accelerator.log to the trackers
         self.live_mode = live and enabled and console.is_terminal
         self.progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("eta"), TimeRemainingColumn(), console=console)
@@ -85,6 +86,12 @@ class Monitor:
         else:
             keys = [k for k in SHOWN if k in metrics] or sorted(metrics)[:6]
             console.print(f"step {self.step_offset + step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in keys), highlight=False)
+
+    def record(self, step: int, entry: dict[str, Any]) -> None:
+        """A record that is not a step's metrics (e.g. how the run runs), to metrics.jsonl only."""
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": self.step_offset + step, **self.stage, **entry}) + "\n")
 
     def print(self, *renderables: Any) -> None:
         if self.enabled:
