@@ -13,13 +13,13 @@ KL(p||q) on the student's sampled completions; distinct-1, repetition and ROUGE-
 its greedy completions.
 
 Methods (the recipe's own settings unless said):
-- staged: the recipe as shipped, its two stages given half the budget each (heal, then on-policy);
-- staged_fkl: the same two stages, the heal given 2/3 of the budget and the on-policy stage 1/3 with forward
-  KL (mass-covering) on the student's samples instead of reverse KL (mode-seeking);
+- staged_fkl: the recipe as shipped (the default since 2026-12-01): its two stages, the heal given 2/3 of the
+  budget and the on-policy stage 1/3, with forward KL (mass-covering) on the student's samples;
+- staged: the previous default: the same heal, then on-policy reverse KL (mode-seeking), half the budget each;
 - kd: the heal stage alone: dense forward KL on the teacher's cached greedy summaries (GKD with lambda 0 and
   seq_kd; the data has no reference summaries, so "supervised" KD uses the teacher's);
 - seqkd: cross-entropy on the same cached teacher summaries (SeqKD), lr 5e-4 cosine like kd;
-- gkd_rkl: on-policy reverse KL on the student's own samples (the recipe's on-policy stage alone);
+- gkd_rkl: on-policy reverse KL on the student's own samples alone (no heal);
 - gkd_jsd: the same with the generalized JSD (beta 0.5);
 - pg: MiniLLM-style policy gradient (objective.mode=pg, its defaults);
 - trl: TRL's DistillationTrainer (on-policy reverse KL, its only objective) on the same student, prompt ids,
@@ -55,10 +55,10 @@ HEAL = ("objective: {mode: gkd, lmbda: 0.0, seq_kd: true, divergence: forward_kl
         "rollout: {teacher_cache: true, do_sample: false}, optim: {lr: 5.0e-4, scheduler: cosine, warmup_steps: 5}")
 TEACHER_TEXT = ["rollout.teacher_cache=true", "rollout.do_sample=false", "optim.lr=5.0e-4", "optim.scheduler=cosine",
                 "optim.warmup_steps=5"]
-SINGLE = ["stages=[]"]
+SINGLE = ["stages=[]", "objective.divergence=reverse_kl"]  # one phase; the divergence reset to its default
 METHODS: dict[str, object] = {
     "staged": lambda budget: [f"stages=[{{name: heal, max_time: {budget / 2:g}, {HEAL}}}, "
-                              f"{{name: onpolicy, max_time: {budget / 2:g}}}]"],
+                              f"{{name: onpolicy, max_time: {budget / 2:g}, objective: {{divergence: reverse_kl}}}}]"],
     "staged_fkl": lambda budget: [f"stages=[{{name: heal, max_time: {budget * 2 / 3:g}, {HEAL}}}, "
                                   f"{{name: onpolicy, max_time: {budget / 3:g}, objective: {{divergence: forward_kl}}}}]"],
     "kd": lambda budget: SINGLE + ["objective.lmbda=0.0", "objective.seq_kd=true", "objective.divergence=forward_kl",
@@ -69,8 +69,8 @@ METHODS: dict[str, object] = {
     "pg": lambda budget: SINGLE + ["objective.mode=pg"],
     "trl": lambda budget: SINGLE,
 }
-LABELS = {"staged": "staged default (heal, then on-policy rKL)",
-          "staged_fkl": "staged: heal 2/3, then on-policy forward KL 1/3", "kd": "KD: dense forward KL on teacher text",
+LABELS = {"staged": "staged: heal 1/2, then on-policy reverse KL 1/2 (the previous default)",
+          "staged_fkl": "staged: heal 2/3, then on-policy forward KL 1/3 (the default)", "kd": "KD: dense forward KL on teacher text",
           "seqkd": "SeqKD: CE on teacher text", "gkd_rkl": "on-policy GKD, reverse KL", "gkd_jsd": "on-policy GKD, JSD 0.5",
           "pg": "PG (MiniLLM-style)", "trl": "TRL DistillationTrainer"}
 METRICS = (("eval/reverse_kl", "KL(q‖p)"), ("eval/forward_kl_samples", "KL(p‖q)"), ("eval/rougeL_teacher", "ROUGE-L vs teacher"),

@@ -1,4 +1,5 @@
-"""The `onpolicy-kd` command: `onpolicy-kd train RECIPE [overrides] [--dry-run]`, `onpolicy-kd assets`."""
+"""The `onpolicy-kd` command: `onpolicy-kd train RECIPE [overrides] [--dry-run]`, `onpolicy-kd assets`,
+`onpolicy-kd push RUN_DIR REPO_ID`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ COMMANDS = {
     "train": ("onpolicy_kd.train", "train (or --dry-run check) a recipe"),
     "evaluate": ("onpolicy_kd.evaluate", "evaluate run folders or recipes: ROUGE, KL, perplexity, plots, --compare"),
     "assets": ("onpolicy_kd.assets", "install and convert the offline default teacher and news data"),
+    "push": ("onpolicy_kd.push", "push a finished run's student (final/: weights, model card, recipe) to the Hub"),
 }
 
 

@@ -26,8 +26,10 @@ pytestmark = pytest.mark.slow
 # hidden-state distillation rides along in two launches: its stitching projections live on the student, so
 # DDP must reduce their gradients and ZeRO-3 must gather them (they are called outside the engine's forward)
 HIDDEN = ["hidden.weight=1.0", "student.config_overrides={num_hidden_layers: 2, hidden_size: 16, intermediate_size: 32}"]
+# a LoRA student rides along under DDP: only its adapters (and the stitching) train, and the export merges them
+LORA = ["student.lora={r: 4, target_modules: [q_proj, v_proj]}"]
 LAUNCHES = {
-    "ddp_2proc": ("cpu_2proc.yaml", 2, {"ACCELERATE_USE_CPU": "true"}, HIDDEN),
+    "ddp_2proc": ("cpu_2proc.yaml", 2, {"ACCELERATE_USE_CPU": "true"}, HIDDEN + LORA),
     "zero2_1proc": ("deepspeed_zero2.yaml", 1, {}, []),
     "zero2_2proc": ("deepspeed_zero2.yaml", 2, {}, []),
     "zero3_1proc": ("deepspeed_zero3.yaml", 1, {}, []),
@@ -79,6 +81,10 @@ def test_launch_and_resume(name, tmp_path, far_pair, isolated_cache):
         assert len(hidden) == 4 and all(h > 0 for h in hidden)
         stitching = load_file(final / "stitching.safetensors")  # gathered (not empty ZeRO-3 shards)
         assert [w.shape for w in stitching.values()] == [(32, 16), (32, 16)]
+    if LORA[0] in extra:  # the adapters merged: a plain model's keys
+        weights = load_file(final / "model.safetensors")
+        assert not any("lora" in k or "base_layer" in k for k in weights)
+        assert "runs as: DDP (gloo)" in " ".join(second.stdout.split())
     # the exported student loads in a fresh process (under ZeRO-3 the weights were gathered before saving)
     check = subprocess.run([sys.executable, "-c", (
         "import sys, torch; from transformers import AutoModelForCausalLM as M; "
@@ -86,6 +92,13 @@ def test_launch_and_resume(name, tmp_path, far_pair, isolated_cache):
         "assert all(p.numel() > 0 and torch.isfinite(p).all() for p in m.parameters()); print('ok')"), str(final)],
         capture_output=True, text=True, timeout=120)
     assert check.stdout.strip() == "ok", check.stderr[-2000:]
+
+
+def test_lora_under_zero3_is_a_clear_error(tmp_path, far_pair, isolated_cache):
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    run = launch("deepspeed_zero3.yaml", 1, {}, recipe, "train.max_steps=1", *LORA)
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "student.lora does not run under DeepSpeed ZeRO-3" in " ".join(run.stderr.split())
 
 
 def worker_pids(launcher_pid: int) -> dict[int, int]:

@@ -58,6 +58,7 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "student.trust_remote_code": (PRETRAINED, ["student.trust_remote_code=true"]),
     "student.attn_implementation": ([], ["student.attn_implementation=eager"]),
     "student.gradient_checkpointing": ([], ["student.gradient_checkpointing=true"]),
+    "student.lora": ([], ["student.lora={r: 2}"]),
     "data.path": ([], ["data.path={other_data}"]),
     "data.name": ([], ["data.name=3.0.0"]),  # a local file: an error
     "data.split": ([], ["data.split=train[:40]"]),
@@ -121,7 +122,6 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "optim.max_grad_norm": ([], ["optim.max_grad_norm=0.001"]),
     "train.max_steps": ([], ["train.max_steps=3"]),
     "train.max_time": (["train.max_steps=50"], ["train.max_time=0.01"]),  # stops after the first step
-    "train.epochs": (["train.max_steps=null", "train.epochs=0.05"], ["train.epochs=0.1"]),  # 2 steps, then 3
     "train.batch_size": ([], ["train.batch_size=3"]),
     "train.grad_accum": ([], ["train.grad_accum=2"]),
     "train.seed": ([], ["train.seed=6"]),
@@ -132,6 +132,10 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "train.resume_from": (["@prior-run", "train.overwrite=true"], ["train.resume_from=latest"]),
     "train.overwrite": (["@prior-run", "@may-fail"], ["train.overwrite=true"]),  # refused, then cleared and run
     "train.mixed_precision": ([], ["train.mixed_precision=bf16"]),
+    "train.push_to_hub": ([], ["train.push_to_hub=true", "train.hub_model_id=me/student"]),
+    "train.hub_model_id": (["train.push_to_hub=true", "train.hub_model_id=me/student"], ["train.hub_model_id=me/other"]),
+    "train.hub_private": (["train.push_to_hub=true", "train.hub_model_id=me/student"], ["train.hub_private=true"]),
+    "train.epochs": (["train.max_steps=null", "train.epochs=0.05"], ["train.epochs=0.1"]),  # 2 steps, then 3
     "train.deterministic": ([], ["train.deterministic=true"]),
     # weights blown up by the first step make every later loss non-finite (kd: no sampling to fail first);
     # both runs end with an error, at different steps
@@ -261,6 +265,23 @@ class Spy:
         wrap(monitor.Monitor, "samples", lambda a, k, out: len(a[2]))
         import accelerate
 
+        # the Hub, stood in for: a push records the repository and its privacy
+        import huggingface_hub
+
+        import onpolicy_kd.training.publish as publish
+
+        spy = self
+
+        class Hub:
+            def create_repo(self, repo_id, private=False, **kwargs):
+                spy.calls.append(("create_repo", repo_id, private))
+
+            def upload_folder(self, folder_path, repo_id, **kwargs):
+                spy.calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+        monkeypatch.setattr(publish, "hub_reachable", lambda: True)
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
+        monkeypatch.setattr(huggingface_hub, "HfApi", Hub)
         wrap(accelerate.Accelerator, "init_trackers", lambda a, k, out: (a[1:], sorted(
             (key, str(v)) for key, v in k.get("init_kwargs", {}).items())))
 

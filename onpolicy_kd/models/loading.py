@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from onpolicy_kd.recipe import Recipe, StudentConfig, TeacherConfig
+from onpolicy_kd.recipe.schema import LoraSettings
 from onpolicy_kd.errors import ConfigError, ModelLoadError, VocabularyMismatchError
 from onpolicy_kd.hub import expand_path, hub_reachable, looks_like_local_path
 
@@ -369,3 +370,29 @@ def logits_are_linear(model: PreTrainedModel) -> bool:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def with_lora(student: PreTrainedModel, cfg: LoraSettings) -> nn.Module:
+    """student.lora: the student wrapped by peft with LoRA adapters (its own weights frozen, the adapters trainable)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
+                        target_modules=cfg.target_modules if isinstance(cfg.target_modules, str)
+                        else list(cfg.target_modules))
+    if getattr(student, "is_gradient_checkpointing", False):  # checkpointed blocks need inputs that want gradients
+        student.enable_input_require_grads()
+    try:
+        return get_peft_model(student, config)
+    except ValueError as err:  # e.g. target modules not found in the model
+        raise ConfigError(f"student.lora: {err}") from None
+
+
+def is_lora(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under peft's wrapper (the model itself when it has none)."""
+    return model.get_base_model() if is_lora(model) else model

@@ -62,6 +62,17 @@ class TeacherConfig(Section):
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
 
 
+class LoraSettings(Section):
+    """A LoRA student (peft): the base weights stay frozen, only the adapters train; the export merges them."""
+
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) B A")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the head")
+    keep_adapters: bool = Field(False, description="also save the adapters alone (peft format) in final/adapter/")
+
+
 class StudentConfig(Section):
     init: Literal["pretrained", "config", "teacher_layers"] = Field(
         "pretrained",
@@ -79,6 +90,7 @@ class StudentConfig(Section):
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight (peft)")
 
     @model_validator(mode="after")
     def _init_sources(self) -> "StudentConfig":
@@ -262,6 +274,11 @@ class TrainConfig(Section):
     resume_from: str | None = Field(None, description="'latest' or a checkpoint folder")
     overwrite: bool = Field(False, description="start over in an output_dir that holds another run (its files are "
                                                "deleted first); without it such a run is refused at start-up")
+    push_to_hub: bool = Field(False, description="push final/ (weights, tokenizer, model card, recipe) to the Hub "
+                                                 "at the end; checked at start-up (offline: a clear error)")
+    hub_model_id: str | None = Field(None, pattern=r"^[\w.-]+(/[\w.-]+)?$",
+                                     description="the Hub repository to push to, e.g. me/smollm2-student")
+    hub_private: bool = Field(False, description="create the Hub repository as private")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     deterministic: bool = False
     max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/Inf losses before the run stops")
@@ -272,6 +289,12 @@ class TrainConfig(Section):
             raise ValueError(f"train.epochs={self.epochs:g} and train.max_steps={self.max_steps} are two step budgets "
                              f"for one run: keep one (on the command line, train.max_steps=null or train.epochs=null "
                              f"removes the file's)")
+        return self
+
+    @model_validator(mode="after")
+    def _hub_repo(self) -> "TrainConfig":
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("train.push_to_hub needs train.hub_model_id (the repository, e.g. me/my-student)")
         return self
 
     def total_steps(self, n_rows: int, num_processes: int) -> int:
@@ -454,5 +477,8 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
          "to modes that train on teacher samples (seqkd, or gkd with seq_kd and lmbda < 1)"),
         ("data.name", not looks_like_local_path(r.data.path), "to Hub datasets (data.path is a local path)"),
         ("data.system_prompt", r.data.chat_template, "with data.chat_template=true"),
+        ("logging.run_name", bool(r.logging.report_to), "with logging.report_to (a tracker)"),
+        ("train.hub_model_id", r.train.push_to_hub, "with train.push_to_hub=true"),
+        ("train.hub_private", r.train.push_to_hub, "with train.push_to_hub=true"),
     ]
     return keys

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from onpolicy_kd.console import is_main_process
 from onpolicy_kd.errors import UserError
 from onpolicy_kd.objectives.hidden import STITCHING, split_stitching
+from onpolicy_kd.models.loading import is_lora
 
 STATE_FILE = "trainer_state.json"
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe the checkpoint was trained with
@@ -206,18 +207,27 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> dict[str, Any]:
 
 
 def export_final(accelerator: Accelerator, student, tokenizer, output_dir: str | Path, recipe_yaml: str,
-                 card: str) -> Path:
+                 card: str, keep_adapters: bool = False) -> Path:
     """`<output_dir>/final`: the student (`save_pretrained`), its tokenizer, the resolved recipe, a model card.
 
     Hidden-state stitching projections are not part of the student: they go to `stitching.safetensors`
-    (their layer pairs in its metadata), so `final/` loads as a plain transformers model.
+    (their layer pairs in its metadata), so `final/` loads as a plain transformers model. A LoRA student's
+    adapters are merged into its weights (on every rank: the run's student is the merged model from here on),
+    and with `keep_adapters` also saved alone, in peft's format, to `final/adapter/`.
     """
     final = Path(output_dir) / "final"
     tmp = Path(output_dir) / ".tmp-final"
-    state_dict = accelerator.get_state_dict(student)  # collective: every rank calls it (ZeRO-3 gathers)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        model = accelerator.unwrap_model(student)
+    model = accelerator.unwrap_model(student)
+    if is_lora(model):
+        if keep_adapters and accelerator.is_main_process:
+            model.save_pretrained(tmp / "adapter")  # the adapters and their config only
+        model = model.merge_and_unload()
+        state_dict = model.state_dict()  # LoRA runs without ZeRO-3: every rank holds the whole model
+    else:
+        state_dict = accelerator.get_state_dict(student)  # collective: every rank calls it (ZeRO-3 gathers)
+    if accelerator.is_main_process:
         # a copy: recent transformers empties the dict it is given
         own, stitching = split_stitching(dict(state_dict))
         model.save_pretrained(tmp, state_dict=own, safe_serialization=True)

@@ -19,7 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from onpolicy_kd.console import console
+from onpolicy_kd.console import console, is_main_process
 from onpolicy_kd.data.loading import PromptData, check_data_path, load_prompt_data
 from onpolicy_kd.data.sampler import PromptSampler, rows_with_references
 from onpolicy_kd.errors import ConfigError, UserError
@@ -27,7 +27,7 @@ from onpolicy_kd.hub import expand_path
 from onpolicy_kd.metrics_log import truncate_metrics
 from onpolicy_kd.evaluation.heldout import greedy_samples, heldout_metrics
 from onpolicy_kd.models.distributed import describe_run, describe_text, init_trackers, make_accelerator, prepare_teacher, zero_stage
-from onpolicy_kd.models.loading import Models, load_models, logits_are_linear
+from onpolicy_kd.models.loading import Models, base_model, load_models, logits_are_linear, with_lora
 from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
 from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
 from onpolicy_kd.objectives.penalties import any_penalty
@@ -40,6 +40,7 @@ from onpolicy_kd.training.checkpoint import (
     resume_changes, save_checkpoint,
 )
 from onpolicy_kd.training.monitor import Monitor
+from onpolicy_kd.training.publish import check_can_push, push_folder
 from onpolicy_kd.training.optim import apply_optim_settings, build_optimizer, build_scheduler
 from onpolicy_kd.training.phases import (
     MetricSums, PhaseTimer, backward_micro_batch, draw_completions, optimizer_step, step_context, teacher_outputs,
@@ -132,8 +133,10 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
           stage: Stage | None = None, before: dict[str, float] | None = None) -> TrainResult:
     """Train the student as the recipe says. `models` and the raw splits come from the Python API; `stage` and
     `before` (the previous stage's last evaluation) from a staged run."""
-    if stage is None:  # a staged run claims its folder once, for all its stages
+    if stage is None:  # a staged run claims its folder (and checks it can push) once, for all its stages
         claim_output_dir(recipe.train.output_dir, recipe.train.resume_from, recipe.train.overwrite)
+        if recipe.train.push_to_hub:
+            check_can_push(recipe.train.hub_model_id, recipe.train.output_dir)
     checkpoint_path = resolve_resume(recipe.train.resume_from, recipe.train.output_dir)
     changes = resume_changes(checkpoint_path, recipe) if checkpoint_path else []  # before anything loads
     run = setup(recipe, recipe_path, models, raw_train, raw_eval, stage, checkpoint_path, changes)
@@ -159,7 +162,7 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
             if after_step(run, source, context.num_tokens, metrics, skipped, timer):  # log, eval, checkpoint
                 return stopped_by_signal(run)
         after = run.last_eval if run.collapsed else heldout(run)
-    return finish(run, after)
+    return finish(run, after, staged=stage is not None)
 
 
 def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None,
@@ -170,8 +173,14 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
     check_data_path(recipe.data)  # before the models load
     models = models or load_models(recipe, recipe_path)
+    if recipe.student.lora:  # adapters for this run (a staged run's next stage adapts the student merged before it)
+        if zero_stage(accelerator) == 3:
+            raise ConfigError("student.lora does not run under DeepSpeed ZeRO-3 here (peft's adapters and the "
+                              "sharded base weights are not gathered together for generation and export); use "
+                              "ZeRO-2 (accelerate_configs/deepspeed_zero2.yaml) or DDP, or train without student.lora")
+        models = replace(models, student=with_lora(models.student, recipe.student.lora))
     if recipe.hidden.weight:  # before the optimizer is built: the projections train with the student
-        attach_stitching(models.student, models.teacher, recipe.hidden.layers)
+        attach_stitching(base_model(models.student), models.teacher, recipe.hidden.layers)
     check_writable(recipe.train.output_dir, checkpoint_bytes(models.student))
     data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, train=raw_train, eval_=raw_eval)
     if stage is not None and stage.eval_data is not None and stage.eval_data != recipe.data:
@@ -397,16 +406,26 @@ def agree_on_stop(run: Run) -> None:
     run.out_of_time = bool(flags[1])
 
 
-def finish(run: Run, after: dict[str, float]) -> TrainResult:
+def finish(run: Run, after: dict[str, float], staged: bool = False) -> TrainResult:
     """The last checkpoint, the exported student with its model card, and the before/after summary."""
     recipe, state, accelerator = run.recipe, run.state, run.accelerator
     checkpoint(run)
     card = model_card(recipe, run.recipe_path, state.before, after, state.step, state.train_seconds)
-    final = export_final(accelerator, run.student, run.tokenizer, recipe.train.output_dir, recipe_to_yaml(recipe), card)
+    final = export_final(accelerator, run.student, run.tokenizer, recipe.train.output_dir, recipe_to_yaml(recipe), card,
+                         keep_adapters=bool(recipe.student.lora and recipe.student.lora.keep_adapters))
     if accelerator.is_main_process:
         console.print(summary_line(state.before, after, state.train_seconds, final))
     accelerator.end_training()
+    if recipe.train.push_to_hub and not staged:  # a staged run pushes its own final/ once its last stage is done
+        publish(recipe, final)
     return _result(run, after, final, None)
+
+
+def publish(recipe: Recipe, final: Path) -> None:
+    """train.push_to_hub: the exported student to the Hub, from the main process, once the run is finished."""
+    if is_main_process():
+        url = push_folder(Path(recipe.train.output_dir), recipe.train.hub_model_id, private=recipe.train.hub_private)
+        console.print(f"pushed {final} to {url}")
 
 
 def summary_line(before: dict[str, float], after: dict[str, float], seconds: float, final: Path) -> str:
@@ -426,7 +445,7 @@ def stopped_by_signal(run: Run) -> TrainResult:
 
 def _result(run: Run, after: dict | None, final: Path | None, signum: int | None) -> TrainResult:
     """The run's result, with the stitching projections taken off the student (it is a plain model again)."""
-    student = run.accelerator.unwrap_model(run.student)
+    student = base_model(run.accelerator.unwrap_model(run.student))  # LoRA: merged into it by export_final
     stitching = student._modules.pop(STITCHING, None)
     return TrainResult(student=student, tokenizer=run.tokenizer, output_dir=Path(run.recipe.train.output_dir),
                        final_dir=final, before=run.state.before, after=after, steps=run.state.step,

@@ -29,7 +29,8 @@ from onpolicy_kd.models.loading import Models, check_lengths, load_models
 from onpolicy_kd.recipe import Recipe, recipe_to_yaml
 from onpolicy_kd.recipe.loading import resolve_stages
 from onpolicy_kd.training.checkpoint import STATE_FILE, claim_output_dir, list_checkpoints
-from onpolicy_kd.training.loop import Stage, TrainResult, train
+from onpolicy_kd.training.loop import Stage, TrainResult, publish, train
+from onpolicy_kd.training.publish import check_can_push
 
 
 def load_finished_student(student, final: Path) -> None:
@@ -56,6 +57,8 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
     `before`: the initial student's held-out metrics, when the caller has them (else the first stage measures them)."""
     stages = resolve_stages(recipe)
     claim_output_dir(recipe.train.output_dir, recipe.train.resume_from, recipe.train.overwrite)
+    if recipe.train.push_to_hub:
+        check_can_push(recipe.train.hub_model_id, recipe.train.output_dir)
     for stage_recipe in stages:
         check_data_path(stage_recipe.data)  # before the models load
     models = models or load_models(recipe, recipe_path)
@@ -93,5 +96,7 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     result.final_dir = final
+    if recipe.train.push_to_hub:
+        publish(recipe, final)
     return result
 
