@@ -133,10 +133,8 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
           stage: Stage | None = None, before: dict[str, float] | None = None) -> TrainResult:
     """Train the student as the recipe says. `models` and the raw splits come from the Python API; `stage` and
     `before` (the previous stage's last evaluation) from a staged run."""
-    if stage is None:  # a staged run claims its folder (and checks it can push) once, for all its stages
-        claim_output_dir(recipe.train.output_dir, recipe.train.resume_from, recipe.train.overwrite)
-        if recipe.train.push_to_hub:
-            check_can_push(recipe.train.hub_model_id, recipe.train.output_dir)
+    if stage is None:  # a staged run makes these checks once, for all its stages
+        claim_run(recipe)
     checkpoint_path = resolve_resume(recipe.train.resume_from, recipe.train.output_dir)
     changes = resume_changes(checkpoint_path, recipe) if checkpoint_path else []  # before anything loads
     run = setup(recipe, recipe_path, models, raw_train, raw_eval, stage, checkpoint_path, changes)
@@ -163,6 +161,13 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
                 return stopped_by_signal(run)
         after = run.last_eval if run.collapsed else heldout(run)
     return finish(run, after, staged=stage is not None)
+
+
+def claim_run(recipe: Recipe) -> None:
+    """Before anything loads: the output folder is this run's, and with train.push_to_hub the Hub can take it."""
+    claim_output_dir(recipe.train.output_dir, recipe.train.resume_from, recipe.train.overwrite)
+    if recipe.train.push_to_hub:
+        check_can_push(recipe.train.hub_model_id, recipe.train.output_dir)
 
 
 def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None,

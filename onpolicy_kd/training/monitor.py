@@ -75,8 +75,7 @@ class Monitor:
         if not self.enabled:
             return
         self.latest.update(metrics)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": self.step_offset + step, **self.stage, **metrics}) + "\n")
+        self.record(step, metrics)
         if self.accelerator is not None:
             self.accelerator.log(metrics, step=self.step_offset + step)
         if advance:
@@ -88,7 +87,7 @@ class Monitor:
             console.print(f"step {self.step_offset + step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in keys), highlight=False)
 
     def record(self, step: int, entry: dict[str, Any]) -> None:
-        """A record that is not a step's metrics (e.g. how the run runs), to metrics.jsonl only."""
+        """One record in metrics.jsonl: a step's metrics (`log`), or e.g. how the run runs."""
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": self.step_offset + step, **self.stage, **entry}) + "\n")

@@ -28,9 +28,8 @@ from onpolicy_kd.data.loading import check_data_path
 from onpolicy_kd.models.loading import Models, check_lengths, load_models
 from onpolicy_kd.recipe import Recipe, recipe_to_yaml
 from onpolicy_kd.recipe.loading import resolve_stages
-from onpolicy_kd.training.checkpoint import STATE_FILE, claim_output_dir, list_checkpoints
-from onpolicy_kd.training.loop import Stage, TrainResult, publish, train
-from onpolicy_kd.training.publish import check_can_push
+from onpolicy_kd.training.checkpoint import STATE_FILE, list_checkpoints
+from onpolicy_kd.training.loop import Stage, TrainResult, claim_run, publish, train
 
 
 def load_finished_student(student, final: Path) -> None:
@@ -56,9 +55,7 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
     """Train every stage in order; the result is the last stage's, with `final_dir` the run's own `final/`.
     `before`: the initial student's held-out metrics, when the caller has them (else the first stage measures them)."""
     stages = resolve_stages(recipe)
-    claim_output_dir(recipe.train.output_dir, recipe.train.resume_from, recipe.train.overwrite)
-    if recipe.train.push_to_hub:
-        check_can_push(recipe.train.hub_model_id, recipe.train.output_dir)
+    claim_run(recipe)
     for stage_recipe in stages:
         check_data_path(stage_recipe.data)  # before the models load
     models = models or load_models(recipe, recipe_path)
