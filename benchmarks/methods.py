@@ -18,6 +18,7 @@ Methods (the recipe's own settings unless said):
 - staged: the previous default: the same heal, then on-policy reverse KL (mode-seeking), half the budget each;
 - kd: the heal stage alone: dense forward KL on the teacher's cached greedy summaries (GKD with lambda 0 and
   seq_kd; the data has no reference summaries, so "supervised" KD uses the teacher's);
+- kd_prompt: kd with `objective.prompt_weight=1`: the same forward KL also at every article (prompt) token;
 - seqkd: cross-entropy on the same cached teacher summaries (SeqKD), lr 5e-4 cosine like kd;
 - gkd_rkl: on-policy reverse KL on the student's own samples alone (no heal);
 - gkd_jsd: the same with the generalized JSD (beta 0.5);
@@ -63,6 +64,9 @@ METHODS: dict[str, object] = {
                                   f"{{name: onpolicy, max_time: {budget / 3:g}, objective: {{divergence: forward_kl}}}}]"],
     "kd": lambda budget: SINGLE + ["objective.lmbda=0.0", "objective.seq_kd=true", "objective.divergence=forward_kl",
                                    *TEACHER_TEXT],
+    "kd_prompt": lambda budget: SINGLE + ["objective.lmbda=0.0", "objective.seq_kd=true",
+                                          "objective.divergence=forward_kl", "objective.prompt_weight=1.0",
+                                          *TEACHER_TEXT],
     "seqkd": lambda budget: SINGLE + ["objective.mode=seqkd", *TEACHER_TEXT],
     "gkd_rkl": lambda budget: SINGLE,
     "gkd_jsd": lambda budget: SINGLE + ["objective.divergence=jsd", "objective.beta=0.5"],
@@ -71,6 +75,7 @@ METHODS: dict[str, object] = {
 }
 LABELS = {"staged": "staged: heal 1/2, then on-policy reverse KL 1/2 (the previous default)",
           "staged_fkl": "staged: heal 2/3, then on-policy forward KL 1/3 (the default)", "kd": "KD: dense forward KL on teacher text",
+          "kd_prompt": "KD + the same forward KL on the articles (prompt_weight 1)",
           "seqkd": "SeqKD: CE on teacher text", "gkd_rkl": "on-policy GKD, reverse KL", "gkd_jsd": "on-policy GKD, JSD 0.5",
           "pg": "PG (MiniLLM-style)", "trl": "TRL DistillationTrainer"}
 METRICS = (("eval/reverse_kl", "KL(q‖p)"), ("eval/forward_kl_samples", "KL(p‖q)"), ("eval/rougeL_teacher", "ROUGE-L vs teacher"),

@@ -98,6 +98,17 @@ class Completions:
     def num_tokens(self) -> int:
         return int(self.completion_mask.sum())
 
+    @property
+    def prompt_target_mask(self) -> Tensor:
+        """(B, P - 1) bool: column j predicts prompt token j + 1, valid when both are real tokens (a prompt's first
+        token has no context to predict it from)."""
+        real = self.prompt_mask.bool()
+        return real[:, :-1] & real[:, 1:]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return int(self.prompt_target_mask.sum())
+
     def select(self, index: Sequence[int]) -> "Completions":
         """The rows in `index`, with padding columns nobody in them uses cut off."""
         take = torch.as_tensor(list(index), dtype=torch.long, device=self.prompt_ids.device)

@@ -158,7 +158,8 @@ def _step_gradients(run, batches, student):
     ctx = step_context(run, batches, teachers)
     for batch, teacher in zip(batches, teachers):
         out = student_forward(student, batch, vocab=run.vocab, logits=run.plan.student_logits,
-                              hidden=run.plan.hidden_states, lm_batch=batch.references, input_embeddings=True)
+                              hidden=run.plan.hidden_states, lm_batch=batch.references, input_embeddings=True,
+                              prompt=run.plan.prompt)
         loss, _ = step_loss(run.recipe, run.mode.loss, batch, out, teacher, ctx)
         loss.backward()
     return {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}, ctx
@@ -170,7 +171,9 @@ def _step_gradients(run, batches, student):
     {"objective": {"mode": "pg"}},
     {"objective": {"mode": "gkd", "divergence": "jsd", "beta": 0.3}, "hidden": {"weight": 0.5}},
     {"objective": {"mode": "kd"}, "hidden": {"weight": 0.5, "loss": "cosine"}, "penalties": {"diversity": 0.1}},
-], ids=["pg-mixed-penalties-lm", "pg", "gkd-hidden", "kd-hidden-diversity"])
+    {"objective": {"mode": "gkd", "divergence": "forward_kl", "prompt_weight": 0.5}},
+    {"objective": {"mode": "kd", "prompt_weight": 2.0}, "penalties": {"entropy": 0.1}},
+], ids=["pg-mixed-penalties-lm", "pg", "gkd-hidden", "kd-hidden-diversity", "gkd-prompt", "kd-prompt-logits"])
 def test_the_step_gradient_does_not_depend_on_the_split(sections, tiny_tokenizer):
     """The same 8 fixed samples as one micro-batch and as 4 micro-batches of 2: the same gradient (every term is
     divided by the step's global counts; the PG baseline is the step's mean return)."""
@@ -252,3 +255,55 @@ def test_a_per_micro_batch_baseline_would_depend_on_the_split(tiny_tokenizer):
     future = pg_returns(batch.student_logprobs, teacher_lp, batch.completion_mask, single_step=False).future
     global_mean = float(future.sum()) / n
     torch.testing.assert_close(grad(lambda s: global_mean), reference, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("head", ["chunked", "torch"])
+def test_prompt_divergence_against_a_naive_float64_reference(head):
+    """objective.prompt_weight: the step loss is the completion divergence plus the weight times the same divergence
+    at every position predicting a prompt token, each divided by its own count. The reference runs float64 copies
+    of the models on each row alone (no padding) and sums KL(p || q) one position at a time; values and gradients."""
+    import copy
+
+    from onpolicy_kd.models.forward import student_forward
+    from onpolicy_kd.objectives.loss import step_loss
+    from onpolicy_kd.training.phases import step_context, teacher_outputs
+
+    r = recipe(objective={"mode": "gkd", "divergence": "forward_kl", "prompt_weight": 0.7})
+    teacher, student = _models()
+    prompts, completions = [[5, 9, 11, 4, 7], [3, 8], [12, 13, 14]], [[20, 21, 22], [30], [40, 41]]
+    prompt_ids, prompt_mask = left_pad(prompts, 0)
+    completion_ids, mask = right_pad(completions, 0)
+    batch = Completions(prompt_ids, prompt_mask, completion_ids, mask, source="references", texts=["", "", ""])
+    assert batch.num_prompt_tokens == 4 + 1 + 2
+    accelerator = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, reduction: t, num_processes=1)
+    run = SimpleNamespace(recipe=r, accelerator=accelerator, teacher=teacher, vocab=VOCAB, mode=MODES["gkd"],
+                          plan=forward_plan(r, head))
+    assert run.plan.prompt and run.plan.chunked == (head == "chunked")
+    teacher_out = teacher_outputs(run, batch)
+    ctx = step_context(run, [batch], [teacher_out])
+    out = student_forward(student, batch, vocab=VOCAB, logits=run.plan.student_logits, hidden=False, prompt=True)
+    loss, metrics = step_loss(r, run.mode.loss, batch, out, teacher_out, ctx)
+    student.zero_grad()
+    loss.backward()
+    grads = {name: p.grad for name, p in student.named_parameters()}
+
+    student64, teacher64 = copy.deepcopy(student).double(), copy.deepcopy(teacher).double()
+    kl = lambda s, t: (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum()  # noqa: E731
+    prompt_sum = completion_sum = 0.0
+    for p, c in zip(prompts, completions):
+        ids = torch.tensor([p + c])
+        s_logits, t_logits = student64(ids).logits[0], teacher64(ids).logits[0].detach()
+        prompt_sum = prompt_sum + sum(kl(s_logits[j], t_logits[j]) for j in range(len(p) - 1))
+        completion_sum = completion_sum + sum(kl(s_logits[j], t_logits[j]) for j in range(len(p) - 1, len(ids[0]) - 1))
+    reference = completion_sum / 6 + 0.7 * prompt_sum / 7
+    student64.zero_grad()
+    reference.backward()
+    torch.testing.assert_close(loss.double(), reference.detach(), rtol=1e-5, atol=1e-6)
+    assert metrics["train/prompt_forward_kl"] == pytest.approx(prompt_sum.item() / 7, rel=1e-5)
+    for name, p in student64.named_parameters():
+        torch.testing.assert_close(grads[name].double(), p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_prompt_weight_is_a_divergence_key():
+    with pytest.raises(ValueError, match="objective.prompt_weight=0.5 has no effect here"):
+        recipe(objective={"mode": "sft", "prompt_weight": 0.5})

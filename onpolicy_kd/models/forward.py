@@ -1,6 +1,7 @@
 """A model's teacher-forced forward pass over a batch's completions, returning what the losses read.
 
-Only the positions that predict completion tokens are projected to the vocabulary (`logits_to_keep`);
+Only the positions that predict completion tokens are projected to the vocabulary (`logits_to_keep`),
+and those that predict the prompt's own tokens when the loss reads them (`objective.prompt_weight`);
 on the memory-bounded path no logits are computed at all: the loss projects the last hidden state
 chunk by chunk itself, with the lm_head weight returned here. Logits are cut to the shared vocabulary
 (models may have padded embedding rows).
@@ -20,26 +21,34 @@ Tensor = torch.Tensor
 
 
 def forward_completions(model: nn.Module, batch: Completions, *, vocab: int | None = None, logits: bool = True,
-                        hidden: bool = False, head: bool = False) -> ModelOutputs:
+                        hidden: bool = False, head: bool = False, prompt: bool = False) -> ModelOutputs:
     """logits (B, T, V) predicting each completion token (or None), every layer's (B, T, H) hidden states at those
     positions with `hidden` (as `output_hidden_states` numbers them; the last is post-norm, what the lm_head
-    reads), and with `head` the lm_head weight."""
-    T = batch.completion_ids.shape[1]
+    reads), and with `head` the lm_head weight. With `prompt`, also the outputs at the (B, P - 1) positions that
+    predict the prompt's tokens 1..P-1: logits, or (with `hidden`) the last hidden state there."""
+    P, T = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    keep = (0 if prompt else T + 1) if logits else 1  # 0 keeps every position
     out = model(input_ids=batch.sequences, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                logits_to_keep=T + 1 if logits else 1, output_hidden_states=hidden, use_cache=False)
+                logits_to_keep=keep, output_hidden_states=hidden, use_cache=False)
     states = tuple(h[:, -T - 1 : -1] for h in out.hidden_states) if hidden else None
-    return ModelOutputs(
-        logits=out.logits[:, :-1, :vocab] if logits else None, hidden=states,
+    result = ModelOutputs(
+        logits=out.logits[:, -T - 1 : -1, :vocab] if logits else None, hidden=states,
         head=innermost(model).get_output_embeddings().weight if head else None,
     )
+    if prompt:
+        result.prompt_logits = out.logits[:, : P - 1, :vocab] if logits else None
+        result.prompt_hidden = out.hidden_states[-1][:, : P - 1] if hidden else None
+    return result
 
 
 def student_forward(student: nn.Module, batch: Completions, *, vocab: int, logits: bool, hidden: bool,
-                    lm_batch: Completions | None = None, input_embeddings: bool = False) -> ModelOutputs:
+                    lm_batch: Completions | None = None, input_embeddings: bool = False,
+                    prompt: bool = False) -> ModelOutputs:
     """The student's outputs for the loss: logits or (memory-bounded) the last hidden state and head, the stitched
-    hidden states for hidden-state distillation, logits over `lm_batch` for pg's language-modelling term."""
+    hidden states for hidden-state distillation, logits over `lm_batch` for pg's language-modelling term, and with
+    `prompt` the outputs predicting the prompt's own tokens."""
     out = forward_completions(student, batch, vocab=vocab, logits=logits, hidden=hidden or not logits,
-                              head=not logits)
+                              head=not logits, prompt=prompt)
     if hidden:
         stitching = getattr(innermost(student), STITCHING)  # called as a module: ZeRO-3 gathers its weights
         out.projected, out.pairs = stitching(out.hidden), stitching.pairs
@@ -52,8 +61,8 @@ def student_forward(student: nn.Module, batch: Completions, *, vocab: int, logit
 
 @torch.no_grad()
 def teacher_forward(teacher: nn.Module, batch: Completions, *, vocab: int, logits: bool,
-                    hidden: bool) -> ModelOutputs:
+                    hidden: bool, prompt: bool = False) -> ModelOutputs:
     """The frozen teacher's outputs: logits, or (memory-bounded) the last hidden state and head; every layer's
-    hidden states for hidden-state distillation."""
+    hidden states for hidden-state distillation; with `prompt` also at the positions predicting the prompt."""
     return forward_completions(teacher, batch, vocab=vocab, logits=logits, hidden=hidden or not logits,
-                               head=not logits)
+                               head=not logits, prompt=prompt)

@@ -6,7 +6,7 @@ normalisers (`StepContext`); it never runs a model. Which loss a mode uses is in
 
 Reduction: every term is summed over valid tokens and divided by a count over the whole optimizer step
 (all micro-batches, all processes): `num_tokens` for token terms, `num_sequences` for the diversity
-penalty, `lm_tokens` for the language-modelling term, so a step's gradient does not depend on how its
+penalty, `lm_tokens` for the language-modelling term, `prompt_tokens` for the divergence on the prompts, so a step's gradient does not depend on how its
 samples are split into micro-batches or processes. The PG baseline is likewise the mean return over the
 whole step. Metrics are per-token means over this micro-batch's own tokens (the loop weights them by
 token counts).
@@ -46,6 +46,8 @@ class ModelOutputs:
     input_embeddings: Tensor | None = None  # student only: (V, H), for the diversity penalty
     lm_logits: Tensor | None = None  # student only: logits over `lm_batch` (pg's language-modelling term)
     lm_batch: Completions | None = None
+    prompt_logits: Tensor | None = None  # (B, P - 1, V) predicting prompt tokens 1..P-1 (objective.prompt_weight)
+    prompt_hidden: Tensor | None = None  # (B, P - 1, H) the last hidden state there, on the memory-bounded path
 
 
 @dataclass
@@ -55,6 +57,7 @@ class StepContext:
     num_tokens: float
     num_sequences: float = 0.0  # sequences with at least two valid tokens (diversity penalty)
     lm_tokens: float = 0.0  # valid reference tokens of the language-modelling term
+    prompt_tokens: float = 0.0  # predicted prompt tokens (objective.prompt_weight)
     pg_baseline: float = 0.0  # the mean PG return over the step (0 when pg_baseline is none)
     head: str = "torch"  # divergence implementation on the memory-bounded path: chunked or liger
 
@@ -80,19 +83,39 @@ def cross_entropy_loss(batch: Completions, student: ModelOutputs, teacher: Model
     return loss
 
 
+def _divergence_at(student_logits: Tensor | None, teacher_logits: Tensor | None, student: ModelOutputs,
+                   teacher: ModelOutputs, student_hidden: Tensor | None, teacher_hidden: Tensor | None, mask: Tensor,
+                   recipe: "Recipe", ctx: StepContext, num_tokens: float) -> Tensor:
+    """The recipe's divergence at the masked positions: from logits, or (memory-bounded) from the last hidden states
+    and the two heads."""
+    obj = recipe.objective
+    settings = dict(kind=obj.divergence, beta=obj.beta, skew=obj.skew, temperature=obj.temperature,
+                    num_tokens=num_tokens)
+    if student_logits is None:
+        return linear_divergence(student_hidden, teacher_hidden, student.head, teacher.head, mask,
+                                 backend=ctx.head, chunk_size=obj.chunk_size, **settings)
+    return divergence(student_logits, teacher_logits, mask, **settings)
+
+
 def divergence_loss(batch: Completions, student: ModelOutputs, teacher: ModelOutputs | None, recipe: "Recipe",
                     ctx: StepContext, metrics: dict) -> Tensor:
     """kd / gkd: the divergence between teacher and student at every completion position."""
-    obj, mask = recipe.objective, batch.completion_mask
-    settings = dict(kind=obj.divergence, beta=obj.beta, skew=obj.skew, temperature=obj.temperature,
-                    num_tokens=ctx.num_tokens)
-    if student.logits is None:  # memory-bounded: from the last hidden states and the two heads
-        loss = linear_divergence(student.hidden[-1], teacher.hidden[-1], student.head, teacher.head, mask,
-                                 backend=ctx.head, chunk_size=obj.chunk_size, **settings)
-    else:
-        loss = divergence(student.logits, teacher.logits, mask, **settings)
-    metrics[f"train/{obj.divergence}"] = per_token_mean(loss, batch, ctx)
+    last = (student.hidden[-1], teacher.hidden[-1]) if student.logits is None else (None, None)
+    loss = _divergence_at(student.logits, teacher.logits, student, teacher, *last, batch.completion_mask, recipe,
+                          ctx, ctx.num_tokens)
+    metrics[f"train/{recipe.objective.divergence}"] = per_token_mean(loss, batch, ctx)
     return loss
+
+
+def prompt_divergence_loss(batch: Completions, student: ModelOutputs, teacher: ModelOutputs, recipe: "Recipe",
+                           ctx: StepContext, metrics: dict) -> Tensor:
+    """objective.prompt_weight x the same divergence at the positions predicting the prompt's own tokens: dense
+    distillation on the prompt text (language-model healing), which both forward passes read anyway."""
+    loss = _divergence_at(student.prompt_logits, teacher.prompt_logits, student, teacher, student.prompt_hidden,
+                          teacher.prompt_hidden, batch.prompt_target_mask, recipe, ctx, ctx.prompt_tokens)
+    metrics[f"train/prompt_{recipe.objective.divergence}"] = (
+        loss.item() * ctx.prompt_tokens / max(batch.num_prompt_tokens, 1))
+    return recipe.objective.prompt_weight * loss
 
 
 def teacher_token_logprobs(batch: Completions, teacher: ModelOutputs | None) -> Tensor:
@@ -175,6 +198,8 @@ def step_loss(recipe: "Recipe", loss_fn: LossFn, batch: Completions, student: Mo
     """(loss to backpropagate, metrics) of one micro-batch: the mode's loss plus every auxiliary term."""
     metrics: dict[str, float] = {}
     loss = loss_fn(batch, student, teacher, recipe, ctx, metrics)
+    if recipe.objective.prompt_weight:
+        loss = loss + prompt_divergence_loss(batch, student, teacher, recipe, ctx, metrics)
     if student.logits is not None and pen.any_penalty(recipe.penalties):
         loss = loss + penalty_loss(recipe, batch, student, ctx, metrics)
     if student.lm_logits is not None and recipe.objective.lm_coef:

@@ -105,6 +105,7 @@ class ForwardPlan:
     teacher_logits: bool
     hidden_states: bool  # every layer's hidden states of both models (hidden-state distillation)
     head: str  # the divergence implementation: torch (full logits), chunked, liger
+    prompt: bool = False  # also the outputs predicting the prompt's own tokens (objective.prompt_weight)
 
     @property
     def chunked(self) -> bool:
@@ -121,4 +122,5 @@ def forward_plan(recipe: "Recipe", head: str) -> ForwardPlan:
         teacher_logits = False  # the rewards' log p(y_t) come from the teacher's lockstep decode
     teacher = (mode.reads_teacher and (teacher_logits or chunked)) or hidden
     return ForwardPlan(student_logits=not chunked, teacher=teacher, teacher_logits=teacher_logits,
-                       hidden_states=hidden, head=head if chunked else "torch")
+                       hidden_states=hidden, head=head if chunked else "torch",
+                       prompt=recipe.objective.prompt_weight > 0)

@@ -194,6 +194,10 @@ class ObjectiveConfig(Section):
     ppo_epochs: int = Field(1, ge=1)
     ppo_clip: float = Field(0.2, gt=0, lt=1)
     lm_coef: float = Field(0.0, ge=0, description="pg: weight of the language-modelling loss on references")
+    prompt_weight: float = Field(
+        0.0, ge=0, description="kd/gkd: weight of the same divergence at the prompt's own tokens (teacher-forced "
+                               "distillation of the prompt text, e.g. healing a pruned student on the articles it "
+                               "reads); 0 = completions only")
     backend: Literal[("auto", *BACKENDS)] = Field(  # type: ignore[valid-type]
         "auto", description="divergence implementation; auto = liger on CUDA when it applies, else chunked torch"
     )
@@ -440,7 +444,7 @@ class Recipe(Section):
 
 
 # objective keys each loss reads (the mode table says which loss a mode uses)
-_DIVERGENCE_KEYS = ("divergence", "beta", "skew", "temperature", "backend", "chunk_size")
+_DIVERGENCE_KEYS = ("divergence", "beta", "skew", "temperature", "backend", "chunk_size", "prompt_weight")
 _PG_KEYS = ("discount", "length_norm", "single_step", "importance", "is_clip", "pg_baseline", "ppo_epochs",
             "ppo_clip", "lm_coef")
 

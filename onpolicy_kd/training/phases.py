@@ -106,7 +106,8 @@ def teacher_outputs(run: "Run", batch: Completions) -> ModelOutputs | None:
     plan = run.plan
     if not plan.teacher:
         return None
-    return teacher_forward(run.teacher, batch, vocab=run.vocab, logits=plan.teacher_logits, hidden=plan.hidden_states)
+    return teacher_forward(run.teacher, batch, vocab=run.vocab, logits=plan.teacher_logits, hidden=plan.hidden_states,
+                           prompt=plan.prompt)
 
 
 def step_context(run: "Run", batches: list[Completions], teachers: list[ModelOutputs | None]) -> StepContext:
@@ -117,6 +118,8 @@ def step_context(run: "Run", batches: list[Completions], teachers: list[ModelOut
         num_sequences=global_sum(acc, sum(sequences_with_pairs(b.completion_mask) for b in batches)),
         head=run.plan.head,
     )
+    if run.plan.prompt:
+        ctx.prompt_tokens = global_sum(acc, sum(b.num_prompt_tokens for b in batches))
     if recipe.objective.lm_coef:
         ctx.lm_tokens = global_sum(acc, sum(b.references.num_tokens for b in batches))
     if recipe.objective.mode == "pg" and recipe.objective.pg_baseline == "mean":
@@ -132,7 +135,7 @@ def backward_micro_batch(run: "Run", batch: Completions, teacher: ModelOutputs |
     with acc.accumulate(run.student):
         student = student_forward(run.student, batch, vocab=run.vocab, logits=plan.student_logits,
                                   hidden=plan.hidden_states, lm_batch=batch.references,
-                                  input_embeddings=bool(run.recipe.penalties.diversity))
+                                  input_embeddings=bool(run.recipe.penalties.diversity), prompt=plan.prompt)
         loss, metrics = step_loss(run.recipe, run.mode.loss, batch, student, teacher, ctx)
         bad = not torch.isfinite(loss)
         if bad:  # backpropagate zeros so every rank's gradient hooks still fire
