@@ -39,3 +39,20 @@ def test_two_processes_finishing_at_different_lengths(tmp_path, alpha):
     assert (max0, min0) == (1, 1)  # rank 0 ended at its first token
     assert (max1, min1) == (6, 6)  # rank 1 ran to max_new_tokens
     assert steps0 == steps1 == 6  # rank 0 kept stepping (with padding) until rank 1 was done
+
+
+def test_heldout_evaluation_sharded_over_two_processes_gives_the_one_process_numbers(tmp_path):
+    """Each process evaluates its share of the held-out batches (3 batches over 2 ranks: one rank repeats a batch
+    to stay in step); the gathered summary and predictions equal a one-process run's exactly."""
+    helper = ROOT / "tests/helpers/heldout_2proc.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one = subprocess.run([sys.executable, str(helper), str(tmp_path / "one.json")], capture_output=True, text=True,
+                         timeout=180, env=env, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    proc = launch_two_cpu_processes(helper, str(tmp_path / "two.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single, sharded = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (single["world_size"], sharded["world_size"]) == (1, 2)
+    assert len(sharded["predictions"]) == 5 and "reverse_kl_refs" in sharded["summary"]
+    assert sharded["predictions"] == single["predictions"]  # in prompt order, the same texts and metrics
+    assert sharded["summary"] == single["summary"]  # to the last digit

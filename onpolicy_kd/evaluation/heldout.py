@@ -12,9 +12,10 @@ On the first `eval.max_samples` held-out prompts, in batches of `eval.batch_size
   per run (`teacher_texts` hands its completions back in);
 - with `references` (the `evaluate` command, or `eval.full: true` in training): KL both ways and perplexity
   of both models on the references.
-Token-level means are over all tokens of the set; per-completion metrics are means over prompts. Every
-process runs the same evaluation (the ranks decode in lockstep, as ZeRO-3 needs), so every rank gets the
-same numbers.
+Token-level means are over all tokens of the set; per-completion metrics are means over prompts. Under
+several processes the batches are dealt out round-robin (each keeps its seed), the per-batch results are
+gathered and reduced in batch order, so every rank gets the numbers of a one-process run; the ranks decode
+in lockstep (as ZeRO-3 needs). Reference metrics need a reference for every held-out prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import statistics
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import gather_object
 from datasets import Dataset
 
 from onpolicy_kd.data.sampler import prompt_batch, reference_batch
@@ -44,19 +46,17 @@ class Evaluated:
     predictions: list[dict]  # prompt, reference, teacher, student, per-prompt metrics
 
 
-class _TokenSums:
-    """Sums over valid tokens, for token-level means over the whole set."""
+def _token_sums(mask: torch.Tensor, **values: torch.Tensor) -> dict[str, float]:
+    """Sums over valid tokens (and their count "n"), for token-level means over the whole set."""
+    return {key: float(value[mask].sum()) for key, value in values.items()} | {"n": int(mask.sum())}
 
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
 
-    def add(self, mask: torch.Tensor, **values: torch.Tensor) -> None:
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value[mask].sum())
-        self.sums["n"] = self.sums.get("n", 0.0) + int(mask.sum())
-
-    def mean(self, key: str) -> float:
-        return self.sums.get(key, 0.0) / max(self.sums.get("n", 0.0), 1)
+def _token_mean(batches: list[dict], key: str) -> float:
+    """Sum over batches, in batch order (so any sharding adds the same floats in the same order), / the count."""
+    total = count = 0.0
+    for sums in batches:
+        total, count = total + sums[key], count + sums["n"]
+    return total / max(count, 1)
 
 
 def _greedy(model, ids, mask, tokenizer, max_new_tokens: int):
@@ -72,53 +72,91 @@ def _completion_metrics(tokens: list[int], text: str, teacher_text: str, referen
     return out
 
 
+def _evaluate_batch(student, teacher, tokenizer, dataset: Dataset, rows: list[int], cfg: EvalConfig, index: int, *,
+                    temperature: float, references: bool, teacher_texts: list[str] | None) -> dict:
+    """One batch of held-out prompts: token sums on sampled completions (and references), per-prompt records."""
+    vocab, device = len(tokenizer), next(student.parameters()).device
+    ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + index)
+    sampled = rollout(student, None, ids, mask, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
+                      temperature=temperature, generator=generator)
+    forward_kl, reverse_kl = M.token_kls(forward_completions(student, sampled, vocab=vocab).logits,
+                                         forward_completions(teacher, sampled, vocab=vocab).logits)
+    result = {"index": index, "samples": _token_sums(sampled.completion_mask, forward_kl=forward_kl,
+                                                     reverse_kl=reverse_kl),
+              "sampled_lengths": sampled.lengths.tolist(), "references": None, "predictions": []}
+    greedy_s = _greedy(student, ids, mask, tokenizer, cfg.max_new_tokens)
+    teacher_batch = ([teacher_texts[r] for r in rows] if teacher_texts is not None
+                     else _greedy(teacher, ids, mask, tokenizer, cfg.max_new_tokens).texts)
+    perplexities: dict[int, dict] = {}
+    if references:
+        ref = reference_batch(dataset, rows, tokenizer.pad_token_id, device)
+        s_logits = forward_completions(student, ref, vocab=vocab).logits
+        t_logits = forward_completions(teacher, ref, vocab=vocab).logits
+        fkl, rkl = M.token_kls(s_logits, t_logits)
+        nll_s, nll_t = M.token_nll(s_logits, ref.completion_ids), M.token_nll(t_logits, ref.completion_ids)
+        valid = ref.completion_mask
+        result["references"] = _token_sums(valid, forward_kl=fkl, reverse_kl=rkl, nll_student=nll_s,
+                                           nll_teacher=nll_t)
+        perplexities = {b: {"ppl_student": float(nll_s[b][valid[b]].mean().exp()),
+                            "ppl_teacher": float(nll_t[b][valid[b]].mean().exp())} for b in range(len(rows))}
+    for b, row in enumerate(rows):
+        record = dataset[row]
+        tokens = greedy_s.completion_ids[b][greedy_s.completion_mask[b]].tolist()
+        sample = _completion_metrics(tokens, greedy_s.texts[b], teacher_batch[b], record["reference"])
+        result["predictions"].append({"prompt": record["prompt"], "reference": record["reference"],
+                                      "teacher": teacher_batch[b], "student": greedy_s.texts[b],
+                                      "metrics": sample | perplexities.get(b, {})})
+    return result
+
+
+def _my_batches(num_batches: int, accelerator) -> list[tuple[int, bool]]:
+    """(batch index, keep its result) for this process: batches dealt round-robin over the processes, and every
+    process runs as many batches as the busiest (repeating its first one, result dropped), because decoding
+    agrees on stopping across processes and a ZeRO-3 teacher's forward is collective: the ranks stay in step."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    mine = list(range(rank, num_batches, world))
+    rounds = -(-num_batches // world)
+    return [(i, True) for i in mine] + [(mine[0] if mine else 0, False)] * (rounds - len(mine))
+
+
 @torch.no_grad()
 def evaluate(student, teacher, tokenizer, dataset: Dataset, cfg: EvalConfig, *, temperature: float, references: bool,
-             name: str = "student", teacher_texts: list[str] | None = None) -> Evaluated:
-    """The held-out evaluation of `student` against `teacher` (plain modules, on the same device)."""
-    vocab, device = len(tokenizer), next(student.parameters()).device
+             name: str = "student", teacher_texts: list[str] | None = None, accelerator=None) -> Evaluated:
+    """The held-out evaluation of `student` against `teacher` (plain modules, on the same device). With an
+    `accelerator` of several processes, each process evaluates its share of the batches and the results are
+    gathered: every process gets the numbers one process would compute, to the last digit."""
     n = min(cfg.max_samples, len(dataset))
-    samples, references, predictions, sampled_lengths = _TokenSums(), _TokenSums(), [], []
-    for i, start in enumerate(range(0, n, cfg.batch_size)):
-        rows = list(range(start, min(start + cfg.batch_size, n)))
-        ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, device)
-        generator = torch.Generator(device=device).manual_seed(cfg.seed + i)
-        sampled = rollout(student, None, ids, mask, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
-                          temperature=temperature, generator=generator)
-        forward_kl, reverse_kl = M.token_kls(forward_completions(student, sampled, vocab=vocab).logits,
-                                             forward_completions(teacher, sampled, vocab=vocab).logits)
-        samples.add(sampled.completion_mask, forward_kl=forward_kl, reverse_kl=reverse_kl)
-        sampled_lengths += sampled.lengths.tolist()
-        greedy_s = _greedy(student, ids, mask, tokenizer, cfg.max_new_tokens)
-        teacher_batch = (teacher_texts[start : start + len(rows)] if teacher_texts is not None
-                         else _greedy(teacher, ids, mask, tokenizer, cfg.max_new_tokens).texts)
-        perplexities: dict[int, dict] = {}
-        if references and all(len(dataset[r]["reference_ids"]) > 0 for r in rows):
-            ref = reference_batch(dataset, rows, tokenizer.pad_token_id, device)
-            s_logits = forward_completions(student, ref, vocab=vocab).logits
-            t_logits = forward_completions(teacher, ref, vocab=vocab).logits
-            fkl, rkl = M.token_kls(s_logits, t_logits)
-            nll_s, nll_t = M.token_nll(s_logits, ref.completion_ids), M.token_nll(t_logits, ref.completion_ids)
-            valid = ref.completion_mask
-            references.add(valid, forward_kl=fkl, reverse_kl=rkl, nll_student=nll_s, nll_teacher=nll_t)
-            perplexities = {b: {"ppl_student": float(nll_s[b][valid[b]].mean().exp()),
-                                "ppl_teacher": float(nll_t[b][valid[b]].mean().exp())} for b in range(len(rows))}
-        for b, row in enumerate(rows):
-            record = dataset[row]
-            tokens = greedy_s.completion_ids[b][greedy_s.completion_mask[b]].tolist()
-            sample = _completion_metrics(tokens, greedy_s.texts[b], teacher_batch[b], record["reference"])
-            predictions.append({"prompt": record["prompt"], "reference": record["reference"],
-                                "teacher": teacher_batch[b], "student": greedy_s.texts[b],
-                                "metrics": sample | perplexities.get(b, {})})
-    summary = {"reverse_kl_samples": samples.mean("reverse_kl"), "forward_kl_samples": samples.mean("forward_kl"),
-               "sampled_length": statistics.fmean(sampled_lengths)}
+    starts = list(range(0, n, cfg.batch_size))
+    # reference metrics need every held-out prompt's reference (one decision for all batches and processes)
+    references = references and all(len(dataset[r]["reference_ids"]) > 0 for r in range(n))
+    results = []
+    for index, keep in _my_batches(len(starts), accelerator):
+        rows = list(range(starts[index], min(starts[index] + cfg.batch_size, n)))
+        result = _evaluate_batch(student, teacher, tokenizer, dataset, rows, cfg, index, temperature=temperature,
+                                 references=references, teacher_texts=teacher_texts)
+        if keep:
+            results.append(result)
+    if accelerator is not None and accelerator.num_processes > 1:
+        results = gather_object(results)
+    results = sorted(results, key=lambda r: r["index"])
+    return Evaluated(name, _summary(results), [p for r in results for p in r["predictions"]])
+
+
+def _summary(results: list[dict]) -> dict[str, float]:
+    samples = [r["samples"] for r in results]
+    predictions = [p for r in results for p in r["predictions"]]
+    summary = {"reverse_kl_samples": _token_mean(samples, "reverse_kl"),
+               "forward_kl_samples": _token_mean(samples, "forward_kl"),
+               "sampled_length": statistics.fmean(n for r in results for n in r["sampled_lengths"])}
     summary |= {key: statistics.fmean(p["metrics"][key] for p in predictions)
                 for key in PER_PROMPT_KEYS if predictions and all(key in p["metrics"] for p in predictions)}
-    if references.sums.get("n"):
-        summary |= {"reverse_kl_refs": references.mean("reverse_kl"), "forward_kl_refs": references.mean("forward_kl"),
-                    "ppl_student": float(torch.tensor(references.mean("nll_student")).exp()),
-                    "ppl_teacher": float(torch.tensor(references.mean("nll_teacher")).exp())}
-    return Evaluated(name, summary, predictions)
+    refs = [r["references"] for r in results if r["references"] is not None]
+    if refs and sum(r["n"] for r in refs):
+        summary |= {"reverse_kl_refs": _token_mean(refs, "reverse_kl"), "forward_kl_refs": _token_mean(refs, "forward_kl"),
+                    "ppl_student": float(torch.tensor(_token_mean(refs, "nll_student")).exp()),
+                    "ppl_teacher": float(torch.tensor(_token_mean(refs, "nll_teacher")).exp())}
+    return summary
 
 
 TRAINING_KEYS = ("distinct1", "repetition", "rougeL_teacher")  # always logged: a collapsing text shows in them
@@ -130,7 +168,7 @@ def heldout_metrics(recipe: Recipe, accelerator, student, teacher, tokenizer, da
     `eval.full`); and the teacher's greedy completions, to hand back in next time."""
     with for_generation(student, accelerator) as model:
         result = evaluate(model, teacher, tokenizer, dataset, recipe.eval, temperature=recipe.rollout.temperature,
-                          references=recipe.eval.full, teacher_texts=teacher_texts)
+                          references=recipe.eval.full, teacher_texts=teacher_texts, accelerator=accelerator)
     out = {"eval/reverse_kl": result.summary["reverse_kl_samples"], "eval/mean_len": result.summary["sampled_length"]}
     keys = result.summary if recipe.eval.full else TRAINING_KEYS
     out |= {f"eval/{key}": result.summary[key] for key in keys if key in result.summary}
