@@ -82,13 +82,23 @@ METRICS = (("eval/reverse_kl", "KL(q‖p)"), ("eval/forward_kl_samples", "KL(p�
            ("eval/distinct1", "distinct-1"), ("eval/repetition", "repetition"))
 
 
-def overrides(method: str, seed: int, budget: float, work: Path) -> list[str]:
+FIRST_STUDENT = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 27, 28, 29]  # the records from before the field
+
+
+def student_of(record: dict) -> list[int]:
+    """The teacher layers the run's student kept (records written before the field used FIRST_STUDENT)."""
+    return record.get("student", FIRST_STUDENT)
+
+
+def overrides(method: str, seed: int, budget: float, work: Path, student: list[int] | None = None) -> list[str]:
     common = [f"train.seed={seed}", f"train.output_dir={work}", "logging.live=false", "eval.full=true"]
+    if student is not None:
+        common.append(f"student.keep_layers={json.dumps(student)}")
     budget_keys = [] if method.startswith("staged") else [f"train.max_time={budget:g}", "train.max_steps=100000"]
     return [*METHODS[method](budget), *budget_keys, *common]
 
 
-def run_one(method: str, seed: int, budget: float, out_json: Path) -> None:
+def run_one(method: str, seed: int, budget: float, out_json: Path, student: list[int] | None = None) -> None:
     """In a child process: train one method for the budget, evaluate, write a JSON record."""
     import torch
 
@@ -99,10 +109,10 @@ def run_one(method: str, seed: int, budget: float, out_json: Path) -> None:
     from onpolicy_kd.training.stages import run_stages
 
     work = Path(tempfile.mkdtemp(prefix=f"methods-{method}-"))
-    recipe = load_recipe(RECIPE, overrides("gkd_rkl" if method == "initial" else method, seed, budget, work))
+    recipe = load_recipe(RECIPE, overrides("gkd_rkl" if method == "initial" else method, seed, budget, work, student))
     models = load_models(recipe, str(RECIPE))
     started = time.perf_counter()
-    before = initial_metrics()
+    before = initial_metrics(recipe.student.keep_layers)
     if method == "initial":  # the untrained student, measured like every trained one
         from accelerate import Accelerator
 
@@ -130,17 +140,17 @@ def run_one(method: str, seed: int, budget: float, out_json: Path) -> None:
                                  Accelerator(cpu=True), result.student, models.teacher, models.tokenizer,
                                  load_eval(recipe, models.tokenizer))
         record["samples"] = [{"teacher": s["teacher"], "student": s["student"]} for s in samples]
-    record |= {"method": method, "seed": seed, "budget_s": budget, "wall_s": time.perf_counter() - started,
+    record |= {"method": method, "student": recipe.student.keep_layers, "seed": seed, "budget_s": budget, "wall_s": time.perf_counter() - started,
                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d")}
     out_json.write_text(json.dumps(record))
 
 
-def initial_metrics() -> dict | None:
-    """The initial student's held-out metrics (the `initial` record): every run starts from the same student and
-    the held-out evaluation is seeded, so they are measured once, before the first method runs."""
+def initial_metrics(student: list[int]) -> dict | None:
+    """The initial student's held-out metrics (the `initial` record of that student): every run starts from the same
+    student and the held-out evaluation is seeded, so they are measured once, before the first method runs."""
     for record in read_records():
-        if record["method"] == "initial":
+        if record["method"] == "initial" and student_of(record) == student:
             return record["after"]
     return None
 
@@ -215,20 +225,40 @@ def mean_sd(values: list[float]) -> str:
 
 
 def table(records: list[dict]) -> str:
+    sections = []
+    for student in dict.fromkeys(tuple(student_of(r)) for r in records):
+        runs = [r for r in records if tuple(student_of(r)) == student]
+        sections.append((list(student), runs))
+    lines = ["# Methods at equal wall time (benchmarks/methods.py)", "",
+             "2-core CPU machine, float32. SmolLM2-135M-Instruct teacher; in each section every method starts from "
+             "the same student, a copy of the teacher keeping 17 of its 30 decoder layers (88.5M parameters, 66%). "
+             "Budget: seconds of training steps per run (loading, the teacher-summary cache and evaluation not "
+             "counted). Held-out: 12 Lee articles; KLs on the student's sampled completions, text metrics on its "
+             "greedy 32-token completions. Mean ± standard deviation over seeds (train.seed; the held-out prompts "
+             "and their sampling seed fixed).", ""]
+    for student, runs in sections:
+        lines += [f"## Student: teacher layers {student}", ""] + student_table(runs)
+    notes = [f"- {r['method']}, seed {r['seed']}: {r['note']}" for r in records if r.get("note")]
+    if notes:  # what a record's reader should know (added to methods.jsonl by hand, with the reason)
+        lines += ["Notes on single runs:", "", *notes, ""]
+    dates = sorted({r["date"] for r in records})
+    lines.append(f"Records: benchmarks/results/methods.jsonl ({len(records)} runs, {', '.join(dates)}; torch "
+                 f"{records[0]['torch']}). Command: `python benchmarks/methods.py --budget B --seeds ... --methods ... "
+                 f"[--student '[layers]']`.")
+    return "\n".join(lines) + "\n"
+
+
+def student_table(records: list[dict]) -> list[str]:
+    """The tables of one initial student: one per budget."""
     by_key: dict[tuple[float, str], list[dict]] = {}
     initial = next((r for r in records if r["method"] == "initial"), None)
+    lines: list[str] = []
     for r in records:
         if r["method"] != "initial":
             by_key.setdefault((r["budget_s"], r["method"]), []).append(r)
-    lines = ["# Methods at equal wall time (benchmarks/methods.py)", "",
-             "2-core CPU machine, float32. SmolLM2-135M-Instruct teacher; every method starts from the default recipe's "
-             "17-layer student (88.5M parameters, 66%). Budget: seconds of training steps per run (loading, the "
-             "teacher-summary cache and evaluation not counted). Held-out: 12 Lee articles; KLs on the student's "
-             "sampled completions, text metrics on its greedy 32-token completions. Mean ± standard deviation over "
-             "seeds (train.seed; the held-out prompts and their sampling seed fixed).", ""]
     budgets = sorted({b for b, _ in by_key})
     for budget in budgets:
-        lines += [f"## Budget {budget:g} s", "",
+        lines += [f"### Budget {budget:g} s", "",
                   "| method | seeds | steps | " + " | ".join(name for _, name in METRICS) + " | train time | peak RSS |",
                   "|---|---|---|" + "---|" * len(METRICS) + "---|---|"]
         rows = [(m, by_key[(budget, m)]) for m in METHODS if (budget, m) in by_key]
@@ -250,13 +280,7 @@ def table(records: list[dict]) -> str:
             sample = runs[0].get("samples", [{}])[0].get("student", "")
             lines.append(f"- {method}: {sample!r}")
         lines.append("")
-    notes = [f"- {r['method']}, seed {r['seed']}: {r['note']}" for r in records if r.get("note")]
-    if notes:  # what a record's reader should know (added to methods.jsonl by hand, with the reason)
-        lines += ["Notes on single runs:", "", *notes, ""]
-    dates = sorted({r["date"] for r in records})
-    lines.append(f"Records: benchmarks/results/methods.jsonl ({len(records)} runs, {', '.join(dates)}; torch "
-                 f"{records[0]['torch']}). Command: `python benchmarks/methods.py --budget B --seeds ... --methods ...`.")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -284,7 +308,8 @@ def plot(records: list[dict], path: Path) -> None:
         for ax, (_, (ykey, _)) in zip(axes, panels):
             ax.axhline(initial[ykey], color="gray", linestyle=":", linewidth=1)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Distillation methods at equal wall time (one point per run; dotted: the initial student)")
+    fig.suptitle("Distillation methods at equal wall time, from the recipe's student (one point per run; dotted: the "
+                 "initial student)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -295,7 +320,10 @@ def publish() -> None:
         raise SystemExit(f"no records in {RECORDS}")
     text = table(records)
     (RESULTS / "methods.md").write_text(text)
-    plot(records, RESULTS / "methods.png")
+    from onpolicy_kd.recipe import load_recipe
+
+    student = load_recipe(RECIPE).student.keep_layers  # the plot shows the runs from the recipe's own student
+    plot([r for r in records if student_of(r) == student], RESULTS / "methods.png")
     print(text)
 
 
@@ -309,18 +337,23 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="redraw methods.md and methods.png from the records")
     parser.add_argument("--run", choices=[*METHODS, "initial"], help=argparse.SUPPRESS)  # a child process: one run
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--student", type=json.loads, default=None,
+                        help="teacher layers the initial student keeps, e.g. '[0, 1, 2, 29]' (default: the recipe's)")
     args = parser.parse_args()
     RESULTS, RECORDS = args.results, args.results / "methods.jsonl"
     if args.run:
-        run_one(args.run, args.seeds[0], args.budget, args.json)
+        run_one(args.run, args.seeds[0], args.budget, args.json, args.student)
         return
     if not args.table_only:
-        first = [] if initial_metrics() is not None else [(args.seeds[0], "initial")]
+        from onpolicy_kd.recipe import load_recipe
+
+        student = args.student or load_recipe(RECIPE).student.keep_layers
+        first = [] if initial_metrics(student) is not None else [(args.seeds[0], "initial")]
         for seed, method in first + [(seed, method) for seed in args.seeds for method in args.methods]:
             out = Path(tempfile.mkdtemp()) / "record.json"
             print(f"--- {method}, seed {seed}, {args.budget:g} s", flush=True)
             subprocess.run([sys.executable, __file__, "--run", method, "--seeds", str(seed), "--budget",
-                            str(args.budget), "--json", str(out)], check=True, cwd=ROOT)
+                            str(args.budget), "--json", str(out), "--student", json.dumps(student)], check=True, cwd=ROOT)
             RESULTS.mkdir(parents=True, exist_ok=True)
             with open(RECORDS, "a") as f:
                 f.write(out.read_text() + "\n")

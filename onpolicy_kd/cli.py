@@ -1,5 +1,5 @@
 """The `onpolicy-kd` command: `onpolicy-kd train RECIPE [overrides] [--dry-run]`, `onpolicy-kd assets`,
-`onpolicy-kd push RUN_DIR REPO_ID`."""
+`onpolicy-kd prune RECIPE --keep N`, `onpolicy-kd push RUN_DIR REPO_ID`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ COMMANDS = {
     "train": ("onpolicy_kd.train", "train (or --dry-run check) a recipe"),
     "evaluate": ("onpolicy_kd.evaluate", "evaluate run folders or recipes: ROUGE, KL, perplexity, plots, --compare"),
     "assets": ("onpolicy_kd.assets", "install and convert the offline default teacher and news data"),
+    "prune": ("onpolicy_kd.prune", "which of the teacher's layers a layer-dropped student should keep, measured"),
     "push": ("onpolicy_kd.push", "push a finished run's student (final/: weights, model card, recipe) to the Hub"),
 }
 

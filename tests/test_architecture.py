@@ -10,7 +10,7 @@ Layers, lowest first (a module may import its own subpackage and any lower layer
     rollout     sampling completions
     evaluation  metrics, the held-out evaluation, reports, plots
     training    the loop and its phases, checkpoints, monitor, optimizers
-    entry       the command line and the Python API: train, evaluate, cli, api, assets, push
+    entry       the command line and the Python API: train, evaluate, cli, api, assets, push, prune
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ LAYERS = [
     {"rollout"},
     {"evaluation"},
     {"training"},
-    {"train", "evaluate", "cli", "api", "assets", "push", "__init__"},
+    {"train", "evaluate", "cli", "api", "assets", "push", "prune", "__init__"},
 ]
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 

@@ -156,3 +156,76 @@ def test_logits_are_linear_only_for_a_plain_head(tiny_tokenizer):
     biased = build(llama_config(len(tiny_tokenizer), layers=1))
     biased.lm_head = torch.nn.Linear(32, len(tiny_tokenizer), bias=True)
     assert not logits_are_linear(biased)
+
+
+# --- which layers a layer-dropped student keeps (models/pruning.py, onpolicy-kd prune) ---------------------------
+
+
+def _pruning_setup(tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from onpolicy_kd.batch import Completions, left_pad, right_pad
+
+    torch.manual_seed(3)
+    teacher = AutoModelForCausalLM.from_config(llama_config(len(tiny_tokenizer), layers=5)).eval()
+    prompts = [tiny_tokenizer(t).input_ids for t in ["The quick brown fox jumps", "Hello world", "A bushfire near"]]
+    ids, mask = left_pad(prompts, 0)
+    completion_ids, completion_mask = right_pad([[5, 6, 7], [8], [9, 10]], 0)
+    return teacher, Completions(ids, mask, completion_ids, completion_mask, source="teacher", texts=["", "", ""])
+
+
+def _naive_kl(teacher, batch, keep):
+    """KL(p || q) with a real copy of the kept layers, float64, one real position at a time."""
+    from onpolicy_kd.models.loading import copy_with_layers
+
+    student = copy_with_layers(teacher, keep).eval()
+    total, count = 0.0, 0
+    for b in range(len(batch.texts)):
+        real = batch.attention_mask[b].bool()
+        ids = batch.sequences[b][real].unsqueeze(0)
+        with torch.no_grad():
+            p = teacher(ids).logits[0].double().log_softmax(-1)
+            q = student(ids).logits[0].double().log_softmax(-1)
+        for j in range(ids.shape[1] - 1):
+            total, count = total + float((p[j].exp() * (p[j] - q[j])).sum()), count + 1
+    return total / count
+
+
+def test_layer_subset_kl_equals_a_real_copy_and_restores_the_model(tiny_tokenizer):
+    from onpolicy_kd.models.pruning import layer_subset_kl
+
+    teacher, batch = _pruning_setup(tiny_tokenizer)
+    before = teacher(input_ids=batch.sequences, attention_mask=batch.attention_mask).logits
+    for keep in ([0, 2, 4], [1, 3], [0, 1, 2, 3]):
+        assert layer_subset_kl(teacher, batch, keep) == pytest.approx(_naive_kl(teacher, batch, keep), rel=1e-4)
+    assert layer_subset_kl(teacher, batch, list(range(5))) == pytest.approx(0.0, abs=1e-6)
+    assert teacher.config.num_hidden_layers == 5 and len(teacher.model.layers) == 5
+    after = teacher(input_ids=batch.sequences, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(after, before)
+
+
+def test_greedy_removal_drops_the_cheapest_layer_each_round(tiny_tokenizer):
+    from onpolicy_kd.models.pruning import block_influence, greedy_removal, most_influential
+
+    teacher, batch = _pruning_setup(tiny_tokenizer)
+    kept, kl = greedy_removal(teacher, batch, keep=3)
+    # the reference: the same rounds, each candidate scored with a real copy
+    reference = list(range(5))
+    while len(reference) > 3:
+        scores = {i: _naive_kl(teacher, batch, [j for j in reference if j != i]) for i in reference}
+        reference.remove(min(scores, key=scores.get))
+    assert kept == reference and kl == pytest.approx(_naive_kl(teacher, batch, kept), rel=1e-4)
+    influence = block_influence(teacher, batch)
+    assert len(influence) == 5 and all(0 <= v <= 2 for v in influence)
+    assert most_influential([0.1, 0.5, 0.2, 0.9, 0.3], 3) == [1, 3, 4]
+
+
+def test_prune_command_prints_the_choices_and_the_recipe_line(tiny_recipe, capsys):
+    from onpolicy_kd.cli import main
+
+    assert main(["prune", str(tiny_recipe), "--keep", "2", "--samples", "3"]) == 0
+    out = capsys.readouterr().out
+    for choice in ("block influence", "evenly spaced", "greedy removal by KL", "keep_layers: ["):
+        assert choice in out
+    assert main(["prune", str(tiny_recipe), "--keep", "9"]) == 2
+    assert "the teacher has 4 decoder layers" in capsys.readouterr().err
