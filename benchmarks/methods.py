@@ -16,6 +16,7 @@ Methods (the recipe's own settings unless said):
 - staged_fkl: the recipe as shipped (the default since 2026-12-01): its two stages, the heal given 2/3 of the
   budget and the on-policy stage 1/3, with forward KL (mass-covering) on the student's samples;
 - staged: the previous default: the same heal, then on-policy reverse KL (mode-seeking), half the budget each;
+- staged_gentle: staged_fkl with the on-policy stage at lr 2e-5 instead of 1e-4;
 - kd: the heal stage alone: dense forward KL on the teacher's cached greedy summaries (GKD with lambda 0 and
   seq_kd; the data has no reference summaries, so "supervised" KD uses the teacher's);
 - kd_prompt: kd with `objective.prompt_weight=1`: the same forward KL also at every article (prompt) token;
@@ -62,6 +63,9 @@ METHODS: dict[str, object] = {
                               f"{{name: onpolicy, max_time: {budget / 2:g}, objective: {{divergence: reverse_kl}}}}]"],
     "staged_fkl": lambda budget: [f"stages=[{{name: heal, max_time: {budget * 2 / 3:g}, {HEAL}}}, "
                                   f"{{name: onpolicy, max_time: {budget / 3:g}, objective: {{divergence: forward_kl}}}}]"],
+    "staged_gentle": lambda budget: [
+        f"stages=[{{name: heal, max_time: {budget * 2 / 3:g}, {HEAL}}}, {{name: onpolicy, max_time: {budget / 3:g}, "
+        f"objective: {{divergence: forward_kl}}, optim: {{lr: 2.0e-5}}}}]"],
     "kd": lambda budget: SINGLE + ["objective.lmbda=0.0", "objective.seq_kd=true", "objective.divergence=forward_kl",
                                    *TEACHER_TEXT],
     "kd_prompt": lambda budget: SINGLE + ["objective.lmbda=0.0", "objective.seq_kd=true",
@@ -75,6 +79,7 @@ METHODS: dict[str, object] = {
 }
 LABELS = {"staged": "staged: heal 1/2, then on-policy reverse KL 1/2 (the previous default)",
           "staged_fkl": "staged: heal 2/3, then on-policy forward KL 1/3 (the default)", "kd": "KD: dense forward KL on teacher text",
+          "staged_gentle": "staged: heal 2/3, then on-policy forward KL 1/3 at lr 2e-5",
           "kd_prompt": "KD + the same forward KL on the articles (prompt_weight 1)",
           "seqkd": "SeqKD: CE on teacher text", "gkd_rkl": "on-policy GKD, reverse KL", "gkd_jsd": "on-policy GKD, JSD 0.5",
           "pg": "PG (MiniLLM-style)", "trl": "TRL DistillationTrainer"}
