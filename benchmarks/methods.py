@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -149,6 +150,7 @@ def run_one(method: str, seed: int, budget: float, out_json: Path, student: list
                "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d")}
     out_json.write_text(json.dumps(record))
+    shutil.rmtree(work, ignore_errors=True)  # checkpoints and exports: 1.4-3 GB a run
 
 
 def initial_metrics(student: list[int]) -> dict | None:
@@ -209,6 +211,7 @@ def run_trl(recipe, models, budget: float, before: dict | None = None) -> dict:
                                   callbacks=[budget_cb])
     trainer._tokenize_prompts = lambda prompts: ([list(ids_of[p]) for p in prompts], None, {})
     trainer.train()
+    shutil.rmtree(args.output_dir, ignore_errors=True)
     trained = trainer.accelerator.unwrap_model(trainer.model)
     after = heldout_metrics(recipe, accelerator, trained, teacher, tokenizer, data.eval)[0]
     samples = greedy_samples(recipe.model_copy(update={"logging": recipe.logging.model_copy(update={"num_samples": 2})}),
