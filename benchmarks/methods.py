@@ -4,24 +4,25 @@
     python benchmarks/methods.py --budget 300 --seeds 1 2 3 --methods staged kd seqkd trl
     python benchmarks/methods.py --table-only                     # redraw the table and plot from the records
 
-The task is the offline default's (recipes/smollm2_news.yaml): SmolLM2-135M-Instruct teacher, the recipe's
-17-layer student copied from it (every method starts from this same student), Lee news articles (train rows
-0-279, 12 held out), batch 4, float32 on the CPU. Every method trains for the same wall-clock budget of
-training steps (`train.max_time`; loading and evaluation not counted) in its own process, one seed at a time,
-and is then measured by the same held-out evaluation (12 articles, 32 new tokens): reverse KL(q||p) and
-KL(p||q) on the student's sampled completions; distinct-1, repetition and ROUGE-L F against the teacher on
-its greedy completions.
+The task is the offline default's (recipes/smollm2_news.yaml): SmolLM2-135M-Instruct teacher, a 17-layer student
+copied from it (the recipe's, or the layers given with --student; every method of a table section starts from the
+same student), Lee news articles (train rows 0-279, 12 held out), batch 4, float32 on the CPU. Every method trains
+for the same wall-clock budget of training steps (`train.max_time`; loading and evaluation not counted) in its own
+process, one seed at a time, and is then measured by the same held-out evaluation (12 articles, 32 new tokens):
+reverse KL(q||p) and KL(p||q) on the student's sampled completions; distinct-1, repetition and ROUGE-L F against
+the teacher on its greedy completions.
 
-Methods (the recipe's own settings unless said):
-- staged_fkl: the recipe as shipped (the default since 2026-12-01): its two stages, the heal given 2/3 of the
-  budget and the on-policy stage 1/3, with forward KL (mass-covering) on the student's samples;
-- staged: the previous default: the same heal, then on-policy reverse KL (mode-seeking), half the budget each;
-- staged_gentle: staged_fkl with the on-policy stage at lr 2e-5 instead of 1e-4;
-- kd: the heal stage alone: dense forward KL on the teacher's cached greedy summaries (GKD with lambda 0 and
-  seq_kd; the data has no reference summaries, so "supervised" KD uses the teacher's);
+Methods (each states its own objective, completions and schedule; the recipe supplies models, data and batch):
+- kd: dense forward KL on the teacher's cached greedy summaries (GKD with lambda 0 and seq_kd; the data has no
+  reference summaries, so "supervised" KD uses the teacher's), lr 5e-4 cosine: the recipe's own pipeline since
+  2026-12-01 (fourth session);
+- staged_fkl: the same heal for 2/3 of the budget, then on-policy forward KL (mass-covering) on the student's
+  samples for 1/3 at lr 1e-4 (the default before that);
+- staged: the same heal for 1/2, then on-policy reverse KL (mode-seeking) for 1/2 (the default before that);
+- staged_gentle: staged_fkl with the on-policy stage at lr 2e-5;
 - kd_prompt: kd with `objective.prompt_weight=1`: the same forward KL also at every article (prompt) token;
 - seqkd: cross-entropy on the same cached teacher summaries (SeqKD), lr 5e-4 cosine like kd;
-- gkd_rkl: on-policy reverse KL on the student's own samples alone (no heal);
+- gkd_rkl: on-policy reverse KL on the student's own samples alone (no heal), lr 1e-4 constant;
 - gkd_jsd: the same with the generalized JSD (beta 0.5);
 - pg: MiniLLM-style policy gradient (objective.mode=pg, its defaults);
 - trl: TRL's DistillationTrainer (on-policy reverse KL, its only objective) on the same student, prompt ids,
@@ -54,32 +55,42 @@ RECIPE = ROOT / "recipes" / "smollm2_news.yaml"
 RESULTS = ROOT / "benchmarks" / "results"
 RECORDS = RESULTS / "methods.jsonl"
 
+# Every method states its own objective, completions and schedule: the recipe supplies the models, data,
+# batch and evaluation only (its own pipeline is the `kd` row).
 HEAL = ("objective: {mode: gkd, lmbda: 0.0, seq_kd: true, divergence: forward_kl}, "
         "rollout: {teacher_cache: true, do_sample: false}, optim: {lr: 5.0e-4, scheduler: cosine, warmup_steps: 5}")
+ON_POLICY_STAGE = ("rollout: {teacher_cache: false, do_sample: true}, optim: {lr: %s, scheduler: constant, "
+                   "warmup_steps: 0}, objective: {mode: gkd, lmbda: 1.0, seq_kd: false, divergence: %s}")
 TEACHER_TEXT = ["rollout.teacher_cache=true", "rollout.do_sample=false", "optim.lr=5.0e-4", "optim.scheduler=cosine",
-                "optim.warmup_steps=5"]
-SINGLE = ["stages=[]", "objective.divergence=reverse_kl"]  # one phase; the divergence reset to its default
+                "optim.warmup_steps=5", "objective.lmbda=0.0", "objective.seq_kd=true"]
+# one phase of on-policy GKD (the student's own samples at temperature 1, lr 1e-4 constant), reverse KL
+ON_POLICY = ["stages=[]", "objective.mode=gkd", "objective.lmbda=1.0", "objective.seq_kd=false",
+             "objective.divergence=reverse_kl", "rollout.teacher_cache=false", "rollout.do_sample=true",
+             "optim.lr=1.0e-4", "optim.scheduler=constant", "optim.warmup_steps=0"]
+
+
+def staged(budget: float, heal_share: float, divergence: str, lr: str = "1.0e-4") -> list[str]:
+    return ["train.max_steps=null", f"stages=[{{name: heal, max_time: {budget * heal_share:g}, {HEAL}}}, "
+            f"{{name: onpolicy, max_time: {budget * (1 - heal_share):g}, {ON_POLICY_STAGE % (lr, divergence)}}}]"]
+
+
 METHODS: dict[str, object] = {
-    "staged": lambda budget: [f"stages=[{{name: heal, max_time: {budget / 2:g}, {HEAL}}}, "
-                              f"{{name: onpolicy, max_time: {budget / 2:g}, objective: {{divergence: reverse_kl}}}}]"],
-    "staged_fkl": lambda budget: [f"stages=[{{name: heal, max_time: {budget * 2 / 3:g}, {HEAL}}}, "
-                                  f"{{name: onpolicy, max_time: {budget / 3:g}, objective: {{divergence: forward_kl}}}}]"],
-    "staged_gentle": lambda budget: [
-        f"stages=[{{name: heal, max_time: {budget * 2 / 3:g}, {HEAL}}}, {{name: onpolicy, max_time: {budget / 3:g}, "
-        f"objective: {{divergence: forward_kl}}, optim: {{lr: 2.0e-5}}}}]"],
-    "kd": lambda budget: SINGLE + ["objective.lmbda=0.0", "objective.seq_kd=true", "objective.divergence=forward_kl",
-                                   *TEACHER_TEXT],
-    "kd_prompt": lambda budget: SINGLE + ["objective.lmbda=0.0", "objective.seq_kd=true",
-                                          "objective.divergence=forward_kl", "objective.prompt_weight=1.0",
-                                          *TEACHER_TEXT],
-    "seqkd": lambda budget: SINGLE + ["objective.mode=seqkd", *TEACHER_TEXT],
-    "gkd_rkl": lambda budget: SINGLE,
-    "gkd_jsd": lambda budget: SINGLE + ["objective.divergence=jsd", "objective.beta=0.5"],
-    "pg": lambda budget: SINGLE + ["objective.mode=pg"],
-    "trl": lambda budget: SINGLE,
+    "staged": lambda budget: staged(budget, 1 / 2, "reverse_kl"),
+    "staged_fkl": lambda budget: staged(budget, 2 / 3, "forward_kl"),
+    "staged_gentle": lambda budget: staged(budget, 2 / 3, "forward_kl", lr="2.0e-5"),
+    "kd": lambda budget: ["stages=[]", "objective.mode=gkd", "objective.divergence=forward_kl", *TEACHER_TEXT],
+    "kd_prompt": lambda budget: ["stages=[]", "objective.mode=gkd", "objective.divergence=forward_kl",
+                                 "objective.prompt_weight=1.0", *TEACHER_TEXT],
+    "seqkd": lambda budget: ["stages=[]", "objective.mode=seqkd", "objective.divergence=reverse_kl",
+                             "objective.lmbda=1.0", "objective.seq_kd=false",
+                             *[t for t in TEACHER_TEXT if not t.startswith("objective.")]],
+    "gkd_rkl": lambda budget: ON_POLICY,
+    "gkd_jsd": lambda budget: ON_POLICY + ["objective.divergence=jsd", "objective.beta=0.5"],
+    "pg": lambda budget: ON_POLICY + ["objective.mode=pg"],
+    "trl": lambda budget: ON_POLICY,
 }
-LABELS = {"staged": "staged: heal 1/2, then on-policy reverse KL 1/2 (the previous default)",
-          "staged_fkl": "staged: heal 2/3, then on-policy forward KL 1/3 (the default)", "kd": "KD: dense forward KL on teacher text",
+LABELS = {"staged": "staged: heal 1/2, then on-policy reverse KL 1/2",
+          "staged_fkl": "staged: heal 2/3, then on-policy forward KL 1/3", "kd": "KD: dense forward KL on teacher text (the recipe)",
           "staged_gentle": "staged: heal 2/3, then on-policy forward KL 1/3 at lr 2e-5",
           "kd_prompt": "KD + the same forward KL on the articles (prompt_weight 1)",
           "seqkd": "SeqKD: CE on teacher text", "gkd_rkl": "on-policy GKD, reverse KL", "gkd_jsd": "on-policy GKD, JSD 0.5",
@@ -246,9 +257,9 @@ def table(records: list[dict]) -> str:
              "and their sampling seed fixed).", ""]
     for student, runs in sections:
         lines += [f"## Student: teacher layers {student}", ""] + student_table(runs)
-    notes = [f"- {r['method']}, seed {r['seed']}: {r['note']}" for r in records if r.get("note")]
-    if notes:  # what a record's reader should know (added to methods.jsonl by hand, with the reason)
-        lines += ["Notes on single runs:", "", *notes, ""]
+        notes = [f"- {r['method']}, seed {r['seed']}: {r['note']}" for r in runs if r.get("note")]
+        if notes:  # what a record's reader should know (added to methods.jsonl by hand, with the reason)
+            lines += ["Notes on single runs:", "", *notes, ""]
     dates = sorted({r["date"] for r in records})
     lines.append(f"Records: benchmarks/results/methods.jsonl ({len(records)} runs, {', '.join(dates)}; torch "
                  f"{records[0]['torch']}). Command: `python benchmarks/methods.py --budget B --seeds ... --methods ... "
