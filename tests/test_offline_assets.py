@@ -36,8 +36,7 @@ def test_dry_run_loads_real_teacher_and_layer_dropped_student(teacher_dir):
     out = proc.stdout
     assert "LlamaForCausalLM" in out
     assert "134,515,008" in out  # SmolLM2-135M-Instruct, 30 layers
-    assert "88,493," in out  # the first 14 and last 3 layers kept: 17 layers, 66% of the teacher
-    assert "1 heal" in out and "2 onpolicy" in out  # the stages
+    assert "88,493," in out  # 17 of the 30 layers kept: 66% of the teacher
     assert "49152 / 49152" in out
     assert "summarization" in out and "dry run OK" in out
     assert "Summarize the following news article in one sentence." in out and "<|im_start|>assistant" in out

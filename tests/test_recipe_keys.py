@@ -102,6 +102,7 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "objective.lm_coef": (PG, ["objective.lm_coef=0.5"]),
     "objective.backend": ([], ["objective.backend=torch"]),
     "objective.chunk_size": ([], ["objective.chunk_size=1"]),
+    "objective.prompt_weight": ([], ["objective.prompt_weight=1.0"]),
     "penalties.frequency": ([], ["penalties.frequency=0.5"]),
     "penalties.diversity": ([], ["penalties.diversity=0.5"]),
     "penalties.entropy": ([], ["penalties.entropy=0.5"]),
