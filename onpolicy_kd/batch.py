@@ -9,6 +9,7 @@ Masks and positions are built here and nowhere else:
 - `completion_mask(lengths, width)`: a row's first `length` completion tokens are valid (up to and
   including its EOS); masks come from lengths, never from comparing ids with the pad id (GPT-2 pads
   with EOS).
+- `next_token_mask(real)`: the positions whose next token is also real (teacher-forced targets).
 - `position_ids(attention_mask)`: positions count only attended tokens, so left padding does not
   shift them (a prompt gets the same positions alone or in a padded batch).
 """
@@ -28,6 +29,13 @@ Source = Literal["student", "teacher", "references"]
 def completion_mask(lengths_B: Tensor, width: int) -> Tensor:
     """(B, width) bool: True at the first `lengths[b]` positions of row b."""
     return torch.arange(width, device=lengths_B.device).unsqueeze(0) < lengths_B.unsqueeze(1)
+
+
+def next_token_mask(real_BL: Tensor) -> Tensor:
+    """(B, L - 1) bool: column j predicts token j + 1, valid when both are real tokens (a sequence's first token
+    has no context to predict it from)."""
+    real = real_BL.bool()
+    return real[:, :-1] & real[:, 1:]
 
 
 def position_ids(attention_mask_BL: Tensor) -> Tensor:
@@ -100,10 +108,8 @@ class Completions:
 
     @property
     def prompt_target_mask(self) -> Tensor:
-        """(B, P - 1) bool: column j predicts prompt token j + 1, valid when both are real tokens (a prompt's first
-        token has no context to predict it from)."""
-        real = self.prompt_mask.bool()
-        return real[:, :-1] & real[:, 1:]
+        """(B, P - 1) bool: the positions predicting the prompt's own tokens."""
+        return next_token_mask(self.prompt_mask)
 
     @property
     def num_prompt_tokens(self) -> int:

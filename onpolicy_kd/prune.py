@@ -17,7 +17,6 @@ from typing import Sequence
 import torch
 from rich.table import Table
 
-from onpolicy_kd.batch import Completions
 from onpolicy_kd.console import console, print_error
 from onpolicy_kd.data.loading import load_prompt_data
 from onpolicy_kd.data.sampler import prompt_batch
@@ -40,9 +39,8 @@ def measurement_batch(recipe_path: str, overrides: Sequence[str], samples: int, 
     ids, mask = prompt_batch(train, rows, tokenizer.pad_token_id, "cpu")
     ids, mask = ids[:, -prompt_tokens:], mask[:, -prompt_tokens:]
     with torch.no_grad():
-        completed = rollout(teacher, None, ids, mask, tokenizer=tokenizer, max_new_tokens=new_tokens, do_sample=False)
-    batch = Completions(ids, mask, completed.completion_ids, completed.completion_mask, source="teacher",
-                        texts=completed.texts)
+        batch = rollout(teacher, None, ids, mask, tokenizer=tokenizer, max_new_tokens=new_tokens, do_sample=False,
+                        source="teacher")
     return recipe, teacher, batch
 
 

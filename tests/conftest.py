@@ -62,6 +62,17 @@ def llama_config(vocab_size: int, layers: int = 4, hidden: int = 32):
     )
 
 
+def tiny_student_and_teacher(tokenizer, layers: int = 2):
+    """Two tiny random Llamas over `tokenizer` (student seed 0, teacher seed 1), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_config(llama_config(len(tokenizer), layers=layers)).eval()
+    torch.manual_seed(1)
+    teacher = AutoModelForCausalLM.from_config(llama_config(len(tokenizer), layers=layers)).eval()
+    return student, teacher
+
+
 def save_tiny_llama(path: Path, tokenizer, layers: int = 4, hidden: int = 32, seed: int = 0, extra_rows: int = 0) -> Path:
     from transformers import AutoModelForCausalLM
 

@@ -25,7 +25,7 @@ def forward_completions(model: nn.Module, batch: Completions, *, vocab: int | No
     """logits (B, T, V) predicting each completion token (or None), every layer's (B, T, H) hidden states at those
     positions with `hidden` (as `output_hidden_states` numbers them; the last is post-norm, what the lm_head
     reads), and with `head` the lm_head weight. With `prompt`, also the outputs at the (B, P - 1) positions that
-    predict the prompt's tokens 1..P-1: logits, or (with `hidden`) the last hidden state there."""
+    predict the prompt's tokens 1..P-1, as `.prompt`: logits, or (with `hidden`) the last hidden state there."""
     P, T = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     keep = (0 if prompt else T + 1) if logits else 1  # 0 keeps every position
     out = model(input_ids=batch.sequences, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
@@ -36,8 +36,8 @@ def forward_completions(model: nn.Module, batch: Completions, *, vocab: int | No
         head=innermost(model).get_output_embeddings().weight if head else None,
     )
     if prompt:
-        result.prompt_logits = out.logits[:, : P - 1, :vocab] if logits else None
-        result.prompt_hidden = out.hidden_states[-1][:, : P - 1] if hidden else None
+        result.prompt = ModelOutputs(logits=out.logits[:, : P - 1, :vocab] if logits else None,
+                                     hidden=(out.hidden_states[-1][:, : P - 1],) if hidden else None, head=result.head)
     return result
 
 

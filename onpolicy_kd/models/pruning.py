@@ -18,8 +18,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from onpolicy_kd.batch import Completions
+from onpolicy_kd.batch import Completions, next_token_mask
 from onpolicy_kd.models.loading import decoder_layers
+from onpolicy_kd.objectives.divergences import per_token_divergence, reduce_tokens
 
 Tensor = torch.Tensor
 
@@ -45,12 +46,6 @@ def _forward(model: nn.Module, batch: Completions, hidden: bool = False):
                  output_hidden_states=hidden, use_cache=False)
 
 
-def _valid_targets(batch: Completions) -> Tensor:
-    """(B, L - 1): column j predicts token j + 1 and both are real tokens."""
-    real = batch.attention_mask.bool()
-    return real[:, :-1] & real[:, 1:]
-
-
 @torch.no_grad()
 def block_influence(model: nn.Module, batch: Completions) -> list[float]:
     """1 - cos(input, output) of every decoder layer, averaged over the batch's real tokens. transformers returns
@@ -65,24 +60,25 @@ def block_influence(model: nn.Module, batch: Completions) -> list[float]:
 
 @torch.no_grad()
 def layer_subset_kl(model: nn.Module, batch: Completions, keep: Sequence[int],
-                    teacher_logprobs: Tensor | None = None) -> float:
-    """Mean teacher-forced KL(p || q) over the batch's real tokens between `model` and its copy keeping `keep`."""
-    if teacher_logprobs is None:
-        teacher_logprobs = _forward(model, batch).logits[:, :-1].float().log_softmax(-1)
+                    teacher_logits: Tensor | None = None) -> float:
+    """Mean teacher-forced KL(p || q) over the batch's real tokens between `model` and its copy keeping `keep`
+    (`teacher_logits`: the full model's, when the caller already has them)."""
+    if teacher_logits is None:
+        teacher_logits = _forward(model, batch).logits[:, :-1]
     with only_layers(model, keep):
-        student_logprobs = _forward(model, batch).logits[:, :-1].float().log_softmax(-1)
-    per_token = (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
-    return float(per_token[_valid_targets(batch)].mean())
+        student_logits = _forward(model, batch).logits[:, :-1]
+    per_token = per_token_divergence(student_logits, teacher_logits, kind="forward_kl")
+    return float(reduce_tokens(per_token, next_token_mask(batch.attention_mask)))
 
 
 @torch.no_grad()
 def greedy_removal(model: nn.Module, batch: Completions, keep: int,
                    progress: Callable[[int, float, list[int]], None] | None = None) -> tuple[list[int], float]:
     """(layers to keep, their KL): remove layers one at a time, each the one whose removal raises the KL least."""
-    teacher_logprobs = _forward(model, batch).logits[:, :-1].float().log_softmax(-1)
+    teacher_logits = _forward(model, batch).logits[:, :-1]
     kept, kl = list(range(model.config.num_hidden_layers)), 0.0
     while len(kept) > keep:
-        scores = {i: layer_subset_kl(model, batch, [j for j in kept if j != i], teacher_logprobs) for i in kept}
+        scores = {i: layer_subset_kl(model, batch, [j for j in kept if j != i], teacher_logits) for i in kept}
         dropped = min(scores, key=scores.get)
         kept.remove(dropped)
         kl = scores[dropped]

@@ -6,8 +6,8 @@ normalisers (`StepContext`); it never runs a model. Which loss a mode uses is in
 
 Reduction: every term is summed over valid tokens and divided by a count over the whole optimizer step
 (all micro-batches, all processes): `num_tokens` for token terms, `num_sequences` for the diversity
-penalty, `lm_tokens` for the language-modelling term, `prompt_tokens` for the divergence on the prompts, so a step's gradient does not depend on how its
-samples are split into micro-batches or processes. The PG baseline is likewise the mean return over the
+penalty, `lm_tokens` for the language-modelling term, `prompt_tokens` for the divergence on the prompts,
+so a step's gradient does not depend on how its samples are split into micro-batches or processes. The PG baseline is likewise the mean return over the
 whole step. Metrics are per-token means over this micro-batch's own tokens (the loop weights them by
 token counts).
 """
@@ -46,8 +46,8 @@ class ModelOutputs:
     input_embeddings: Tensor | None = None  # student only: (V, H), for the diversity penalty
     lm_logits: Tensor | None = None  # student only: logits over `lm_batch` (pg's language-modelling term)
     lm_batch: Completions | None = None
-    prompt_logits: Tensor | None = None  # (B, P - 1, V) predicting prompt tokens 1..P-1 (objective.prompt_weight)
-    prompt_hidden: Tensor | None = None  # (B, P - 1, H) the last hidden state there, on the memory-bounded path
+    prompt: "ModelOutputs | None" = None  # the same at the (B, P - 1) positions predicting prompt tokens 1..P-1
+    #                                       (objective.prompt_weight): logits, or the last hidden state and head
 
 
 @dataclass
@@ -83,26 +83,23 @@ def cross_entropy_loss(batch: Completions, student: ModelOutputs, teacher: Model
     return loss
 
 
-def _divergence_at(student_logits: Tensor | None, teacher_logits: Tensor | None, student: ModelOutputs,
-                   teacher: ModelOutputs, student_hidden: Tensor | None, teacher_hidden: Tensor | None, mask: Tensor,
-                   recipe: "Recipe", ctx: StepContext, num_tokens: float) -> Tensor:
+def _divergence_at(student: ModelOutputs, teacher: ModelOutputs, mask: Tensor, recipe: "Recipe", ctx: StepContext,
+                   num_tokens: float) -> Tensor:
     """The recipe's divergence at the masked positions: from logits, or (memory-bounded) from the last hidden states
     and the two heads."""
     obj = recipe.objective
     settings = dict(kind=obj.divergence, beta=obj.beta, skew=obj.skew, temperature=obj.temperature,
                     num_tokens=num_tokens)
-    if student_logits is None:
-        return linear_divergence(student_hidden, teacher_hidden, student.head, teacher.head, mask,
+    if student.logits is None:
+        return linear_divergence(student.hidden[-1], teacher.hidden[-1], student.head, teacher.head, mask,
                                  backend=ctx.head, chunk_size=obj.chunk_size, **settings)
-    return divergence(student_logits, teacher_logits, mask, **settings)
+    return divergence(student.logits, teacher.logits, mask, **settings)
 
 
 def divergence_loss(batch: Completions, student: ModelOutputs, teacher: ModelOutputs | None, recipe: "Recipe",
                     ctx: StepContext, metrics: dict) -> Tensor:
     """kd / gkd: the divergence between teacher and student at every completion position."""
-    last = (student.hidden[-1], teacher.hidden[-1]) if student.logits is None else (None, None)
-    loss = _divergence_at(student.logits, teacher.logits, student, teacher, *last, batch.completion_mask, recipe,
-                          ctx, ctx.num_tokens)
+    loss = _divergence_at(student, teacher, batch.completion_mask, recipe, ctx, ctx.num_tokens)
     metrics[f"train/{recipe.objective.divergence}"] = per_token_mean(loss, batch, ctx)
     return loss
 
@@ -111,8 +108,7 @@ def prompt_divergence_loss(batch: Completions, student: ModelOutputs, teacher: M
                            ctx: StepContext, metrics: dict) -> Tensor:
     """objective.prompt_weight x the same divergence at the positions predicting the prompt's own tokens: dense
     distillation on the prompt text (language-model healing), which both forward passes read anyway."""
-    loss = _divergence_at(student.prompt_logits, teacher.prompt_logits, student, teacher, student.prompt_hidden,
-                          teacher.prompt_hidden, batch.prompt_target_mask, recipe, ctx, ctx.prompt_tokens)
+    loss = _divergence_at(student.prompt, teacher.prompt, batch.prompt_target_mask, recipe, ctx, ctx.prompt_tokens)
     metrics[f"train/prompt_{recipe.objective.divergence}"] = (
         loss.item() * ctx.prompt_tokens / max(batch.num_prompt_tokens, 1))
     return recipe.objective.prompt_weight * loss

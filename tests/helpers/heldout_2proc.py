@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import CORPUS, llama_config, train_tokenizer  # noqa: E402
+from conftest import CORPUS, tiny_student_and_teacher, train_tokenizer  # noqa: E402
 
 from onpolicy_kd.evaluation.heldout import evaluate  # noqa: E402
 from onpolicy_kd.recipe.schema import EvalConfig  # noqa: E402
@@ -24,10 +23,7 @@ launched = "WORLD_SIZE" in os.environ  # under `accelerate launch`; else one pla
 accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if launched else [])
 tok = train_tokenizer(CORPUS)
 tok.pad_token = tok.eos_token
-torch.manual_seed(0)
-student = AutoModelForCausalLM.from_config(llama_config(len(tok), layers=2)).eval()
-torch.manual_seed(1)
-teacher = AutoModelForCausalLM.from_config(llama_config(len(tok), layers=2)).eval()
+student, teacher = tiny_student_and_teacher(tok)
 prompts = ["Hello world", "The quick brown fox", "A bushfire near Sydney", "Summary:", "Rain fell on the city today"]
 references = ["It was fine.", "jumps over", "burned for days", "Nothing.", "and the streets flooded"]
 dataset = Dataset.from_list([{"prompt": p, "prompt_ids": tok(p).input_ids, "reference": r,

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
-from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import CORPUS, llama_config, train_tokenizer  # noqa: E402
+from conftest import CORPUS, tiny_student_and_teacher, train_tokenizer  # noqa: E402
 
 from onpolicy_kd.batch import left_pad  # noqa: E402
 from onpolicy_kd.rollout import rollout  # noqa: E402
@@ -21,10 +20,7 @@ from onpolicy_kd.rollout import rollout  # noqa: E402
 accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
 tok = train_tokenizer(CORPUS)
 tok.pad_token = tok.eos_token
-torch.manual_seed(0)
-student = AutoModelForCausalLM.from_config(llama_config(len(tok), layers=2)).eval()
-torch.manual_seed(1)
-teacher = AutoModelForCausalLM.from_config(llama_config(len(tok), layers=2)).eval()
+student, teacher = tiny_student_and_teacher(tok)
 rank = accelerator.process_index
 prompts = [tok(t).input_ids for t in (["Hello world", "The quick"] if rank == 0 else ["A bushfire near", "Summary:"])]
 ids, mask = left_pad(prompts, tok.pad_token_id)
