@@ -108,6 +108,9 @@ def table(records: list[dict], initial: dict) -> str:
         lines += ["", "Per seed: " + "; ".join(
             f"seed {r['seed']}: " + ", ".join(f"{label} {r['after'][name][k]:.3f}" for k, label in METRICS)
             for r in records), ""]
+    notes = [f"- seed {r['seed']}: {r['note']}" for r in records if r.get("note")]
+    if notes:  # what a record's reader should know (added to default_seeds.jsonl by hand, with the reason)
+        lines += ["Notes on single runs:", "", *notes, ""]
     timed = [r for r in records if r.get("wall_s")]
     lines.append(f"Training: {statistics.fmean(r['steps'] for r in records):.0f} steps, "
                  f"{statistics.fmean(r['train_s'] for r in records):.0f} s of steps on average"

@@ -179,7 +179,7 @@ def test_a_lora_student_trains_only_its_adapters_and_exports_them_merged(tmp_pat
 
     recipe = recipe_for(tmp_path, far_pair, "gkd")
     assert main([str(recipe), *LORA, "objective.backend=chunked", "optim.lr=0.05"]) == 0
-    assert "divergence head: chunked" in capsys.readouterr().out  # the memory-bounded head reads the adapted model
+    assert "lm head: chunked" in capsys.readouterr().out  # the memory-bounded head reads the adapted model
     out, before = tmp_path / "out", initial_student(tmp_path, far_pair)
     merged = load_file(out / "final" / "model.safetensors")
     assert set(merged) == set(before)  # a plain model: no peft keys, no stitching

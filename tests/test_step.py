@@ -53,14 +53,15 @@ def test_lambda_coin_is_a_function_of_seed_and_step():
 
 @pytest.mark.parametrize("sections, expected", [
     ({}, dict(student_logits=False, teacher=True, teacher_logits=False, hidden_states=False, head="chunked")),
-    ({"penalties": {"entropy": 0.1}}, dict(student_logits=True, teacher_logits=True, head="torch")),
-    ({"objective": {"mode": "sft"}}, dict(student_logits=True, teacher=False)),
+    # every mode and the penalties read the student through the memory-bounded head
+    ({"penalties": {"entropy": 0.1}}, dict(student_logits=False, teacher_logits=False, head="chunked")),
+    ({"objective": {"mode": "sft"}}, dict(student_logits=False, teacher=False)),
     ({"objective": {"mode": "sft"}, "hidden": {"weight": 0.1}}, dict(teacher=True, teacher_logits=False,
                                                                       hidden_states=True)),
-    ({"objective": {"mode": "pg"}}, dict(student_logits=True, teacher=True, teacher_logits=True)),
+    ({"objective": {"mode": "pg"}}, dict(student_logits=False, teacher=True, teacher_logits=False)),
     # no single-step term and teacher-mixed sampling: the rewards come from the lockstep decode, no teacher pass
     ({"objective": {"mode": "pg", "single_step": False}, "rollout": {"alpha": 0.2}}, dict(teacher=False)),
-    ({"objective": {"mode": "pg", "single_step": False}}, dict(teacher=True, teacher_logits=True)),
+    ({"objective": {"mode": "pg", "single_step": False}}, dict(teacher=True, teacher_logits=False)),
 ])
 def test_forward_plan(sections, expected):
     plan = forward_plan(recipe(**sections), "chunked")
@@ -77,9 +78,9 @@ def test_head_is_chosen_once_with_a_reason():
     cpu = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=None))
     assert choose_head(recipe(), cpu, models)[0] == "chunked"
     assert choose_head(recipe(objective={"backend": "torch"}), cpu, models)[0] == "torch"
-    assert choose_head(recipe(penalties={"frequency": 0.1}), cpu, models) == (
-        "torch", "the penalties read the student's full distribution")
-    assert choose_head(recipe(objective={"mode": "pg"}), cpu, models)[0] == "torch"
+    assert choose_head(recipe(penalties={"frequency": 0.1}), cpu, models)[0] == "chunked"
+    assert choose_head(recipe(objective={"mode": "pg"}), cpu, models)[0] == "chunked"
+    assert choose_head(recipe(objective={"mode": "sft"}), cpu, models)[0] == "chunked"
     zero3 = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
     assert "ZeRO-3" in choose_head(recipe(), zero3, models)[1]
     with pytest.raises(ConfigError, match="needs CUDA"):
@@ -148,7 +149,7 @@ def _models():
     return teacher, student
 
 
-def _step_gradients(run, batches, student):
+def _step_gradients(run, batches, student, with_loss=False):
     from onpolicy_kd.models.forward import student_forward
     from onpolicy_kd.objectives.loss import step_loss
     from onpolicy_kd.training.phases import step_context, teacher_outputs
@@ -160,9 +161,10 @@ def _step_gradients(run, batches, student):
         out = student_forward(student, batch, vocab=run.vocab, logits=run.plan.student_logits,
                               hidden=run.plan.hidden_states, lm_batch=batch.references, input_embeddings=True,
                               prompt=run.plan.prompt)
-        loss, _ = step_loss(run.recipe, run.mode.loss, batch, out, teacher, ctx)
+        loss, metrics = step_loss(run.recipe, run.mode, batch, out, teacher, ctx)
         loss.backward()
-    return {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}, ctx
+    grads = {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
+    return (grads, ctx, loss.detach(), metrics) if with_loss else (grads, ctx)
 
 
 @pytest.mark.parametrize("sections", [
@@ -178,28 +180,9 @@ def test_the_step_gradient_does_not_depend_on_the_split(sections, tiny_tokenizer
     """The same 8 fixed samples as one micro-batch and as 4 micro-batches of 2: the same gradient (every term is
     divided by the step's global counts; the PG baseline is the step's mean return)."""
     from onpolicy_kd.data.sampler import reference_batch
-    from onpolicy_kd.objectives.hidden import attach_stitching
-    from onpolicy_kd.objectives.modes import MODES, forward_plan
-    from onpolicy_kd.rollout import rollout
 
-    r = recipe(**sections)
-    teacher, student = _models()
-    if r.hidden.weight:
-        attach_stitching(student, teacher, r.hidden.layers)
-    tok = tiny_tokenizer
-    prompts = [tok(text).input_ids[: 3 + i] for i, text in enumerate(["The quick brown fox jumps"] * 4 +
-                                                                        ["Hello world! How are you"] * 4)]
-    ids, mask = left_pad(prompts, tok.pad_token_id or tok.eos_token_id)
-    alpha = r.rollout.alpha
-    batch = rollout(student, teacher if alpha else None, ids, mask, tokenizer=tok, max_new_tokens=6, alpha=alpha,
-                    generator=torch.Generator().manual_seed(1), rows=list(range(8)), vocab_size=VOCAB)
-    if r.objective.lm_coef:
-        rows = [{"prompt_ids": p, "reference_ids": [7, 8, 9][: 1 + i % 3], "reference": "x"} for i, p in enumerate(prompts)]
-        dataset = _Rows(rows)
-        batch.references = reference_batch(dataset, list(range(8)), 0, "cpu")
-    accelerator = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, reduction: t, num_processes=1)
-    run = SimpleNamespace(recipe=r, accelerator=accelerator, teacher=teacher, vocab=VOCAB, mode=MODES[r.objective.mode],
-                          plan=forward_plan(r, "chunked"), input_embeddings=student.get_input_embeddings().weight)
+    run, batch, student, dataset = _step_setup(recipe(**sections), tiny_tokenizer)
+    r = run.recipe
     whole, ctx = _step_gradients(run, [batch], student)
     parts = [batch.select(range(i, i + 2)) for i in range(0, 8, 2)]
     if r.objective.lm_coef:
@@ -212,6 +195,64 @@ def test_the_step_gradient_does_not_depend_on_the_split(sections, tiny_tokenizer
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)
     if r.objective.mode == "pg" and not r.penalties.shape_reward:
         assert ctx.pg_baseline != 0  # the baseline is in play (a per-micro-batch mean would break the equality)
+
+
+def _step_setup(r, tok, dtype=torch.float32):
+    """A run-like namespace, 8 fixed sampled completions (with references for the LM term) and the student."""
+    from onpolicy_kd.data.sampler import reference_batch
+    from onpolicy_kd.objectives.hidden import attach_stitching
+    from onpolicy_kd.objectives.modes import MODES, forward_plan
+    from onpolicy_kd.rollout import rollout
+
+    teacher, student = _models()
+    if r.hidden.weight:
+        attach_stitching(student, teacher, r.hidden.layers)
+    prompts = [tok(text).input_ids[: 3 + i] for i, text in enumerate(["The quick brown fox jumps"] * 4 +
+                                                                        ["Hello world! How are you"] * 4)]
+    ids, mask = left_pad(prompts, tok.pad_token_id or tok.eos_token_id)
+    alpha = r.rollout.alpha
+    batch = rollout(student, teacher if alpha else None, ids, mask, tokenizer=tok, max_new_tokens=6, alpha=alpha,
+                    generator=torch.Generator().manual_seed(1), rows=list(range(8)), vocab_size=VOCAB)
+    dataset = None
+    if r.objective.lm_coef:
+        rows = [{"prompt_ids": p, "reference_ids": [7, 8, 9][: 1 + i % 3], "reference": "x"} for i, p in enumerate(prompts)]
+        dataset = _Rows(rows)
+        batch.references = reference_batch(dataset, list(range(8)), 0, "cpu")
+    teacher.to(dtype), student.to(dtype)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, reduction: t, num_processes=1)
+    run = SimpleNamespace(recipe=r, accelerator=accelerator, teacher=teacher, vocab=VOCAB, mode=MODES[r.objective.mode],
+                          plan=forward_plan(r, "chunked"), input_embeddings=student.get_input_embeddings().weight)
+    return run, batch, student, dataset
+
+
+@pytest.mark.parametrize("sections", [
+    {"objective": {"mode": "pg", "lm_coef": 0.3}, "penalties": {"frequency": 0.1, "diversity": 0.05, "entropy": 0.05}},
+    {"objective": {"mode": "pg", "importance": "sequence"}, "rollout": {"alpha": 0.3}},
+    {"objective": {"mode": "pg", "single_step": False, "ppo_clip": 0.1}},
+    {"objective": {"mode": "gkd", "divergence": "jsd"},
+     "penalties": {"frequency": 0.2, "diversity": 0.1, "entropy": 0.1, "entropy_floor": 3.0}},
+    {"objective": {"mode": "sft"}, "penalties": {"entropy": 0.1}},
+    {"objective": {"mode": "kd", "prompt_weight": 1.0}, "penalties": {"diversity": 0.1}, "hidden": {"weight": 0.5}},
+], ids=["pg-penalties-lm", "pg-mixed", "pg-no-single-step", "gkd-all-penalties", "sft-entropy", "kd-prompt-hidden"])
+def test_the_bounded_head_gives_the_full_logit_step(sections, tiny_tokenizer):
+    """Every mode and penalty through the memory-bounded head (3 tokens a chunk; the logits never materialised)
+    gives the loss, the metrics and the gradient of the full-logit path, in float64 to 1e-10."""
+    from onpolicy_kd.objectives.modes import forward_plan
+
+    r = recipe(**sections).model_copy(deep=True)
+    r.objective.chunk_size = 3
+    run, batch, student, _ = _step_setup(r, tiny_tokenizer, dtype=torch.float64)
+    results = {}
+    for head in ("torch", "chunked"):
+        run.plan = forward_plan(r, head)
+        results[head] = _step_gradients(run, [batch], student, with_loss=True)
+    (full, _, full_loss, full_metrics), (bounded, _, loss, metrics) = results["torch"], results["chunked"]
+    assert not run.plan.student_logits and len(full) > 10 and full.keys() == bounded.keys()
+    torch.testing.assert_close(loss, full_loss, rtol=1e-10, atol=1e-12)
+    for name in full:
+        torch.testing.assert_close(bounded[name], full[name], rtol=1e-9, atol=1e-12, msg=name)
+    for key, value in metrics.items():
+        assert value == pytest.approx(full_metrics[key], rel=1e-9, abs=1e-12), key
 
 
 class _Rows:
@@ -282,7 +323,7 @@ def test_prompt_divergence_against_a_naive_float64_reference(head):
     teacher_out = teacher_outputs(run, batch)
     ctx = step_context(run, [batch], [teacher_out])
     out = student_forward(student, batch, vocab=VOCAB, logits=run.plan.student_logits, hidden=False, prompt=True)
-    loss, metrics = step_loss(r, run.mode.loss, batch, out, teacher_out, ctx)
+    loss, metrics = step_loss(r, run.mode, batch, out, teacher_out, ctx)
     student.zero_grad()
     loss.backward()
     grads = {name: p.grad for name, p in student.named_parameters()}

@@ -33,7 +33,7 @@ def forward_completions(model: nn.Module, batch: Completions, *, vocab: int | No
     states = tuple(h[:, -T - 1 : -1] for h in out.hidden_states) if hidden else None
     result = ModelOutputs(
         logits=out.logits[:, -T - 1 : -1, :vocab] if logits else None, hidden=states,
-        head=innermost(model).get_output_embeddings().weight if head else None,
+        head=innermost(model).get_output_embeddings().weight[:vocab] if head else None,
     )
     if prompt:
         result.prompt = ModelOutputs(logits=out.logits[:, : P - 1, :vocab] if logits else None,
@@ -45,15 +45,16 @@ def student_forward(student: nn.Module, batch: Completions, *, vocab: int, logit
                     lm_batch: Completions | None = None, input_embeddings: bool = False,
                     prompt: bool = False) -> ModelOutputs:
     """The student's outputs for the loss: logits or (memory-bounded) the last hidden state and head, the stitched
-    hidden states for hidden-state distillation, logits over `lm_batch` for pg's language-modelling term, and with
-    `prompt` the outputs predicting the prompt's own tokens."""
+    hidden states for hidden-state distillation, the same outputs over `lm_batch` for pg's language-modelling term,
+    and with `prompt` the outputs predicting the prompt's own tokens."""
     out = forward_completions(student, batch, vocab=vocab, logits=logits, hidden=hidden or not logits,
                               head=not logits, prompt=prompt)
     if hidden:
         stitching = getattr(innermost(student), STITCHING)  # called as a module: ZeRO-3 gathers its weights
         out.projected, out.pairs = stitching(out.hidden), stitching.pairs
     if lm_batch is not None:
-        out.lm_logits, out.lm_batch = forward_completions(student, lm_batch, vocab=vocab).logits, lm_batch
+        out.lm = forward_completions(student, lm_batch, vocab=vocab, logits=logits, hidden=not logits, head=not logits)
+        out.lm_batch = lm_batch
     if input_embeddings:
         out.input_embeddings = innermost(student).get_input_embeddings().weight
     return out

@@ -4,6 +4,11 @@ A loss function gets the batch (`Completions`: ids, masks, and how they were sam
 and the teacher's outputs over its completions (`ModelOutputs`), the recipe's settings and the step's
 normalisers (`StepContext`); it never runs a model. Which loss a mode uses is in objectives/modes.py.
 
+The student's outputs are full logits, or (the memory-bounded head) its last hidden state and lm_head
+weight. The losses that read only a few numbers per position of the student's distribution (cross-entropy,
+PG, penalties) get them from `ModelOutputs.terms`, which `step_loss` fills in one pass of
+objectives/token_terms.py from either form; the divergences take either form themselves.
+
 Reduction: every term is summed over valid tokens and divided by a count over the whole optimizer step
 (all micro-batches, all processes): `num_tokens` for token terms, `num_sequences` for the diversity
 penalty, `lm_tokens` for the language-modelling term, `prompt_tokens` for the divergence on the prompts,
@@ -14,20 +19,22 @@ token counts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from onpolicy_kd.batch import Completions
 from onpolicy_kd.objectives import penalties as pen
+from onpolicy_kd.objectives import token_terms as tt
 from onpolicy_kd.objectives.divergences import (
-    divergence, gather_logprobs, linear_divergence, per_token_divergence, reduce_tokens, token_cross_entropy,
+    divergence, gather_logprobs, linear_divergence, per_token_divergence, reduce_tokens,
 )
 from onpolicy_kd.objectives.hidden import hidden_state_loss
 from onpolicy_kd.objectives.pg import pg_returns, policy_gradient_loss
 
 if TYPE_CHECKING:
+    from onpolicy_kd.objectives.modes import Mode
     from onpolicy_kd.recipe import Recipe
 
 Tensor = torch.Tensor
@@ -44,10 +51,12 @@ class ModelOutputs:
     projected: Sequence[Tensor] | None = None  # student only: its paired hidden states through the stitching
     pairs: Sequence[tuple[int, int]] = ()  # student only: the (student, teacher) layer pairs of `projected`
     input_embeddings: Tensor | None = None  # student only: (V, H), for the diversity penalty
-    lm_logits: Tensor | None = None  # student only: logits over `lm_batch` (pg's language-modelling term)
+    lm: "ModelOutputs | None" = None  # student only: its outputs over `lm_batch` (pg's language-modelling term)
     lm_batch: Completions | None = None
     prompt: "ModelOutputs | None" = None  # the same at the (B, P - 1) positions predicting prompt tokens 1..P-1
     #                                       (objective.prompt_weight): logits, or the last hidden state and head
+    terms: dict[str, Tensor] = field(default_factory=dict)  # student only: per-token quantities of its
+    #                                       distribution the losses read, (B, T), filled by step_loss
 
 
 @dataclass
@@ -75,12 +84,20 @@ def per_token_mean(value: Tensor, batch: Completions, ctx: StepContext) -> float
     return value.item() * ctx.num_tokens / max(batch.num_tokens, 1)
 
 
+def cross_entropy_terms(recipe: "Recipe", batch: Completions) -> dict[str, tt.Term]:
+    return {"logprob": tt.sampled_logprob(batch.completion_ids)}
+
+
 def cross_entropy_loss(batch: Completions, student: ModelOutputs, teacher: ModelOutputs | None, recipe: "Recipe",
                        ctx: StepContext, metrics: dict) -> Tensor:
     """sft / seqkd: -log q(y_t) on the references or teacher samples."""
-    loss = token_cross_entropy(student.logits, batch.completion_ids, batch.completion_mask, ctx.num_tokens)
+    loss = reduce_tokens(-student.terms["logprob"], batch.completion_mask, ctx.num_tokens)
     metrics["train/ce"] = per_token_mean(loss, batch, ctx)
     return loss
+
+
+def no_terms(recipe: "Recipe", batch: Completions) -> dict[str, tt.Term]:
+    return {}
 
 
 def _divergence_at(student: ModelOutputs, teacher: ModelOutputs, mask: Tensor, recipe: "Recipe", ctx: StepContext,
@@ -114,10 +131,16 @@ def prompt_divergence_loss(batch: Completions, student: ModelOutputs, teacher: M
     return recipe.objective.prompt_weight * loss
 
 
-def teacher_token_logprobs(batch: Completions, teacher: ModelOutputs | None) -> Tensor:
-    """log p(y_t) at the sampling temperature: from the teacher's forward, else from its lockstep decode."""
+def teacher_token_logprobs(batch: Completions, teacher: ModelOutputs | None, chunk_size: int = 1024) -> Tensor:
+    """log p(y_t) at the sampling temperature: from the teacher's forward (logits, or its last hidden state and
+    head chunk by chunk), else from its lockstep decode."""
     if teacher is not None and teacher.logits is not None:
         return gather_logprobs(teacher.logits, batch.completion_ids, batch.temperature).detach()
+    if teacher is not None and teacher.head is not None:
+        with torch.no_grad():
+            return tt.token_terms(teacher, None, batch.completion_mask,
+                                  {"logprob": tt.sampled_logprob(batch.completion_ids, batch.temperature)},
+                                  chunk_size)["logprob"]
     if batch.teacher_logprobs is None:
         raise ValueError("the PG rewards need the teacher's log-probs: run the teacher or sample with alpha > 0")
     return batch.teacher_logprobs
@@ -143,24 +166,30 @@ def batch_returns(batch: Completions, teacher: ModelOutputs | None, recipe: "Rec
     """The PG returns of a batch (constants): the step's baseline is their mean over all its batches."""
     obj = recipe.objective
     return pg_returns(
-        batch.student_logprobs, teacher_token_logprobs(batch, teacher), batch.completion_mask,
+        batch.student_logprobs, teacher_token_logprobs(batch, teacher, obj.chunk_size), batch.completion_mask,
         sample_logprobs_BT=batch.sample_logprobs if batch.alpha > 0 else None,
         reward_shaping_BT=reward_shaping(recipe, batch, input_embeddings), single_step=obj.single_step,
         discount=obj.discount, length_norm=obj.length_norm, importance=obj.importance, is_clip=obj.is_clip,
     )
 
 
+def policy_gradient_terms(recipe: "Recipe", batch: Completions) -> dict[str, tt.Term]:
+    """log q(y_t) and (single_step) KL(q || p) per position, at the sampling temperature."""
+    wanted = {"logprob": tt.sampled_logprob(batch.completion_ids, batch.temperature)}
+    if recipe.objective.single_step:
+        wanted["single_step_kl"] = tt.reverse_kl_to_teacher(batch.temperature)
+    return wanted
+
+
 def policy_gradient_step_loss(batch: Completions, student: ModelOutputs, teacher: ModelOutputs | None,
                               recipe: "Recipe", ctx: StepContext, metrics: dict) -> Tensor:
     """pg: MiniLLM's policy gradient with teacher log-prob rewards (objectives/pg.py)."""
-    obj, temperature = recipe.objective, batch.temperature
-    single_step = None
-    if obj.single_step:
-        single_step = per_token_divergence(student.logits, teacher.logits, kind="reverse_kl", temperature=temperature)
+    obj = recipe.objective
     out = policy_gradient_loss(
-        gather_logprobs(student.logits, batch.completion_ids, temperature), batch.student_logprobs,
-        teacher_token_logprobs(batch, teacher), batch.completion_mask,
-        sample_logprobs_BT=batch.sample_logprobs if batch.alpha > 0 else None, single_step_kl_BT=single_step,
+        student.terms["logprob"], batch.student_logprobs,
+        teacher_token_logprobs(batch, teacher, obj.chunk_size), batch.completion_mask,
+        sample_logprobs_BT=batch.sample_logprobs if batch.alpha > 0 else None,
+        single_step_kl_BT=student.terms.get("single_step_kl"),
         reward_shaping_BT=reward_shaping(recipe, batch, student.input_embeddings), discount=obj.discount,
         length_norm=obj.length_norm, importance=obj.importance, is_clip=obj.is_clip, ppo_clip=obj.ppo_clip,
         baseline=ctx.pg_baseline, num_tokens=ctx.num_tokens,
@@ -172,35 +201,56 @@ def policy_gradient_step_loss(batch: Completions, student: ModelOutputs, teacher
     return out.loss
 
 
+def penalty_terms(recipe: "Recipe", batch: Completions, input_embeddings: Tensor | None) -> dict[str, tt.Term]:
+    """What the penalties in loss form read of the student's distribution (none in reward form)."""
+    p, wanted = recipe.penalties, {}
+    if p.shape_reward and recipe.objective.mode == "pg":
+        return wanted
+    if p.frequency:
+        wanted["previous_probability"] = tt.previous_probability(batch.completion_ids, batch.completion_mask)
+    if p.diversity:
+        wanted["expected_embedding"] = tt.expected_embedding(input_embeddings)
+    if p.entropy:
+        wanted["entropy"] = tt.entropy()
+    return wanted
+
+
 def penalty_loss(recipe: "Recipe", batch: Completions, student: ModelOutputs, ctx: StepContext,
                  metrics: dict) -> Tensor:
     """Frequency, diversity and entropy penalties in loss form (objectives/penalties.py)."""
-    p, mask, logits = recipe.penalties, batch.completion_mask, student.logits
+    p, mask, terms = recipe.penalties, batch.completion_mask, student.terms
     total = torch.zeros((), device=mask.device)
     if p.frequency:
-        loss, value = pen.frequency_penalty(logits, batch.completion_ids, mask, p.frequency, ctx.num_tokens)
+        loss, value = pen.frequency_loss(terms["previous_probability"], mask, p.frequency, ctx.num_tokens)
         total, metrics["penalty/frequency"] = total + loss, per_token_mean(value, batch, ctx)
     if p.diversity:  # its logged value is already this batch's own mean over sequences
-        loss, value = pen.diversity_penalty(logits, student.input_embeddings, mask, p.diversity, ctx.num_sequences)
+        loss, value = pen.diversity_loss(terms["expected_embedding"], mask, p.diversity, ctx.num_sequences)
         total, metrics["penalty/diversity"] = total + loss, value.item()
     if p.entropy:
-        loss, value = pen.entropy_penalty(logits, mask, p.entropy, p.entropy_floor, ctx.num_tokens)
+        loss, value = pen.entropy_loss(terms["entropy"], mask, p.entropy, p.entropy_floor, ctx.num_tokens)
         total, metrics["penalty/entropy"] = total + loss, per_token_mean(value, batch, ctx)
     return total
 
 
-def step_loss(recipe: "Recipe", loss_fn: LossFn, batch: Completions, student: ModelOutputs,
+def step_loss(recipe: "Recipe", mode: "Mode", batch: Completions, student: ModelOutputs,
               teacher: ModelOutputs | None, ctx: StepContext) -> tuple[Tensor, dict[str, float]]:
     """(loss to backpropagate, metrics) of one micro-batch: the mode's loss plus every auxiliary term."""
     metrics: dict[str, float] = {}
-    loss = loss_fn(batch, student, teacher, recipe, ctx, metrics)
+    penalties = penalty_terms(recipe, batch, student.input_embeddings)
+    wanted = {**mode.terms(recipe, batch), **penalties}
+    if wanted:  # one pass over the student's distribution for every term (chunk by chunk on the bounded head)
+        student.terms = tt.token_terms(student, teacher if "single_step_kl" in wanted else None,
+                                       batch.completion_mask, wanted, recipe.objective.chunk_size)
+    loss = mode.loss(batch, student, teacher, recipe, ctx, metrics)
     if recipe.objective.prompt_weight:
         loss = loss + prompt_divergence_loss(batch, student, teacher, recipe, ctx, metrics)
-    if student.logits is not None and pen.any_penalty(recipe.penalties):
+    if penalties:
         loss = loss + penalty_loss(recipe, batch, student, ctx, metrics)
-    if student.lm_logits is not None and recipe.objective.lm_coef:
+    if student.lm is not None and recipe.objective.lm_coef:
         lm = student.lm_batch
-        lm_loss = token_cross_entropy(student.lm_logits, lm.completion_ids, lm.completion_mask, ctx.lm_tokens)
+        logprob = tt.token_terms(student.lm, None, lm.completion_mask, cross_entropy_terms(recipe, lm),
+                                 recipe.objective.chunk_size)["logprob"]
+        lm_loss = reduce_tokens(-logprob, lm.completion_mask, ctx.lm_tokens)
         loss = loss + recipe.objective.lm_coef * lm_loss
         metrics["pg/lm_loss"] = lm_loss.item() * ctx.lm_tokens / max(lm.num_tokens, 1)
     if student.projected is not None:

@@ -12,8 +12,10 @@
 The lambda coin is a function of (seed, step) only: the same on every process and after a resume.
 Penalties and the hidden-state loss are added to every mode's loss (objectives/loss.py).
 `forward_plan` says which forward passes a step needs: the teacher runs only when the loss reads it,
-and the divergence works from hidden states and the two lm_heads (never materialising full logits)
-when the head backend allows it and nothing else needs the student's logits.
+and with the memory-bounded head (the default wherever the models allow it) every loss works from the
+last hidden states and the two lm_heads, never materialising the (B, T, V) logits: the divergences
+directly, the cross-entropy, the PG loss and the penalties through the per-token terms each mode's `terms`
+names (objectives/token_terms.py).
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from onpolicy_kd.batch import Source
-from onpolicy_kd.objectives.penalties import any_penalty
-from onpolicy_kd.objectives.loss import LossFn, cross_entropy_loss, divergence_loss, policy_gradient_step_loss
+from onpolicy_kd.objectives.loss import (
+    LossFn, cross_entropy_loss, cross_entropy_terms, divergence_loss, no_terms, policy_gradient_step_loss,
+    policy_gradient_terms,
+)
 
 if TYPE_CHECKING:  # the recipe sections, for type hints only (the recipe package imports this table)
+    from onpolicy_kd.batch import Completions
+    from onpolicy_kd.objectives.token_terms import Term
     from onpolicy_kd.recipe import Recipe
     from onpolicy_kd.recipe.schema import ObjectiveConfig
 
@@ -35,9 +41,11 @@ if TYPE_CHECKING:  # the recipe sections, for type hints only (the recipe packag
 class Mode:
     completions: Callable[["ObjectiveConfig", bool], Source]  # (objective, lambda coin says on-policy) -> source
     loss: LossFn
+    terms: Callable[["Recipe", "Completions"], dict[str, "Term"]]  # the per-token terms of the student's
+    #                                                                distribution its loss reads
     samples_student: bool  # its completions can be student samples (so rollout.alpha applies)
     reads_teacher: bool  # its loss reads the teacher's distribution
-    chunkable: bool  # its loss is a divergence that the memory-bounded head can compute
+    divergence: bool  # its loss is the divergence of objective.divergence (its keys apply)
     references: Callable[["ObjectiveConfig"], str | None]  # why it needs reference completions, or None
     passes: Callable[["ObjectiveConfig"], int]  # optimizer steps per rollout
 
@@ -60,26 +68,26 @@ def _one_pass(obj: "ObjectiveConfig") -> int:
 
 MODES: dict[str, Mode] = {
     "pg": Mode(
-        completions=lambda obj, coin: "student", loss=policy_gradient_step_loss, samples_student=True,
-        reads_teacher=True, chunkable=False, passes=lambda obj: obj.ppo_epochs,
+        completions=lambda obj, coin: "student", loss=policy_gradient_step_loss, terms=policy_gradient_terms,
+        samples_student=True, reads_teacher=True, divergence=False, passes=lambda obj: obj.ppo_epochs,
         references=lambda obj: f"objective.lm_coef={obj.lm_coef} trains on references" if obj.lm_coef > 0 else None,
     ),
     "gkd": Mode(
-        completions=_gkd_completions, loss=divergence_loss, samples_student=True, reads_teacher=True, chunkable=True,
-        passes=_one_pass, references=_gkd_references,
+        completions=_gkd_completions, loss=divergence_loss, terms=no_terms, samples_student=True, reads_teacher=True,
+        divergence=True, passes=_one_pass, references=_gkd_references,
     ),
     "kd": Mode(
-        completions=lambda obj, coin: "references", loss=divergence_loss, samples_student=False,
-        reads_teacher=True, chunkable=True, passes=_one_pass,
+        completions=lambda obj, coin: "references", loss=divergence_loss, terms=no_terms, samples_student=False,
+        reads_teacher=True, divergence=True, passes=_one_pass,
         references=lambda obj: "objective.mode=kd trains on reference completions",
     ),
     "seqkd": Mode(
-        completions=lambda obj, coin: "teacher", loss=cross_entropy_loss, samples_student=False,
-        reads_teacher=False, chunkable=False, passes=_one_pass, references=lambda obj: None,
+        completions=lambda obj, coin: "teacher", loss=cross_entropy_loss, terms=cross_entropy_terms,
+        samples_student=False, reads_teacher=False, divergence=False, passes=_one_pass, references=lambda obj: None,
     ),
     "sft": Mode(
-        completions=lambda obj, coin: "references", loss=cross_entropy_loss, samples_student=False,
-        reads_teacher=False, chunkable=False, passes=_one_pass,
+        completions=lambda obj, coin: "references", loss=cross_entropy_loss, terms=cross_entropy_terms,
+        samples_student=False, reads_teacher=False, divergence=False, passes=_one_pass,
         references=lambda obj: "objective.mode=sft trains on reference completions",
     ),
 }
@@ -100,11 +108,11 @@ def completion_source(recipe: "Recipe", step: int) -> Source:
 class ForwardPlan:
     """Which forward passes over the completions a step runs, and what they return."""
 
-    student_logits: bool  # full (B, T, V) logits; else the last hidden state for the memory-bounded head
+    student_logits: bool  # full (B, T, V) logits; else the last hidden state and head (memory-bounded)
     teacher: bool  # the teacher runs at all
     teacher_logits: bool
     hidden_states: bool  # every layer's hidden states of both models (hidden-state distillation)
-    head: str  # the divergence implementation: torch (full logits), chunked, liger
+    head: str  # the head implementation: torch (full logits), chunked, liger (the divergence only)
     prompt: bool = False  # also the outputs predicting the prompt's own tokens (objective.prompt_weight)
 
     @property
@@ -116,11 +124,10 @@ def forward_plan(recipe: "Recipe", head: str) -> ForwardPlan:
     """The forward passes for this recipe, with `head` the backend chosen at set-up (torch, chunked or liger)."""
     mode = MODES[recipe.objective.mode]
     hidden = recipe.hidden.weight > 0
-    chunked = mode.chunkable and head != "torch" and not any_penalty(recipe.penalties)
-    teacher_logits = mode.reads_teacher and not chunked
+    chunked = head != "torch"
+    reads_teacher = mode.reads_teacher
     if recipe.objective.mode == "pg" and not recipe.objective.single_step and recipe.rollout.alpha > 0:
-        teacher_logits = False  # the rewards' log p(y_t) come from the teacher's lockstep decode
-    teacher = (mode.reads_teacher and (teacher_logits or chunked)) or hidden
-    return ForwardPlan(student_logits=not chunked, teacher=teacher, teacher_logits=teacher_logits,
-                       hidden_states=hidden, head=head if chunked else "torch",
+        reads_teacher = False  # the rewards' log p(y_t) come from the teacher's lockstep decode
+    return ForwardPlan(student_logits=not chunked, teacher=reads_teacher or hidden,
+                       teacher_logits=reads_teacher and not chunked, hidden_states=hidden, head=head,
                        prompt=recipe.objective.prompt_weight > 0)

@@ -3,7 +3,9 @@
 Notation: q(v|c_t) the student's next-token distribution at completion position t (1-based), y the
 sampled completion, valid positions given by the mask. Each loss is reduced like every other loss
 (sum over valid positions / `num_tokens`, the global valid-token count), and each loss function returns
-(value to add to the loss, value for logging). Each `*_shaping` function returns a per-token cost
+(value to add to the loss, value for logging). The loss forms come in two spellings: `*_loss` from the per-token
+quantity the penalty reads (what the training loop passes: objectives/token_terms.py computes it from full logits
+or chunk by chunk from hidden states), and `*_penalty` from full logits (the reference). Each `*_shaping` function returns a per-token cost
 (B, T) that the PG loss subtracts from the reward (`reward_shaping_BT`). All default to weight 0 (off).
 
 Frequency (discourage re-using tokens already generated), with c_t(v) = count of v in y_<t:
@@ -26,7 +28,8 @@ import math
 
 import torch
 
-from onpolicy_kd.objectives.divergences import log_probs, reduce_tokens
+from onpolicy_kd.objectives import token_terms as terms
+from onpolicy_kd.objectives.divergences import reduce_tokens
 
 Tensor = torch.Tensor
 
@@ -36,14 +39,11 @@ def any_penalty(penalties) -> bool:
     return bool(penalties.frequency or penalties.diversity or penalties.entropy)
 
 
-def _previous_count_probability(probs_BTV: Tensor, tokens_BT: Tensor, mask_BT: Tensor) -> Tensor:
-    """sum_v q(v|c_t) c_t(v) = sum_{s<t, valid} q(y_s|c_t), via a (B, T, T) gather instead of (B, T, V) counts."""
-    T = tokens_BT.shape[1]
-    index_BTT = tokens_BT.unsqueeze(1).expand(-1, T, -1)  # [b, t, s] = y_s
-    q_of_previous_BTT = probs_BTV.gather(-1, index_BTT)  # [b, t, s] = q(y_s | c_t)
-    earlier_TT = torch.ones(T, T, dtype=torch.bool, device=tokens_BT.device).tril(-1)  # s < t
-    keep_BTT = earlier_TT & mask_BT.bool().unsqueeze(1)
-    return torch.where(keep_BTT, q_of_previous_BTT, torch.zeros_like(q_of_previous_BTT)).sum(-1)
+def _at_every_position(term: terms.Term, logits_BTV: Tensor) -> Tensor:
+    """A token term from full logits at every position: (B, T) or (B, T, k)."""
+    B, T, V = logits_BTV.shape
+    values = term.rows(logits_BTV.reshape(B * T, V), None, torch.arange(B * T, device=logits_BTV.device))
+    return values.reshape(B, T) if term.width == 1 else values.reshape(B, T, term.width)
 
 
 def _positions(tokens_BT: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -51,13 +51,19 @@ def _positions(tokens_BT: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.arange(1, tokens_BT.shape[1] + 1, device=tokens_BT.device, dtype=dtype).expand_as(tokens_BT)
 
 
+def frequency_loss(previous_probability_BT: Tensor, mask_BT: Tensor, weight: float,
+                   num_tokens: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
+    """From sum_{s<t} q(y_s|c_t) per position (token_terms.previous_probability)."""
+    value_BT = previous_probability_BT / _positions(mask_BT, previous_probability_BT.dtype)
+    value = reduce_tokens(value_BT, mask_BT, num_tokens)
+    return weight * value, value.detach()
+
+
 def frequency_penalty(
     logits_BTV: Tensor, tokens_BT: Tensor, mask_BT: Tensor, weight: float, num_tokens: Tensor | int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    probs = log_probs(logits_BTV).exp()
-    value_BT = _previous_count_probability(probs, tokens_BT, mask_BT) / _positions(tokens_BT, probs.dtype)
-    value = reduce_tokens(value_BT, mask_BT, num_tokens)
-    return weight * value, value.detach()
+    previous = _at_every_position(terms.previous_probability(tokens_BT, mask_BT), logits_BTV)
+    return frequency_loss(previous, mask_BT, weight, num_tokens)
 
 
 def frequency_shaping(tokens_BT: Tensor, mask_BT: Tensor, weight: float) -> Tensor:
@@ -85,14 +91,19 @@ def diversity_penalty(
     logits_BTV: Tensor, embeddings_VH: Tensor, mask_BT: Tensor, weight: float,
     num_sequences: Tensor | int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """-lambda_div * mean over sequences of the mean pairwise distance of expected embeddings.
+    expected_BTH = _at_every_position(terms.expected_embedding(embeddings_VH), logits_BTV)
+    return diversity_loss(expected_BTH, mask_BT, weight, num_sequences)
+
+
+def diversity_loss(expected_BTH: Tensor, mask_BT: Tensor, weight: float,
+                   num_sequences: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
+    """-lambda_div * mean over sequences of the mean pairwise distance of expected embeddings
+    (token_terms.expected_embedding).
 
     The sum over sequences is divided by `num_sequences`, the global number of sequences with at least two
     valid tokens (all micro-batches and processes, as tokens are for the other losses), else by the local
     one. The logged value is this batch's own mean.
     """
-    probs = log_probs(logits_BTV).exp()
-    expected_BTH = probs @ embeddings_VH.detach().to(probs.dtype)[: probs.shape[-1]]
     spread_B, has_pairs_B = _mean_pairwise_distance(expected_BTH, mask_BT)
     total = torch.where(has_pairs_B, spread_B, torch.zeros_like(spread_B)).sum()
     local = has_pairs_B.sum().clamp_min(1)
@@ -118,18 +129,21 @@ def diversity_shaping(tokens_BT: Tensor, embeddings_VH: Tensor, mask_BT: Tensor,
 
 def entropy(logits_BTV: Tensor) -> Tensor:
     """H_t = -sum_v q log q per position (float32)."""
-    logq = log_probs(logits_BTV)
-    return -(logq.exp() * logq).sum(-1)
+    return _at_every_position(terms.entropy(), logits_BTV)
 
 
 def entropy_penalty(
     logits_BTV: Tensor, mask_BT: Tensor, weight: float, floor: float = math.inf, num_tokens: Tensor | int | None = None,
 ) -> tuple[Tensor, Tensor]:
+    return entropy_loss(entropy(logits_BTV), mask_BT, weight, floor, num_tokens)
+
+
+def entropy_loss(h_BT: Tensor, mask_BT: Tensor, weight: float, floor: float = math.inf,
+                 num_tokens: Tensor | int | None = None) -> tuple[Tensor, Tensor]:
     """lambda_ent * mean_t max(0, floor - H_t); a plain bonus -lambda_ent * mean_t H_t when floor is +inf.
 
     The logged value is the mean entropy H_t over valid positions.
     """
-    h_BT = entropy(logits_BTV)
     shortfall_BT = -h_BT if math.isinf(floor) else torch.clamp(floor - h_BT, min=0)
     return weight * reduce_tokens(shortfall_BT, mask_BT, num_tokens), reduce_tokens(h_BT.detach(), mask_BT, num_tokens)
 

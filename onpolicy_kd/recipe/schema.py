@@ -199,9 +199,12 @@ class ObjectiveConfig(Section):
                                "distillation of the prompt text, e.g. healing a pruned student on the articles it "
                                "reads); 0 = completions only")
     backend: Literal[("auto", *BACKENDS)] = Field(  # type: ignore[valid-type]
-        "auto", description="divergence implementation; auto = liger on CUDA when it applies, else chunked torch"
+        "auto", description="how every loss reads the student's distribution: torch = full (B, T, V) logits; "
+                            "chunked = from hidden states and lm_heads, chunk_size tokens at a time (memory-bounded); "
+                            "liger = a divergence through Liger-Kernel on CUDA; auto = liger on CUDA when it applies, "
+                            "else chunked (full logits only where a model's head is not a plain linear map, or ZeRO-3)"
     )
-    chunk_size: int = Field(1024, ge=1, description="tokens per chunk in the memory-bounded divergence")
+    chunk_size: int = Field(1024, ge=1, description="tokens per chunk on the memory-bounded head")
 
 
 class PenaltiesConfig(Section):
@@ -421,6 +424,9 @@ class Recipe(Section):
                 f"rollout.alpha={self.rollout.alpha} mixes the teacher into student rollouts, "
                 f"but objective.mode={mode_name} samples no student rollouts; set rollout.alpha=0 or use mode pg/gkd"
             )
+        if self.objective.backend == "liger" and not mode.divergence:
+            raise ValueError(f"objective.backend=liger computes a divergence; mode {mode_name} has none: use "
+                             f"backend=chunked (or auto)")
         if self.objective.seq_kd and mode_name != "gkd":
             raise ValueError(f"objective.seq_kd applies to mode=gkd only (mode is {mode_name}); use mode=seqkd instead")
         if self.student.init == "teacher_layers" and self.student.tokenizer:
@@ -444,7 +450,7 @@ class Recipe(Section):
 
 
 # objective keys each loss reads (the mode table says which loss a mode uses)
-_DIVERGENCE_KEYS = ("divergence", "beta", "skew", "temperature", "backend", "chunk_size", "prompt_weight")
+_DIVERGENCE_KEYS = ("divergence", "beta", "skew", "temperature", "prompt_weight")
 _PG_KEYS = ("discount", "length_norm", "single_step", "importance", "is_clip", "pg_baseline", "ppo_epochs",
             "ppo_clip", "lm_coef")
 
@@ -453,7 +459,7 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
     """(key, whether it has an effect in this recipe, where it applies): a non-default value where it has none
     is an error (a default is fine: a saved resolved recipe lists every key)."""
     obj, mode = r.objective, r.objective.mode
-    divergence_modes = [m for m, spec in MODES.items() if spec.chunkable]
+    divergence_modes = [m for m, spec in MODES.items() if spec.divergence]
     keys = [(f"objective.{k}", mode in divergence_modes, f"to modes {'/'.join(divergence_modes)}")
             for k in _DIVERGENCE_KEYS]
     keys += [(f"objective.{k}", mode == "pg", "to mode=pg") for k in _PG_KEYS]
@@ -463,7 +469,7 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
         ("objective.skew", obj.divergence.startswith("skew_"), "to the skew divergences"),
         ("objective.importance", r.rollout.alpha > 0, "when rollout.alpha > 0 (teacher-mixed samples)"),
         ("objective.is_clip", r.rollout.alpha > 0, "when rollout.alpha > 0 (teacher-mixed samples)"),
-        ("objective.chunk_size", obj.backend in ("auto", "chunked"), "to backend=chunked (or auto)"),
+        ("objective.chunk_size", obj.backend != "torch", "to the memory-bounded head (backend auto, chunked, liger)"),
         ("penalties.entropy_floor", r.penalties.entropy > 0, "with penalties.entropy > 0"),
         ("penalties.shape_reward", mode == "pg" and any_penalty(r.penalties),
          "to mode=pg with a penalty weight > 0"),

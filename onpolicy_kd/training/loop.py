@@ -30,7 +30,6 @@ from onpolicy_kd.models.distributed import describe_run, describe_text, init_tra
 from onpolicy_kd.models.loading import Models, base_model, load_models, logits_are_linear, with_lora
 from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
 from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
-from onpolicy_kd.objectives.penalties import any_penalty
 from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_source, forward_plan
 from onpolicy_kd.recipe import Recipe, cache_root, recipe_to_yaml
 from onpolicy_kd.recipe.schema import DEFAULT_MAX_STEPS, TIME_ONLY_STEP_CAP
@@ -233,8 +232,7 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
                       f"{budget_text(cfg, max_steps)}, data {recipe.data.path})")
     elif cfg.epochs is not None:
         monitor.print(f"budget: {budget_text(cfg, max_steps)}")
-    if mode.chunkable:
-        monitor.print(f"divergence head: {head} ({why})")
+    monitor.print(f"lm head: {head} ({why})")
     return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
                optimizer, scheduler, sampler, mode, forward_plan(recipe, head), state, monitor, StopRequested(), max_steps,
                accelerator.unwrap_model(student).get_input_embeddings().weight)
@@ -299,25 +297,23 @@ def with_teacher_completions(recipe: Recipe, models: Models, train_split, accele
 
 
 def choose_head(recipe: Recipe, accelerator: Accelerator, models: Models) -> tuple[str, str]:
-    """The divergence implementation, decided once: (torch | chunked | liger, why)."""
+    """How the losses read the student's distribution, decided once: (torch | chunked | liger, why). torch: from
+    full (B, T, V) logits; chunked: from the last hidden states and lm_heads, chunk by chunk; liger: the divergence
+    through Liger-Kernel's fused kernel on CUDA (any other term chunked)."""
     obj = recipe.objective
-    if obj.backend == "liger":
+    if obj.backend == "liger":  # (the recipe check already refused it in a mode without a divergence)
         if obj.divergence not in LIGER_KINDS:
             raise ConfigError(f"objective.backend=liger computes {sorted(LIGER_KINDS)}, not {obj.divergence}; "
                               f"use backend=chunked")
         if accelerator.device.type != "cuda" or not liger_available():
             raise ConfigError("objective.backend=liger needs CUDA and `pip install liger-kernel`; use backend=chunked")
-    if not MODES[obj.mode].chunkable:
-        return "torch", f"mode {obj.mode} reads the student's full logits"
     if obj.backend == "torch":
         return "torch", "objective.backend=torch: full logits"
-    if any_penalty(recipe.penalties):
-        return "torch", "the penalties read the student's full distribution"
     if zero_stage(accelerator) == 3:
         return "torch", "under ZeRO-3 the lm_head weights are sharded: full logits"
     if not (logits_are_linear(models.student) and logits_are_linear(models.teacher)):
         return "torch", "a model's logits are more than hidden @ lm_head (soft-capping, scaling or a bias): full logits"
-    if obj.backend == "liger" or (obj.backend == "auto" and accelerator.device.type == "cuda"
+    if obj.backend == "liger" or (obj.backend == "auto" and accelerator.device.type == "cuda" and MODES[obj.mode].divergence
                                   and obj.divergence in LIGER_KINDS and liger_available()):
         return "liger", "Liger-Kernel's fused linear JSD on CUDA"
     return "chunked", f"memory-bounded: {obj.chunk_size} tokens at a time, full logits never materialised"

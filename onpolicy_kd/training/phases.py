@@ -136,7 +136,7 @@ def backward_micro_batch(run: "Run", batch: Completions, teacher: ModelOutputs |
         student = student_forward(run.student, batch, vocab=run.vocab, logits=plan.student_logits,
                                   hidden=plan.hidden_states, lm_batch=batch.references,
                                   input_embeddings=bool(run.recipe.penalties.diversity), prompt=plan.prompt)
-        loss, metrics = step_loss(run.recipe, run.mode.loss, batch, student, teacher, ctx)
+        loss, metrics = step_loss(run.recipe, run.mode, batch, student, teacher, ctx)
         bad = not torch.isfinite(loss)
         if bad:  # backpropagate zeros so every rank's gradient hooks still fire
             loss = sum(p.sum() for p in run.student.parameters() if p.requires_grad) * 0.0
