@@ -227,13 +227,14 @@ def _step_setup(r, tok, dtype=torch.float32):
 
 @pytest.mark.parametrize("sections", [
     {"objective": {"mode": "pg", "lm_coef": 0.3}, "penalties": {"frequency": 0.1, "diversity": 0.05, "entropy": 0.05}},
-    {"objective": {"mode": "pg", "importance": "sequence"}, "rollout": {"alpha": 0.3}},
+    {"objective": {"mode": "pg", "importance": "sequence"}, "rollout": {"alpha": 0.3},
+     "penalties": {"frequency": 0.1, "entropy": 0.05, "shape_reward": True}},
     {"objective": {"mode": "pg", "single_step": False, "ppo_clip": 0.1}},
     {"objective": {"mode": "gkd", "divergence": "jsd"},
      "penalties": {"frequency": 0.2, "diversity": 0.1, "entropy": 0.1, "entropy_floor": 3.0}},
     {"objective": {"mode": "sft"}, "penalties": {"entropy": 0.1}},
     {"objective": {"mode": "kd", "prompt_weight": 1.0}, "penalties": {"diversity": 0.1}, "hidden": {"weight": 0.5}},
-], ids=["pg-penalties-lm", "pg-mixed", "pg-no-single-step", "gkd-all-penalties", "sft-entropy", "kd-prompt-hidden"])
+], ids=["pg-penalties-lm", "pg-mixed-shaped", "pg-no-single-step", "gkd-all-penalties", "sft-entropy", "kd-prompt-hidden"])
 def test_the_bounded_head_gives_the_full_logit_step(sections, tiny_tokenizer):
     """Every mode and penalty through the memory-bounded head (3 tokens a chunk; the logits never materialised)
     gives the loss, the metrics and the gradient of the full-logit path, in float64 to 1e-10."""
@@ -253,6 +254,9 @@ def test_the_bounded_head_gives_the_full_logit_step(sections, tiny_tokenizer):
         torch.testing.assert_close(bounded[name], full[name], rtol=1e-9, atol=1e-12, msg=name)
     for key, value in metrics.items():
         assert value == pytest.approx(full_metrics[key], rel=1e-9, abs=1e-12), key
+    for name, weight in r.penalties.model_dump().items():  # the loss form is on in every mode, shaped or not
+        if name in ("frequency", "diversity", "entropy") and weight:
+            assert f"penalty/{name}" in metrics
 
 
 class _Rows:

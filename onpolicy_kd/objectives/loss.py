@@ -202,10 +202,9 @@ def policy_gradient_step_loss(batch: Completions, student: ModelOutputs, teacher
 
 
 def penalty_terms(recipe: "Recipe", batch: Completions, input_embeddings: Tensor | None) -> dict[str, tt.Term]:
-    """What the penalties in loss form read of the student's distribution (none in reward form)."""
+    """What the penalties in loss form (every mode; pg's `shape_reward` adds the reward form) read of the student's
+    distribution."""
     p, wanted = recipe.penalties, {}
-    if p.shape_reward and recipe.objective.mode == "pg":
-        return wanted
     if p.frequency:
         wanted["previous_probability"] = tt.previous_probability(batch.completion_ids, batch.completion_mask)
     if p.diversity:
