@@ -55,8 +55,9 @@ class ModelOutputs:
     lm_batch: Completions | None = None
     prompt: "ModelOutputs | None" = None  # the same at the (B, P - 1) positions predicting prompt tokens 1..P-1
     #                                       (objective.prompt_weight): logits, or the last hidden state and head
-    terms: dict[str, Tensor] = field(default_factory=dict)  # student only: per-token quantities of its
-    #                                       distribution the losses read, (B, T), filled by step_loss
+    terms: dict[str, Tensor] = field(default_factory=dict)  # per-token quantities of the model's distribution
+    #                                       the losses read, (B, T): the student's filled by step_loss, the
+    #                                       teacher's log p(y_t) by teacher_token_logprobs (once per rollout)
 
 
 @dataclass
@@ -137,10 +138,14 @@ def teacher_token_logprobs(batch: Completions, teacher: ModelOutputs | None, chu
     if teacher is not None and teacher.logits is not None:
         return gather_logprobs(teacher.logits, batch.completion_ids, batch.temperature).detach()
     if teacher is not None and teacher.head is not None:
-        with torch.no_grad():
-            return tt.token_terms(teacher, None, batch.completion_mask,
-                                  {"logprob": tt.sampled_logprob(batch.completion_ids, batch.temperature)},
-                                  chunk_size)["logprob"]
+        # a chunked pass over the teacher's head: made once per rollout (the step's baseline, then every PPO
+        # epoch's loss read it), kept with the teacher's outputs
+        if "logprob" not in teacher.terms:
+            with torch.no_grad():
+                teacher.terms = tt.token_terms(teacher, None, batch.completion_mask,
+                                               {"logprob": tt.sampled_logprob(batch.completion_ids, batch.temperature)},
+                                               chunk_size)
+        return teacher.terms["logprob"]
     if batch.teacher_logprobs is None:
         raise ValueError("the PG rewards need the teacher's log-probs: run the teacher or sample with alpha > 0")
     return batch.teacher_logprobs
