@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType
 
-from onpolicy_kd.errors import UserError
+from onpolicy_kd.errors import ConfigError, UserError
 from onpolicy_kd.recipe import Recipe
 from onpolicy_kd.recipe.schema import TRACKERS
 
@@ -91,10 +91,18 @@ def describe_run(accelerator: Accelerator, recipe: Recipe, student: torch.nn.Mod
         "processes": accelerator.num_processes, "backend": backend, "device": str(accelerator.device),
         "mixed_precision": str(accelerator.mixed_precision),
         "student_dtype": str(next(student.parameters()).dtype).removeprefix("torch."),
-        "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch."),
+        "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.") + quantized_note(teacher),
         "micro_batch": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "effective_batch": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
     }
+
+
+def quantized_note(teacher: torch.nn.Module) -> str:
+    quant = getattr(innermost(teacher), "kd_quantization", None)
+    if not quant:
+        return ""
+    group = f", {quant['group_size']} inputs per scale" if quant.get("group_size") else ""
+    return f" ({quant['bits']}-bit {quant['backend'].replace('_', '-')} decoder weights{group})"
 
 
 def describe_text(d: dict) -> str:
@@ -111,6 +119,10 @@ def zero_stage(accelerator: Accelerator) -> int:
 
 def prepare_teacher(teacher: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if getattr(teacher, "kd_quantization", None):
+            # not tried: DeepSpeed's inference engine around integer buffers (and ZeRO-3 partitioning them)
+            raise ConfigError("teacher.quantization is not supported under DeepSpeed yet; run it single-process or "
+                              "with DDP (accelerate_configs/multi_gpu.yaml, cpu.yaml), or remove teacher.quantization")
         from trl.models.utils import prepare_deepspeed
 
         return prepare_deepspeed(teacher, accelerator)

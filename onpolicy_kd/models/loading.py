@@ -29,6 +29,8 @@ from onpolicy_kd.recipe import Recipe, StudentConfig, TeacherConfig
 from onpolicy_kd.recipe.schema import LoraSettings
 from onpolicy_kd.errors import ConfigError, ModelLoadError, VocabularyMismatchError
 from onpolicy_kd.hub import expand_path, hub_reachable, looks_like_local_path
+from onpolicy_kd.models.quantization import bitsandbytes_config, choose_backend as choose_quantization_backend
+from onpolicy_kd.models.quantization import quantize_weight_only
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -138,12 +140,15 @@ def prepare_tokenizer_for_generation(tokenizer: PreTrainedTokenizerBase) -> None
 def load_model(
     name_or_path: str, key: str, *, dtype: str = "float32", revision: str | None = None,
     trust_remote_code: bool = False, attn_implementation: str | None = None, recipe_path: str | None = None,
+    quantization_config: Any = None,
 ) -> PreTrainedModel:
     source = resolve_source(name_or_path, key)
     kwargs = _load_kwargs(source, revision, trust_remote_code, key)
     kwargs["dtype"] = DTYPES[dtype]
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
     model = _from_pretrained(AutoModelForCausalLM, source, "model", key, recipe_path, **kwargs)
     if source.gguf_file:
         drop_gguf_marker(model)
@@ -231,10 +236,16 @@ def check_same_vocabulary(
 
 
 def load_teacher(cfg: TeacherConfig, recipe_path: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The frozen teacher; bitsandbytes quantisation happens here, at load (weight_only after the student is built:
+    a student copied from the teacher's layers must copy float weights)."""
+    bnb = cfg.quantization is not None and choose_quantization_backend(cfg.quantization) == "bitsandbytes"
     teacher = load_model(
         cfg.name_or_path, "teacher.name_or_path", dtype=cfg.dtype, revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation, recipe_path=recipe_path,
+        quantization_config=bitsandbytes_config(cfg.quantization, DTYPES[cfg.dtype]) if bnb else None,
     )
+    if bnb:
+        teacher.kd_quantization = {"backend": "bitsandbytes", "bits": cfg.quantization.bits}
     tokenizer = load_tokenizer(
         cfg.tokenizer or cfg.name_or_path, "teacher.tokenizer" if cfg.tokenizer else "teacher.name_or_path",
         revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, recipe_path=recipe_path,
@@ -325,10 +336,16 @@ def load_models(
         teacher_tokenizer = tokenizer
         freeze_teacher(teacher)
     if student is None:
+        if getattr(teacher, "kd_quantization", {}).get("backend") == "bitsandbytes" and recipe.student.init == "teacher_layers":
+            raise ConfigError("student.init=teacher_layers copies the teacher's layers, which bitsandbytes has already "
+                              "quantised; set teacher.quantization.backend: weight_only (applied after the copy)")
         student, student_tokenizer = load_student(recipe.student, teacher, teacher_tokenizer, recipe.train.seed, recipe_path)
     else:
         student_tokenizer = tokenizer or teacher_tokenizer
         prepare_student(student, recipe.student)
+    quant = recipe.teacher.quantization
+    if quant is not None and not hasattr(teacher, "kd_quantization"):  # weight_only, now that the student exists
+        quantize_weight_only(teacher, decoder_layers(teacher)[1], quant.bits, quant.group_size or 128)
     check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
     models = Models(teacher=teacher, student=student, tokenizer=teacher_tokenizer)
     check_lengths(recipe, models)

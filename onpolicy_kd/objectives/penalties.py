@@ -42,7 +42,7 @@ def any_penalty(penalties) -> bool:
 def _at_every_position(term: terms.Term, logits_BTV: Tensor) -> Tensor:
     """A token term from full logits at every position: (B, T) or (B, T, k)."""
     B, T, V = logits_BTV.shape
-    values = term.rows(logits_BTV.reshape(B * T, V), None, torch.arange(B * T, device=logits_BTV.device))
+    values = term.rows(terms.Rows(logits_BTV.reshape(B * T, V)), None, torch.arange(B * T, device=logits_BTV.device))
     return values.reshape(B, T) if term.width == 1 else values.reshape(B, T, term.width)
 
 

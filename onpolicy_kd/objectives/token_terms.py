@@ -30,11 +30,25 @@ from onpolicy_kd.objectives.divergences import _kl, log_probs, math_dtype
 Tensor = torch.Tensor
 
 
+class Rows:
+    """The logits of n positions and their log-softmax at each temperature a term asks for, computed once for all
+    the terms of a chunk (each would otherwise normalise the same (n, V) logits again)."""
+
+    def __init__(self, logits: Tensor) -> None:
+        self.logits = logits
+        self._log_probs: dict[float, Tensor] = {}
+
+    def log_probs(self, temperature: float = 1.0) -> Tensor:
+        if temperature not in self._log_probs:
+            self._log_probs[temperature] = log_probs(self.logits, temperature)
+        return self._log_probs[temperature]
+
+
 class Term(NamedTuple):
     """A row function and how many values it returns per position."""
 
-    rows: Callable[[Tensor, "Tensor | None", Tensor], Tensor]  # (student logits (n, V), teacher logits (n, V) or
-    #                                   None, the n rows' flat positions b * T + t in the batch) -> (n, k) values
+    rows: Callable[[Rows, "Rows | None", Tensor], Tensor]  # (student rows (n, V), teacher rows or None, the n
+    #                                   rows' flat positions b * T + t in the batch) -> (n, k) values
     width: int = 1
 
 
@@ -42,22 +56,23 @@ def sampled_logprob(tokens_BT: Tensor, temperature: float = 1.0) -> Term:
     """log q(y_t) at the temperature (the PG's policy log-prob; minus the cross-entropy at temperature 1)."""
     tokens_N = tokens_BT.reshape(-1)
 
-    def rows(student: Tensor, teacher: Tensor | None, at: Tensor) -> Tensor:
-        return log_probs(student, temperature).gather(-1, tokens_N[at].unsqueeze(-1))
+    def rows(student: Rows, teacher: Rows | None, at: Tensor) -> Tensor:
+        return student.log_probs(temperature).gather(-1, tokens_N[at].unsqueeze(-1))
     return Term(rows)
 
 
 def reverse_kl_to_teacher(temperature: float = 1.0) -> Term:
     """KL(q(.|c_t) || p(.|c_t)) over the vocabulary, both at the temperature (pg's single-step term)."""
-    def rows(student: Tensor, teacher: Tensor | None, at: Tensor) -> Tensor:
-        return _kl(log_probs(student, temperature), log_probs(teacher, temperature)).unsqueeze(-1)
+    def rows(student: Rows, teacher: Rows | None, at: Tensor) -> Tensor:
+        assert teacher is not None, "the single-step KL reads the teacher"
+        return _kl(student.log_probs(temperature), teacher.log_probs(temperature)).unsqueeze(-1)
     return Term(rows)
 
 
 def entropy() -> Term:
     """H_t = -sum_v q log q (temperature 1)."""
-    def rows(student: Tensor, teacher: Tensor | None, at: Tensor) -> Tensor:
-        logq = log_probs(student)
+    def rows(student: Rows, teacher: Rows | None, at: Tensor) -> Tensor:
+        logq = student.log_probs()
         return -(logq.exp() * logq).sum(-1, keepdim=True)
     return Term(rows)
 
@@ -69,22 +84,23 @@ def previous_probability(tokens_BT: Tensor, mask_BT: Tensor) -> Term:
     earlier_tokens_NT = tokens_BT.unsqueeze(1).expand(-1, T, -1).reshape(B * T, T)  # [b*T + t, s] = y_s
     earlier_valid_NT = (earlier_TT & mask_BT.bool().unsqueeze(1)).reshape(B * T, T)  # s < t and s valid
 
-    def rows(student: Tensor, teacher: Tensor | None, at: Tensor) -> Tensor:
-        q = log_probs(student).exp().gather(-1, earlier_tokens_NT[at])
+    def rows(student: Rows, teacher: Rows | None, at: Tensor) -> Tensor:
+        q = student.log_probs().exp().gather(-1, earlier_tokens_NT[at])
         return torch.where(earlier_valid_NT[at], q, torch.zeros_like(q)).sum(-1, keepdim=True)
     return Term(rows)
 
 
 def expected_embedding(embeddings_VH: Tensor) -> Term:
     """e_t = sum_v q(v|c_t) E_v with the embeddings held constant (the diversity penalty)."""
-    def rows(student: Tensor, teacher: Tensor | None, at: Tensor) -> Tensor:
-        probs = log_probs(student).exp()
+    def rows(student: Rows, teacher: Rows | None, at: Tensor) -> Tensor:
+        probs = student.log_probs().exp()
         return probs @ embeddings_VH.detach().to(probs.dtype)[: probs.shape[-1]]
     return Term(rows, embeddings_VH.shape[-1])
 
 
 def _apply(terms: Mapping[str, Term], student: Tensor, teacher: Tensor | None, at: Tensor) -> Tensor:
-    return torch.cat([term.rows(student, teacher, at) for term in terms.values()], dim=-1)
+    student_rows, teacher_rows = Rows(student), None if teacher is None else Rows(teacher)
+    return torch.cat([term.rows(student_rows, teacher_rows, at) for term in terms.values()], dim=-1)
 
 
 class _ChunkedRows(torch.autograd.Function):

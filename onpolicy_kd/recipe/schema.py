@@ -53,6 +53,23 @@ class Section(BaseModel):
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+class QuantizationConfig(Section):
+    """The teacher's decoder weights in 8 or 4 bits (onpolicy_kd/models/quantization.py)."""
+
+    bits: Literal[8, 4]
+    backend: Literal["auto", "weight_only", "bitsandbytes"] = Field(
+        "auto", description="auto: bitsandbytes with CUDA and the package, else weight_only (any device)")
+    group_size: int | None = Field(
+        None, ge=2, multiple_of=2, description="weight_only 4-bit: inputs per scale (default 128)")
+
+    @model_validator(mode="after")
+    def _group_size_with_4_bit_weight_only(self) -> QuantizationConfig:
+        if self.group_size is not None and (self.bits != 4 or self.backend == "bitsandbytes"):
+            raise ValueError("group_size applies to 4-bit weight_only quantisation only (8 bits: one scale per "
+                             "output row; bitsandbytes: its own blocks); remove it")
+        return self
+
+
 class TeacherConfig(Section):
     name_or_path: str = Field(description="a Hub model name, a local folder, or a .gguf file")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
@@ -60,6 +77,8 @@ class TeacherConfig(Section):
     dtype: Dtype = "float32"
     trust_remote_code: bool = False
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
+    quantization: QuantizationConfig | None = Field(
+        None, description="{bits: 8 | 4, backend: auto | weight_only | bitsandbytes}: less memory for the teacher")
 
 
 class LoraSettings(Section):

@@ -36,7 +36,8 @@ COLUMNS = ("teacher_ids", "teacher_text")
 
 
 def teacher_fingerprint(teacher: torch.nn.Module) -> str:
-    """The teacher's config and, when it was loaded from a folder, its weight files' names, sizes and times."""
+    """The teacher's config, its quantisation, and, when it was loaded from a folder, its weight files' names, sizes
+    and times."""
     config = teacher.config.to_json_string(use_diff=False)
     source = Path(str(getattr(teacher, "name_or_path", "") or getattr(teacher.config, "_name_or_path", "")))
     files = []
@@ -45,7 +46,8 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
             if path.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
                 stat = path.stat()
                 files.append((path.name, stat.st_size, int(stat.st_mtime)))
-    return hashlib.sha256(json.dumps([config, str(source), files]).encode()).hexdigest()
+    quantization = getattr(teacher, "kd_quantization", None)  # a quantised teacher writes other summaries
+    return hashlib.sha256(json.dumps([config, str(source), files, quantization]).encode()).hexdigest()
 
 
 def cache_key(teacher: torch.nn.Module, prompts: Dataset, settings: dict[str, Any]) -> str:
