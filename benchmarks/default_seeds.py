@@ -2,6 +2,7 @@
 
     python benchmarks/default_seeds.py --seeds 1 2                 # train + evaluate, one seed at a time
     python benchmarks/default_seeds.py --add-run outputs/smollm2_news --seed 42   # record a run made by hand
+    python benchmarks/default_seeds.py --seeds 42 1 2 --set penalties.frequency=5.0   # a variant, its own row
     python benchmarks/default_seeds.py --table-only
 
 Each seed runs the README's job unchanged except `train.seed` and the output folder
@@ -63,12 +64,12 @@ def record_of(run: Path, seed: int, wall_s: float | None) -> dict:
             "after": evaluate(run), "date": time.strftime("%Y-%m-%d")}
 
 
-def train_one(seed: int) -> dict:
+def train_one(seed: int, overrides: list[str]) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f"default-seed{seed}-"))
     started = time.perf_counter()
     python("-m", "onpolicy_kd.train", str(RECIPE), f"train.seed={seed}", f"train.output_dir={work}",
-           "logging.live=false")
-    record = record_of(work, seed, time.perf_counter() - started)
+           "logging.live=false", *overrides)
+    record = record_of(work, seed, time.perf_counter() - started) | {"overrides": overrides}
     shutil.rmtree(work, ignore_errors=True)  # checkpoints and the export: ~1.5 GB
     return record
 
@@ -95,20 +96,28 @@ def table(records: list[dict], initial: dict) -> str:
              "`train.seed`; then `python -m onpolicy_kd.evaluate` on the 12 held-out training-set articles and on 12 "
              "of the 50 other Lee articles. KLs on sampled completions, text metrics on greedy 32-token completions. "
              "Mean ± standard deviation over the seeds; target: the issue's (mean over 3 seeds).", ""]
+    variants: dict[tuple, list[dict]] = {}  # records by the overrides they ran with (none: the recipe as shipped)
+    for r in records:
+        variants.setdefault(tuple(r.get("overrides", [])), []).append(r)
     for name, title in (("heldout", "Held-out articles (train[280:292] of lee_background)"),
                         ("lee", "Another source: 12 of the 50 lee.jsonl articles")):
         lines += [f"## {title}", "", "| student | seeds | " + " | ".join(label for _, label in METRICS) + " |",
                   "|---|---|" + "---|" * len(METRICS)]
         lines.append("| untrained copy | - | " + " | ".join(f"{initial[name][k]:.3f}" for k, _ in METRICS) + " |")
-        means = {k: statistics.fmean(r["after"][name][k] for r in records) for k, _ in METRICS}
-        lines.append(f"| the default, 140 steps | {', '.join(str(r['seed']) for r in records)} | "
-                     + " | ".join(mean_sd([r["after"][name][k] for r in records]) for k, _ in METRICS) + " |")
-        lines.append("| target met (mean) | | " + " | ".join(meets(k, means[k], initial[name]) for k, _ in METRICS)
-                     + " |")
-        lines += ["", "Per seed: " + "; ".join(
-            f"seed {r['seed']}: " + ", ".join(f"{label} {r['after'][name][k]:.3f}" for k, label in METRICS)
-            for r in records), ""]
-    notes = [f"- seed {r['seed']}: {r['note']}" for r in records if r.get("note")]
+        for overrides, group in variants.items():
+            means = {k: statistics.fmean(r["after"][name][k] for r in group) for k, _ in METRICS}
+            label = "the recipe as shipped" + "".join(f", `{o}`" for o in overrides)
+            lines.append(f"| {label} | {', '.join(str(r['seed']) for r in group)} | "
+                         + " | ".join(mean_sd([r["after"][name][k] for r in group]) for k, _ in METRICS) + " |")
+            lines.append("| target met (mean) | | "
+                         + " | ".join(meets(k, means[k], initial[name]) for k, _ in METRICS) + " |")
+        lines.append("")
+        for overrides, group in variants.items():
+            lines += [f"Per seed{''.join(f', `{o}`' for o in overrides)}: " + "; ".join(
+                f"seed {r['seed']}: " + ", ".join(f"{label} {r['after'][name][k]:.3f}" for k, label in METRICS)
+                for r in group), ""]
+    notes = [f"- seed {r['seed']}{''.join(f', `{o}`' for o in r.get('overrides', []))}: {r['note']}"
+             for r in records if r.get("note")]
     if notes:  # what a record's reader should know (added to default_seeds.jsonl by hand, with the reason)
         lines += ["Notes on single runs:", "", *notes, ""]
     timed = [r for r in records if r.get("wall_s")]
@@ -149,19 +158,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="*", default=[])
     parser.add_argument("--add-run", type=Path, help="a finished run folder of the recipe to record (with --seed)")
     parser.add_argument("--seed", type=int, help="the seed --add-run was trained with")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="recipe overrides for a variant of the default (recorded with each run, a row of its own)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
     args.results.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         measure_initial(args.results)
-        new = [record_of(args.add_run.resolve(), args.seed, None)] if args.add_run else []
+        new = [record_of(args.add_run.resolve(), args.seed, None) | {"overrides": args.set}] if args.add_run else []
         for record in new:
             with open(args.results / "default_seeds.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         for seed in args.seeds:
             print(f"--- seed {seed}", flush=True)
-            record = train_one(seed)
+            record = train_one(seed, args.set)
             with open(args.results / "default_seeds.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             publish(args.results)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from results_file import publish  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "smollm2_news.yaml"
-VARIANTS = {"float32": None, "8-bit": {"bits": 8}, "4-bit, group 128": {"bits": 4, "group_size": 128},
+VARIANTS = {"float32": None, "8-bit": {"bits": 8}, "4-bit, group 64": {"bits": 4},
             "4-bit, group 32": {"bits": 4, "group_size": 32}}
 
 
@@ -54,12 +54,12 @@ def median_time(fn, repeat: int = 3) -> float:
 
 def quantized(teacher, settings):
     from onpolicy_kd.models.loading import decoder_layers
-    from onpolicy_kd.models.quantization import quantize_weight_only
+    from onpolicy_kd.models.quantization import DEFAULT_GROUP_SIZE, quantize_weight_only
 
     if settings is None:
         return teacher
     model = copy.deepcopy(teacher)
-    quantize_weight_only(model, decoder_layers(model)[1], settings["bits"], settings.get("group_size", 128))
+    quantize_weight_only(model, decoder_layers(model)[1], settings["bits"], settings.get("group_size", DEFAULT_GROUP_SIZE))
     return model
 
 
@@ -125,7 +125,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     recipe = load_recipe(RECIPE)
     rows = model_measurements(recipe)
-    for name in ("float32", "8-bit", "4-bit, group 128"):
+    for name in ("float32", "8-bit", "4-bit, group 64"):
         rows[name] |= training_step(VARIANTS[name], args.steps)
         print(name, rows[name], flush=True)
     base = rows["float32"]

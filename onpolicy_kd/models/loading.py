@@ -30,7 +30,7 @@ from onpolicy_kd.recipe.schema import LoraSettings
 from onpolicy_kd.errors import ConfigError, ModelLoadError, VocabularyMismatchError
 from onpolicy_kd.hub import expand_path, hub_reachable, looks_like_local_path
 from onpolicy_kd.models.quantization import bitsandbytes_config, choose_backend as choose_quantization_backend
-from onpolicy_kd.models.quantization import quantize_weight_only
+from onpolicy_kd.models.quantization import DEFAULT_GROUP_SIZE, quantize_weight_only
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -345,7 +345,7 @@ def load_models(
         prepare_student(student, recipe.student)
     quant = recipe.teacher.quantization
     if quant is not None and not hasattr(teacher, "kd_quantization"):  # weight_only, now that the student exists
-        quantize_weight_only(teacher, decoder_layers(teacher)[1], quant.bits, quant.group_size or 128)
+        quantize_weight_only(teacher, decoder_layers(teacher)[1], quant.bits, quant.group_size or DEFAULT_GROUP_SIZE)
     check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
     models = Models(teacher=teacher, student=student, tokenizer=teacher_tokenizer)
     check_lengths(recipe, models)

@@ -1,6 +1,6 @@
 """A quantised teacher: the model that only runs forward is where memory can go down without touching training.
 
-`teacher.quantization: {bits: 8 | 4, backend: auto | weight_only | bitsandbytes, group_size: 128}`
+`teacher.quantization: {bits: 8 | 4, backend: auto | weight_only | bitsandbytes, group_size: 64}`
 
 - `weight_only` (any device; what `auto` picks without CUDA): the Linear weights of the teacher's decoder layers are
   stored as signed integers with float scales, symmetric round-to-nearest: 8 bits with one scale per output row, or
@@ -33,6 +33,7 @@ from transformers.pytorch_utils import Conv1D
 from onpolicy_kd.errors import ConfigError
 
 QMAX = {8: 127, 4: 7}  # symmetric: codes in [-QMAX, QMAX]
+DEFAULT_GROUP_SIZE = 64  # divides the widths of most models (576, 768, 896, 2048, 4864, ...); 128 does not divide 576
 
 
 class WeightOnlyLinear(nn.Module):

@@ -60,7 +60,7 @@ class QuantizationConfig(Section):
     backend: Literal["auto", "weight_only", "bitsandbytes"] = Field(
         "auto", description="auto: bitsandbytes with CUDA and the package, else weight_only (any device)")
     group_size: int | None = Field(
-        None, ge=2, multiple_of=2, description="weight_only 4-bit: inputs per scale (default 128)")
+        None, ge=2, multiple_of=2, description="weight_only 4-bit: inputs per scale (default 64, a divisor of most layer widths)")
 
     @model_validator(mode="after")
     def _group_size_with_4_bit_weight_only(self) -> QuantizationConfig:
