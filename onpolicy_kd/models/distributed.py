@@ -19,6 +19,7 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType
 
 from onpolicy_kd.errors import ConfigError, UserError
+from onpolicy_kd.models.bitnet import bitnet_layers
 from onpolicy_kd.recipe import Recipe
 from onpolicy_kd.recipe.schema import TRACKERS
 
@@ -90,11 +91,16 @@ def describe_run(accelerator: Accelerator, recipe: Recipe, student: torch.nn.Mod
     return {
         "processes": accelerator.num_processes, "backend": backend, "device": str(accelerator.device),
         "mixed_precision": str(accelerator.mixed_precision),
-        "student_dtype": str(next(student.parameters()).dtype).removeprefix("torch."),
+        "student_dtype": str(next(student.parameters()).dtype).removeprefix("torch.") + bitnet_note(student),
         "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.") + quantized_note(teacher),
         "micro_batch": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "effective_batch": cfg.batch_size * cfg.grad_accum * accelerator.num_processes,
     }
+
+
+def bitnet_note(student: torch.nn.Module) -> str:
+    layers = bitnet_layers(innermost(student))
+    return f" (BitNet b1.58: {len(layers)} ternary Linear layers, 8-bit activations)" if layers else ""
 
 
 def quantized_note(teacher: torch.nn.Module) -> str:

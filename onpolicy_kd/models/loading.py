@@ -29,6 +29,7 @@ from onpolicy_kd.recipe import Recipe, StudentConfig, TeacherConfig
 from onpolicy_kd.recipe.schema import LoraSettings
 from onpolicy_kd.errors import ConfigError, ModelLoadError, VocabularyMismatchError
 from onpolicy_kd.hub import expand_path, hub_reachable, looks_like_local_path
+from onpolicy_kd.models.bitnet import reload_exported as reload_exported_bitnet, to_bitnet
 from onpolicy_kd.models.quantization import bitsandbytes_config, choose_backend as choose_quantization_backend
 from onpolicy_kd.models.quantization import DEFAULT_GROUP_SIZE, quantize_weight_only
 
@@ -152,6 +153,8 @@ def load_model(
     model = _from_pretrained(AutoModelForCausalLM, source, "model", key, recipe_path, **kwargs)
     if source.gguf_file:
         drop_gguf_marker(model)
+    if source.local:
+        reload_exported_bitnet(model, source.location)  # a BitNet student's export computes as it did in training
     return model
 
 
@@ -260,12 +263,14 @@ def freeze_teacher(teacher: PreTrainedModel) -> None:
 
 
 def prepare_student(student: PreTrainedModel, cfg: StudentConfig) -> None:
-    """Training mode, with the recipe's attention implementation and gradient checkpointing (also for model objects
-    given to the Python API)."""
+    """Training mode, with the recipe's attention implementation, gradient checkpointing and BitNet layers (also for
+    model objects given to the Python API)."""
     if cfg.attn_implementation and student.config._attn_implementation != cfg.attn_implementation:
         student.set_attn_implementation(cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
+    if cfg.bitnet:
+        to_bitnet(student, decoder_layers(student)[1])
     student.train()
 
 

@@ -110,9 +110,13 @@ class StudentConfig(Section):
     attn_implementation: str | None = None
     gradient_checkpointing: bool = False
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight (peft)")
+    bitnet: bool = Field(False, description="BitNet b1.58: ternary weights, 8-bit activations in the decoder's Linears")
 
     @model_validator(mode="after")
     def _init_sources(self) -> "StudentConfig":
+        if self.bitnet and self.lora:
+            raise ValueError("student.bitnet trains the student's own weights as ternary ones, student.lora freezes "
+                             "them; use one of the two")
         if self.init == "pretrained" and not self.name_or_path:
             raise ValueError("student.init=pretrained needs student.name_or_path")
         if self.init == "config" and not (self.name_or_path or self.config_overrides):

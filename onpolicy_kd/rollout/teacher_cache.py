@@ -46,8 +46,11 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
             if path.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
                 stat = path.stat()
                 files.append((path.name, stat.st_size, int(stat.st_mtime)))
+    parts = [config, str(source), files]
     quantization = getattr(teacher, "kd_quantization", None)  # a quantised teacher writes other summaries
-    return hashlib.sha256(json.dumps([config, str(source), files, quantization]).encode()).hexdigest()
+    if quantization:  # (only then: the caches of full-precision teachers keep their keys)
+        parts.append(quantization)
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def cache_key(teacher: torch.nn.Module, prompts: Dataset, settings: dict[str, Any]) -> str:

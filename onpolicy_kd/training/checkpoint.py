@@ -25,6 +25,7 @@ from onpolicy_kd.console import is_main_process
 from onpolicy_kd.errors import UserError
 from onpolicy_kd.objectives.hidden import STITCHING, split_stitching
 from onpolicy_kd.models.loading import is_lora
+from onpolicy_kd.models.bitnet import bitnet_layers, export_state_dict as bitnet_export, write_export_file as write_bitnet_file
 
 STATE_FILE = "trainer_state.json"
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe the checkpoint was trained with
@@ -213,7 +214,8 @@ def export_final(accelerator: Accelerator, student, tokenizer, output_dir: str |
     Hidden-state stitching projections are not part of the student: they go to `stitching.safetensors`
     (their layer pairs in its metadata), so `final/` loads as a plain transformers model. A LoRA student's
     adapters are merged into its weights (on every rank: the run's student is the merged model from here on),
-    and with `keep_adapters` also saved alone, in peft's format, to `final/adapter/`.
+    and with `keep_adapters` also saved alone, in peft's format, to `final/adapter/`. A BitNet student's Linear
+    weights are written ternary, with `bitnet.json` (onpolicy_kd/models/bitnet.py).
     """
     final = Path(output_dir) / "final"
     tmp = Path(output_dir) / ".tmp-final"
@@ -230,7 +232,12 @@ def export_final(accelerator: Accelerator, student, tokenizer, output_dir: str |
     if accelerator.is_main_process:
         # a copy: recent transformers empties the dict it is given
         own, stitching = split_stitching(dict(state_dict))
+        bitnet = None
+        if bitnet_layers(model):  # ternary weights as they compute, and the file that says so
+            own, bitnet = bitnet_export(model, own)
         model.save_pretrained(tmp, state_dict=own, safe_serialization=True)
+        if bitnet:
+            write_bitnet_file(tmp, bitnet)
         if stitching:
             pairs = getattr(model, STITCHING).pairs
             save_file({k: v.contiguous() for k, v in stitching.items()}, str(tmp / "stitching.safetensors"),
