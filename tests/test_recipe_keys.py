@@ -44,6 +44,7 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "teacher.dtype": ([], ["teacher.dtype=bfloat16"]),
     "teacher.trust_remote_code": ([], ["teacher.trust_remote_code=true"]),
     "teacher.attn_implementation": ([], ["teacher.attn_implementation=eager"]),
+    "teacher.quantization": ([], ["teacher.quantization={bits: 8}"]),
     "student.init": ([], ["student.init=config", "student.layer_stride=null",
                           "student.config_overrides={num_hidden_layers: 2}"]),
     "student.name_or_path": (PRETRAINED, ["student.name_or_path={other_student}"]),
@@ -59,6 +60,7 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "student.attn_implementation": ([], ["student.attn_implementation=eager"]),
     "student.gradient_checkpointing": ([], ["student.gradient_checkpointing=true"]),
     "student.lora": ([], ["student.lora={r: 2}"]),
+    "student.bitnet": ([], ["student.bitnet=true"]),
     "data.path": ([], ["data.path={other_data}"]),
     "data.name": ([], ["data.name=3.0.0"]),  # a local file: an error
     "data.split": ([], ["data.split=train[:40]"]),
