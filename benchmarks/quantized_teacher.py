@@ -35,21 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results_file import publish  # noqa: E402
+from results_file import median_time, publish  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "smollm2_news.yaml"
 VARIANTS = {"float32": None, "8-bit": {"bits": 8}, "4-bit, group 64": {"bits": 4},
             "4-bit, group 32": {"bits": 4, "group_size": 32}}
 
-
-def median_time(fn, repeat: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def quantized(teacher, settings):
