@@ -19,6 +19,7 @@ from onpolicy_kd.rollout.teacher_cache import teacher_fingerprint
 from test_api import ROWS, recipe_dict, teacher_and_tokenizer  # noqa: F401 (a fixture)
 
 
+STUDENT = {"init": "teacher_layers", "keep_layers": [0]}
 DATA = recipe_dict(__import__("pathlib").Path("unused"))["data"] | {"path": "unused.jsonl"}  # models only: the data is never read
 
 
@@ -103,15 +104,16 @@ def test_training_with_a_quantized_teacher(tmp_path, teacher_and_tokenizer, isol
 
 def test_kinds_that_cannot_run_here_are_clear_errors(tmp_path, tiny_llama_dir, isolated_cache):
     teacher = {"name_or_path": str(tiny_llama_dir), "quantization": {"bits": 4, "backend": "bitsandbytes"}}
-    recipe = load_recipe(recipe_dict(tmp_path, teacher=teacher, data=DATA))
+    recipe = load_recipe(recipe_dict(tmp_path, teacher=teacher, student=STUDENT, data=DATA))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="backend=bitsandbytes needs a CUDA device.*backend: weight_only"):
             load_models(recipe)
     with pytest.raises(ConfigError, match="group_size applies to 4-bit weight_only"):
-        load_recipe(recipe_dict(tmp_path, teacher={"name_or_path": "x", "quantization": {"bits": 8, "group_size": 64}}))
+        load_recipe(recipe_dict(tmp_path, teacher={"name_or_path": "x", "quantization": {"bits": 8, "group_size": 64}},
+                                student=STUDENT, data=DATA))
     bad = {"name_or_path": str(tiny_llama_dir), "quantization": {"bits": 4, "group_size": 24}}
     with pytest.raises(ConfigError, match="group_size=24 does not divide the 32 inputs"):
-        load_models(load_recipe(recipe_dict(tmp_path, teacher=bad, data=DATA)))
+        load_models(load_recipe(recipe_dict(tmp_path, teacher=bad, student=STUDENT, data=DATA)))
 
 
 def test_bitsandbytes_settings_passed_to_transformers():
