@@ -83,4 +83,4 @@ def test_bitnet_settings_that_cannot_work_are_errors(tmp_path, tiny_gpt2_dir, fa
         load_recipe(recipe_for(tmp_path, far_pair, "gkd"), ["student.bitnet=true", "student.lora={r: 4}"])
     gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     with pytest.raises(ConfigError, match="no nn.Linear layers to make ternary"):
-        to_bitnet(gpt2, decoder_layers(gpt2)[1])
+        to_bitnet(gpt2, *decoder_layers(gpt2))

@@ -62,17 +62,20 @@ class BitLinear(nn.Linear):
         return F.linear(x_q, w_q, self.bias)
 
 
-def to_bitnet(model: nn.Module, layers: nn.ModuleList, exported: bool = False) -> list[str]:
-    """Turn every nn.Linear inside the decoder `layers` into a BitLinear in place (parameters kept); returns the
-    model-level names of the layers it changed."""
-    prefix = next(name for name, module in model.named_modules() if module is layers)
+def _as_bitlinear(module: nn.Linear, exported: bool) -> None:
+    module.__class__ = BitLinear  # same parameters, same state-dict keys: checkpoints and resume hold
+    module.exported = exported
+
+
+def to_bitnet(model: nn.Module, layers_name: str, layers: nn.ModuleList) -> list[str]:
+    """Turn every nn.Linear inside the decoder `layers` (model.<layers_name>, as `decoder_layers` finds them) into a
+    BitLinear for training, in place (parameters kept); returns the model-level names of the layers it changed."""
     names = []
     for index, block in enumerate(layers):
         for name, module in block.named_modules():
             if type(module) is nn.Linear or isinstance(module, BitLinear):
-                module.__class__ = BitLinear  # same parameters, same state-dict keys: checkpoints and resume hold
-                module.exported = exported
-                names.append(f"{prefix}.{index}.{name}")
+                _as_bitlinear(module, exported=False)
+                names.append(f"{layers_name}.{index}.{name}")
     if not names:
         raise ConfigError(f"student.bitnet: the student's decoder layers ({type(model).__name__}) have no nn.Linear "
                           f"layers to make ternary (GPT-2's are Conv1D); use a Llama-style student or remove bitnet")
@@ -105,7 +108,5 @@ def reload_exported(model: nn.Module, folder: str | Path) -> bool:
     if not path.is_file():
         return False
     for name in json.loads(path.read_text())["layers"]:
-        module = model.get_submodule(name)
-        module.__class__ = BitLinear
-        module.exported = True
+        _as_bitlinear(model.get_submodule(name), exported=True)
     return True

@@ -270,7 +270,7 @@ def prepare_student(student: PreTrainedModel, cfg: StudentConfig) -> None:
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     if cfg.bitnet:
-        to_bitnet(student, decoder_layers(student)[1])
+        to_bitnet(student, *decoder_layers(student))
     student.train()
 
 

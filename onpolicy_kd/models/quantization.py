@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import is_bitsandbytes_available
 
 from onpolicy_kd.errors import ConfigError
 
@@ -73,13 +74,7 @@ class WeightOnlyLinear(nn.Module):
 
 def choose_backend(cfg: Any) -> str:
     """weight_only or bitsandbytes, decided once; a kind this machine cannot run is a recipe error."""
-    cuda = torch.cuda.is_available()
-    try:
-        import bitsandbytes  # noqa: F401
-
-        bnb = True
-    except ImportError:
-        bnb = False
+    cuda, bnb = torch.cuda.is_available(), is_bitsandbytes_available()
     if cfg.backend == "bitsandbytes" and not (cuda and bnb):
         missing = "a CUDA device" if not cuda else "the bitsandbytes package (pip install bitsandbytes)"
         raise ConfigError(f"teacher.quantization.backend=bitsandbytes needs {missing}, which this machine does not "
