@@ -79,6 +79,8 @@ METHODS: dict[str, object] = {
     "staged_fkl": lambda budget: staged(budget, 2 / 3, "forward_kl"),
     "staged_gentle": lambda budget: staged(budget, 2 / 3, "forward_kl", lr="2.0e-5"),
     "kd": lambda budget: ["stages=[]", "objective.mode=gkd", "objective.divergence=forward_kl", *TEACHER_TEXT],
+    "kd_freq": lambda budget: ["stages=[]", "objective.mode=gkd", "objective.divergence=forward_kl",
+                               "penalties.frequency=5.0", *TEACHER_TEXT],
     "kd_prompt": lambda budget: ["stages=[]", "objective.mode=gkd", "objective.divergence=forward_kl",
                                  "objective.prompt_weight=1.0", *TEACHER_TEXT],
     "seqkd": lambda budget: ["stages=[]", "objective.mode=seqkd", "objective.divergence=reverse_kl",
@@ -90,8 +92,9 @@ METHODS: dict[str, object] = {
     "trl": lambda budget: ON_POLICY,
 }
 LABELS = {"staged": "staged: heal 1/2, then on-policy reverse KL 1/2",
-          "staged_fkl": "staged: heal 2/3, then on-policy forward KL 1/3", "kd": "KD: dense forward KL on teacher text (the recipe)",
+          "staged_fkl": "staged: heal 2/3, then on-policy forward KL 1/3", "kd": "KD: dense forward KL on teacher text",
           "staged_gentle": "staged: heal 2/3, then on-policy forward KL 1/3 at lr 2e-5",
+          "kd_freq": "KD + frequency penalty 5 (the default recipe now)",
           "kd_prompt": "KD + the same forward KL on the articles (prompt_weight 1)",
           "seqkd": "SeqKD: CE on teacher text", "gkd_rkl": "on-policy GKD, reverse KL", "gkd_jsd": "on-policy GKD, JSD 0.5",
           "pg": "PG (MiniLLM-style)", "trl": "TRL DistillationTrainer"}
@@ -112,7 +115,8 @@ def overrides(method: str, seed: int, budget: float, work: Path, student: list[i
     if student is not None:
         common.append(f"student.keep_layers={json.dumps(student)}")
     budget_keys = [] if method.startswith("staged") else [f"train.max_time={budget:g}", "train.max_steps=100000"]
-    return [*METHODS[method](budget), *budget_keys, *common]
+    # every method without the frequency penalty the default recipe has, unless it names it (kd_freq)
+    return ["penalties.frequency=0.0", *METHODS[method](budget), *budget_keys, *common]
 
 
 def run_one(method: str, seed: int, budget: float, out_json: Path, student: list[int] | None = None) -> None:

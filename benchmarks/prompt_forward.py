@@ -40,6 +40,7 @@ def main() -> None:
     from onpolicy_kd.data.loading import load_prompt_data
     from onpolicy_kd.models.loading import load_models
     from onpolicy_kd.recipe import load_recipe
+    from onpolicy_kd.models.module_lm import CACHE
 
     torch.set_num_threads(os.cpu_count() or 1)
     recipe = load_recipe(RECIPE)
@@ -57,12 +58,12 @@ def main() -> None:
 
     def decode():
         out, attention = prefill(), mask
-        cache = out.past_key_values
+        cache = getattr(out, CACHE)
         with torch.no_grad():
             for t in range(completion.shape[1]):
                 attention = torch.cat([attention, torch.ones_like(attention[:, :1])], 1)
-                cache = student(input_ids=completion[:, t : t + 1], attention_mask=attention, past_key_values=cache,
-                                use_cache=True).past_key_values
+                cache = getattr(student(input_ids=completion[:, t : t + 1], attention_mask=attention,
+                                        use_cache=True, **{CACHE: cache}), CACHE)
 
     def loss_pass():
         student.zero_grad(set_to_none=True)

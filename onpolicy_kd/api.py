@@ -12,8 +12,11 @@
 Objects replace the matching recipe entries: `teacher=` replaces `teacher.name_or_path` (and then needs
 `tokenizer=`), `student=` replaces the recipe's student initialisation, `train_data=` / `eval_data=`
 replace `data.path` (a `datasets.Dataset`, a list of row dicts or a dict of columns; the columns are
-detected as for files, `data.format` / `data.columns` still apply). Models must be transformers causal
-LMs (`PreTrainedModel` subclasses, including architectures of your own). Everything else, checks
+detected as for files, `data.format` / `data.columns` still apply). The teacher must be a transformers causal
+LM (`PreTrainedModel` subclasses, including architectures of your own); the student may also be any
+`torch.nn.Module` mapping `(input_ids, attention_mask)` to logits (onpolicy_kd/models/module_lm.py: decoded by
+full forward passes, no KV cache). `distill_file("my_distill.py")` runs a Distillation file as
+`onpolicy-kd train my_distill.py` does (onpolicy_kd/models/distillation_file.py). Everything else, checks
 included, is the command line's `train()`: the same loop, metrics, checkpoints and `final/` export.
 Bad input raises `onpolicy_kd.errors.UserError` (a `ConfigError` for the recipe) with the same message
 the command line prints.
@@ -25,42 +28,22 @@ start it with `accelerate launch script.py`.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from datasets import Dataset
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from onpolicy_kd.recipe import DICT_SOURCE, Recipe, load_recipe
 from onpolicy_kd.errors import DataError, ModelLoadError
 from onpolicy_kd.models.loading import load_models
-from onpolicy_kd.training.loop import TrainResult, train
-from onpolicy_kd.training.stages import run_stages
-
-IN_MEMORY = "<in-memory dataset>"
-
-
-def _describe(model: PreTrainedModel) -> str:
-    """A name for the model card: where the object was loaded from, else its class."""
-    config = getattr(model, "config", None)  # not a PreTrainedModel: load_models says so
-    return getattr(model, "name_or_path", "") or getattr(config, "_name_or_path", "") or type(model).__name__
-
-
-def _as_dataset(rows: Any, argument: str) -> Dataset:
-    if isinstance(rows, Dataset):
-        return rows
-    if isinstance(rows, Mapping):
-        return Dataset.from_dict(dict(rows))
-    if isinstance(rows, Sequence) and rows and all(isinstance(r, Mapping) for r in rows):
-        return Dataset.from_list([dict(r) for r in rows])
-    raise DataError(f"{argument}= must be a datasets.Dataset, a non-empty list of row dicts or a dict of columns, "
-                    f"got {type(rows).__name__}")
-
+from onpolicy_kd.training.loop import TrainResult
+from onpolicy_kd.training.run_inputs import IN_MEMORY, describe, resolve_file, run_resolved
 
 def distill(
     recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe,
     *overrides: str,
     teacher: PreTrainedModel | None = None,
-    student: PreTrainedModel | None = None,
+    student: PreTrainedModel | torch.nn.Module | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     train_data: Any = None,
     eval_data: Any = None,
@@ -75,9 +58,9 @@ def distill(
         raise DataError("eval_data= needs train_data= too (the recipe's data would otherwise hold out its own split)")
     api_values: dict[str, Any] = {}
     if teacher is not None:
-        api_values["teacher"] = {"name_or_path": _describe(teacher)}
+        api_values["teacher"] = {"name_or_path": describe(teacher)}
     if student is not None:
-        api_values["student"] = {"init": "pretrained", "name_or_path": _describe(student), "layer_stride": None,
+        api_values["student"] = {"init": "pretrained", "name_or_path": describe(student), "layer_stride": None,
                                  "keep_layers": None, "config_overrides": {}}
     if train_data is not None:
         api_values["data"] = {"path": IN_MEMORY, "split": "train", "eval_split": None}
@@ -87,12 +70,10 @@ def distill(
     recipe_path = str(recipe) if not isinstance(recipe, Mapping) else DICT_SOURCE
     models = load_models(resolved, recipe_path, teacher=teacher, student=student, tokenizer=tokenizer) \
         if teacher is not None or student is not None else None
-    if resolved.stages:
-        if train_data is not None:
-            raise DataError("train_data= with stages: give each stage's data in the recipe (stages[k].data)")
-        return run_stages(resolved, recipe_path, models)
-    return train(
-        resolved, recipe_path, models,
-        raw_train=_as_dataset(train_data, "train_data") if train_data is not None else None,
-        raw_eval=_as_dataset(eval_data, "eval_data") if eval_data is not None else None,
-    )
+    return run_resolved(resolved, recipe_path, models, train_data, eval_data)
+
+
+def distill_file(path: str | os.PathLike[str], *overrides: str) -> TrainResult:
+    """Run a Distillation file, as `onpolicy-kd train FILE.py [overrides]` does."""
+    run = resolve_file(path, overrides)
+    return run_resolved(run.recipe, run.path, run.models, run.train_data, run.eval_data)

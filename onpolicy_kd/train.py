@@ -1,5 +1,8 @@
 """Entry point: `accelerate launch -m onpolicy_kd.train RECIPE.yaml [section.key=value ...] [--dry-run]`.
 
+RECIPE may also be a Python file defining a `Distillation` subclass (onpolicy_kd/models/distillation_file.py): its methods give the
+student (any torch module), and optionally the teacher and data; its `recipe` the rest.
+
 Also `python -m onpolicy_kd.train ...` and `onpolicy-kd train ...`. A user mistake (bad recipe,
 missing model or data, mismatched vocabularies) prints one message and exits with status 2.
 """
@@ -16,6 +19,7 @@ from typing import Sequence
 import torch
 from rich.syntax import Syntax
 
+from onpolicy_kd.models.distillation_file import is_python_spec
 from onpolicy_kd.console import console, is_main_process, print_error, summary_table
 from onpolicy_kd.data.loading import check_data_path, length_stats, load_prompt_data
 from onpolicy_kd.data.sampler import rows_with_references
@@ -27,6 +31,7 @@ from onpolicy_kd.recipe import Recipe, load_recipe, recipe_to_yaml
 from onpolicy_kd.recipe.loading import resolve_stages
 from onpolicy_kd.training.checkpoint import check_writable, checkpoint_bytes, world_size
 from onpolicy_kd.training.loop import TrainResult, budget_text, train
+from onpolicy_kd.training.run_inputs import resolve_file, run_resolved
 from onpolicy_kd.training.stages import run_stages
 
 __all__ = ["TrainResult", "dry_run", "main", "train"]
@@ -38,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="On-policy knowledge distillation of a causal LM, driven by a YAML recipe.",
         epilog="Overrides: section.key=value, e.g. train.max_steps=10 objective.divergence=jsd objective.beta=0.5",
     )
-    parser.add_argument("recipe", help="the YAML recipe, e.g. recipes/smollm2_news.yaml")
+    parser.add_argument("recipe", help="the YAML recipe, e.g. recipes/smollm2_news.yaml, or a Distillation .py file")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides (win over the file and environment)")
     parser.add_argument(
         "--dry-run", action="store_true",
@@ -69,13 +74,15 @@ def stage_row(stage: Recipe) -> dict[str, object]:
             "rollout": f"{stage.rollout.max_new_tokens} tokens, alpha {stage.rollout.alpha}"}
 
 
-def dry_run(recipe: Recipe, recipe_path: str) -> int:
+def dry_run(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None) -> int:
+    """`models` and `raw_train`/`raw_eval`: what a Distillation file builds itself (teacher, rows), as in training."""
     started = time.perf_counter()
     stages = resolve_stages(recipe, recipe_path) if recipe.stages else []
     for task in [recipe, *stages]:
-        check_data_path(task.data)  # before the models load
-    models: Models = load_models(recipe, recipe_path)
-    data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed)
+        if raw_train is None or task is not recipe:
+            check_data_path(task.data)  # before the models load
+    models = models or load_models(recipe, recipe_path)
+    data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, train=raw_train, eval_=raw_eval)
     check_writable(recipe.train.output_dir, checkpoint_bytes(models.student))
     if not is_main_process():
         return 0
@@ -127,22 +134,35 @@ def dry_run(recipe: Recipe, recipe_path: str) -> int:
     return 0
 
 
+def _python_file(args: argparse.Namespace) -> int:
+    run = resolve_file(args.recipe, args.overrides)
+    if args.dry_run:
+        return dry_run(run.recipe, run.path, run.models, run.train_data, run.eval_data)
+    return _exit_code(run_resolved(run.recipe, run.path, run.models, run.train_data, run.eval_data))
+
+
+def _exit_code(result: TrainResult) -> int:
+    """0, or for a run stopped by a signal (a checkpoint was saved: not finished) the shell's code for it (130, 143)."""
+    code = 128 + result.stopped_by_signal if result.stopped_by_signal else 0
+    if result.zero_stage == 3 or result.gloo_processes:
+        # A gloo worker thread can race interpreter shutdown (SIGABRT in ~2% of 2-process CPU ZeRO-3 runs, and seen
+        # after a 2-process rollout; docs/distributed.md): everything is saved, so leave without the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if is_python_spec(args.recipe):
+            return _python_file(args)
         recipe = load_recipe(args.recipe, args.overrides)
         if args.dry_run:
             return dry_run(recipe, args.recipe)
         result = run_stages(recipe, args.recipe) if recipe.stages else train(recipe, args.recipe)
-        # stopped by a signal (a checkpoint was saved): not finished, so the shell's code for it (130, 143)
-        code = 128 + result.stopped_by_signal if result.stopped_by_signal else 0
-        if result.zero_stage == 3:
-            # A gloo worker thread can race interpreter shutdown after ZeRO-3 runs (SIGABRT in ~2% of CPU runs,
-            # docs/distributed.md): everything is saved, so leave without the interpreter's teardown.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-        return code
+        return _exit_code(result)
     except FloatingPointError as err:
         print_error(UserError(f"{err}: the model's weights are no longer finite; lower optim.lr or "
                               f"optim.max_grad_norm, avoid fp16, and resume from the last checkpoint"))

@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType
+from transformers import PreTrainedModel
 
 from onpolicy_kd.errors import ConfigError, UserError
 from onpolicy_kd.models.bitnet import bitnet_layers
@@ -149,7 +150,7 @@ def for_generation(model: torch.nn.Module, accelerator: Accelerator) -> Iterator
 
 def innermost(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside DDP / DeepSpeed wrappers (training engine or inference engine)."""
-    while hasattr(model, "module"):
+    while hasattr(model, "module") and not isinstance(model, PreTrainedModel):
         model = model.module
     return model
 

@@ -29,7 +29,9 @@ from onpolicy_kd.recipe import Recipe, StudentConfig, TeacherConfig
 from onpolicy_kd.recipe.schema import LoraSettings
 from onpolicy_kd.errors import ConfigError, ModelLoadError, VocabularyMismatchError
 from onpolicy_kd.hub import expand_path, hub_reachable, looks_like_local_path
+from onpolicy_kd.models.distillation_file import load_distillation
 from onpolicy_kd.models.bitnet import reload_exported as reload_exported_bitnet, to_bitnet
+from onpolicy_kd.models.module_lm import ModuleLM, reload_exported as reload_exported_module
 from onpolicy_kd.models.quantization import bitsandbytes_config, choose_backend as choose_quantization_backend
 from onpolicy_kd.models.quantization import DEFAULT_GROUP_SIZE, quantize_weight_only
 
@@ -144,6 +146,8 @@ def load_model(
     quantization_config: Any = None,
 ) -> PreTrainedModel:
     source = resolve_source(name_or_path, key)
+    if source.local and (module := reload_exported_module(source.location, load_distillation)) is not None:
+        return module  # a student that is not a transformers model, rebuilt by the Python file that defined it
     kwargs = _load_kwargs(source, revision, trust_remote_code, key)
     kwargs["dtype"] = DTYPES[dtype]
     if attn_implementation:
@@ -265,6 +269,13 @@ def freeze_teacher(teacher: PreTrainedModel) -> None:
 def prepare_student(student: PreTrainedModel, cfg: StudentConfig) -> None:
     """Training mode, with the recipe's attention implementation, gradient checkpointing and BitNet layers (also for
     model objects given to the Python API)."""
+    if isinstance(student, ModuleLM):
+        unusable = [k for k in ("attn_implementation", "gradient_checkpointing", "bitnet", "lora") if getattr(cfg, k)]
+        if unusable:
+            raise ConfigError(f"student.{', student.'.join(unusable)}: the student is a plain torch module "
+                              f"({student.config.module_class}), not a transformers model; build that into it instead")
+        student.train()
+        return
     if cfg.attn_implementation and student.config._attn_implementation != cfg.attn_implementation:
         student.set_attn_implementation(cfg.attn_implementation)
     if cfg.gradient_checkpointing:
@@ -304,6 +315,13 @@ def load_student(
             **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}),
         )
         tokenizer = load_tokenizer(cfg.tokenizer, "student.tokenizer", **common) if cfg.tokenizer else teacher_tokenizer
+    elif cfg.init == "python":
+        distillation, spec = load_distillation(cfg.name_or_path)
+        torch.manual_seed(seed)  # the module's random init is part of the run's seed
+        student = as_causal_lm(distillation.student(), "student()", source=spec)
+        if cfg.dtype != "auto":
+            student.to(DTYPES[cfg.dtype])
+        tokenizer = load_tokenizer(cfg.tokenizer, "student.tokenizer", **common) if cfg.tokenizer else teacher_tokenizer
     else:
         assert cfg.name_or_path is not None  # checked by the schema
         student = load_model(
@@ -317,20 +335,35 @@ def load_student(
     return student, tokenizer
 
 
+def as_causal_lm(model: Any, what: str, source: str | None = None) -> PreTrainedModel:
+    """A transformers model as it is; any other torch module wrapped as one (onpolicy_kd/models/module_lm.py).
+    `source` (FILE.py:ClassName) lets the exported student be rebuilt by the same file."""
+    if isinstance(model, PreTrainedModel):
+        return model
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{what} must be a torch.nn.Module mapping (input_ids, attention_mask) to logits, or a "
+                             f"transformers PreTrainedModel; got {type(model).__name__}")
+    wrapped = ModuleLM(model)
+    wrapped.source = source
+    return wrapped
+
+
 def load_models(
     recipe: Recipe, recipe_path: str | None = None, *, teacher: PreTrainedModel | None = None,
     student: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Models:
     """The recipe's models, or the model objects given (the Python API), checked to share a vocabulary.
 
-    A teacher object needs its `tokenizer`; a student object uses `tokenizer` or else the teacher's.
-    Objects must be transformers causal LMs (`PreTrainedModel` subclasses, custom architectures included).
+    A teacher object needs its `tokenizer`; a student object uses `tokenizer` or else the teacher's. The teacher
+    must be a transformers causal LM (`PreTrainedModel`, custom architectures included); the student may also be
+    any torch module mapping (input_ids, attention_mask) to logits.
     """
-    for role, model in (("teacher", teacher), ("student", student)):
-        if model is not None and not isinstance(model, PreTrainedModel):
-            raise ModelLoadError(
-                f"{role}= must be a transformers PreTrainedModel (a causal LM with a KV cache, as AutoModelForCausalLM "
-                f"returns, custom subclasses included), got {type(model).__name__}")
+    if teacher is not None and not isinstance(teacher, PreTrainedModel):
+        raise ModelLoadError(
+            f"teacher= must be a transformers PreTrainedModel (a causal LM with a KV cache, as AutoModelForCausalLM "
+            f"returns, custom subclasses included), got {type(teacher).__name__}")
+    if student is not None:
+        student = as_causal_lm(student, "student=")
     if tokenizer is not None:
         prepare_tokenizer_for_generation(tokenizer)
     if teacher is None:

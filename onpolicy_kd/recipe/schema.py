@@ -93,11 +93,13 @@ class LoraSettings(Section):
 
 
 class StudentConfig(Section):
-    init: Literal["pretrained", "config", "teacher_layers"] = Field(
+    init: Literal["pretrained", "config", "teacher_layers", "python"] = Field(
         "pretrained",
-        description="pretrained weights, random init from a config, or a copy of a subset of the teacher's layers",
+        description="pretrained weights, random init from a config, a copy of a subset of the teacher's layers, or "
+                    "python: any torch module built by a Python file's Distillation.student() (onpolicy_kd/models/distillation_file.py)",
     )
-    name_or_path: str | None = Field(None, description="Hub name, local folder or .gguf (init=pretrained|config)")
+    name_or_path: str | None = Field(
+        None, description="Hub name, local folder or .gguf (init=pretrained|config); init=python: FILE.py[:ClassName]")
     revision: str | None = None
     tokenizer: str | None = Field(None, description="tokenizer source; defaults to the model's, else the teacher's")
     config_overrides: dict[str, Any] = Field(
@@ -117,8 +119,14 @@ class StudentConfig(Section):
         if self.bitnet and self.lora:
             raise ValueError("student.bitnet trains the student's own weights as ternary ones, student.lora freezes "
                              "them; use one of the two")
-        if self.init == "pretrained" and not self.name_or_path:
-            raise ValueError("student.init=pretrained needs student.name_or_path")
+        if self.init in ("pretrained", "python") and not self.name_or_path:
+            raise ValueError(f"student.init={self.init} needs student.name_or_path"
+                             + (" (FILE.py or FILE.py:ClassName)" if self.init == "python" else ""))
+        if self.init == "python" and (self.bitnet or self.gradient_checkpointing or self.config_overrides or self.lora
+                                      or self.attn_implementation):
+            raise ValueError("student.init=python builds the student with your own code: student.bitnet, lora, "
+                             "gradient_checkpointing, attn_implementation and config_overrides apply to "
+                             "transformers models only")
         if self.init == "config" and not (self.name_or_path or self.config_overrides):
             raise ValueError("student.init=config needs student.name_or_path (a config source) or config_overrides")
         if self.init == "teacher_layers":

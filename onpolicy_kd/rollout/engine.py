@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from onpolicy_kd.batch import Completions, Source, completion_mask, position_ids
+from onpolicy_kd.models.module_lm import CACHE
 from onpolicy_kd.objectives.divergences import log_probs
 
 Tensor = torch.Tensor
@@ -87,9 +88,9 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 
 
 def _forward_last(model: nn.Module, ids: Tensor, attention: Tensor, positions: Tensor, cache) -> tuple[Tensor, object]:
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float(), out.past_key_values
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **{CACHE: cache})
+    return out.logits[:, -1].float(), getattr(out, CACHE)
 
 
 class _StopStrings:

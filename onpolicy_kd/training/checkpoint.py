@@ -26,6 +26,7 @@ from onpolicy_kd.errors import UserError
 from onpolicy_kd.objectives.hidden import STITCHING, split_stitching
 from onpolicy_kd.models.loading import is_lora
 from onpolicy_kd.models.bitnet import bitnet_layers, export_state_dict as bitnet_export, write_export_file as write_bitnet_file
+from onpolicy_kd.models.module_lm import MODULE_FILE, ModuleLM, export_file as module_export_file
 
 STATE_FILE = "trainer_state.json"
 RECIPE_FILE = "recipe.yaml"  # the resolved recipe the checkpoint was trained with
@@ -215,7 +216,8 @@ def export_final(accelerator: Accelerator, student, tokenizer, output_dir: str |
     (their layer pairs in its metadata), so `final/` loads as a plain transformers model. A LoRA student's
     adapters are merged into its weights (on every rank: the run's student is the merged model from here on),
     and with `keep_adapters` also saved alone, in peft's format, to `final/adapter/`. A BitNet student's Linear
-    weights are written ternary, with `bitnet.json` (onpolicy_kd/models/bitnet.py).
+    weights are written ternary, with `bitnet.json` (onpolicy_kd/models/bitnet.py). A plain torch module's weights
+    go with `onpolicy_kd_module.json`, naming the Python file that rebuilds it (onpolicy_kd/models/module_lm.py).
     """
     final = Path(output_dir) / "final"
     tmp = Path(output_dir) / ".tmp-final"
@@ -238,6 +240,8 @@ def export_final(accelerator: Accelerator, student, tokenizer, output_dir: str |
         model.save_pretrained(tmp, state_dict=own, safe_serialization=True)
         if bitnet:
             write_bitnet_file(tmp, bitnet)
+        if isinstance(model, ModuleLM):  # not a transformers model: say which Python file rebuilds it
+            (tmp / MODULE_FILE).write_text(json.dumps(module_export_file(model), indent=1))
         if stitching:
             pairs = getattr(model, STITCHING).pairs
             save_file({k: v.contiguous() for k, v in stitching.items()}, str(tmp / "stitching.safetensors"),

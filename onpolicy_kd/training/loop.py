@@ -126,6 +126,7 @@ class TrainResult:
     stitching: torch.nn.Module | None = None  # hidden-state projections, detached from the student
     stopped_by_signal: int | None = None
     zero_stage: int = 0
+    gloo_processes: bool = False  # several processes over gloo (CPU): the command line leaves without teardown
 
 
 def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None, *,
@@ -451,4 +452,5 @@ def _result(run: Run, after: dict | None, final: Path | None, signum: int | None
     return TrainResult(student=student, tokenizer=run.tokenizer, output_dir=Path(run.recipe.train.output_dir),
                        final_dir=final, before=run.state.before, after=after, steps=run.state.step,
                        head=run.plan.head, stitching=stitching, stopped_by_signal=signum,
-                       zero_stage=zero_stage(run.accelerator))
+                       zero_stage=zero_stage(run.accelerator),
+                       gloo_processes=run.accelerator.num_processes > 1 and run.accelerator.device.type == "cpu")

@@ -34,3 +34,7 @@ if accelerator.is_main_process:
     Path(sys.argv[1]).write_text(json.dumps({"world_size": accelerator.num_processes, "summary": result.summary,
                                              "predictions": result.predictions}))
 accelerator.wait_for_everyone()
+accelerator.end_training()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # a gloo worker thread can race the interpreter's teardown and abort (docs/distributed.md)

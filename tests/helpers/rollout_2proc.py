@@ -5,6 +5,7 @@ Every rank must keep stepping until both are done, then they meet in a gather (a
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,3 +36,7 @@ stats = accelerator.gather(torch.tensor([[out.decode_steps, int(out.lengths.max(
 if accelerator.is_main_process:
     Path(sys.argv[1]).write_text(json.dumps({"world_size": accelerator.num_processes, "stats": stats.tolist()}))
 accelerator.wait_for_everyone()
+accelerator.end_training()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # a gloo worker thread can race the interpreter's teardown and abort (docs/distributed.md)
