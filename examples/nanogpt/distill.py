@@ -88,7 +88,8 @@ class NanoDistill(Distillation):
     recipe = "../../recipes/smollm2_news.yaml"  # teacher, data, teacher-written summaries, evaluation
     overrides = [
         "objective.prompt_weight=1.0",  # a student trained from scratch learns from the teacher at every token
-        "optim.lr=2e-3",
+        "penalties.frequency=0.0",
+        "optim.lr=1e-3",
         "optim.warmup_steps=10",
         "train.max_steps=null",
         "train.max_time=300",  # five minutes of training steps
@@ -102,8 +103,7 @@ class NanoDistill(Distillation):
         model = NanoGPT(vocab_size=49152)
         if state_dict is not None:  # a trained student, as the export saved it
             model.load_state_dict(state_dict)
-        else:  # start from the teacher's token embeddings (576 wide, as the blocks) and the scale of its final norm
+        else:  # start from the teacher's token embeddings (576 wide, as the blocks): words before grammar
             with safe_open(str(TEACHER / "model.safetensors"), "pt") as weights:
                 model.wte.weight.data.copy_(weights.get_tensor("model.embed_tokens.weight"))
-                model.ln_f.weight.data.copy_(weights.get_tensor("model.norm.weight"))
         return model
