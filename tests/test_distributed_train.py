@@ -151,3 +151,26 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, far_pa
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and state["step"] >= 1
     assert not (out / "final").exists()
+
+
+@pytest.mark.parametrize("name", ["ddp_2proc", "zero2_2proc", "zero3_2proc"])
+def test_a_step_with_a_non_finite_loss_on_one_rank_changes_nothing(name, tmp_path, far_pair, isolated_cache):
+    """The last rank's loss is infinite at step 2: every rank skips that step exactly (weights, optimizer state and
+    learning rate as after step 1), and step 3 trains on. Under DeepSpeed the engine steps inside backward, so the
+    skip comes from its ZeRO optimizer discarding a step with a non-finite gradient norm (training/phases.py)."""
+    config, processes, env_extra, _ = LAUNCHES[name]
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    env = {**os.environ, **env_extra, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / config),
+           "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", str(free_port()),
+           str(ROOT / "tests/helpers/nan_step.py"), str(tmp_path / "digests"), str(recipe), "train.max_steps=3",
+           "train.batch_size=2", "eval.max_samples=4", "optim.scheduler=linear"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "non-finite loss at step 2: step skipped" in " ".join(proc.stdout.split())
+    for rank in range(processes):
+        records = json.loads((tmp_path / "digests" / f"rank{rank}.json").read_text())
+        assert [r["skipped"] for r in records] == [False, True, False]
+        first, skipped, third = records
+        assert skipped["digest"] == first["digest"] and skipped["lr"] == first["lr"]  # nothing moved
+        assert third["digest"] != first["digest"] and third["lr"] < first["lr"]  # and training went on

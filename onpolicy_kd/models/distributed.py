@@ -124,6 +124,12 @@ def zero_stage(accelerator: Accelerator) -> int:
     return int(plugin.zero_stage) if plugin is not None else 0
 
 
+def steps_inside_backward(accelerator: Accelerator) -> bool:
+    """DeepSpeed with a ZeRO optimizer (stage 1-3): the engine takes the optimizer step inside `backward`, and skips a
+    step whose gradient norm is not finite (training/phases.py relies on that to skip a step exactly)."""
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and zero_stage(accelerator) >= 1
+
+
 def prepare_teacher(teacher: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         if getattr(teacher, "kd_quantization", None):

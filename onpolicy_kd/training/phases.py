@@ -6,6 +6,14 @@
     backward_micro_batch -> the student's forward, the loss, `accelerator.backward`
     optimizer_step    -> gradient clipping, the optimizer and schedule step (skipped on a non-finite loss)
 
+Skipping a step with a non-finite loss changes nothing: no parameter, optimizer state or schedule moves, on any
+process. A rank whose loss is not finite still runs a backward, of a stand-in loss (collectives in the gradient
+hooks must meet the other ranks'), and then every rank skips together. Under DDP the stand-in is zero and
+`optimizer_step` does not step. Under DeepSpeed ZeRO the engine steps inside `accelerator.backward`, so the
+stand-in is NaN instead: the gradients reduced over the ranks become NaN, DeepSpeed's ZeRO optimizer finds an
+invalid gradient norm and discards the step and the gradients (as it does for an fp16 overflow), and
+`optimizer_step` checks that it did (`engine.was_step_applied()`).
+
 Seeds: a generation batch's sampling generator is seeded from (train.seed, step, batch index, process), so
 a resumed run draws exactly what the interrupted one would have.
 """
@@ -20,7 +28,7 @@ import torch
 
 from onpolicy_kd.batch import Completions, Source, concatenate
 from onpolicy_kd.data.sampler import prompt_batch, reference_batch
-from onpolicy_kd.models.distributed import for_generation, global_sum
+from onpolicy_kd.models.distributed import for_generation, global_sum, steps_inside_backward
 from onpolicy_kd.models.forward import student_forward, teacher_forward
 from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, batch_returns, per_token_mean, step_loss
 from onpolicy_kd.objectives.penalties import sequences_with_pairs
@@ -138,12 +146,15 @@ def backward_micro_batch(run: "Run", batch: Completions, teacher: ModelOutputs |
                                   input_embeddings=bool(run.recipe.penalties.diversity), prompt=plan.prompt)
         loss, metrics = step_loss(run.recipe, run.mode, batch, student, teacher, ctx)
         bad = not torch.isfinite(loss)
-        if bad:  # backpropagate zeros so every rank's gradient hooks still fire
-            loss = sum(p.sum() for p in run.student.parameters() if p.requires_grad) * 0.0
+        if bad:  # a stand-in loss, so that every rank's gradient hooks still fire (module docstring: skipping)
+            if steps_inside_backward(acc):  # NaN through the step's own graph (ZeRO-3 gathers the weights there)
+                loss = loss * float("nan")
+            else:  # zero, with no path through the non-finite values (0 * inf would be NaN)
+                loss = sum(p.sum() for p in run.student.parameters() if p.requires_grad) * 0.0
         # accelerate / DeepSpeed divide the loss by grad_accum and DDP averages over processes: undo both, since
         # the loss is already divided by the step's global counts
         acc.backward(loss * (run.recipe.train.grad_accum * acc.num_processes))
-    metrics["train/loss"] = per_token_mean(loss, batch, ctx)
+    metrics["train/loss"] = per_token_mean(loss if not bad else torch.zeros(()), batch, ctx)  # skipped: counted apart
     sums.add(metrics, batch.num_tokens)
     return bad
 
@@ -153,6 +164,9 @@ def optimizer_step(run: "Run", bad: bool, metrics: dict[str, float]) -> bool:
     any had a non-finite loss. Returns whether it was skipped."""
     acc = run.accelerator
     bad = global_sum(acc, int(bad)) > 0
+    if bad and steps_inside_backward(acc) and acc.sync_gradients and run.student.was_step_applied():
+        raise FloatingPointError("DeepSpeed applied an optimizer step whose gradients were not finite (its ZeRO "
+                                 "optimizer should have found the invalid gradient norm and skipped it)")
     if not bad and run.recipe.optim.max_grad_norm:
         norm = acc.clip_grad_norm_(run.student.parameters(), run.recipe.optim.max_grad_norm)
         if norm is not None:
