@@ -189,7 +189,8 @@ def test_the_step_gradient_does_not_depend_on_the_split(sections, tiny_tokenizer
         for i, part in enumerate(parts):
             part.references = reference_batch(dataset, list(range(2 * i, 2 * i + 2)), 0, "cpu")
     split, split_ctx = _step_gradients(run, parts, student)
-    assert split_ctx.num_tokens == ctx.num_tokens and split_ctx.pg_baseline == pytest.approx(ctx.pg_baseline, rel=1e-6)
+    assert split_ctx.num_tokens == ctx.num_tokens
+    assert split_ctx.pg_baseline == pytest.approx(ctx.pg_baseline, rel=1e-5)  # float32 sums in another order
     assert whole.keys() == split.keys() and len(whole) > 10
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)
