@@ -37,7 +37,8 @@ from onpolicy_kd.recipe import DICT_SOURCE, Recipe, load_recipe
 from onpolicy_kd.errors import DataError, ModelLoadError
 from onpolicy_kd.models.loading import load_models
 from onpolicy_kd.training.loop import TrainResult
-from onpolicy_kd.training.run_inputs import IN_MEMORY, describe, resolve_file, run_resolved
+from onpolicy_kd.training.run_inputs import describe, object_values, resolve_file, run_resolved
+
 
 def distill(
     recipe: str | os.PathLike[str] | Mapping[str, Any] | Recipe,
@@ -56,14 +57,7 @@ def distill(
         raise ModelLoadError("tokenizer= goes with teacher= or student= model objects; the recipe's models load their own")
     if eval_data is not None and train_data is None:
         raise DataError("eval_data= needs train_data= too (the recipe's data would otherwise hold out its own split)")
-    api_values: dict[str, Any] = {}
-    if teacher is not None:
-        api_values["teacher"] = {"name_or_path": describe(teacher)}
-    if student is not None:
-        api_values["student"] = {"init": "pretrained", "name_or_path": describe(student), "layer_stride": None,
-                                 "keep_layers": None, "config_overrides": {}}
-    if train_data is not None:
-        api_values["data"] = {"path": IN_MEMORY, "split": "train", "eval_split": None}
+    api_values = object_values(teacher, ("pretrained", describe(student)) if student is not None else None, train_data)
     if isinstance(recipe, Recipe):
         recipe = recipe.model_dump(mode="python")
     resolved = load_recipe(recipe, overrides, api_values=api_values)

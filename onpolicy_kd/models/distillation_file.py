@@ -101,8 +101,3 @@ def file_recipe(distillation: Distillation, path: Path) -> str | dict[str, Any]:
         raise ConfigError(f"{path}: {type(distillation).__name__}.recipe must be a recipe file path or a dict of sections")
     beside = path.parent / recipe
     return str(beside) if not Path(recipe).is_absolute() and beside.is_file() else recipe
-
-
-def file_student_section(spec: str) -> dict[str, Any]:
-    """The recipe's student section for a student built by a Python file's `student()`."""
-    return {"init": "python", "name_or_path": spec, "layer_stride": None, "keep_layers": None, "config_overrides": {}}

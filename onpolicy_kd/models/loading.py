@@ -146,7 +146,7 @@ def load_model(
     quantization_config: Any = None,
 ) -> PreTrainedModel:
     source = resolve_source(name_or_path, key)
-    if source.local and (module := reload_exported_module(source.location, load_distillation)) is not None:
+    if source.local and (module := reload_exported_module(source.location)) is not None:
         return module  # a student that is not a transformers model, rebuilt by the Python file that defined it
     kwargs = _load_kwargs(source, revision, trust_remote_code, key)
     kwargs["dtype"] = DTYPES[dtype]
@@ -343,9 +343,7 @@ def as_causal_lm(model: Any, what: str, source: str | None = None) -> PreTrained
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{what} must be a torch.nn.Module mapping (input_ids, attention_mask) to logits, or a "
                              f"transformers PreTrainedModel; got {type(model).__name__}")
-    wrapped = ModuleLM(model)
-    wrapped.source = source
-    return wrapped
+    return ModuleLM(model, source=source)
 
 
 def load_models(

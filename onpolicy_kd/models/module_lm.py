@@ -27,7 +27,7 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -36,6 +36,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from onpolicy_kd.errors import ModelLoadError
+from onpolicy_kd.models.distillation_file import load_distillation
 
 Tensor = torch.Tensor
 
@@ -100,7 +101,8 @@ class ModuleLM(PreTrainedModel):
     base_model_prefix = "net"
     supports_gradient_checkpointing = False
 
-    def __init__(self, module: nn.Module, config: ModuleLMConfig | None = None) -> None:
+    def __init__(self, module: nn.Module, config: ModuleLMConfig | None = None, source: str | None = None) -> None:
+        """`source`: the Distillation file (FILE.py:ClassName) that builds `module`, for the export to name."""
         if isinstance(module, PreTrainedModel):
             raise ModelLoadError(f"{type(module).__name__} is already a transformers model; use it directly")
         takes = inspect.signature(module.forward).parameters
@@ -111,6 +113,7 @@ class ModuleLM(PreTrainedModel):
             module_class=f"{type(module).__module__}.{type(module).__qualname__}",
             max_position_embeddings=getattr(module, "max_position_embeddings", None)))
         self.net = module  # not `.module`: that is what DDP/DeepSpeed wrappers are unwrapped by
+        self.source = source
         self.takes_hidden_flag = self_hidden
         self.takes_logits_to_keep = "logits_to_keep" in takes
         self.head_name = probe.head  # a name, not a second registration of the head's parameters
@@ -199,10 +202,9 @@ def _linear_head(module: nn.Module, last_hidden: Tensor, logits: Tensor) -> str 
                   if isinstance(m, (nn.Linear, nn.Embedding)) and getattr(m, "weight", None) is not None
                   and m.weight.shape[0] == logits.shape[-1]]
     for name, head in candidates:
-        weight = getattr(head, "weight", None)
-        if weight is None or getattr(head, "bias", None) is not None or weight.shape[-1] != last_hidden.shape[-1]:
+        if getattr(head, "bias", None) is not None or head.weight.shape[-1] != last_hidden.shape[-1]:
             continue
-        if torch.allclose(last_hidden @ weight.T, logits, rtol=1e-4, atol=1e-5):
+        if torch.allclose(last_hidden @ head.weight.T, logits, rtol=1e-4, atol=1e-5):
             return name
     return None
 
@@ -210,10 +212,10 @@ def _linear_head(module: nn.Module, last_hidden: Tensor, logits: Tensor) -> str 
 def export_file(model: ModuleLM) -> dict[str, Any]:
     """What `final/onpolicy_kd_module.json` records: the file that builds the module, and the tied weights that
     the saved state dict holds once (restored before the state dict goes back to `student(state_dict=...)`)."""
-    return {"class": model.config.module_class, "distillation": getattr(model, "source", None), "tied": model.tied}
+    return {"class": model.config.module_class, "distillation": model.source, "tied": model.tied}
 
 
-def reload_exported(location: str, load_distillation: Callable[[str], tuple[Any, str]]) -> ModuleLM | None:
+def reload_exported(location: str) -> ModuleLM | None:
     """An exported plain-module student, rebuilt by its Distillation file's `student(state_dict=...)`; None when the
     folder holds a transformers model."""
     folder = Path(location)
@@ -230,6 +232,4 @@ def reload_exported(location: str, load_distillation: Callable[[str], tuple[Any,
     for name, source in info.get("tied", {}).items():
         state.setdefault(name, state[source])
     distillation, spec = load_distillation(info["distillation"])
-    model = ModuleLM(distillation.student(state_dict=state))
-    model.source = spec
-    return model
+    return ModuleLM(distillation.student(state_dict=state), source=spec)

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from datasets import Dataset
 from transformers import PreTrainedModel
 
 from onpolicy_kd.errors import DataError, ModelLoadError
-from onpolicy_kd.models.distillation_file import file_recipe, file_student_section, load_distillation
+from onpolicy_kd.models.distillation_file import Distillation, file_recipe, load_distillation, split_spec
 from onpolicy_kd.models.loading import Models, load_models
 from onpolicy_kd.recipe import Recipe, load_recipe
 from onpolicy_kd.training.loop import TrainResult, train
@@ -39,6 +38,28 @@ def as_dataset(rows: Any, argument: str) -> Dataset:
                     f"got {type(rows).__name__}")
 
 
+def object_values(teacher: PreTrainedModel | None, student: tuple[str, str] | None, train_rows: Any) -> dict[str, Any]:
+    """The recipe entries that objects replace (`load_recipe(..., api_values=...)`): the teacher's source, the student's
+    (init, name_or_path), and the data path of in-memory rows."""
+    values: dict[str, Any] = {}
+    if teacher is not None:
+        values["teacher"] = {"name_or_path": describe(teacher)}
+    if student is not None:
+        init, name_or_path = student
+        values["student"] = {"init": init, "name_or_path": name_or_path, "layer_stride": None, "keep_layers": None,
+                             "config_overrides": {}}
+    if train_rows is not None:
+        values["data"] = {"path": IN_MEMORY, "split": "train", "eval_split": None}
+    return values
+
+
+def file_datasets(distillation: Distillation) -> tuple[Dataset | None, Dataset | None]:
+    """The train and eval rows a Distillation file's `dataset()` gives (None where it leaves the split to the recipe)."""
+    train_rows, eval_rows = distillation.dataset("train"), distillation.dataset("eval")
+    return (as_dataset(train_rows, "dataset('train')") if train_rows is not None else None,
+            as_dataset(eval_rows, "dataset('eval')") if eval_rows is not None else None)
+
+
 @dataclass
 class FileRun:
     """A Distillation file resolved: its recipe, the teacher it builds (if any) and its rows (if any)."""
@@ -58,18 +79,11 @@ def resolve_file(path: str | os.PathLike[str], overrides: Sequence[str] = ()) ->
     if built is not None and not (isinstance(built, tuple) and len(built) == 2):
         raise ModelLoadError(f"{spec}: teacher() must return (model, tokenizer), or None for the recipe's teacher")
     teacher, tokenizer = built if built is not None else (None, None)
-    train_rows, eval_rows = distillation.dataset("train"), distillation.dataset("eval")
-    api_values: dict[str, Any] = {"student": file_student_section(spec)}
-    if teacher is not None:
-        api_values["teacher"] = {"name_or_path": describe(teacher)}
-    if train_rows is not None:
-        api_values["data"] = {"path": IN_MEMORY, "split": "train", "eval_split": None}
-    resolved = load_recipe(file_recipe(distillation, Path(spec.rsplit(":", 1)[0])),
-                           [*distillation.overrides, *overrides], api_values=api_values)
+    train_rows, eval_rows = file_datasets(distillation)
+    resolved = load_recipe(file_recipe(distillation, split_spec(spec)[0]), [*distillation.overrides, *overrides],
+                           api_values=object_values(teacher, ("python", spec), train_rows))
     models = load_models(resolved, str(path), teacher=teacher, tokenizer=tokenizer) if teacher is not None else None
-    return FileRun(resolved, str(path), models,
-                   as_dataset(train_rows, "dataset('train')") if train_rows is not None else None,
-                   as_dataset(eval_rows, "dataset('eval')") if eval_rows is not None else None)
+    return FileRun(resolved, str(path), models, train_rows, eval_rows)
 
 
 def run_resolved(resolved: Recipe, recipe_path: str, models: Models | None, train_data: Any, eval_data: Any) -> TrainResult:
@@ -92,6 +106,5 @@ def file_rows(recipe: Recipe) -> dict[str, Dataset]:
     if recipe.student.init != "python":
         raise DataError("the run trained on rows given to the Python API (data.path: <in-memory dataset>); "
                         "evaluate it on a data file with data.path=FILE (and data.eval_split or data.eval_size)")
-    distillation, _ = load_distillation(recipe.student.name_or_path)
-    rows = {"train": distillation.dataset("train"), "eval_": distillation.dataset("eval")}
-    return {key: as_dataset(value, f"dataset({key.strip('_')!r})") for key, value in rows.items() if value is not None}
+    train_rows, eval_rows = file_datasets(load_distillation(recipe.student.name_or_path)[0])
+    return {key: rows for key, rows in (("train", train_rows), ("eval_", eval_rows)) if rows is not None}
