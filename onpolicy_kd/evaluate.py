@@ -11,7 +11,9 @@ Per held-out prompt (the first `eval.max_samples` of the recipe's eval split):
 - token-level forward KL(p || q) and reverse KL(q || p) on the student's own sampled completions
   (at `rollout.temperature`, seeded by `eval.seed`, as training's `eval/reverse_kl`) and on the references; perplexity of student and teacher on
   the references;
-- length, distinct-1/2 and repetition rate of the student's greedy completion.
+- length, distinct-1/2 and repetition rate of the student's greedy completion;
+- for a run that trained hidden-state stitching projections (final/stitching.safetensors), each layer pair's
+  hidden-state MSE between the projected student and the teacher on the sampled completions.
 Writes `<out>/predictions.jsonl` (prompt, reference, teacher, student, per-sample metrics),
 `<out>/metrics.json`, and for a run `<run>/plots/training_curves.png` from its metrics.jsonl; adds
 the evaluation to the run's model card. Token-level means are over all tokens of the set.
@@ -31,6 +33,7 @@ from onpolicy_kd.evaluation.heldout import evaluate
 from onpolicy_kd.evaluation.plots import training_curves
 from onpolicy_kd.evaluation.report import add_to_model_card, results_table, samples_table, write_outputs
 from onpolicy_kd.models.loading import load_model, load_models
+from onpolicy_kd.objectives.hidden import STITCHING_FILE, stitching_from_file
 from onpolicy_kd.recipe import Recipe, load_recipe
 from onpolicy_kd.training.run_inputs import file_rows
 
@@ -46,11 +49,23 @@ def resolve_target(target: str, overrides: Sequence[str]) -> tuple[Recipe, str, 
     return load_recipe(path, overrides), str(path), None
 
 
-def evaluate_heldout(recipe: Recipe, student, models, dataset, name: str, teacher_texts: list[str] | None = None):
+def evaluate_heldout(recipe: Recipe, student, models, dataset, name: str, teacher_texts: list[str] | None = None,
+                     stitching=None):
     """The full held-out evaluation of one student (or of the teacher itself, as the reference column);
-    `teacher_texts`, the teacher's greedy completions from an earlier evaluation, spare decoding them again."""
+    `teacher_texts`, the teacher's greedy completions from an earlier evaluation, spare decoding them again;
+    `stitching`, a run's hidden-state projections (each layer pair's hidden-state MSE is reported)."""
     return evaluate(student, models.teacher, models.tokenizer, dataset, recipe.eval,
-                    temperature=recipe.rollout.temperature, references=True, name=name, teacher_texts=teacher_texts)
+                    temperature=recipe.rollout.temperature, references=True, name=name, teacher_texts=teacher_texts,
+                    stitching=stitching)
+
+
+def run_stitching(run: Path | None, student):
+    """The hidden-state projections a run exported (final/stitching.safetensors), on the student's device, or None."""
+    path = run / "final" / STITCHING_FILE if run is not None else None
+    if path is None or not path.is_file():
+        return None
+    reference = next(student.parameters())
+    return stitching_from_file(path).to(reference.device, reference.dtype)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _, _, target_run = resolve_target(target, overrides)
             student = load_model(str(target_run / "final"), "student") if target_run else models.student
             name = target_run.name if target_run else f"{Path(target).stem} (initial)"
-            results.append(evaluate_heldout(recipe, student.eval(), models, data.eval, name, teacher_texts))
+            results.append(evaluate_heldout(recipe, student.eval(), models, data.eval, name, teacher_texts,
+                                            run_stitching(target_run, student)))
             teacher_texts = [p["teacher"] for p in results[-1].predictions]
         teacher = evaluate_heldout(recipe, models.teacher, models, data.eval, "teacher (reference)", teacher_texts)
         out = Path(args.out) if args.out else (run / "eval" if run else Path(recipe.train.output_dir) / "eval_initial")

@@ -28,6 +28,7 @@ from onpolicy_kd.models.loading import Models, check_lengths, count_parameters, 
 from onpolicy_kd.objectives.hidden import attach_stitching
 from onpolicy_kd.objectives.modes import MODES
 from onpolicy_kd.recipe import Recipe, load_recipe, recipe_to_yaml
+from onpolicy_kd.recipe.schema import StageConfig
 from onpolicy_kd.recipe.loading import resolve_stages
 from onpolicy_kd.training.checkpoint import check_writable, checkpoint_bytes, world_size
 from onpolicy_kd.training.loop import TrainResult, budget_text, train
@@ -65,10 +66,14 @@ def _model_row(source: str, model: object, tokenizer: object) -> dict[str, objec
     }
 
 
-def stage_row(stage: Recipe) -> dict[str, object]:
+def stage_row(stage: Recipe, spec: StageConfig) -> dict[str, object]:
     obj = stage.objective
     what = obj.mode + (f" {obj.divergence}" if obj.mode in ("kd", "gkd") else "")
+    if stage.hidden.weight:
+        what += f" + hidden {stage.hidden.loss} {stage.hidden.layers}"
+    trains = "all" if stage.train.trainable == "all" else ", ".join(stage.train.trainable)
     return {"budget": budget_text(stage.train), "objective": what, "data": f"{Path(stage.data.path).name} ({stage.data.split})",
+            "trains": trains + (" (head from the teacher's, W_t P)" if spec.head_init else ""),
             "batch": f"{stage.train.batch_size} x {stage.train.grad_accum}",
             "optim": f"{stage.optim.name} lr {stage.optim.lr:g} {stage.optim.scheduler}",
             "rollout": f"{stage.rollout.max_new_tokens} tokens, alpha {stage.rollout.alpha}"}
@@ -116,7 +121,7 @@ def dry_run(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_
     if recipe.stages:
         for k, (spec, stage) in enumerate(zip(recipe.stages, stages)):
             check_lengths(stage, models, where=f"stage {k} ({spec.name})")
-        console.print(summary_table([(f"{k + 1} {spec.name}", stage_row(stage)) for k, (spec, stage)
+        console.print(summary_table([(f"{k + 1} {spec.name}", stage_row(stage, spec)) for k, (spec, stage)
                                      in enumerate(zip(recipe.stages, stages))],
                                     title="stages (run in order; evaluation on the recipe's held-out prompts)"))
     for name, task in ([(f"stage {k} ({spec.name})", stage) for k, (spec, stage) in enumerate(zip(recipe.stages, stages))]

@@ -140,6 +140,7 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "train.hub_private": (["train.push_to_hub=true", "train.hub_model_id=me/student"], ["train.hub_private=true"]),
     "train.epochs": (["train.max_steps=null", "train.epochs=0.05"], ["train.epochs=0.1"]),  # 2 steps, then 3
     "train.deterministic": ([], ["train.deterministic=true"]),
+    "train.trainable": ([], ["train.trainable=[layer 1]"]),  # the other weights stay as initialised
     # weights blown up by the first step make every later loss non-finite (kd: no sampling to fail first);
     # both runs end with an error, at different steps
     "train.max_bad_steps": (["@may-fail", "objective.mode=kd", "optim.lr=1.0e+30", "optim.max_grad_norm=null",

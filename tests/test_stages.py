@@ -130,7 +130,7 @@ def test_a_broken_stage_is_a_recipe_error(tmp_path, far_pair):
         load_recipe(path, ["stages=[{name: a, max_steps: 1}, {name: onpolicy, max_steps: 1, objective: {beta: 0.2}}]"])
     with pytest.raises(ConfigError, match="train.max_steps is not used with stages"):
         load_recipe(path, ["train.max_steps=7"])
-    with pytest.raises(ConfigError, match="batch_size and train.grad_accum only"):
+    with pytest.raises(ConfigError, match="train.grad_accum and train.trainable only"):
         load_recipe(path, ["stages=[{name: a, max_steps: 1, train: {seed: 3}}]"])
     with pytest.raises(ConfigError, match="needs a budget"):
         load_recipe(path, ["stages=[{name: a}]"])

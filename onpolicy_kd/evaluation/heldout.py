@@ -11,7 +11,9 @@ On the first `eval.max_samples` held-out prompts, in batches of `eval.batch_size
   show a student whose KL falls while its text collapses onto repeats. The teacher, frozen, is decoded once
   per run (`teacher_texts` hands its completions back in);
 - with `references` (the `evaluate` command, or `eval.full: true` in training): KL both ways and perplexity
-  of both models on the references.
+  of both models on the references;
+- for a student with hidden-state stitching projections (trained with hidden.weight > 0), each layer pair's
+  hidden-state MSE on the sampled completions (`hidden_mse_layer_S_to_T`, the training loss's mse).
 Token-level means are over all tokens of the set; per-completion metrics are means over prompts. Under
 several processes the batches are dealt out round-robin (each keeps its seed), the per-batch results are
 gathered and reduced in batch order, so every rank gets the numbers of a one-process run; the ranks decode
@@ -29,8 +31,9 @@ from datasets import Dataset
 
 from onpolicy_kd.data.sampler import prompt_batch, reference_batch
 from onpolicy_kd.evaluation import metrics as M
-from onpolicy_kd.models.distributed import for_generation
+from onpolicy_kd.models.distributed import for_generation, innermost
 from onpolicy_kd.models.forward import forward_completions
+from onpolicy_kd.objectives.hidden import STITCHING, hidden_state_loss
 from onpolicy_kd.recipe import EvalConfig, Recipe
 from onpolicy_kd.rollout import rollout
 
@@ -72,19 +75,31 @@ def _completion_metrics(tokens: list[int], text: str, teacher_text: str, referen
     return out
 
 
+def _hidden_sums(stitching, student_hidden, teacher_hidden, mask: torch.Tensor) -> dict[str, float]:
+    """Per layer pair, the summed squared distance (mean over the teacher's width) between the student's projected
+    and the teacher's hidden states over the valid tokens, and the token count "n" (the training loss's mse)."""
+    projected = stitching(student_hidden)
+    sums = hidden_state_loss(projected, [teacher_hidden[t] for _, t in stitching.pairs], mask, kind="mse",
+                             num_tokens=1.0, per_pair=True)
+    return {f"hidden_mse_layer_{s}_to_{t}": float(v) for (s, t), v in zip(stitching.pairs, sums)} | {"n": int(mask.sum())}
+
+
 def _evaluate_batch(student, teacher, tokenizer, dataset: Dataset, rows: list[int], cfg: EvalConfig, index: int, *,
-                    temperature: float, references: bool, teacher_texts: list[str] | None) -> dict:
+                    temperature: float, references: bool, teacher_texts: list[str] | None, stitching=None) -> dict:
     """One batch of held-out prompts: token sums on sampled completions (and references), per-prompt records."""
     vocab, device = len(tokenizer), next(student.parameters()).device
     ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + index)
     sampled = rollout(student, None, ids, mask, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
                       temperature=temperature, generator=generator)
-    forward_kl, reverse_kl = M.token_kls(forward_completions(student, sampled, vocab=vocab).logits,
-                                         forward_completions(teacher, sampled, vocab=vocab).logits)
+    hidden = stitching is not None
+    s_out = forward_completions(student, sampled, vocab=vocab, hidden=hidden)
+    t_out = forward_completions(teacher, sampled, vocab=vocab, hidden=hidden)
+    forward_kl, reverse_kl = M.token_kls(s_out.logits, t_out.logits)
     result = {"index": index, "samples": _token_sums(sampled.completion_mask, forward_kl=forward_kl,
                                                      reverse_kl=reverse_kl),
-              "sampled_lengths": sampled.lengths.tolist(), "references": None, "predictions": []}
+              "sampled_lengths": sampled.lengths.tolist(), "references": None, "predictions": [],
+              "hidden": _hidden_sums(stitching, s_out.hidden, t_out.hidden, sampled.completion_mask) if hidden else None}
     greedy_s = _greedy(student, ids, mask, tokenizer, cfg.max_new_tokens)
     teacher_batch = ([teacher_texts[r] for r in rows] if teacher_texts is not None
                      else _greedy(teacher, ids, mask, tokenizer, cfg.max_new_tokens).texts)
@@ -122,10 +137,13 @@ def _my_batches(num_batches: int, accelerator) -> list[tuple[int, bool]]:
 
 @torch.no_grad()
 def evaluate(student, teacher, tokenizer, dataset: Dataset, cfg: EvalConfig, *, temperature: float, references: bool,
-             name: str = "student", teacher_texts: list[str] | None = None, accelerator=None) -> Evaluated:
+             name: str = "student", teacher_texts: list[str] | None = None, accelerator=None,
+             stitching=None) -> Evaluated:
     """The held-out evaluation of `student` against `teacher` (plain modules, on the same device). With an
     `accelerator` of several processes, each process evaluates its share of the batches and the results are
-    gathered: every process gets the numbers one process would compute, to the last digit."""
+    gathered: every process gets the numbers one process would compute, to the last digit. With `stitching` (the
+    hidden-state projections of a run that trained them), also each layer pair's hidden-state MSE on the sampled
+    completions."""
     n = min(cfg.max_samples, len(dataset))
     starts = list(range(0, n, cfg.batch_size))
     # reference metrics need every held-out prompt's reference (one decision for all batches and processes)
@@ -134,7 +152,7 @@ def evaluate(student, teacher, tokenizer, dataset: Dataset, cfg: EvalConfig, *, 
     for index, keep in _my_batches(len(starts), accelerator):
         rows = list(range(starts[index], min(starts[index] + cfg.batch_size, n)))
         result = _evaluate_batch(student, teacher, tokenizer, dataset, rows, cfg, index, temperature=temperature,
-                                 references=references, teacher_texts=teacher_texts)
+                                 references=references, teacher_texts=teacher_texts, stitching=stitching)
         if keep:
             results.append(result)
     if accelerator is not None and accelerator.num_processes > 1:
@@ -151,6 +169,9 @@ def _summary(results: list[dict]) -> dict[str, float]:
                "sampled_length": statistics.fmean(n for r in results for n in r["sampled_lengths"])}
     summary |= {key: statistics.fmean(p["metrics"][key] for p in predictions)
                 for key in PER_PROMPT_KEYS if predictions and all(key in p["metrics"] for p in predictions)}
+    hidden = [r["hidden"] for r in results if r["hidden"] is not None]
+    if hidden:
+        summary |= {key: _token_mean(hidden, key) for key in hidden[0] if key != "n"}
     refs = [r["references"] for r in results if r["references"] is not None]
     if refs and sum(r["n"] for r in refs):
         summary |= {"reverse_kl_refs": _token_mean(refs, "reverse_kl"), "forward_kl_refs": _token_mean(refs, "forward_kl"),
@@ -162,15 +183,21 @@ def _summary(results: list[dict]) -> dict[str, float]:
 TRAINING_KEYS = ("distinct1", "repetition", "rougeL_teacher")  # always logged: a collapsing text shows in them
 
 
+def hidden_keys(summary: dict[str, float]) -> list[str]:
+    """The per-layer-pair hidden-state MSEs of an evaluation, in layer order."""
+    return [key for key in summary if key.startswith("hidden_mse_layer_")]
+
+
 def heldout_metrics(recipe: Recipe, accelerator, student, teacher, tokenizer, dataset: Dataset,
                     teacher_texts: list[str] | None = None) -> tuple[dict[str, float], list[str]]:
     """Training's evaluation point: `eval/reverse_kl`, `eval/mean_len` and the greedy text metrics (everything with
     `eval.full`); and the teacher's greedy completions, to hand back in next time."""
     with for_generation(student, accelerator) as model:
         result = evaluate(model, teacher, tokenizer, dataset, recipe.eval, temperature=recipe.rollout.temperature,
-                          references=recipe.eval.full, teacher_texts=teacher_texts, accelerator=accelerator)
+                          references=recipe.eval.full, teacher_texts=teacher_texts, accelerator=accelerator,
+                          stitching=getattr(innermost(model), STITCHING, None))
     out = {"eval/reverse_kl": result.summary["reverse_kl_samples"], "eval/mean_len": result.summary["sampled_length"]}
-    keys = result.summary if recipe.eval.full else TRAINING_KEYS
+    keys = result.summary if recipe.eval.full else (*TRAINING_KEYS, *hidden_keys(result.summary))
     out |= {f"eval/{key}": result.summary[key] for key in keys if key in result.summary}
     return out, [p["teacher"] for p in result.predictions]
 

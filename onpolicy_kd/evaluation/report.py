@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
-from onpolicy_kd.evaluation.heldout import Evaluated
+from onpolicy_kd.evaluation.heldout import Evaluated, hidden_keys
 
 SUMMARY_KEYS = ("rouge1_ref", "rouge2_ref", "rougeL_ref", "rouge1_teacher", "rouge2_teacher", "rougeL_teacher",
                 "reverse_kl_samples", "forward_kl_samples", "reverse_kl_refs", "forward_kl_refs", "ppl_student",
@@ -40,10 +40,21 @@ def results_table(results: list[Evaluated], title: str) -> Table:
     table.add_column("metric")
     for r in results:
         table.add_column(r.name, justify="right", overflow="fold")
-    for key in SUMMARY_KEYS:
+    for key in (*SUMMARY_KEYS, *sorted({k for r in results for k in hidden_keys(r.summary)}, key=_pair_order)):
         if any(key in r.summary for r in results):
-            table.add_row(METRIC_HELP[key], *(f"{r.summary[key]:.3f}" if key in r.summary else "-" for r in results))
+            table.add_row(metric_help(key), *(f"{r.summary[key]:.3f}" if key in r.summary else "-" for r in results))
     return table
+
+
+def _pair_order(key: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in key.removeprefix("hidden_mse_layer_").split("_to_"))
+
+
+def metric_help(key: str) -> str:
+    if key.startswith("hidden_mse_layer_"):
+        s, t = _pair_order(key)
+        return f"hidden MSE, layer {s} -> teacher {t}"
+    return METRIC_HELP[key]
 
 
 def samples_table(predictions: list[dict], title: str, count: int = 3) -> Table:
@@ -62,7 +73,7 @@ def add_to_model_card(run: Path, result: Evaluated, teacher: Evaluated) -> None:
     if not card.is_file():
         return
     text = card.read_text().split("\n## Evaluation")[0].rstrip() + "\n"
-    keys = [k for k in SUMMARY_KEYS if k in result.summary]
+    keys = [k for k in SUMMARY_KEYS if k in result.summary] + sorted(hidden_keys(result.summary), key=_pair_order)
     lines = ["", "## Evaluation (`python -m onpolicy_kd.evaluate`)", "",
              f"{len(result.predictions)} held-out prompts, greedy completions for ROUGE and lengths, sampled ones for KL.", "",
              "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]

@@ -21,9 +21,11 @@ last is after the final norm (what the lm_head reads).
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from onpolicy_kd.errors import ConfigError
@@ -31,6 +33,7 @@ from onpolicy_kd.errors import ConfigError
 Tensor = torch.Tensor
 
 STITCHING = "kd_stitching"  # the student's submodule holding the projections
+STITCHING_FILE = "stitching.safetensors"  # where an exported run keeps them (beside the student's weights)
 
 
 def auto_layer_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
@@ -66,6 +69,20 @@ class Stitching(nn.Module):
             else:
                 nn.init.xavier_uniform_(linear.weight)
 
+    def weights(self) -> dict[tuple[int, int], Tensor]:
+        """{(student layer, teacher layer): projection weight (d_teacher, d_student)}, detached copies."""
+        return {pair: proj.weight.detach().clone() for pair, proj in zip(self.pairs, self.projections)}
+
+    def start_from(self, weights: dict[tuple[int, int], Tensor]) -> list[tuple[int, int]]:
+        """Take over the projections an earlier stage trained for the same pairs; the pairs taken over."""
+        taken = []
+        with torch.no_grad():
+            for pair, proj in zip(self.pairs, self.projections):
+                if pair in weights and weights[pair].shape == proj.weight.shape:
+                    proj.weight.copy_(weights[pair])
+                    taken.append(pair)
+        return taken
+
     def forward(self, student_hidden: Sequence[Tensor]) -> list[Tensor]:
         """Project the student's paired hidden states (all layers in, as `output_hidden_states` gives them)."""
         return [proj(student_hidden[s]) for proj, (s, _) in zip(self.projections, self.pairs)]
@@ -79,6 +96,36 @@ def attach_stitching(student: nn.Module, teacher: nn.Module, layers: str | Seque
     stitching = Stitching(pairs, s_cfg.hidden_size, t_cfg.hidden_size).to(reference.device, reference.dtype)
     student.add_module(STITCHING, stitching)
     return stitching
+
+
+def stitching_file(weights: dict[tuple[int, int], Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of `stitching.safetensors` (a Stitching module's state dict, its pairs in the metadata)."""
+    pairs = list(weights)
+    tensors = {f"projections.{i}.weight": weights[pair].contiguous() for i, pair in enumerate(pairs)}
+    return tensors, {"pairs": json.dumps([list(p) for p in pairs])}
+
+
+def read_stitching_file(path) -> dict[tuple[int, int], Tensor]:
+    """{(student layer, teacher layer): weight} from a `stitching.safetensors` a run exported."""
+    with safe_open(str(path), "pt") as f:
+        pairs = [tuple(p) for p in json.loads(f.metadata()["pairs"])]
+        return {pair: f.get_tensor(f"projections.{i}.weight") for i, pair in enumerate(pairs)}
+
+
+def stitching_from_file(path) -> Stitching:
+    """The Stitching module a run exported (for the evaluation's per-layer hidden-state distances)."""
+    weights = read_stitching_file(path)
+    some = next(iter(weights.values()))
+    stitching = Stitching(list(weights), some.shape[1], some.shape[0])
+    stitching.start_from(weights)
+    return stitching
+
+
+def projected_teacher_head(teacher_head_VD: Tensor, projection_DS: Tensor) -> Tensor:
+    """W_t P: the teacher's (V, d_teacher) head through a (d_teacher, d_student) stitching projection, a (V, d_student)
+    head for the student whose logits on h_s equal the teacher head's on the projected P h_s."""
+    dtype = torch.promote_types(teacher_head_VD.dtype, torch.float32)
+    return teacher_head_VD.to(dtype) @ projection_DS.to(dtype)
 
 
 def split_stitching(state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -101,6 +101,12 @@ def no_terms(recipe: "Recipe", batch: Completions) -> dict[str, tt.Term]:
     return {}
 
 
+def no_loss(batch: Completions, student: ModelOutputs, teacher: ModelOutputs | None, recipe: "Recipe",
+            ctx: StepContext, metrics: dict) -> Tensor:
+    """mode=hidden: no loss on the student's distribution; the hidden-state loss (added by step_loss) is all."""
+    return torch.zeros((), device=batch.completion_mask.device)
+
+
 def _divergence_at(student: ModelOutputs, teacher: ModelOutputs, mask: Tensor, recipe: "Recipe", ctx: StepContext,
                    num_tokens: float) -> Tensor:
     """The recipe's divergence at the masked positions: from logits, or (memory-bounded) from the last hidden states

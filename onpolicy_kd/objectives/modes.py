@@ -8,6 +8,8 @@
 | gkd   | student samples with probability lmbda, else references | divergence           | when lmbda < 1 and    | 1                  |
 |       | (teacher samples with seq_kd): the lambda coin          |                      | not seq_kd            |                    |
 | pg    | student samples (teacher-mixed with rollout.alpha)      | MiniLLM policy grad. | when lm_coef > 0      | ppo_epochs         |
+| hidden| the dataset's references                                | none: the hidden-    | always                | 1                  |
+|       |                                                         | state loss alone     |                       |                    |
 
 The lambda coin is a function of (seed, step) only: the same on every process and after a resume.
 Penalties and the hidden-state loss are added to every mode's loss (objectives/loss.py).
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Callable
 
 from onpolicy_kd.batch import Source
 from onpolicy_kd.objectives.loss import (
-    LossFn, cross_entropy_loss, cross_entropy_terms, divergence_loss, no_terms, policy_gradient_step_loss,
+    LossFn, cross_entropy_loss, cross_entropy_terms, divergence_loss, no_loss, no_terms, policy_gradient_step_loss,
     policy_gradient_terms,
 )
 
@@ -89,6 +91,12 @@ MODES: dict[str, Mode] = {
         completions=lambda obj, coin: "references", loss=cross_entropy_loss, terms=cross_entropy_terms,
         samples_student=False, reads_teacher=False, divergence=False, passes=_one_pass,
         references=lambda obj: "objective.mode=sft trains on reference completions",
+    ),
+    # block-by-block distillation: match the teacher's hidden states (hidden.weight > 0), no logit loss
+    "hidden": Mode(
+        completions=lambda obj, coin: "references", loss=no_loss, terms=no_terms, samples_student=False,
+        reads_teacher=False, divergence=False, passes=_one_pass,
+        references=lambda obj: "objective.mode=hidden trains on reference completions",
     ),
 }
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +31,43 @@ ENV_OVERRIDES: dict[str, str] = {
     "ONPOLICY_KD_LOSS_BACKEND": "objective.backend",
     "ONPOLICY_KD_MIXED_PRECISION": "train.mixed_precision",
 }
+
+
+@dataclass(frozen=True)
+class TrainableParts:
+    """`train.trainable` read: which parts of the student train (decoder layers 1-based, as hidden.layers counts)."""
+
+    embeddings: bool = True
+    head: bool = True
+    other: bool = True
+    layers: frozenset[int] | None = None  # None = every decoder layer
+
+    def trains_layer(self, number: int) -> bool:
+        return self.layers is None or number in self.layers
+
+
+_LAYER_RANGE = re.compile(r"^layers?\s+(\d+)(?:\s*-\s*(\d+))?$")
+
+
+def parse_trainable(value: str | list[str]) -> TrainableParts:
+    """`all`, or a list of parts: embeddings, head, other, 'layers A-B' / 'layer N' (1-based, inclusive)."""
+    if value == "all":
+        return TrainableParts()
+    flags, layers = set(), set()
+    for part in value:
+        text = str(part).strip()
+        match = _LAYER_RANGE.match(text)
+        if match:
+            first, last = int(match[1]), int(match[2] or match[1])
+            if first < 1 or last < first:
+                raise ValueError(f"train.trainable: {text!r} is not a range of decoder layers (1-based, first <= last)")
+            layers |= set(range(first, last + 1))
+        elif text in ("embeddings", "head", "other"):
+            flags.add(text)
+        else:
+            raise ValueError(f"train.trainable: unknown part {text!r}; use all, or a list of embeddings, head, other, "
+                             f"'layers A-B' or 'layer N' (decoder layers, 1-based)")
+    return TrainableParts("embeddings" in flags, "head" in flags, "other" in flags, frozenset(layers))
 
 
 def cache_root() -> Path:
@@ -320,6 +359,17 @@ class TrainConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     deterministic: bool = False
     max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/Inf losses before the run stops")
+    trainable: Literal["all"] | list[str] = Field(
+        "all", description="the student's parts that train (the rest is frozen): all, or a list of embeddings, "
+                           "'layers A-B' / 'layer N' (decoder layers, 1-based as hidden.layers numbers them), head, "
+                           "other (the final norm and anything else); stitching projections always train")
+
+    @field_validator("trainable")
+    @classmethod
+    def _trainable_parts(cls, value: Any) -> Any:
+        if value != "all":
+            parse_trainable(value)  # raises with the part it cannot read
+        return value
 
     @model_validator(mode="after")
     def _one_step_budget(self) -> "TrainConfig":
@@ -409,14 +459,19 @@ class StageConfig(Section):
     optim: dict[str, Any] = Field(default_factory=dict)
     penalties: dict[str, Any] = Field(default_factory=dict)
     hidden: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] = Field(default_factory=dict, description="batch_size and grad_accum only")
+    train: dict[str, Any] = Field(default_factory=dict, description="batch_size, grad_accum and trainable only")
+    head_init: Literal["teacher_projected"] | None = Field(
+        None, description="teacher_projected: before this stage, the student's lm_head becomes the teacher's lm_head "
+                          "through the stitching projection of the deepest student layer an earlier stage matched "
+                          "(W_s = W_t P), so the head starts where the hidden-state stages left the student")
 
     @field_validator("train")
     @classmethod
     def _train_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        other = set(value) - {"batch_size", "grad_accum"}
+        other = set(value) - {"batch_size", "grad_accum", "trainable"}
         if other:
-            raise ValueError(f"a stage may set train.batch_size and train.grad_accum only, not {sorted(other)} "
+            raise ValueError(f"a stage may set train.batch_size, train.grad_accum and train.trainable only, not "
+                             f"{sorted(other)} "
                              f"(the budget is the stage's max_steps / epochs / max_time)")
         return value
 
@@ -460,6 +515,13 @@ class Recipe(Section):
                              f"backend=chunked (or auto)")
         if self.objective.seq_kd and mode_name != "gkd":
             raise ValueError(f"objective.seq_kd applies to mode=gkd only (mode is {mode_name}); use mode=seqkd instead")
+        if mode_name == "hidden" and not self.hidden.weight:
+            raise ValueError("objective.mode=hidden trains on the hidden-state loss alone: set hidden.weight > 0 "
+                             "(and hidden.layers, the [student, teacher] layer pairs to match)")
+        if self.train.trainable != "all" and self.student.lora:
+            raise ValueError("train.trainable chooses which of the student's own weights train; with student.lora "
+                             "only the adapters train: use one of the two")
+        self._check_head_init()
         if self.student.init == "teacher_layers" and self.student.tokenizer:
             raise ValueError("student.tokenizer is not used with student.init=teacher_layers (it is the teacher's)")
         for budget in ("max_steps", "epochs", "max_time"):
@@ -478,6 +540,17 @@ class Recipe(Section):
                 raise ValueError(f"{key}={value!r} has no effect here: it applies {where}; remove it or change the "
                                  f"setting")
         return self
+
+    def _check_head_init(self) -> None:
+        """A stage's head_init reads a projection an earlier stage trained (a stage with hidden.weight > 0)."""
+        for k, stage in enumerate(self.stages):
+            if stage.head_init is None:
+                continue
+            earlier = [s for s in self.stages[:k] if s.hidden.get("weight", self.hidden.weight)]
+            if not earlier:
+                raise ValueError(f"stages[{k}] ({stage.name}): head_init={stage.head_init} starts the head from the "
+                                 f"teacher's through a stitching projection, and no earlier stage trains one (set "
+                                 f"hidden.weight > 0 in an earlier stage)")
 
 
 # objective keys each loss reads (the mode table says which loss a mode uses)

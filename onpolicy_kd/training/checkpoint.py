@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from onpolicy_kd.console import is_main_process
 from onpolicy_kd.errors import UserError
-from onpolicy_kd.objectives.hidden import STITCHING, split_stitching
+from onpolicy_kd.objectives.hidden import STITCHING, STITCHING_FILE, split_stitching, stitching_file
 from onpolicy_kd.models.loading import is_lora
 from onpolicy_kd.models.bitnet import bitnet_layers, export_state_dict as bitnet_export, write_export_file as write_bitnet_file
 from onpolicy_kd.models.module_lm import MODULE_FILE, ModuleLM, export_file as module_export_file
@@ -242,10 +242,11 @@ def export_final(accelerator: Accelerator, student, tokenizer, output_dir: str |
             write_bitnet_file(tmp, bitnet)
         if isinstance(model, ModuleLM):  # not a transformers model: say which Python file rebuilds it
             (tmp / MODULE_FILE).write_text(json.dumps(module_export_file(model), indent=1))
-        if stitching:
+        if stitching:  # from the gathered state dict (a ZeRO-3 module holds only its shard)
             pairs = getattr(model, STITCHING).pairs
-            save_file({k: v.contiguous() for k, v in stitching.items()}, str(tmp / "stitching.safetensors"),
-                      metadata={"pairs": json.dumps(pairs)})
+            weights = {tuple(pair): stitching[f"projections.{i}.weight"] for i, pair in enumerate(pairs)}
+            tensors, metadata = stitching_file(weights)
+            save_file(tensors, str(tmp / STITCHING_FILE), metadata=metadata)
         tokenizer.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         (tmp / "README.md").write_text(card)

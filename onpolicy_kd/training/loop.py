@@ -27,12 +27,13 @@ from onpolicy_kd.hub import expand_path
 from onpolicy_kd.metrics_log import truncate_metrics
 from onpolicy_kd.evaluation.heldout import greedy_samples, heldout_metrics
 from onpolicy_kd.models.distributed import describe_run, describe_text, init_trackers, make_accelerator, prepare_teacher, zero_stage
+from onpolicy_kd.models.freezing import apply_trainable
 from onpolicy_kd.models.loading import Models, base_model, load_models, logits_are_linear, with_lora
 from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
 from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
 from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_source, forward_plan
 from onpolicy_kd.recipe import Recipe, cache_root, recipe_to_yaml
-from onpolicy_kd.recipe.schema import DEFAULT_MAX_STEPS, TIME_ONLY_STEP_CAP
+from onpolicy_kd.recipe.schema import DEFAULT_MAX_STEPS, TIME_ONLY_STEP_CAP, parse_trainable
 from onpolicy_kd.rollout.teacher_cache import cached_teacher_completions
 from onpolicy_kd.training.checkpoint import (
     check_writable, checkpoint_bytes, claim_output_dir, export_final, load_checkpoint, model_card, resolve_resume,
@@ -68,6 +69,7 @@ class Stage:
     step_offset: int  # steps of the stages before it
     metrics_file: Path
     eval_data: object = None  # the run's held-out prompts (DataConfig), whatever the stage trains on
+    stitching: dict = field(default_factory=dict)  # {(student, teacher) layer pair: projection} earlier stages trained
 
 
 class StopRequested:
@@ -163,6 +165,23 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     return finish(run, after, staged=stage is not None)
 
 
+def student_parts(recipe: Recipe, models: Models, stage: Stage | None) -> str:
+    """The hidden-state projections attached to the student (taking over those an earlier stage trained for the
+    same layer pairs) and the weights that train (`train.trainable`); what to say about them, if anything."""
+    student, said = base_model(models.student), []
+    if recipe.hidden.weight:  # the projections train with the student
+        stitching = attach_stitching(student, models.teacher, recipe.hidden.layers)
+        carried = stitching.start_from(stage.stitching) if stage is not None else []
+        if carried:
+            said.append(f"stitching of layer pairs {[list(p) for p in carried]} continues from the earlier stages")
+    if not recipe.student.lora:  # LoRA students train their adapters (and trainable is all)
+        trainable, total = apply_trainable(student, parse_trainable(recipe.train.trainable))
+        if recipe.train.trainable != "all":
+            said.append(f"trainable: {', '.join(recipe.train.trainable)} ({trainable:,} of {total:,} parameters, "
+                        f"stitching included); the rest is frozen")
+    return "; ".join(said)
+
+
 def claim_run(recipe: Recipe) -> None:
     """Before anything loads: the output folder is this run's, and with train.push_to_hub the Hub can take it."""
     claim_output_dir(recipe.train.output_dir, recipe.train.resume_from, recipe.train.overwrite)
@@ -184,8 +203,7 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
                               "sharded base weights are not gathered together for generation and export); use "
                               "ZeRO-2 (accelerate_configs/deepspeed_zero2.yaml) or DDP, or train without student.lora")
         models = replace(models, student=with_lora(models.student, recipe.student.lora))
-    if recipe.hidden.weight:  # before the optimizer is built: the projections train with the student
-        attach_stitching(base_model(models.student), models.teacher, recipe.hidden.layers)
+    parts_text = student_parts(recipe, models, stage)  # before the optimizer is built
     check_writable(recipe.train.output_dir, checkpoint_bytes(models.student))
     data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, train=raw_train, eval_=raw_eval)
     if stage is not None and stage.eval_data is not None and stage.eval_data != recipe.data:
@@ -234,6 +252,8 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     elif cfg.epochs is not None:
         monitor.print(f"budget: {budget_text(cfg, max_steps)}")
     monitor.print(f"lm head: {head} ({why})")
+    if parts_text:
+        monitor.print(parts_text)
     return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
                optimizer, scheduler, sampler, mode, forward_plan(recipe, head), state, monitor, StopRequested(), max_steps,
                accelerator.unwrap_model(student).get_input_embeddings().weight)

@@ -1,7 +1,7 @@
 """Staged runs: the phases of one recipe (`stages:`), run in order, the student flowing from one to the next.
 
 Each stage is the top-level recipe with the stage's own keys on top (objective, rollout, data, optim, penalties,
-hidden, and train.batch_size / grad_accum), trained for its budget (`max_steps` and/or `max_time`) in `<output_dir>/stages/<k>-<name>/`
+hidden, and train.batch_size / grad_accum / trainable), trained for its budget (`max_steps` and/or `max_time`) in `<output_dir>/stages/<k>-<name>/`
 (its checkpoints and its own `final/`). The teacher is loaded once; the student a stage hands back is the
 next stage's starting point, with a fresh optimizer and schedule (the stage's own). The run's
 `metrics.jsonl` and console show the stage (`stage` key, steps counted over the whole run); every stage
@@ -9,6 +9,13 @@ ends with a held-out evaluation on the recipe's own held-out prompts (whatever d
 which is the next one's "before". At the end the last stage's student is copied to `<output_dir>/final/`,
 with the recipe's task (`recipe.yaml`, what `evaluate` reads) and the whole staged recipe
 (`staged_recipe.yaml`).
+
+Block-by-block distillation (cleanGPT's schedule) is a sequence of stages: each `objective.mode: hidden` stage
+trains one block of decoder layers (`train.trainable: [layers A-B]`, the rest frozen) to match a teacher layer
+through its stitching projection (`hidden.layers`); the projections carry over from stage to stage (a later
+stage that pairs the same layers starts from where an earlier one left them), and a final stage with
+`head_init: teacher_projected` starts the student's head from the teacher's through the deepest projection and
+trains it on logits. The run's `final/stitching.safetensors` holds every pair any stage trained.
 
 Resuming (`train.resume_from: latest`) skips the stages that finished (their `final/` is there), loads the
 student the last of them left, and resumes the current stage from its latest checkpoint.
@@ -21,11 +28,14 @@ import os
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from onpolicy_kd.console import console, is_main_process
 from onpolicy_kd.data.loading import check_data_path
+from onpolicy_kd.errors import ConfigError
 from onpolicy_kd.models.loading import Models, check_lengths, load_models
+from onpolicy_kd.objectives.hidden import STITCHING_FILE, projected_teacher_head, read_stitching_file, stitching_file
 from onpolicy_kd.recipe import Recipe, recipe_to_yaml
 from onpolicy_kd.recipe.loading import resolve_stages
 from onpolicy_kd.training.checkpoint import STATE_FILE, list_checkpoints
@@ -36,12 +46,40 @@ def load_finished_student(student, final: Path) -> None:
     """The weights a finished stage exported (tied weights are not stored twice)."""
     state = {}
     for file in sorted(final.glob("*.safetensors")):
-        if file.name != "stitching.safetensors":
+        if file.name != STITCHING_FILE:
             state |= load_file(str(file))
     missing, unexpected = student.load_state_dict(state, strict=False)
     tied = {name for name in missing if "lm_head" in name or "embed" in name}
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"{final}: cannot restore the student (missing {missing}, unexpected {unexpected})")
+
+
+def stitching_of(final: Path) -> dict:
+    """The stitching projections a finished stage exported ({} when it trained none)."""
+    return read_stitching_file(final / STITCHING_FILE) if (final / STITCHING_FILE).is_file() else {}
+
+
+def start_head_from_teacher(student, teacher, stitching: dict) -> str:
+    """`head_init: teacher_projected`: the student's lm_head := the teacher's lm_head through the projection of the
+    deepest student layer an earlier stage matched, W_s = W_t P, so that W_s h_s = W_t (P h_s) ~ W_t h_t."""
+    pair = max(stitching, key=lambda p: (p[0], p[1]))
+    head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    if head is None or head.weight is student.get_input_embeddings().weight:
+        raise ConfigError("head_init: teacher_projected would overwrite the student's input embeddings too: its lm_head "
+                          "is tied to them. Build the student with an untied head (e.g. student.init: config with "
+                          "config_overrides: {tie_word_embeddings: false}), or leave out head_init")
+    if hasattr(head.weight, "ds_id"):
+        raise ConfigError("head_init: teacher_projected is not supported under DeepSpeed ZeRO-3 (the head is sharded); "
+                          "use DDP or ZeRO-2")
+    with torch.no_grad():
+        projected = projected_teacher_head(teacher_head.weight, stitching[pair].to(teacher_head.weight))
+        rows = min(projected.shape[0], head.weight.shape[0])
+        head.weight[:rows] = projected[:rows].to(head.weight.dtype)
+        if getattr(head, "bias", None) is not None:  # the teacher's bias where it has one, else none
+            head.bias.zero_()
+            if getattr(teacher_head, "bias", None) is not None:
+                head.bias[:rows] = teacher_head.bias[:rows]
+    return f"lm_head from the teacher's through the projection of layer pair {list(pair)} (W_t P)"
 
 
 def steps_taken(stage_dir: Path) -> int:
@@ -63,15 +101,21 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
         check_lengths(stage_recipe, models, where=f"stage {k} ({spec.name})")
     resuming = recipe.train.resume_from is not None
     offset, result = 0, None
+    stitching: dict = {}  # {(student, teacher) layer pair: projection}: what the stages so far trained, the latest
     for index, (spec, stage_recipe) in enumerate(zip(recipe.stages, stages)):
         stage_dir = Path(stage_recipe.train.output_dir)
         stage = Stage(name=spec.name, index=index, count=len(stages), step_offset=offset,
-                      metrics_file=Path(recipe.train.output_dir) / "metrics.jsonl", eval_data=recipe.data)
+                      metrics_file=Path(recipe.train.output_dir) / "metrics.jsonl", eval_data=recipe.data,
+                      stitching=stitching)
         if resuming and (stage_dir / "final" / "recipe.yaml").is_file():
             load_finished_student(models.student, stage_dir / "final")
+            stitching |= stitching_of(stage_dir / "final")
             console.print(f"stage {index + 1}/{len(stages)} {spec.name}: finished earlier, its student restored")
             offset += steps_taken(stage_dir)
             continue
+        if spec.head_init == "teacher_projected":
+            console.print(f"stage {index + 1}/{len(stages)} {spec.name}: "
+                          + start_head_from_teacher(models.student, models.teacher, stitching))
         if resuming:
             stage_recipe = stage_recipe.model_copy(
                 update={"train": stage_recipe.train.model_copy(update={"resume_from": "latest"})})
@@ -80,6 +124,7 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
             return result
         models = Models(teacher=models.teacher, student=result.student, tokenizer=models.tokenizer)
         before, offset = result.after, offset + result.steps  # a time budget may end a stage before max_steps
+        stitching |= stitching_of(result.final_dir)
     if result is None:
         raise RuntimeError("every stage had finished already: nothing to resume")
     final = Path(recipe.train.output_dir) / "final"
@@ -90,6 +135,9 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
         # recipe.yaml: the task (what `evaluate` reads: the held-out prompts, eval settings); the stages beside it
         (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe.model_copy(update={"stages": []})))
         (tmp / "staged_recipe.yaml").write_text(recipe_to_yaml(recipe))
+        if stitching:  # every pair any stage trained, as it last left it (the evaluation reports each layer)
+            tensors, metadata = stitching_file(stitching)
+            save_file(tensors, str(tmp / STITCHING_FILE), metadata=metadata)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     result.final_dir = final
