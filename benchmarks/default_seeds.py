@@ -92,7 +92,7 @@ def meets(key: str, value: float, initial: dict) -> str:
 def table(records: list[dict], initial: dict) -> str:
     lines = ["# The offline default over seeds (benchmarks/default_seeds.py)", "",
              "`recipes/smollm2_news.yaml` as shipped (140 steps of dense forward KL on the teacher's cached greedy "
-             "summaries with a frequency penalty, the 17-layer pruned copy), or with the overrides a row names, one process on the 2-core CPU machine, float32, changing only "
+             "summaries with a frequency penalty, the 17-layer pruned copy, the student in bfloat16 autocast), or with the overrides a row names, one process on the 2-core CPU machine, changing only "
              "`train.seed`; then `python -m onpolicy_kd.evaluate` on the 12 held-out training-set articles and on 12 "
              "of the 50 other Lee articles. KLs on sampled completions, text metrics on greedy 32-token completions. "
              "Mean ± standard deviation over the seeds; target: the issue's (mean over 3 seeds).", ""]

@@ -33,7 +33,7 @@ from onpolicy_kd.recipe.loading import resolve_stages
 from onpolicy_kd.training.checkpoint import check_writable, checkpoint_bytes, world_size
 from onpolicy_kd.training.loop import TrainResult, budget_text, train
 from onpolicy_kd.training.run_inputs import resolve_file, run_resolved
-from onpolicy_kd.training.stages import run_stages
+from onpolicy_kd.training.stages import check_stage_parts, run_stages
 
 __all__ = ["TrainResult", "dry_run", "main", "train"]
 
@@ -121,6 +121,7 @@ def dry_run(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_
     if recipe.stages:
         for k, (spec, stage) in enumerate(zip(recipe.stages, stages)):
             check_lengths(stage, models, where=f"stage {k} ({spec.name})")
+        check_stage_parts(recipe, stages, models)
         console.print(summary_table([(f"{k + 1} {spec.name}", stage_row(stage, spec)) for k, (spec, stage)
                                      in enumerate(zip(recipe.stages, stages))],
                                     title="stages (run in order; evaluation on the recipe's held-out prompts)"))

@@ -121,8 +121,9 @@ def test_hidden_distances_fall_and_are_evaluated_per_layer(block_run):
     first, after_block1 = evals[0]["eval/hidden_mse_layer_1_to_2"], evals[1]["eval/hidden_mse_layer_1_to_2"]
     assert after_block1 < first
     assert "eval/hidden_mse_layer_2_to_3" in evals[2] and "eval/hidden_mse_layer_1_to_2" in evals[2]
-    steps = [r for r in metrics_of(out) if r.get("stage") == "block-1" and "train/hidden_mse" in r]
-    assert "train/kl" not in steps[0] and "train/forward_kl" not in steps[0]  # hidden mode: no logit loss
+    steps = [r for r in metrics_of(out) if r.get("stage") in ("block-1", "block-2") and "train/loss" in r]
+    for row in steps:  # hidden mode: the loss is the hidden-state loss alone (weight 1)
+        assert row["train/loss"] == pytest.approx(row["train/hidden_mse"], rel=1e-5)
 
     from onpolicy_kd.evaluate import main as evaluate
 
@@ -131,22 +132,66 @@ def test_hidden_distances_fall_and_are_evaluated_per_layer(block_run):
     assert metrics["hidden_mse_layer_1_to_2"] > 0 and metrics["hidden_mse_layer_2_to_3"] > 0
 
 
-def test_head_init_refuses_a_tied_head_and_a_first_stage(tmp_path, far_pair, isolated_cache):
-    tied = BLOCKS.replace("max_steps: 3\n    head_init", "max_steps: 1\n    head_init")
-    path = block_recipe(tmp_path, far_pair, tied)
-    path.write_text(path.read_text().replace("hidden_size: 16,", "hidden_size: 16, tie_word_embeddings: true,"))
-    with pytest.raises(ConfigError, match="tied to them"):
-        _train_raising(path)
+def test_a_killed_block_run_resumes_to_the_same_student(tmp_path, far_pair, isolated_cache):
+    """Killed in the head phase: the block stages are skipped (their projections read back from their final/),
+    head_init runs again and the head stage's checkpoint then brings back what it had trained."""
+    import shutil
+
+    path = block_recipe(tmp_path, far_pair)
+    path.write_text(path.read_text().replace("  seed: 5\n", "  seed: 5\n  save_steps: 1\n  deterministic: true\n"))
+    assert main([str(path)]) == 0
+    out = tmp_path / "out"
+    reference = load_file(out / "final" / "model.safetensors")
+    stitching = read_stitching_file(out / "final" / "stitching.safetensors")
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "stages" / "3-head" / "final")
+    for checkpoint in (out / "stages" / "3-head" / "checkpoints").glob("checkpoint-*"):
+        if int(checkpoint.name.split("-")[1]) > 1:
+            shutil.rmtree(checkpoint)
+    assert main([str(path), "train.resume_from=latest"]) == 0
+    resumed = load_file(out / "final" / "model.safetensors")
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=1e-5, atol=1e-6)
+    again = read_stitching_file(out / "final" / "stitching.safetensors")
+    assert sorted(again) == sorted(stitching)
+    for pair in stitching:
+        torch.testing.assert_close(again[pair], stitching[pair])
+
+
+@pytest.mark.parametrize("stages, message", [
+    # the student is tied: head_init would overwrite its embeddings
+    ("tied", "tied to them"),
+    # the projection head_init reads ([2, 3]: last to last) is trained by no earlier stage
+    ("stages:\n  - {name: a, max_steps: 1, objective: {mode: hidden}, hidden: {weight: 1.0, layers: [[1, 2]]}}\n"
+     "  - {name: head, max_steps: 1, head_init: teacher_projected}\n", r"add \[2, 3\] to an earlier stage"),
+    # a later stage names layers the student does not have
+    ("stages:\n  - {name: a, max_steps: 1}\n  - {name: b, max_steps: 1, train: {trainable: [layers 2-5]}}\n",
+     r"stage 1 \(b\): train.trainable: layers \[3, 4, 5\] named"),
+])
+def test_a_bad_stage_is_refused_before_any_stage_trains(stages, message, tmp_path, far_pair, isolated_cache):
+    path = block_recipe(tmp_path, far_pair, BLOCKS if stages == "tied" else stages)
+    if stages == "tied":
+        path.write_text(path.read_text().replace("hidden_size: 16,", "hidden_size: 16, tie_word_embeddings: true,")
+                        .replace("trainable: [head, other]", "trainable: all"))
+    from onpolicy_kd.training.stages import run_stages
+
+    with pytest.raises(ConfigError, match=message):
+        run_stages(load_recipe(path), str(path))
+    assert not (tmp_path / "out" / "stages").exists()  # refused before the first stage trained
+    assert main([str(path), "--dry-run"]) != 0  # and the dry run says so
+
+
+def test_recipe_errors_of_the_block_keys(tmp_path, far_pair):
     first = "stages:\n  - name: head\n    max_steps: 1\n    head_init: teacher_projected\n"
     with pytest.raises(ConfigError, match="no earlier stage trains one"):
         load_recipe(block_recipe(tmp_path, far_pair, first))
-
-
-def _train_raising(path):
-    from onpolicy_kd.recipe import load_recipe as load
-    from onpolicy_kd.training.stages import run_stages
-
-    run_stages(load(path), str(path))
+    path = block_recipe(tmp_path, far_pair, "")
+    with pytest.raises(ConfigError, match="an empty list trains nothing"):
+        load_recipe(path, ["train.max_steps=1", "train.trainable=[]"])
+    with pytest.raises(ConfigError, match="set hidden.weight > 0"):
+        load_recipe(path, ["train.max_steps=1", "objective.mode=hidden"])
+    with pytest.raises(ConfigError, match="penalties.frequency"):
+        load_recipe(path, ["train.max_steps=1", "objective.mode=hidden", "hidden.weight=1.0", "penalties.frequency=1.0"])
 
 
 def test_trainable_parts_are_read_and_checked():

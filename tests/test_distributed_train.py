@@ -174,3 +174,19 @@ def test_a_step_with_a_non_finite_loss_on_one_rank_changes_nothing(name, tmp_pat
         first, skipped, third = records
         assert skipped["digest"] == first["digest"] and skipped["lr"] == first["lr"]  # nothing moved
         assert third["digest"] != first["digest"] and third["lr"] < first["lr"]  # and training went on
+
+
+def test_block_stages_under_ddp(tmp_path, far_pair, isolated_cache):
+    """Block-by-block stages on 2 DDP processes: a hidden-mode stage leaves the head (and layers past its pair)
+    without gradient, which DDP accepts only when told to look for unused parameters; frozen blocks stay put."""
+    from test_blocks import block_recipe, layer_keys
+
+    recipe = block_recipe(tmp_path, far_pair)
+    run = launch("cpu_2proc.yaml", 2, {"ACCELERATE_USE_CPU": "true"}, recipe, "train.batch_size=2", "eval.max_samples=4")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    out = tmp_path / "out"
+    block1, block2 = (load_file(out / "stages" / name / "final" / "model.safetensors") for name in ("1-block-1", "2-block-2"))
+    frozen = [k for k in block2 if k not in layer_keys(block2, 2)]
+    assert all((block1[k] == block2[k]).all() for k in frozen)  # block 2 moved layer 2 only
+    assert any(not (block1[k] == block2[k]).all() for k in layer_keys(block2, 2))
+    assert sorted(load_file(out / "final" / "stitching.safetensors")) == ["projections.0.weight", "projections.1.weight"]

@@ -15,7 +15,7 @@ import os
 from typing import Iterator
 
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 from accelerate.utils import DistributedType
 from transformers import PreTrainedModel
 
@@ -29,6 +29,11 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     check_trackers(recipe.logging.report_to)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
+    if recipe.objective.mode == "hidden":
+        # the head (and layers past the deepest pair) get no gradient, and the stitching projections are used
+        # outside DDP's forward, which find_unused_parameters would count twice: a static graph, recorded on the
+        # first step, knows which gradients come and which never do
+        handlers.append(DistributedDataParallelKwargs(static_graph=True))
     accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.grad_accum,
@@ -143,15 +148,30 @@ def prepare_teacher(teacher: torch.nn.Module, accelerator: Accelerator) -> torch
 
 
 @contextlib.contextmanager
-def for_generation(model: torch.nn.Module, accelerator: Accelerator) -> Iterator[torch.nn.Module]:
-    """The plain module to decode with (ZeRO-3 weights gathered for the duration)."""
+def for_generation(model: torch.nn.Module, accelerator: Accelerator,
+                   mixed_precision: bool = True) -> Iterator[torch.nn.Module]:
+    """The plain module to decode with (ZeRO-3 weights gathered for the duration). With `mixed_precision=False`,
+    its forward without accelerate's autocast wrapper (train.mixed_precision): the held-out evaluation measures
+    the student as stored, so its numbers are the `evaluate` command's (and on a CPU, bfloat16 decoding of a
+    few rows at a time is slower than float32).
+    Under DeepSpeed the weights themselves are in the precision its config says."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         from trl.models.utils import unwrap_model_for_generation
 
         with unwrap_model_for_generation(model, accelerator) as unwrapped:
             yield unwrapped
-    else:
-        yield accelerator.unwrap_model(model)
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    original = None if mixed_precision else unwrapped.__dict__.get("_original_forward")  # set by accelerate's prepare
+    if original is None:
+        yield unwrapped
+        return
+    wrapped = unwrapped.forward
+    unwrapped.forward = original
+    try:
+        yield unwrapped
+    finally:
+        unwrapped.forward = wrapped
 
 
 def innermost(model: torch.nn.Module) -> torch.nn.Module:

@@ -34,6 +34,7 @@ from onpolicy_kd.models.bitnet import reload_exported as reload_exported_bitnet,
 from onpolicy_kd.models.module_lm import ModuleLM, reload_exported as reload_exported_module
 from onpolicy_kd.models.quantization import bitsandbytes_config, choose_backend as choose_quantization_backend
 from onpolicy_kd.models.quantization import DEFAULT_GROUP_SIZE, quantize_weight_only
+from onpolicy_kd.objectives.hidden import STITCHING
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
@@ -170,13 +171,18 @@ def drop_gguf_marker(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder's layer list (`model.layers` for Llama/Qwen, `transformer.h` for GPT-2)."""
+def decoder_layers(model: nn.Module, purpose: str = "to copy a subset of them") -> tuple[str, nn.ModuleList]:
+    """The decoder's layer list: `model.layers` (Llama, Qwen), `transformer.h` (GPT-2), else the one ModuleList
+    with `config.num_hidden_layers` entries (a plain-module student's blocks, whatever it calls them)."""
     n_layers = model.config.num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers and name.split(".")[-1] in {"layers", "h"}:
-            return name, module
-    raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__} to copy a subset of them")
+    lists = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) == n_layers and STITCHING not in name]
+    named = [(name, module) for name, module in lists if name.split(".")[-1] in {"layers", "h"}]
+    found = named or lists
+    if len(found) != 1:
+        raise ModelLoadError(f"cannot find the decoder layers of {type(model).__name__} {purpose}: "
+                             f"{len(found)} ModuleLists hold {n_layers} (config.num_hidden_layers) modules")
+    return found[0]
 
 
 def copy_with_layers(teacher: PreTrainedModel, keep: list[int], dtype: str = "float32",

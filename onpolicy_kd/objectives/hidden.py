@@ -69,10 +69,6 @@ class Stitching(nn.Module):
             else:
                 nn.init.xavier_uniform_(linear.weight)
 
-    def weights(self) -> dict[tuple[int, int], Tensor]:
-        """{(student layer, teacher layer): projection weight (d_teacher, d_student)}, detached copies."""
-        return {pair: proj.weight.detach().clone() for pair, proj in zip(self.pairs, self.projections)}
-
     def start_from(self, weights: dict[tuple[int, int], Tensor]) -> list[tuple[int, int]]:
         """Take over the projections an earlier stage trained for the same pairs; the pairs taken over."""
         taken = []

@@ -53,6 +53,8 @@ def parse_trainable(value: str | list[str]) -> TrainableParts:
     """`all`, or a list of parts: embeddings, head, other, 'layers A-B' / 'layer N' (1-based, inclusive)."""
     if value == "all":
         return TrainableParts()
+    if not value:
+        raise ValueError("train.trainable: an empty list trains nothing; name the parts that train, or all")
     flags, layers = set(), set()
     for part in value:
         text = str(part).strip()
@@ -462,8 +464,9 @@ class StageConfig(Section):
     train: dict[str, Any] = Field(default_factory=dict, description="batch_size, grad_accum and trainable only")
     head_init: Literal["teacher_projected"] | None = Field(
         None, description="teacher_projected: before this stage, the student's lm_head becomes the teacher's lm_head "
-                          "through the stitching projection of the deepest student layer an earlier stage matched "
-                          "(W_s = W_t P), so the head starts where the hidden-state stages left the student")
+                          "through the stitching projection an earlier stage trained from the student's last layer to "
+                          "the teacher's last (W_s = W_t P), so the head starts where the hidden-state stages left "
+                          "the student")
 
     @field_validator("train")
     @classmethod
@@ -575,6 +578,9 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
         ("objective.is_clip", r.rollout.alpha > 0, "when rollout.alpha > 0 (teacher-mixed samples)"),
         ("objective.chunk_size", obj.backend != "torch", "to the memory-bounded head (backend auto, chunked, liger)"),
         ("penalties.entropy_floor", r.penalties.entropy > 0, "with penalties.entropy > 0"),
+        *[(f"penalties.{k}", mode != "hidden", "to modes with a loss on the student's distribution (mode=hidden "
+                                                "trains on the hidden-state loss alone)")
+          for k in ("frequency", "diversity", "entropy")],
         ("penalties.shape_reward", mode == "pg" and any_penalty(r.penalties),
          "to mode=pg with a penalty weight > 0"),
         ("optim.momentum", r.optim.name == "sgd", "to optim.name=sgd"),

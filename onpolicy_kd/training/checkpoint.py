@@ -34,7 +34,7 @@ RECIPE_FILE = "recipe.yaml"  # the resolved recipe the checkpoint was trained wi
 # recipe keys a resumed run cannot change: the weights, the optimizer state or the prompt order would not fit
 # (a prefix stands for its whole section); every other change is applied on resume and listed
 FIXED_ON_RESUME = ("teacher", "student", "optim.name", "hidden.layers", "train.seed", "train.mixed_precision",
-                   "data.path", "data.name", "data.split", "data.format", "data.columns", "data.template",
+                   "train.trainable", "data.path", "data.name", "data.split", "data.format", "data.columns", "data.template",
                    "data.chat_template", "data.system_prompt", "data.truncate_field", "data.max_prompt_tokens",
                    "data.text_prompt_tokens", "data.max_samples")
 NOT_COMPARED = ("train.resume_from", "train.overwrite", "train.output_dir", "stages")

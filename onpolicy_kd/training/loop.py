@@ -437,7 +437,11 @@ def finish(run: Run, after: dict[str, float], staged: bool = False) -> TrainResu
                          keep_adapters=bool(recipe.student.lora and recipe.student.lora.keep_adapters))
     if accelerator.is_main_process:
         console.print(summary_line(state.before, after, state.train_seconds, final))
-    accelerator.end_training()
+    if staged:  # the trackers of this stage end; the process group lives on for the next stage
+        for tracker in accelerator.trackers:
+            tracker.finish()
+    else:
+        accelerator.end_training()
     if recipe.train.push_to_hub and not staged:  # a staged run pushes its own final/ once its last stage is done
         publish(recipe, final)
     return _result(run, after, final, None)

@@ -14,8 +14,8 @@ Block-by-block distillation (cleanGPT's schedule) is a sequence of stages: each 
 trains one block of decoder layers (`train.trainable: [layers A-B]`, the rest frozen) to match a teacher layer
 through its stitching projection (`hidden.layers`); the projections carry over from stage to stage (a later
 stage that pairs the same layers starts from where an earlier one left them), and a final stage with
-`head_init: teacher_projected` starts the student's head from the teacher's through the deepest projection and
-trains it on logits. The run's `final/stitching.safetensors` holds every pair any stage trained.
+`head_init: teacher_projected` starts the student's head from the teacher's through the projection of the student's
+last layer onto the teacher's last (W_s = W_t P) and trains it on logits. The run's `final/stitching.safetensors` holds every pair any stage trained.
 
 Resuming (`train.resume_from: latest`) skips the stages that finished (their `final/` is there), loads the
 student the last of them left, and resumes the current stage from its latest checkpoint.
@@ -29,15 +29,20 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 
 from onpolicy_kd.console import console, is_main_process
 from onpolicy_kd.data.loading import check_data_path
 from onpolicy_kd.errors import ConfigError
-from onpolicy_kd.models.loading import Models, check_lengths, load_models
-from onpolicy_kd.objectives.hidden import STITCHING_FILE, projected_teacher_head, read_stitching_file, stitching_file
+from onpolicy_kd.models.freezing import check_trainable
+from onpolicy_kd.models.loading import Models, base_model, check_lengths, load_models
+from onpolicy_kd.objectives.hidden import (
+    STITCHING_FILE, layer_pairs, projected_teacher_head, read_stitching_file, stitching_file,
+)
 from onpolicy_kd.recipe import Recipe, recipe_to_yaml
 from onpolicy_kd.recipe.loading import resolve_stages
+from onpolicy_kd.recipe.schema import parse_trainable
 from onpolicy_kd.training.checkpoint import STATE_FILE, list_checkpoints
 from onpolicy_kd.training.loop import Stage, TrainResult, claim_run, publish, train
 
@@ -59,21 +64,59 @@ def stitching_of(final: Path) -> dict:
     return read_stitching_file(final / STITCHING_FILE) if (final / STITCHING_FILE).is_file() else {}
 
 
-def start_head_from_teacher(student, teacher, stitching: dict) -> str:
-    """`head_init: teacher_projected`: the student's lm_head := the teacher's lm_head through the projection of the
-    deepest student layer an earlier stage matched, W_s = W_t P, so that W_s h_s = W_t (P h_s) ~ W_t h_t."""
-    pair = max(stitching, key=lambda p: (p[0], p[1]))
-    head, teacher_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-    if head is None or head.weight is student.get_input_embeddings().weight:
-        raise ConfigError("head_init: teacher_projected would overwrite the student's input embeddings too: its lm_head "
-                          "is tied to them. Build the student with an untied head (e.g. student.init: config with "
-                          "config_overrides: {tie_word_embeddings: false}), or leave out head_init")
+def last_pair(student, teacher) -> tuple[int, int]:
+    """The layer pair whose projection head_init reads: the student's last (post-norm) layer and the teacher's."""
+    return student.config.num_hidden_layers, teacher.config.num_hidden_layers
+
+
+def check_stage_parts(recipe: Recipe, stages: list[Recipe], models: Models) -> None:
+    """Before the first stage trains: every stage's train.trainable fits the student, and every head_init has a
+    head to write and an earlier stage that trains the projection it reads."""
+    student = base_model(models.student)
+    pair = last_pair(student, models.teacher)
+    matched: set[tuple[int, int]] = set()
+    for k, (spec, stage) in enumerate(zip(recipe.stages, stages)):
+        where = f"stage {k} ({spec.name})"
+        if not stage.student.lora:
+            check_trainable(student, parse_trainable(stage.train.trainable), where=f"{where}: train.trainable")
+        if spec.head_init is not None and pair not in matched:
+            raise ConfigError(
+                f"{where}: head_init={spec.head_init} reads the projection of the student's last layer onto the "
+                f"teacher's last ({list(pair)}: both after the final norm, where W_t P is the teacher's head on "
+                f"projected states), and no earlier stage trains it: add {list(pair)} to an earlier stage's "
+                f"hidden.layers")
+        if spec.head_init is not None:
+            head_to_write(student, where)
+        if stage.hidden.weight:
+            matched |= set(layer_pairs(stage.hidden.layers, pair[0], pair[1]))
+
+
+def head_to_write(student, where: str):
+    """The student's lm_head module, when head_init may overwrite it (its own weight, not sharded)."""
+    head = student.get_output_embeddings()
+    if head is None:
+        raise ConfigError(f"{where}: head_init: this student has no lm_head module (get_output_embeddings() is None)")
+    embeddings = student.get_input_embeddings()
+    if embeddings is not None and head.weight is embeddings.weight:
+        raise ConfigError(f"{where}: head_init: teacher_projected would overwrite the student's input embeddings "
+                          f"too: its lm_head is tied to them. Build the student with an untied head (e.g. "
+                          f"student.init: config with config_overrides: {{tie_word_embeddings: false}}), or leave "
+                          f"out head_init")
     if hasattr(head.weight, "ds_id"):
-        raise ConfigError("head_init: teacher_projected is not supported under DeepSpeed ZeRO-3 (the head is sharded); "
-                          "use DDP or ZeRO-2")
+        raise ConfigError(f"{where}: head_init: teacher_projected is not supported under DeepSpeed ZeRO-3 (the head is "
+                          f"sharded); use DDP or ZeRO-2")
+    return head
+
+
+def start_head_from_teacher(student, teacher, stitching: dict, where: str) -> str:
+    """`head_init: teacher_projected`: the student's lm_head := the teacher's lm_head through the projection of the
+    student's last layer onto the teacher's, W_s = W_t P, so that W_s h_s = W_t (P h_s) ~ W_t h_t."""
+    student = base_model(student)
+    pair = last_pair(student, teacher)
+    head, teacher_head = head_to_write(student, where), teacher.get_output_embeddings()
     with torch.no_grad():
-        projected = projected_teacher_head(teacher_head.weight, stitching[pair].to(teacher_head.weight))
-        rows = min(projected.shape[0], head.weight.shape[0])
+        projected = projected_teacher_head(teacher_head.weight, stitching[pair].to(teacher_head.weight.device))
+        rows = min(projected.shape[0], head.weight.shape[0])  # rows past the shared vocabulary: never read
         head.weight[:rows] = projected[:rows].to(head.weight.dtype)
         if getattr(head, "bias", None) is not None:  # the teacher's bias where it has one, else none
             head.bias.zero_()
@@ -99,6 +142,7 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
     models = models or load_models(recipe, recipe_path)
     for k, (spec, stage_recipe) in enumerate(zip(recipe.stages, stages)):  # all of them before the first trains
         check_lengths(stage_recipe, models, where=f"stage {k} ({spec.name})")
+    check_stage_parts(recipe, stages, models)
     resuming = recipe.train.resume_from is not None
     offset, result = 0, None
     stitching: dict = {}  # {(student, teacher) layer pair: projection}: what the stages so far trained, the latest
@@ -115,7 +159,7 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
             continue
         if spec.head_init == "teacher_projected":
             console.print(f"stage {index + 1}/{len(stages)} {spec.name}: "
-                          + start_head_from_teacher(models.student, models.teacher, stitching))
+                          + start_head_from_teacher(models.student, models.teacher, stitching, spec.name))
         if resuming:
             stage_recipe = stage_recipe.model_copy(
                 update={"train": stage_recipe.train.model_copy(update={"resume_from": "latest"})})
@@ -143,5 +187,6 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
     result.final_dir = final
     if recipe.train.push_to_hub:
         publish(recipe, final)
+    AcceleratorState().destroy_process_group()  # what each stage's end left alive for the next one
     return result
 
