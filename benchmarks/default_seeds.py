@@ -6,7 +6,7 @@
     python benchmarks/default_seeds.py --table-only
 
 Each seed runs the README's job unchanged except `train.seed` and the output folder
-(`python -m onpolicy_kd.train recipes/smollm2_news.yaml`, its 140 steps, one process on the CPU), then the
+(`python -m onpolicy_kd.train recipes/smollm2_news.yaml`, its 170 steps, one process on the CPU), then the
 README's two evaluations of the finished run: `python -m onpolicy_kd.evaluate RUN` (the 12 held-out training-set
 articles) and the same on 12 of the 50 other Lee articles. `--add-run` records a run that already has those
 two evaluations (`eval/` and `eval_lee/` in its folder) without training again.
@@ -91,7 +91,7 @@ def meets(key: str, value: float, initial: dict) -> str:
 
 def table(records: list[dict], initial: dict) -> str:
     lines = ["# The offline default over seeds (benchmarks/default_seeds.py)", "",
-             "`recipes/smollm2_news.yaml` as shipped (140 steps of dense forward KL on the teacher's cached greedy "
+             "`recipes/smollm2_news.yaml` as shipped (170 steps of dense forward KL on the teacher's cached greedy "
              "summaries with a frequency penalty, the 17-layer pruned copy, the student in bfloat16 autocast), or with the overrides a row names, one process on the 2-core CPU machine, changing only "
              "`train.seed`; then `python -m onpolicy_kd.evaluate` on the 12 held-out training-set articles and on 12 "
              "of the 50 other Lee articles. KLs on sampled completions, text metrics on greedy 32-token completions. "
@@ -120,11 +120,16 @@ def table(records: list[dict], initial: dict) -> str:
              for r in records if r.get("note")]
     if notes:  # what a record's reader should know (added to default_seeds.jsonl by hand, with the reason)
         lines += ["Notes on single runs:", "", *notes, ""]
-    timed = [r for r in records if r.get("wall_s")]
-    lines.append(f"Training: {statistics.fmean(r['steps'] for r in records):.0f} steps, "
-                 f"{statistics.fmean(r['train_s'] for r in records):.0f} s of steps on average"
-                 + (f"; whole training command {statistics.fmean(r['wall_s'] for r in timed) / 60:.1f} min "
-                    f"(with its four evaluations)" if timed else "") + ".")
+    lines.append("Training time (one process on the 2 cores; runs the notes above call shared are not the recipe's):")
+    lines.append("")
+    for overrides, group in variants.items():
+        label = "the recipe as shipped" + "".join(f", `{o}`" for o in overrides)
+        train_s = [r["train_s"] for r in group]
+        timed = [r["wall_s"] for r in group if r.get("wall_s")]
+        lines.append(f"- {label}: {statistics.fmean(r['steps'] for r in group):.0f} steps, "
+                     f"{statistics.fmean(train_s):.0f} s of training steps on average ({min(train_s):.0f}-{max(train_s):.0f})"
+                     + (f"; the whole training command with its held-out evaluations {statistics.fmean(timed) / 60:.1f} min "
+                        f"({min(timed) / 60:.1f}-{max(timed) / 60:.1f})" if timed else ""))
     lines += ["", f"Records: benchmarks/results/default_seeds.jsonl ({len(records)} runs, "
               f"{', '.join(sorted({r['date'] for r in records}))}). Command: "
               "`python benchmarks/default_seeds.py --seeds S ...` (`--add-run RUN --seed S` for a run made by hand)."]

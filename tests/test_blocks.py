@@ -117,7 +117,9 @@ def test_projections_carry_over_and_the_run_keeps_every_pair(block_run):
 def test_hidden_distances_fall_and_are_evaluated_per_layer(block_run):
     out, *_ = block_run
     evals = [r for r in metrics_of(out) if "eval/reverse_kl" in r]
-    assert [r.get("stage") for r in evals] == ["block-1", "block-1", "block-2", "head"]
+    # every stage ends with an evaluation, the next one's start; the head stage measures its own start (a new head)
+    assert [r.get("stage") for r in evals] == ["block-1", "block-1", "block-2", "head", "head"]
+    assert evals[3]["step"] == evals[2]["step"] and evals[3]["eval/reverse_kl"] != evals[2]["eval/reverse_kl"]
     first, after_block1 = evals[0]["eval/hidden_mse_layer_1_to_2"], evals[1]["eval/hidden_mse_layer_1_to_2"]
     assert after_block1 < first
     assert "eval/hidden_mse_layer_2_to_3" in evals[2] and "eval/hidden_mse_layer_1_to_2" in evals[2]

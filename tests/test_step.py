@@ -29,12 +29,14 @@ def recipe(**sections) -> Recipe:
 def test_mode_table_sources_and_references():
     plain = recipe().objective
     assert {m: spec.completions(plain, True) for m, spec in MODES.items()} == {
-        "pg": "student", "gkd": "student", "kd": "references", "seqkd": "teacher", "sft": "references"}
+        "pg": "student", "gkd": "student", "kd": "references", "seqkd": "teacher", "sft": "references",
+        "hidden": "references"}
     assert MODES["gkd"].completions(plain, False) == "references"
     seq = recipe(objective={"mode": "gkd", "lmbda": 0.5, "seq_kd": True}).objective
     assert MODES["gkd"].completions(seq, False) == "teacher" and MODES["gkd"].references(seq) is None
     assert "lmbda=0.5" in MODES["gkd"].references(recipe(objective={"lmbda": 0.5}).objective)
     assert MODES["sft"].references(plain) and MODES["kd"].references(plain) and MODES["seqkd"].references(plain) is None
+    assert MODES["hidden"].references(plain) and not MODES["hidden"].reads_teacher
     pg = recipe(objective={"mode": "pg", "lm_coef": 0.5, "ppo_epochs": 3}).objective
     assert "lm_coef" in MODES["pg"].references(pg) and MODES["pg"].passes(pg) == 3
     assert all(spec.passes(plain) == 1 for name, spec in MODES.items() if name != "pg")

@@ -160,6 +160,7 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
         if spec.head_init == "teacher_projected":
             console.print(f"stage {index + 1}/{len(stages)} {spec.name}: "
                           + start_head_from_teacher(models.student, models.teacher, stitching, spec.name))
+            before = None  # a new head: the stage measures its own starting point
         if resuming:
             stage_recipe = stage_recipe.model_copy(
                 update={"train": stage_recipe.train.model_copy(update={"resume_from": "latest"})})
