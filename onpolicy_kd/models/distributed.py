@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 
 from onpolicy_kd.errors import ConfigError, UserError
 from onpolicy_kd.models.bitnet import bitnet_layers
+from onpolicy_kd.objectives.modes import MODES
 from onpolicy_kd.recipe import Recipe
 from onpolicy_kd.recipe.schema import TRACKERS
 
@@ -29,7 +30,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     check_trackers(recipe.logging.report_to)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     handlers = [InitProcessGroupKwargs(backend="gloo")] if launched and not torch.cuda.is_available() else []
-    if recipe.objective.mode == "hidden":
+    if not MODES[recipe.objective.mode].reads_student:
         # the head (and layers past the deepest pair) get no gradient, and the stitching projections are used
         # outside DDP's forward, which find_unused_parameters would count twice: a static graph, recorded on the
         # first step, knows which gradients come and which never do

@@ -32,7 +32,7 @@ def part_of_each_parameter(model: nn.Module, need_layers: bool) -> dict[str, str
     embedding_weights = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     parts = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        if name.startswith(STITCHING + ".") or f".{STITCHING}." in name:
+        if STITCHING in name.split("."):
             parts[name] = "stitching"
         elif id(param) in layer_of:
             parts[name] = layer_of[id(param)]

@@ -50,6 +50,8 @@ class Mode:
     divergence: bool  # its loss is the divergence of objective.divergence (its keys apply)
     references: Callable[["ObjectiveConfig"], str | None]  # why it needs reference completions, or None
     passes: Callable[["ObjectiveConfig"], int]  # optimizer steps per rollout
+    reads_student: bool = True  # its loss reads the student's next-token distribution (hidden: only hidden states,
+    #                             so penalties do not apply and the head gets no gradient)
 
 
 def _gkd_completions(obj: "ObjectiveConfig", on_policy: bool) -> Source:
@@ -95,7 +97,7 @@ MODES: dict[str, Mode] = {
     # block-by-block distillation: match the teacher's hidden states (hidden.weight > 0), no logit loss
     "hidden": Mode(
         completions=lambda obj, coin: "references", loss=no_loss, terms=no_terms, samples_student=False,
-        reads_teacher=False, divergence=False, passes=_one_pass,
+        reads_teacher=False, divergence=False, passes=_one_pass, reads_student=False,
         references=lambda obj: "objective.mode=hidden trains on reference completions",
     ),
 }

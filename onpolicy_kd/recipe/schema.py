@@ -518,8 +518,8 @@ class Recipe(Section):
                              f"backend=chunked (or auto)")
         if self.objective.seq_kd and mode_name != "gkd":
             raise ValueError(f"objective.seq_kd applies to mode=gkd only (mode is {mode_name}); use mode=seqkd instead")
-        if mode_name == "hidden" and not self.hidden.weight:
-            raise ValueError("objective.mode=hidden trains on the hidden-state loss alone: set hidden.weight > 0 "
+        if not mode.reads_student and not self.hidden.weight:
+            raise ValueError(f"objective.mode={mode_name} trains on the hidden-state loss alone: set hidden.weight > 0 "
                              "(and hidden.layers, the [student, teacher] layer pairs to match)")
         if self.train.trainable != "all" and self.student.lora:
             raise ValueError("train.trainable chooses which of the student's own weights train; with student.lora "
@@ -578,8 +578,8 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
         ("objective.is_clip", r.rollout.alpha > 0, "when rollout.alpha > 0 (teacher-mixed samples)"),
         ("objective.chunk_size", obj.backend != "torch", "to the memory-bounded head (backend auto, chunked, liger)"),
         ("penalties.entropy_floor", r.penalties.entropy > 0, "with penalties.entropy > 0"),
-        *[(f"penalties.{k}", mode != "hidden", "to modes with a loss on the student's distribution (mode=hidden "
-                                                "trains on the hidden-state loss alone)")
+        *[(f"penalties.{k}", MODES[mode].reads_student, "to modes with a loss on the student's distribution "
+                                                        "(mode=hidden trains on the hidden-state loss alone)")
           for k in ("frequency", "diversity", "entropy")],
         ("penalties.shape_reward", mode == "pg" and any_penalty(r.penalties),
          "to mode=pg with a penalty weight > 0"),
