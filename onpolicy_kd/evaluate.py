@@ -33,6 +33,7 @@ from onpolicy_kd.evaluation.heldout import evaluate
 from onpolicy_kd.evaluation.plots import training_curves
 from onpolicy_kd.evaluation.report import add_to_model_card, results_table, samples_table, write_outputs
 from onpolicy_kd.models.loading import load_model, load_models
+from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.objectives.hidden import STITCHING_FILE, stitching_from_file
 from onpolicy_kd.recipe import Recipe, load_recipe
 from onpolicy_kd.training.run_inputs import file_rows
@@ -84,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError("several targets: add --compare to evaluate them side by side")
         recipe, recipe_path, run = resolve_target(targets[0], overrides)
         models = load_models(recipe, recipe_path)  # the teacher, and the recipe's initial student
-        data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, **file_rows(recipe))
+        data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, **file_rows(recipe),
+                                encoder_decoder=is_encoder_decoder(models.teacher))
         results, teacher_texts = [], None  # the frozen teacher is decoded once, for every column
         for target in targets:
             _, _, target_run = resolve_target(target, overrides)

@@ -20,9 +20,10 @@ from rich.table import Table
 from onpolicy_kd.console import console, print_error
 from onpolicy_kd.data.loading import load_prompt_data
 from onpolicy_kd.data.sampler import prompt_batch
-from onpolicy_kd.errors import UserError
+from onpolicy_kd.errors import ConfigError, UserError
 from onpolicy_kd.models.loading import load_teacher
 from onpolicy_kd.models.pruning import block_influence, greedy_removal, layer_subset_kl, most_influential
+from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.recipe import load_recipe
 from onpolicy_kd.rollout import rollout
 
@@ -33,6 +34,10 @@ def measurement_batch(recipe_path: str, overrides: Sequence[str], samples: int, 
     tokens) with the teacher's greedy completions."""
     recipe = load_recipe(recipe_path, overrides)
     teacher, tokenizer = load_teacher(recipe.teacher, recipe_path)
+    if is_encoder_decoder(teacher):
+        raise ConfigError(f"{recipe.teacher.name_or_path} is an encoder-decoder model: prune measures which layers "
+                          f"of a decoder-only teacher to copy into a student (student.init=teacher_layers), which "
+                          f"encoder-decoder pairs do not use")
     teacher.eval()
     train = load_prompt_data(recipe.data, tokenizer, seed=recipe.train.seed).train
     rows = sorted({round(i * (len(train) - 1) / max(samples - 1, 1)) for i in range(samples)})

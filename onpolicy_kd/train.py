@@ -24,7 +24,8 @@ from onpolicy_kd.console import console, is_main_process, print_error, summary_t
 from onpolicy_kd.data.loading import check_data_path, length_stats, load_prompt_data
 from onpolicy_kd.data.sampler import rows_with_references
 from onpolicy_kd.errors import UserError
-from onpolicy_kd.models.loading import Models, check_lengths, count_parameters, load_models
+from onpolicy_kd.models.loading import Models, check_recipe_fits, count_parameters, load_models
+from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.objectives.hidden import attach_stitching
 from onpolicy_kd.objectives.modes import MODES
 from onpolicy_kd.recipe import Recipe, load_recipe, recipe_to_yaml
@@ -87,7 +88,8 @@ def dry_run(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_
         if raw_train is None or task is not recipe:
             check_data_path(task.data)  # before the models load
     models = models or load_models(recipe, recipe_path)
-    data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, train=raw_train, eval_=raw_eval)
+    data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, train=raw_train, eval_=raw_eval,
+                            encoder_decoder=is_encoder_decoder(models.teacher))
     check_writable(recipe.train.output_dir, checkpoint_bytes(models.student))
     if not is_main_process():
         return 0
@@ -120,7 +122,7 @@ def dry_run(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_
         console.print(f"budget: {budget_text(recipe.train, recipe.train.total_steps(len(data.train), world_size()))}")
     if recipe.stages:
         for k, (spec, stage) in enumerate(zip(recipe.stages, stages)):
-            check_lengths(stage, models, where=f"stage {k} ({spec.name})")
+            check_recipe_fits(stage, models, where=f"stage {k} ({spec.name})")
         check_stage_parts(recipe, stages, models)
         console.print(summary_table([(f"{k + 1} {spec.name}", stage_row(stage, spec)) for k, (spec, stage)
                                      in enumerate(zip(recipe.stages, stages))],
@@ -129,8 +131,8 @@ def dry_run(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_
                        if recipe.stages else [("the recipe", recipe)]):
         reason = MODES[task.objective.mode].references(task.objective)
         if reason:  # the rows a mode that reads references will train on, counted over the whole split
-            split = data.train if task.data == recipe.data else load_prompt_data(task.data, models.tokenizer,
-                                                                                 seed=task.train.seed).train
+            split = data.train if task.data == recipe.data else load_prompt_data(
+                task.data, models.tokenizer, seed=task.train.seed, encoder_decoder=is_encoder_decoder(models.teacher)).train
             used = rows_with_references(split, f"{name}: {reason}", str(task.data.path))
             console.print(f"{name}: {task.objective.mode} trains on the {len(used)} of {len(split)} training rows "
                           f"with a reference completion")

@@ -126,8 +126,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return digest.hexdigest()[:16]
 
 
-def _cache_key(cfg: DataConfig, raw: Dataset, tokenizer_fp: str, task: TaskFormat) -> str:
+def _cache_key(cfg: DataConfig, raw: Dataset, tokenizer_fp: str, task: TaskFormat, encoder_decoder: bool) -> str:
     parts = {
+        **({"encoder_decoder": True} if encoder_decoder else {}),  # (absent otherwise: older caches stay valid)
         "version": CACHE_VERSION,
         "data": raw._fingerprint,
         "tokenizer": tokenizer_fp,
@@ -156,8 +157,10 @@ def _tokenize(raw: Dataset, builder: PromptBuilder, cache_file: Path, key: str, 
 
 
 def load_prompt_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0, *,
-                     train: Dataset | None = None, eval_: Dataset | None = None) -> PromptData:
-    """Train and eval prompts for a recipe, tokenised with `tokenizer` (cached).
+                     train: Dataset | None = None, eval_: Dataset | None = None,
+                     encoder_decoder: bool = False) -> PromptData:
+    """Train and eval prompts for a recipe, tokenised with `tokenizer` (cached); `encoder_decoder`: the prompts are
+    an encoder-decoder model's encoder inputs (data/prompts.py).
 
     `train` / `eval_` (the Python API) replace the splits the recipe would load; without `eval_`, the held-out
     rows come from `train` as usual.
@@ -181,13 +184,14 @@ def load_prompt_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
         tokenizer, task, template=cfg.template, truncate_field=cfg.truncate_field, chat_template=cfg.chat_template,
         system_prompt=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens,
         max_response_tokens=cfg.max_response_tokens, text_prompt_tokens=cfg.text_prompt_tokens,
+        encoder_decoder=encoder_decoder,
     )
     cache_dir = Path(expand_path(cfg.cache_dir)) if cfg.cache_dir else cache_root() / "data"
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
     out: dict[str, Dataset] = {}
     hits: dict[str, bool] = {}
     for name, raw in (("train", train), ("eval", eval_)):
-        key = _cache_key(cfg, raw, tokenizer_fp, task)
+        key = _cache_key(cfg, raw, tokenizer_fp, task, encoder_decoder)
         out[name], hits[name] = _tokenize(raw, builder, cache_dir / "tokenized" / f"{key}-{name}.arrow", key, cfg.num_proc)
     return PromptData(train=out["train"], eval=out["eval"], task=task, cache_hits=hits)
 

@@ -1,7 +1,9 @@
 """Task formats: which columns hold what, the prompt template, and truncation that keeps the instruction.
 
-A dataset row becomes a prompt (token ids ending where the model should start writing) and an
-optional reference completion (token ids ending with EOS). Formats, auto-detected from the columns
+A dataset row becomes a prompt (token ids ending where the model should start writing; for an
+encoder-decoder model, the encoder's input with the special tokens its tokenizer puts around a text)
+and an optional reference completion (token ids ending with EOS: a decoder-only model's continuation,
+an encoder-decoder model's decoder target). Formats, auto-detected from the columns
 unless `data.format` names one, with `data.columns` to map fields to other column names:
 
 | format | fields (first matching column) | default template | cut to fit |
@@ -140,13 +142,14 @@ class PromptBuilder:
     max_prompt_tokens: int = 512
     max_response_tokens: int = 256
     text_prompt_tokens: int = 64
-    _adds_bos: bool = field(init=False, default=False)
+    encoder_decoder: bool = False  # the prompt is an encoder's whole input (T5, BART), not a decoder's prefix
+    _before: list[int] = field(init=False, default_factory=list)  # special tokens the prompt starts with
+    _after: list[int] = field(init=False, default_factory=list)  # and ends with
 
     def __post_init__(self) -> None:
         self.template = self.template or self.task.template
         self.truncate_field = self.truncate_field or self.task.truncate_field
-        bos = self.tokenizer.bos_token_id
-        self._adds_bos = bos is not None and self.tokenizer("a").input_ids[:1] == [bos]
+        self._before, self._after = self._special_tokens()
         if self.task.name in ("summarization", "instruction"):
             slots = [f for _, f, _, _ in string.Formatter().parse(self.template or "") if f]
             unknown = [f for f in slots if f not in FIELD_CANDIDATES[self.task.name]]
@@ -166,6 +169,17 @@ class PromptBuilder:
                             f"as plain prompt/completion text")
 
     # -- pieces ------------------------------------------------------------------------------
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer puts around a text: a decoder-only prompt keeps the leading BOS only (it
+        must end where the model writes on); an encoder's input gets both sides, as the model was trained (T5
+        ends it with </s>, BART wraps it in <s> .. </s>)."""
+        plain, wrapped = self._ids("a"), self.tokenizer("a").input_ids
+        if not self.encoder_decoder:
+            bos = self.tokenizer.bos_token_id
+            return ([bos] if bos is not None and wrapped[:1] == [bos] else []), []
+        start = next((i for i in range(len(wrapped)) if wrapped[i : i + len(plain)] == plain), None)
+        return ([], []) if start is None else (wrapped[:start], wrapped[start + len(plain):])
+
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
@@ -178,8 +192,8 @@ class PromptBuilder:
         """prefix + body + suffix as ids, cutting only the body to respect max_prompt_tokens."""
         # a chat template writes its own BOS (as text) when the model wants one
         templated = self.chat_template or self.task.name == "chat"
-        head = ([self.tokenizer.bos_token_id] if self._adds_bos and not templated else []) + self._ids(prefix)
-        tail = self._ids(suffix)
+        head = ([] if templated else self._before) + self._ids(prefix)
+        tail = self._ids(suffix) + self._after
         budget = self.max_prompt_tokens - len(head) - len(tail)
         if budget < 1:
             raise DataError(
@@ -251,9 +265,8 @@ class PromptBuilder:
 
     def _text(self, row: dict[str, Any]) -> tuple[list[int], bool, str | None]:
         ids = self._ids(str(row[self.task.columns["text"]]))
-        head = [self.tokenizer.bos_token_id] if self._adds_bos else []
-        n_prompt = min(self.text_prompt_tokens, self.max_prompt_tokens - len(head))
-        prompt, rest = head + ids[:n_prompt], ids[n_prompt:]
+        n_prompt = min(self.text_prompt_tokens, self.max_prompt_tokens - len(self._before) - len(self._after))
+        prompt, rest = self._before + ids[:n_prompt] + self._after, ids[n_prompt:]
         reference = self.tokenizer.decode(rest[: self.max_response_tokens]) if rest else None
         return prompt, False, reference
 

@@ -4,7 +4,8 @@ Only the positions that predict completion tokens are projected to the vocabular
 and those that predict the prompt's own tokens when the loss reads them (`objective.prompt_weight`);
 on the memory-bounded path no logits are computed at all: the loss projects the last hidden state
 chunk by chunk itself, with the lm_head weight returned here. Logits are cut to the shared vocabulary
-(models may have padded embedding rows).
+(models may have padded embedding rows). An encoder-decoder model reads the prompt with its encoder and
+the completion with its decoder (models/seq2seq.py); the outputs have the same shapes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 from torch import nn
 
 from onpolicy_kd.batch import Completions
+from onpolicy_kd.models import seq2seq
 from onpolicy_kd.models.distributed import innermost
+from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.objectives.hidden import STITCHING
 from onpolicy_kd.objectives.loss import ModelOutputs
 
@@ -27,14 +30,17 @@ def forward_completions(model: nn.Module, batch: Completions, *, vocab: int | No
     reads), and with `head` the lm_head weight. With `prompt`, also the outputs at the (B, P - 1) positions that
     predict the prompt's tokens 1..P-1, as `.prompt`: logits, or (with `hidden`) the last hidden state there."""
     P, T = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    head_weight = innermost(model).get_output_embeddings().weight[:vocab] if head else None
+    if is_encoder_decoder(model):  # the prompt is the encoder's input: no position of the decoder predicts it
+        assert not prompt, "objective.prompt_weight needs a decoder-only model (refused at load)"
+        all_logits, states = seq2seq.teacher_forced(model, batch, logits=logits, hidden=hidden)
+        return ModelOutputs(logits=all_logits[..., :vocab] if logits else None, hidden=states, head=head_weight)
     keep = (0 if prompt else T + 1) if logits else 1  # 0 keeps every position
     out = model(input_ids=batch.sequences, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 logits_to_keep=keep, output_hidden_states=hidden, use_cache=False)
     states = tuple(h[:, -T - 1 : -1] for h in out.hidden_states) if hidden else None
-    result = ModelOutputs(
-        logits=out.logits[:, -T - 1 : -1, :vocab] if logits else None, hidden=states,
-        head=innermost(model).get_output_embeddings().weight[:vocab] if head else None,
-    )
+    result = ModelOutputs(logits=out.logits[:, -T - 1 : -1, :vocab] if logits else None, hidden=states,
+                          head=head_weight)
     if prompt:
         result.prompt = ModelOutputs(logits=out.logits[:, : P - 1, :vocab] if logits else None,
                                      hidden=(out.hidden_states[-1][:, : P - 1],) if hidden else None, head=result.head)

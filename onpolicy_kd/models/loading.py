@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase)
 
 from onpolicy_kd.recipe import Recipe, StudentConfig, TeacherConfig
 from onpolicy_kd.recipe.schema import LoraSettings
@@ -34,6 +35,7 @@ from onpolicy_kd.models.bitnet import reload_exported as reload_exported_bitnet,
 from onpolicy_kd.models.module_lm import ModuleLM, reload_exported as reload_exported_module
 from onpolicy_kd.models.quantization import bitsandbytes_config, choose_backend as choose_quantization_backend
 from onpolicy_kd.models.quantization import DEFAULT_GROUP_SIZE, quantize_weight_only
+from onpolicy_kd.models.seq2seq import check_keys as check_seq2seq_keys, check_same_kind, head_is_plain, is_encoder_decoder
 from onpolicy_kd.objectives.hidden import STITCHING
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -155,12 +157,19 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    model = _from_pretrained(AutoModelForCausalLM, source, "model", key, recipe_path, **kwargs)
+    config_kwargs = {k: v for k, v in kwargs.items() if k in ("trust_remote_code", "gguf_file", "revision", "local_files_only")}
+    config = _from_pretrained(AutoConfig, source, "model", key, recipe_path, **config_kwargs)
+    model = _from_pretrained(auto_class(config), source, "model", key, recipe_path, **kwargs)
     if source.gguf_file:
         drop_gguf_marker(model)
     if source.local:
         reload_exported_bitnet(model, source.location)  # a BitNet student's export computes as it did in training
     return model
+
+
+def auto_class(config: PretrainedConfig):
+    """The transformers class that builds a model of `config`: encoder-decoder (T5, BART) or decoder-only."""
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
 def drop_gguf_marker(model: PreTrainedModel) -> None:
@@ -315,7 +324,7 @@ def load_student(
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         torch.manual_seed(seed)  # the random init is part of the run's seed
-        student = AutoModelForCausalLM.from_config(
+        student = auto_class(config).from_config(
             config, dtype=DTYPES[cfg.dtype] if cfg.dtype != "auto" else torch.float32,
             trust_remote_code=cfg.trust_remote_code,
             **({"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}),
@@ -365,7 +374,8 @@ def load_models(
     if teacher is not None and not isinstance(teacher, PreTrainedModel):
         raise ModelLoadError(
             f"teacher= must be a transformers PreTrainedModel (a causal LM with a KV cache, as AutoModelForCausalLM "
-            f"returns, custom subclasses included), got {type(teacher).__name__}")
+            f"returns, or an encoder-decoder one from AutoModelForSeq2SeqLM; custom subclasses included), got "
+            f"{type(teacher).__name__}")
     if student is not None:
         student = as_causal_lm(student, "student=")
     if tokenizer is not None:
@@ -377,6 +387,8 @@ def load_models(
     else:
         teacher_tokenizer = tokenizer
         freeze_teacher(teacher)
+    if is_encoder_decoder(teacher):
+        check_seq2seq_keys(recipe)  # before a student is built from it
     if student is None:
         if getattr(teacher, "kd_quantization", {}).get("backend") == "bitsandbytes" and recipe.student.init == "teacher_layers":
             raise ConfigError("student.init=teacher_layers copies the teacher's layers, which bitsandbytes has already "
@@ -388,17 +400,23 @@ def load_models(
     quant = recipe.teacher.quantization
     if quant is not None and not hasattr(teacher, "kd_quantization"):  # weight_only, now that the student exists
         quantize_weight_only(teacher, decoder_layers(teacher)[1], quant.bits, quant.group_size or DEFAULT_GROUP_SIZE)
+    check_same_kind(teacher, student)
     check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
     models = Models(teacher=teacher, student=student, tokenizer=teacher_tokenizer)
-    check_lengths(recipe, models)
+    check_recipe_fits(recipe, models)
     return models
 
 
-def check_lengths(recipe: Recipe, models: Models, where: str = "the recipe") -> None:
-    """The longest sequence a run builds (a prompt plus the longest completion it samples, evaluates or reads) fits
-    both models' position limits; past them a learned-position model fails with an IndexError mid-run."""
+def check_recipe_fits(recipe: Recipe, models: Models, where: str = "the recipe") -> None:
+    """What a recipe (or a stage's) asks of the loaded models: the keys an encoder-decoder pair cannot take, and
+    the longest sequence a run builds (a prompt plus the longest completion it samples, evaluates or reads; for an
+    encoder-decoder pair, the longer of the two) within both models' position limits; past them a learned-position
+    model fails with an IndexError mid-run."""
+    seq2seq = is_encoder_decoder(models.teacher)
+    if seq2seq:
+        check_seq2seq_keys(recipe, where)
     completion = max(recipe.rollout.max_new_tokens, recipe.eval.max_new_tokens, recipe.data.max_response_tokens)
-    longest = recipe.data.max_prompt_tokens + completion
+    longest = max(recipe.data.max_prompt_tokens, completion) if seq2seq else recipe.data.max_prompt_tokens + completion
     for role, model in (("teacher", models.teacher), ("student", models.student)):
         limit = getattr(model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and longest > limit:
@@ -419,7 +437,10 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 
 def logits_are_linear(model: PreTrainedModel) -> bool:
-    """Whether the model's logits are exactly its last hidden state times its output embedding matrix."""
+    """Whether the model's logits are exactly its last hidden state times its output embedding matrix (for an
+    encoder-decoder model, what its lm_head reads: a probe forward tells)."""
+    if is_encoder_decoder(model):
+        return head_is_plain(model)
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None or not hasattr(head, "weight"):
         return False
@@ -435,7 +456,8 @@ def with_lora(student: PreTrainedModel, cfg: LoraSettings) -> nn.Module:
     """student.lora: the student wrapped by peft with LoRA adapters (its own weights frozen, the adapters trainable)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
+    task = "SEQ_2_SEQ_LM" if is_encoder_decoder(student) else "CAUSAL_LM"
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task,
                         target_modules=cfg.target_modules if isinstance(cfg.target_modules, str)
                         else list(cfg.target_modules))
     if getattr(student, "is_gradient_checkpointing", False):  # checkpointed blocks need inputs that want gradients

@@ -9,7 +9,8 @@ while `student_logprobs` and `teacher_logprobs` are the unfiltered tempered log-
 
 Decoding is our own KV-cached loop: one prefill, then one single-token forward per step per model,
 with position ids taken from the attention mask so left padding does not shift positions (a prompt
-gives the same greedy completion alone or in a padded batch). With alpha > 0 both models decode in
+gives the same greedy completion alone or in a padded batch). An encoder-decoder model (T5, BART)
+encodes the prompt once and steps its decoder instead (models/seq2seq.py); `decoding` picks which. With alpha > 0 both models decode in
 lockstep, each with its own cache, and the teacher's log-probs come for free. With alpha = 0 only the
 student decodes (the teacher is not needed and its log-probs are not recorded: the training loop's
 teacher forward over the finished completions gives them when a loss needs them).
@@ -32,6 +33,7 @@ from torch import nn
 
 from onpolicy_kd.batch import Completions, Source, completion_mask, position_ids
 from onpolicy_kd.models.module_lm import CACHE
+from onpolicy_kd.models.seq2seq import Seq2SeqDecoding, is_encoder_decoder
 from onpolicy_kd.objectives.divergences import log_probs
 
 Tensor = torch.Tensor
@@ -87,10 +89,37 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
             m.train(training)
 
 
-def _forward_last(model: nn.Module, ids: Tensor, attention: Tensor, positions: Tensor, cache) -> tuple[Tensor, object]:
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **{CACHE: cache})
-    return out.logits[:, -1].float(), getattr(out, CACHE)
+class CausalDecoding:
+    """A decoder-only model's incremental decoding: one prefill, then one token per step with the KV cache, the
+    positions counted over attended tokens (left padding does not shift them)."""
+
+    def __init__(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) -> None:
+        self.model, self.ids, self.cache = model, prompt_ids, None
+        self.attention = prompt_mask.long()
+        self.positions = position_ids(self.attention)
+
+    def _forward(self, ids: Tensor) -> Tensor:
+        out = self.model(input_ids=ids, attention_mask=self.attention, position_ids=self.positions, use_cache=True,
+                         logits_to_keep=1, **{CACHE: self.cache})
+        self.cache = getattr(out, CACHE)
+        self.positions = self.positions[:, -1:] + 1
+        return out.logits[:, -1].float()
+
+    def start(self) -> Tensor:
+        """(B, V) logits of the first completion token."""
+        return self._forward(self.ids)
+
+    def step(self, tokens_B: Tensor) -> Tensor:
+        """Feed each row's latest token (finished rows feed padding, still attended: harmless, they are masked out
+        later); (B, V) logits of the next."""
+        self.attention = torch.cat([self.attention, torch.ones_like(self.attention[:, :1])], dim=1)
+        return self._forward(tokens_B.unsqueeze(1))
+
+
+def decoding(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) -> "CausalDecoding | Seq2SeqDecoding":
+    """How `model` decodes: the prompt as a decoder-only model's prefix, or as an encoder-decoder's encoder input."""
+    kind = Seq2SeqDecoding if is_encoder_decoder(model) else CausalDecoding
+    return kind(model, prompt_ids, prompt_mask)
 
 
 class _StopStrings:
@@ -163,13 +192,12 @@ def rollout(
     tokens, student_lp, teacher_lp, sample_lp, entropies = [], [], [], [], []
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
-    attention = prompt_mask.long()
-    positions = position_ids(attention)
     with eval_mode(*((student, teacher) if lockstep else (student,))):
-        s_logits, s_cache = _forward_last(student, prompt_ids, attention, positions, None)
+        s_decoding = decoding(student, prompt_ids, prompt_mask)
+        s_logits = s_decoding.start()
         if lockstep:
-            t_logits, t_cache = _forward_last(teacher, prompt_ids, attention, positions, None)
-        next_position = positions[:, -1:] + 1
+            t_decoding = decoding(teacher, prompt_ids, prompt_mask)
+            t_logits = t_decoding.start()
         steps = 0
         while steps < max_new_tokens:
             vocab = vocab_size or (min(s_logits.shape[-1], t_logits.shape[-1]) if lockstep else s_logits.shape[-1])
@@ -193,13 +221,9 @@ def rollout(
             steps += 1
             if all_finished(bool(finished.all())) or steps == max_new_tokens:
                 break
-            # Finished rows keep feeding padding (still attended: harmless, they are masked out later).
-            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-            step_ids = next_tok.unsqueeze(1)
-            s_logits, s_cache = _forward_last(student, step_ids, attention, next_position, s_cache)
+            s_logits = s_decoding.step(next_tok)
             if lockstep:
-                t_logits, t_cache = _forward_last(teacher, step_ids, attention, next_position, t_cache)
-            next_position = next_position + 1
+                t_logits = t_decoding.step(next_tok)
 
     return _completions(prompt_ids, prompt_mask, tokens, lengths, pad_id, tokenizer, source or (
         "teacher" if alpha == 1 else "student"), temperature, alpha, student_lp, teacher_lp if lockstep else None,

@@ -29,6 +29,7 @@ from onpolicy_kd.evaluation.heldout import greedy_samples, heldout_metrics
 from onpolicy_kd.models.distributed import describe_run, describe_text, init_trackers, make_accelerator, prepare_teacher, zero_stage
 from onpolicy_kd.models.freezing import apply_trainable
 from onpolicy_kd.models.loading import Models, base_model, load_models, logits_are_linear, with_lora
+from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
 from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
 from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_source, forward_plan
@@ -205,9 +206,11 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
         models = replace(models, student=with_lora(models.student, recipe.student.lora))
     parts_text = student_parts(recipe, models, stage)  # before the optimizer is built
     check_writable(recipe.train.output_dir, checkpoint_bytes(models.student))
-    data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, train=raw_train, eval_=raw_eval)
+    data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, train=raw_train, eval_=raw_eval,
+                            encoder_decoder=is_encoder_decoder(models.teacher))
     if stage is not None and stage.eval_data is not None and stage.eval_data != recipe.data:
-        data = replace(data, eval=load_prompt_data(stage.eval_data, models.tokenizer, seed=recipe.train.seed).eval)
+        data = replace(data, eval=load_prompt_data(stage.eval_data, models.tokenizer, seed=recipe.train.seed,
+                                                     encoder_decoder=is_encoder_decoder(models.teacher)).eval)
     if recipe.rollout.teacher_cache:
         data = replace(data, train=with_teacher_completions(recipe, models, data.train, accelerator))
     mode = MODES[recipe.objective.mode]

@@ -36,7 +36,7 @@ from onpolicy_kd.console import console, is_main_process
 from onpolicy_kd.data.loading import check_data_path
 from onpolicy_kd.errors import ConfigError
 from onpolicy_kd.models.freezing import check_trainable
-from onpolicy_kd.models.loading import Models, base_model, check_lengths, load_models
+from onpolicy_kd.models.loading import Models, base_model, check_recipe_fits, load_models
 from onpolicy_kd.objectives.hidden import (
     STITCHING_FILE, layer_pairs, projected_teacher_head, read_stitching_file, stitching_file,
 )
@@ -141,7 +141,7 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
         check_data_path(stage_recipe.data)  # before the models load
     models = models or load_models(recipe, recipe_path)
     for k, (spec, stage_recipe) in enumerate(zip(recipe.stages, stages)):  # all of them before the first trains
-        check_lengths(stage_recipe, models, where=f"stage {k} ({spec.name})")
+        check_recipe_fits(stage_recipe, models, where=f"stage {k} ({spec.name})")
     check_stage_parts(recipe, stages, models)
     resuming = recipe.train.resume_from is not None
     offset, result = 0, None
