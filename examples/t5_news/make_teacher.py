@@ -7,10 +7,11 @@ with transformers' Seq2SeqTrainer on every such window of the 280 training artic
 SmolLM2 teacher's (49,152 tokens), so its folder is needed: run `./scripts/setup.sh` (or `python -m
 onpolicy_kd.assets`) first.
 
-    python examples/t5_news/make_teacher.py [--steps 600]    # ~5 min on 2 CPU cores; writes the cache folder below
+    python examples/t5_news/make_teacher.py [--steps 600]    # ~9 min on 2 CPU cores; writes the cache folder below
 
-The result is a weak language model (minutes of CPU training), which is fine: the recipe measures how close
-a smaller T5 gets to it, not how good it is.
+The result is a weak language model (minutes of CPU training: training loss 9.5 -> 6.05 over the 600 steps, and
+its greedy continuations do not yet depend on the article), enough to exercise encoder-decoder distillation end
+to end, not to make a useful student.
 """
 
 from __future__ import annotations
