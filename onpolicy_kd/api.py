@@ -13,7 +13,8 @@ Objects replace the matching recipe entries: `teacher=` replaces `teacher.name_o
 `tokenizer=`), `student=` replaces the recipe's student initialisation, `train_data=` / `eval_data=`
 replace `data.path` (a `datasets.Dataset`, a list of row dicts or a dict of columns; the columns are
 detected as for files, `data.format` / `data.columns` still apply). The teacher must be a transformers causal
-LM (`PreTrainedModel` subclasses, including architectures of your own); the student may also be any
+LM (`PreTrainedModel` subclasses, including architectures of your own) or an encoder-decoder one (T5, BART:
+then the student is one too); the student may also be any
 `torch.nn.Module` mapping `(input_ids, attention_mask)` to logits (onpolicy_kd/models/module_lm.py: decoded by
 full forward passes, no KV cache). `distill_file("my_distill.py")` runs a Distillation file as
 `onpolicy-kd train my_distill.py` does (onpolicy_kd/models/distillation_file.py). Everything else, checks

@@ -54,13 +54,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # flags and overrides in any order
 
 
+def _layers(config) -> object:
+    """Decoder layers, or an encoder-decoder model's "encoder + decoder" (T5 and BART name them differently)."""
+    if not getattr(config, "is_encoder_decoder", False):
+        return config.num_hidden_layers
+    encoder = getattr(config, "encoder_layers", None) or config.num_hidden_layers
+    decoder = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None)
+    return f"{encoder} + {decoder}"
+
+
 def _model_row(source: str, model: object, tokenizer: object) -> dict[str, object]:
     config = model.config  # type: ignore[attr-defined]
     return {
         "source": source if len(source) < 40 else "..." + source[-37:],
         "architecture": type(model).__name__,
         "parameters": count_parameters(model),  # type: ignore[arg-type]
-        "layers": config.num_hidden_layers,
+        "layers": _layers(config),
         "hidden": config.hidden_size,
         "vocab (tokenizer / rows)": f"{len(tokenizer)} / {model.get_input_embeddings().num_embeddings}",  # type: ignore
         "dtype": str(model.dtype).removeprefix("torch."),  # type: ignore[attr-defined]

@@ -207,9 +207,11 @@ class PromptBuilder:
         return head + body_ids + tail, cut
 
     def _reference_ids(self, reference: str | None) -> list[int]:
+        """The reference ending with EOS; a decoder target also starts as the tokenizer starts a text (BART's
+        decoder was trained on `<s> .. </s>`; T5's adds nothing in front)."""
         if not reference:
             return []
-        ids = self._ids(reference) + [self.tokenizer.eos_token_id]
+        ids = (self._before if self.encoder_decoder else []) + self._ids(reference) + [self.tokenizer.eos_token_id]
         return ids[: self.max_response_tokens]
 
     # -- formats -----------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def check_trainable(model: nn.Module, parts: TrainableParts, where: str = "train
             and parts.head != parts.embeddings:
         raise ConfigError(f"{where}: this student's head is tied to its input embeddings (one weight), so list both "
                           f"head and embeddings, or neither")
-    names = part_of_each_parameter(model, need_layers=parts.layers is not None)
+    names = part_of_each_parameter(model, need_layers=parts.names_layers)
     return {name: _trains(part, parts) for name, part in names.items()}
 
 

@@ -368,7 +368,8 @@ def load_models(
     """The recipe's models, or the model objects given (the Python API), checked to share a vocabulary.
 
     A teacher object needs its `tokenizer`; a student object uses `tokenizer` or else the teacher's. The teacher
-    must be a transformers causal LM (`PreTrainedModel`, custom architectures included); the student may also be
+    must be a transformers causal LM (`PreTrainedModel`, custom architectures included) or an encoder-decoder one
+    with a student of the same kind; a decoder-only student may also be
     any torch module mapping (input_ids, attention_mask) to logits.
     """
     if teacher is not None and not isinstance(teacher, PreTrainedModel):

@@ -16,8 +16,8 @@ from a decoder-only model, and nothing after the forward pass knows the differen
   it chunk by chunk. Where the head is more than that matrix (BART adds `final_logits_bias`), a probe finds
   out (`head_is_plain`) and the losses read full logits.
 - What needs a decoder-only model is an error at load (`check_keys`): copying the teacher's layers, BitNet
-  layers, a quantised teacher, hidden-state distillation and `train.trainable` (which count decoder layers of
-  one stack), and the divergence on the prompt (an encoder predicts no prompt tokens).
+  layers, a quantised teacher, hidden-state distillation and `train.trainable` layer ranges (which count the
+  layers of one stack), and the divergence on the prompt (an encoder predicts no prompt tokens).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from transformers.modeling_outputs import BaseModelOutput
 from onpolicy_kd.errors import ConfigError
 from onpolicy_kd.models.distributed import innermost
 from onpolicy_kd.models.module_lm import CACHE
+
+from onpolicy_kd.recipe.schema import parse_trainable
 
 if TYPE_CHECKING:
     from onpolicy_kd.batch import Completions
@@ -54,8 +56,10 @@ def encoder_inputs(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Ten
 
 
 def decoder_start_id(model: nn.Module) -> int:
-    config = innermost(model).config
-    start = getattr(config, "decoder_start_token_id", None)
+    inner = innermost(model)
+    start = getattr(inner.config, "decoder_start_token_id", None)
+    if start is None:  # some checkpoints keep it in generation_config.json only
+        start = getattr(getattr(inner, "generation_config", None), "decoder_start_token_id", None)
     if start is None:
         raise ConfigError(f"the encoder-decoder model {type(innermost(model)).__name__} has no "
                           f"config.decoder_start_token_id: set it (T5 uses the pad id, BART the EOS id)")
@@ -105,29 +109,35 @@ def teacher_forced(model: nn.Module, batch: "Completions", *, logits: bool,
 @torch.no_grad()
 def head_is_plain(model: nn.Module) -> bool:
     """Whether the model's logits are exactly its lm_head's input times the head's weight (a probe on a 2-token
-    prompt and 2 decoder tokens: T5's output scaling passes, BART's final_logits_bias does not)."""
+    prompt and 2 decoder tokens: T5's output scaling passes, BART's final_logits_bias does not). The tolerance
+    follows the weights' precision (a bfloat16 model rounds its logits to ~0.4%); the forward runs without
+    accelerate's autocast wrapper, if it has one."""
     inner = innermost(model)
     head = inner.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None or not hasattr(head, "weight"):
         return False
-    device = head.weight.device
-    ids = torch.tensor([[3, 4]], device=device)
+    device, vocab = head.weight.device, head.weight.shape[0]
+    ids = torch.tensor([[1, 2]], device=device) % vocab
     batch_like = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
-                      decoder_input_ids=torch.tensor([[decoder_start_id(inner), 5]], device=device))
+                      decoder_input_ids=torch.tensor([[decoder_start_id(inner), 3]], device=device) % vocab)
+    forward = inner.__dict__.get("_original_forward", inner.forward)  # set by accelerate's prepare (autocast)
     was_training = inner.training
     inner.eval()  # no dropout between the two forwards
     try:
-        logits = inner(**batch_like).logits.float()
+        logits = forward(**batch_like).logits.float()
         try:
             with head_input_as_logits(inner):
-                states = inner(**batch_like).logits.float()
-        except RuntimeError:  # e.g. a bias of the vocabulary's size added to the (pass-through) head input
+                states = forward(**batch_like).logits.float()
+        except (RuntimeError, ValueError, IndexError):  # e.g. a vocabulary-sized bias added to the head's input
             return False
     finally:
         inner.train(was_training)
     if states.shape[-1] != head.weight.shape[1]:
         return False
-    return torch.allclose(states @ head.weight.float().T, logits, rtol=1e-4, atol=1e-4)
+    tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    relative = max(1e-4, 4 * (2.0 ** -10 if tf32 else torch.finfo(head.weight.dtype).eps))
+    error = (states @ head.weight.float().T - logits).abs().max()
+    return bool(error <= relative * (1 + logits.abs().max()))
 
 
 class Seq2SeqDecoding:
@@ -177,7 +187,8 @@ def check_keys(recipe: "Recipe", where: str = "the recipe") -> None:
         "teacher.quantization": recipe.teacher.quantization is not None,
         "hidden.weight > 0 (hidden-state distillation)": recipe.hidden.weight > 0,
         "objective.prompt_weight": recipe.objective.prompt_weight > 0,
-        "train.trainable other than all": recipe.train.trainable != "all",
+        "train.trainable with decoder layers or other": recipe.train.trainable != "all"
+                                                        and parse_trainable(recipe.train.trainable).names_layers,
     }
     used = [key for key, on in unsupported.items() if on]
     if used:

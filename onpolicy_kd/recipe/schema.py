@@ -45,6 +45,12 @@ class TrainableParts:
     def trains_layer(self, number: int) -> bool:
         return self.layers is None or number in self.layers
 
+    @property
+    def names_layers(self) -> bool:
+        """Whether applying this needs the decoder layers told apart from the other weights (some layers train and
+        some do not, or no layer trains while the other weights do)."""
+        return self.layers is not None and (bool(self.layers) or self.other)
+
 
 _LAYER_RANGE = re.compile(r"^layers?\s+(\d+)(?:\s*-\s*(\d+))?$")
 
