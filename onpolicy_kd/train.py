@@ -55,12 +55,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _layers(config) -> object:
-    """Decoder layers, or an encoder-decoder model's "encoder + decoder" (T5 and BART name them differently)."""
+    """Decoder layers, or an encoder-decoder model's "encoder + decoder" (num_hidden_layers counts the encoder's;
+    T5 and BART name the decoder's differently)."""
     if not getattr(config, "is_encoder_decoder", False):
         return config.num_hidden_layers
-    encoder = getattr(config, "encoder_layers", None) or config.num_hidden_layers
     decoder = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None)
-    return f"{encoder} + {decoder}"
+    return f"{config.num_hidden_layers} + {decoder}"
 
 
 def _model_row(source: str, model: object, tokenizer: object) -> dict[str, object]:

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from onpolicy_kd.batch import Completions
-from onpolicy_kd.models import seq2seq
 from onpolicy_kd.models.distributed import innermost
-from onpolicy_kd.models.seq2seq import is_encoder_decoder
+from onpolicy_kd.models.seq2seq import is_encoder_decoder, teacher_forced
 from onpolicy_kd.objectives.hidden import STITCHING
 from onpolicy_kd.objectives.loss import ModelOutputs
 
@@ -33,7 +32,7 @@ def forward_completions(model: nn.Module, batch: Completions, *, vocab: int | No
     head_weight = innermost(model).get_output_embeddings().weight[:vocab] if head else None
     if is_encoder_decoder(model):  # the prompt is the encoder's input: no position of the decoder predicts it
         assert not prompt, "objective.prompt_weight needs a decoder-only model (refused at load)"
-        all_logits, states = seq2seq.teacher_forced(model, batch, logits=logits, hidden=hidden)
+        all_logits, states = teacher_forced(model, batch, logits=logits, hidden=hidden)
         return ModelOutputs(logits=all_logits[..., :vocab] if logits else None, hidden=states, head=head_weight)
     keep = (0 if prompt else T + 1) if logits else 1  # 0 keeps every position
     out = model(input_ids=batch.sequences, attention_mask=batch.attention_mask, position_ids=batch.position_ids,

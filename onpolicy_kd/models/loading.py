@@ -440,11 +440,11 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 def logits_are_linear(model: PreTrainedModel) -> bool:
     """Whether the model's logits are exactly its last hidden state times its output embedding matrix (for an
     encoder-decoder model, what its lm_head reads: a probe forward tells)."""
-    if is_encoder_decoder(model):
-        return head_is_plain(model)
     head = model.get_output_embeddings()
     if head is None or getattr(head, "bias", None) is not None or not hasattr(head, "weight"):
         return False
+    if is_encoder_decoder(model):
+        return head_is_plain(model)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return all(getattr(config, name, None) in (None, 1, 1.0) for name in LOGIT_TRANSFORMS)
 

@@ -108,14 +108,13 @@ def teacher_forced(model: nn.Module, batch: "Completions", *, logits: bool,
 
 @torch.no_grad()
 def head_is_plain(model: nn.Module) -> bool:
-    """Whether the model's logits are exactly its lm_head's input times the head's weight (a probe on a 2-token
-    prompt and 2 decoder tokens: T5's output scaling passes, BART's final_logits_bias does not). The tolerance
-    follows the weights' precision (a bfloat16 model rounds its logits to ~0.4%); the forward runs without
-    accelerate's autocast wrapper, if it has one."""
+    """Whether the model's logits are exactly its lm_head's input times the head's weight, for a bias-free head
+    module (models/loading.py `logits_are_linear` checks that first): a probe on a 2-token prompt and 2 decoder
+    tokens (T5's output scaling passes, BART's final_logits_bias does not). The tolerance follows the weights'
+    precision (a bfloat16 model rounds its logits to ~0.4%); the forward runs without accelerate's autocast
+    wrapper, if it has one."""
     inner = innermost(model)
     head = inner.get_output_embeddings()
-    if head is None or getattr(head, "bias", None) is not None or not hasattr(head, "weight"):
-        return False
     device, vocab = head.weight.device, head.weight.shape[0]
     ids = torch.tensor([[1, 2]], device=device) % vocab
     batch_like = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
@@ -187,8 +186,7 @@ def check_keys(recipe: "Recipe", where: str = "the recipe") -> None:
         "teacher.quantization": recipe.teacher.quantization is not None,
         "hidden.weight > 0 (hidden-state distillation)": recipe.hidden.weight > 0,
         "objective.prompt_weight": recipe.objective.prompt_weight > 0,
-        "train.trainable with decoder layers or other": recipe.train.trainable != "all"
-                                                        and parse_trainable(recipe.train.trainable).names_layers,
+        "train.trainable with decoder layers or other": parse_trainable(recipe.train.trainable).names_layers,
     }
     used = [key for key, on in unsupported.items() if on]
     if used:

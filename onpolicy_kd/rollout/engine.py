@@ -10,10 +10,11 @@ while `student_logprobs` and `teacher_logprobs` are the unfiltered tempered log-
 Decoding is our own KV-cached loop: one prefill, then one single-token forward per step per model,
 with position ids taken from the attention mask so left padding does not shift positions (a prompt
 gives the same greedy completion alone or in a padded batch). An encoder-decoder model (T5, BART)
-encodes the prompt once and steps its decoder instead (models/seq2seq.py); `decoding` picks which. With alpha > 0 both models decode in
-lockstep, each with its own cache, and the teacher's log-probs come for free. With alpha = 0 only the
-student decodes (the teacher is not needed and its log-probs are not recorded: the training loop's
-teacher forward over the finished completions gives them when a loss needs them).
+encodes the prompt once and steps its decoder instead (models/seq2seq.py); `decoding` picks which.
+With alpha > 0 both models decode in lockstep, each with its own cache, and the teacher's log-probs
+come for free. With alpha = 0 only the student decodes (the teacher is not needed and its log-probs
+are not recorded: the training loop's teacher forward over the finished completions gives them when
+a loss needs them).
 
 A row finishes at its first EOS (or stop string), which is kept in the completion mask; later
 positions are padding and masked. Masks come from the step at which each row finished, never from
