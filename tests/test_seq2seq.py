@@ -40,13 +40,20 @@ def t5_tokenizer():
     return tok
 
 
-def t5(tok, seed: int, layers: int = 2, d_model: int = 32, tie: bool = False):
+def t5(tok, seed: int, layers: int = 2, d_model: int = 32, scaled: bool = False, untied: bool = False):
+    """A tiny T5. transformers ties its head to the embeddings always and reads `tie_word_embeddings` as whether to
+    scale the decoder output by d_model^-0.5 (original T5) or not (v1.1, Flan-T5); `untied` gives the head a weight
+    of its own."""
     torch.manual_seed(seed)
     config = T5Config(vocab_size=len(tok), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=layers,
                       num_decoder_layers=layers, num_heads=4, decoder_start_token_id=tok.pad_token_id,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=tie,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=scaled,
                       dropout_rate=0.0)
-    return AutoModelForSeq2SeqLM.from_config(config).eval()
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    if untied:
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() * 1.5)
+        assert model.lm_head.weight is not model.shared.weight
+    return model
 
 
 def bart(tok, seed: int):
@@ -161,14 +168,16 @@ def test_prompts_are_encoder_inputs_with_the_tokenizers_special_tokens(tok):
 
 
 def test_bounded_head_equals_full_logits_values_and_gradients(tok):
-    """T5's head reads the decoder output scaled by d_model^-0.5: the chunked divergence from what the head reads
-    equals the divergence of the full logits, and so do the student's gradients. BART's head adds a bias: the
-    probe says its logits are not linear, so the losses read full logits."""
-    assert logits_are_linear(t5(tok, 0)) and logits_are_linear(t5(tok, 0, tie=True))
+    """T5's head reads the decoder output, scaled by d_model^-0.5 in the original T5: with and without that scaling,
+    and with a head tied to the embeddings or not, the chunked divergence from what the head reads equals the
+    divergence of the full logits, and so do the student's gradients. BART's head adds a bias: the probe says its
+    logits are not linear, so the losses read full logits."""
+    variants = [{}, {"scaled": True}, {"untied": True}]
+    assert all(logits_are_linear(t5(tok, 0, **variant)) for variant in variants)
     assert logits_are_linear(t5(tok, 0).to(torch.bfloat16))  # the probe's tolerance follows the precision
     assert not logits_are_linear(bart(tok, 0))
-    for tie in (False, True):
-        student, teacher = t5(tok, 0, tie=tie), t5(tok, 1)
+    for variant in variants:
+        student, teacher = t5(tok, 0, **variant), t5(tok, 1)
         prompts = [tok(p).input_ids for p in PROMPTS]
         batch = rollout(student, None, *left_pad(prompts, tok.pad_token_id), tokenizer=tok, max_new_tokens=6,
                         generator=torch.Generator().manual_seed(2))

@@ -11,9 +11,9 @@ from a decoder-only model, and nothing after the forward pass knows the differen
 - Decoding (`Seq2SeqDecoding`): the encoder runs once per rollout; the decoder then steps one token at a
   time with its KV cache and the cached encoder states. With alpha > 0 the teacher does the same in lockstep.
 - The memory-bounded head: these models' forward always applies the lm_head to every position, so for one
-  forward the head is swapped for a pass-through and the "logits" are what the head reads (T5 scales the
-  decoder output by d_model^-0.5 first: that scaled state is what gets projected); the losses then project
-  it chunk by chunk. Where the head is more than that matrix (BART adds `final_logits_bias`), a probe finds
+  forward the head is swapped for a pass-through and the "logits" are what the head reads (the original T5
+  scales the decoder output by d_model^-0.5 first: that scaled state is what gets projected); the losses then
+  project it chunk by chunk. Where the head is more than that matrix (BART adds `final_logits_bias`), a probe finds
   out (`head_is_plain`) and the losses read full logits.
 - What needs a decoder-only model is an error at load (`check_keys`): copying the teacher's layers, BitNet
   layers, a quantised teacher, hidden-state distillation and `train.trainable` layer ranges (which count the
