@@ -1,11 +1,14 @@
 """Benchmark: the whole on-policy step and its result, our loop vs TRL's DistillationTrainer, in one run.
 
-    python benchmarks/step.py                 # the offline default task (recipes/smollm2_news.yaml), 40 steps
-    python benchmarks/step.py --steps 10      # shorter
+    python benchmarks/step.py                     # the offline default task (recipes/smollm2_news.yaml), 40 steps
+    python benchmarks/step.py --steps 10          # shorter
+    python benchmarks/step.py --precision bf16    # both loops under bfloat16 autocast (float32 weights)
 
 The offline default task: SmolLM2-135M-Instruct teacher, its 10-layer copy as student, Lee news
 prompts (train rows 0-279, held out 280-291), batch 4, 32 new tokens, temperature 1, lr 1e-4 constant,
-grad clip 1, reverse KL (beta = 1), float32 on the CPU. Three variants, each in its own process (so peak
+grad clip 1, reverse KL (beta = 1), on the CPU in float32, or with `--precision bf16` both loops' forward
+and backward under bfloat16 autocast (accelerate's mixed precision: ours train.mixed_precision=bf16, TRL's
+bf16=True; weights and optimizer in float32, the teacher in float32 in both). Three variants, each in its own process (so peak
 memory is per variant) and from the same initial student:
 - trl: TRL's `DistillationTrainer` (HF `generate`, its chunked divergence; gradient checkpointing off,
   dropout off, like ours), fed exactly our prompt token ids (its prompt tokenisation is bypassed);
@@ -47,15 +50,15 @@ ON_POLICY_ONLY = [*ON_POLICY, "student.keep_layers=null", "student.layer_stride=
                   "eval.batch_size=12"]
 
 
-def setting(steps: int, output_dir: Path, variant: str, seed: int) -> list[str]:
+def setting(steps: int, output_dir: Path, variant: str, seed: int, precision: str = "fp32") -> list[str]:
     overrides = [*ON_POLICY_ONLY, f"train.max_steps={steps}", f"train.output_dir={output_dir}", "logging.live=false",
-                 f"train.seed={seed}"]
+                 f"train.seed={seed}", f"train.mixed_precision={'bf16' if precision == 'bf16' else 'no'}"]
     if variant == "ours_entropy_floor":
         overrides += ["penalties.entropy=0.5", "penalties.entropy_floor=1.5"]
     return overrides
 
 
-def run_variant(variant: str, steps: int, seed: int, out_json: Path) -> None:
+def run_variant(variant: str, steps: int, seed: int, out_json: Path, precision: str) -> None:
     import torch
 
     from onpolicy_kd.recipe import load_recipe
@@ -63,7 +66,7 @@ def run_variant(variant: str, steps: int, seed: int, out_json: Path) -> None:
     from onpolicy_kd.train import train
 
     work = Path(tempfile.mkdtemp(prefix=f"step-{variant}-"))
-    recipe = load_recipe(RECIPE, setting(steps, work, variant, seed))
+    recipe = load_recipe(RECIPE, setting(steps, work, variant, seed, precision))
     models = load_models(recipe, str(RECIPE))
     if variant.startswith("ours"):
         started = time.perf_counter()
@@ -80,13 +83,13 @@ def run_variant(variant: str, steps: int, seed: int, out_json: Path) -> None:
             "train_s": sum(r["time/step_s"] for r in steps_rows), "wall_s": wall,
         }
     else:
-        report = run_trl(recipe, models, steps, work)
+        report = run_trl(recipe, models, steps, work, precision)
     report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     report["torch"] = torch.__version__
     out_json.write_text(json.dumps(report))
 
 
-def run_trl(recipe, models, steps: int, work: Path) -> dict:
+def run_trl(recipe, models, steps: int, work: Path, precision: str) -> dict:
     from accelerate import Accelerator
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -122,7 +125,7 @@ def run_trl(recipe, models, steps: int, work: Path) -> dict:
         max_steps=steps, learning_rate=recipe.optim.lr, lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=recipe.optim.max_grad_norm, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
         temperature=recipe.rollout.temperature, top_k=0, top_p=1.0, beta=1.0,
-        max_completion_length=recipe.rollout.max_new_tokens, use_cpu=True, bf16=False, fp16=False,
+        max_completion_length=recipe.rollout.max_new_tokens, use_cpu=True, bf16=precision == "bf16", fp16=False,
         gradient_checkpointing=False, disable_dropout=True, logging_steps=1, save_strategy="no", report_to=[],
         seed=recipe.train.seed, dataloader_num_workers=0,
     )
@@ -154,12 +157,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="train.seed of each repetition (the "
                         "held-out prompts and their sampling seed stay fixed)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--run", choices=VARIANTS, help=argparse.SUPPRESS)  # a child process: one variant
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step.md"))
     args = parser.parse_args()
     if args.run:
-        run_variant(args.run, args.steps, args.seeds[0], args.json)
+        run_variant(args.run, args.steps, args.seeds[0], args.json, args.precision)
         return
 
     from results_file import publish
@@ -170,7 +174,7 @@ def main() -> None:
             out = Path(tempfile.mkdtemp()) / "result.json"
             print(f"--- {variant}, seed {seed}", flush=True)
             subprocess.run([sys.executable, __file__, "--run", variant, "--steps", str(args.steps), "--seeds", str(seed),
-                            "--json", str(out)], check=True, cwd=ROOT)
+                            "--precision", args.precision, "--json", str(out)], check=True, cwd=ROOT)
             results.setdefault(variant, []).append(json.loads(out.read_text()))
 
     def median_step(r):
@@ -183,8 +187,10 @@ def main() -> None:
     torch_version = next(iter(results.values()))[0]["torch"]
     seeds = ", ".join(map(str, args.seeds))
     lines = [f"\n## {time.strftime('%Y-%m-%d')} CPU (2 cores), torch {torch_version}: recipes/smollm2_news.yaml, "
-             f"{args.steps} steps, batch 4, 32 new tokens, float32, seeds {seeds}\n",
-             f"`python benchmarks/step.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))}` (each variant "
+             f"{args.steps} steps, batch 4, 32 new tokens, "
+             f"{'bfloat16 autocast (float32 weights)' if args.precision == 'bf16' else 'float32'}, seeds {seeds}\n",
+             f"`python benchmarks/step.py --steps {args.steps} --seeds {' '.join(map(str, args.seeds))} --precision "
+             f"{args.precision} --variants {' '.join(args.variants)}` (each variant "
              f"and seed in its own process, same initial student; step times: mean over seeds of the median step)\n",
              "| variant | median step | vs TRL | rollout / teacher / student / optimizer | mean completion | "
              "train time | peak RSS | held-out reverse KL after (per seed) | mean after (before) |",

@@ -85,6 +85,9 @@ class Completions:
     decode_steps: int = 0  # decoding steps taken (the same on every process)
     rows: list[int] = field(default_factory=list)  # dataset rows of the prompts (for logging and references)
     references: "Completions | None" = None  # the same prompts' dataset references (pg's language-modelling term)
+    # the student's keys and values over prompt_ids[:, :-1] from the rollout's prefill, with gradient (per layer:
+    # (keys, values)); the loss's forward continues from them instead of running the prompt again (forward.py)
+    prompt_cache: list[tuple[Tensor, Tensor]] | None = None
 
     @property
     def sequences(self) -> Tensor:
@@ -128,7 +131,7 @@ class Completions:
             texts=[self.texts[i] for i in index], student_logprobs=cut(self.student_logprobs),
             teacher_logprobs=cut(self.teacher_logprobs), sample_logprobs=cut(self.sample_logprobs),
             student_entropy=cut(self.student_entropy), rows=[self.rows[i] for i in index] if self.rows else [],
-            references=None,
+            references=None, prompt_cache=None,
         )
 
 
@@ -157,5 +160,5 @@ def concatenate(batches: Sequence[Completions], pad_id: int) -> Completions:
         student_logprobs=stack("student_logprobs", True, 0.0), teacher_logprobs=stack("teacher_logprobs", True, 0.0),
         sample_logprobs=stack("sample_logprobs", True, 0.0), student_entropy=stack("student_entropy", True, 0.0),
         texts=[t for b in batches for t in b.texts], rows=[r for b in batches for r in b.rows],
-        decode_steps=max(b.decode_steps for b in batches), references=None,
+        decode_steps=max(b.decode_steps for b in batches), references=None, prompt_cache=None,
     )

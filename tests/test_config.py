@@ -54,6 +54,17 @@ def test_precedence_cli_over_env_over_file_over_default(recipe):
     assert load_recipe(recipe, environ=env).train.output_dir == "/env/out"  # environment beats default
 
 
+def test_mixed_precision_no_is_not_read_as_false(recipe, tmp_path):
+    """YAML reads a bare `no` as false: `train.mixed_precision=no` (the README's advice for CPUs without bfloat16)
+    works on the command line, in the environment and in a file."""
+    assert load_recipe(recipe, ["train.mixed_precision=no"], environ={}).train.mixed_precision == "no"
+    assert load_recipe(recipe, environ={"ONPOLICY_KD_MIXED_PRECISION": "no"}).train.mixed_precision == "no"
+    text = recipe.read_text().replace("train:\n", "train:\n  mixed_precision: no\n", 1)
+    assert "mixed_precision: no" in text
+    (tmp_path / "no.yaml").write_text(text)
+    assert load_recipe(tmp_path / "no.yaml", environ={}).train.mixed_precision == "no"
+
+
 def test_env_overrides_map_to_schema_keys(recipe):
     for var, key in ENV_OVERRIDES.items():
         section, name = key.split(".")

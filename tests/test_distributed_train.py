@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from test_train import recipe_for
@@ -190,3 +191,78 @@ def test_block_stages_under_ddp(tmp_path, far_pair, isolated_cache):
     assert all((block1[k] == block2[k]).all() for k in frozen)  # block 2 moved layer 2 only
     assert any(not (block1[k] == block2[k]).all() for k in layer_keys(block2, 2))
     assert sorted(load_file(out / "final" / "stitching.safetensors")) == ["projections.0.weight", "projections.1.weight"]
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_bounded_head_under_zero3_moves_the_student_as_full_logits_do(tied, tmp_path, far_pair, isolated_cache):
+    """2-process ZeRO-3, one on-policy gkd step with all three penalties (the chunked divergence and the chunked
+    token terms), plain SGD: with the memory-bounded head each rank gathers the two sharded lm_head weights, and
+    the head's gradient goes back into the shards, so the student moves as with full logits. A tied student's head
+    is its embedding matrix: the two gradients meet in the one sharded parameter."""
+    from onpolicy_kd.models.loading import load_student, load_teacher
+    from onpolicy_kd.recipe import StudentConfig, TeacherConfig
+
+    student = {"num_hidden_layers": 2, "tie_word_embeddings": tied}
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    common = ["train.max_steps=1", "train.batch_size=2", "eval.max_samples=4", "objective.lmbda=1.0",
+              "penalties.frequency=0.1", "penalties.diversity=0.05", "penalties.entropy=0.01", "optim.name=sgd",
+              "optim.lr=1.0", "optim.max_grad_norm=null", f"student.config_overrides={student}"]
+    trained, losses = {}, {}
+    for backend in ("torch", "chunked"):
+        out = tmp_path / backend
+        run = launch("deepspeed_zero3.yaml", 2, {}, recipe, *common, f"objective.backend={backend}",
+                     f"train.output_dir={out}")
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+        assert f"lm head: {backend}" in run.stdout
+        trained[backend] = load_file(out / "final" / "model.safetensors")
+        losses[backend] = [json.loads(line)["train/loss"] for line in open(out / "metrics.jsonl") if "train/loss" in line]
+    assert losses["chunked"] == pytest.approx(losses["torch"], rel=1e-5)
+    teacher, tok = load_teacher(TeacherConfig(name_or_path=str(far_pair[0])))
+    initial, _ = load_student(StudentConfig(init="config", config_overrides=student), teacher, tok, seed=5)
+    before = initial.state_dict()
+    assert sorted(trained["chunked"]) == sorted(trained["torch"])
+    for key, full in trained["torch"].items():
+        update, bounded = full - before[key], trained["chunked"][key] - before[key]
+        assert update.abs().max() > 0, key  # every weight moved (the head and embeddings included)
+        assert torch.allclose(bounded, update, rtol=1e-4, atol=1e-6 * update.abs().max()), key
+
+
+def test_a_student_copied_from_teacher_layers_under_zero3_is_the_copy(tmp_path, far_pair, isolated_cache):
+    """Under a ZeRO-3 launch transformers builds models sharded (DeepSpeed's zero.Init) once an Accelerator exists,
+    and a student copied from sharded teacher layers would silently keep its random weights. Models load whole
+    (zero3_init_flag: false), so the copy starts where a one-process run's does: the same held-out KL."""
+    from onpolicy_kd.train import main
+
+    recipe = recipe_for(tmp_path, far_pair, "kd")
+    text = recipe.read_text()
+    recipe.write_text(text.replace("config_overrides: {num_hidden_layers: 2}", "layer_stride: 2"))
+    assert recipe.read_text() != text
+    common = ["student.init=teacher_layers", "train.max_steps=1", "train.batch_size=2", "eval.max_samples=4"]
+    run = launch("deepspeed_zero3.yaml", 1, {}, recipe, *common, f"train.output_dir={tmp_path / 'zero3'}")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert main([str(recipe), *common, f"train.output_dir={tmp_path / 'one'}"]) == 0
+
+    def before(out: Path) -> float:
+        return next(json.loads(line)["eval/reverse_kl"] for line in open(out / "metrics.jsonl") if "eval/reverse_kl" in line)
+
+    assert before(tmp_path / "zero3") == pytest.approx(before(tmp_path / "one"), rel=1e-4)
+
+
+def test_the_prompt_kept_from_the_rollout_under_ddp_moves_the_student_as_the_whole_forward(tmp_path, far_pair,
+                                                                                           isolated_cache):
+    """2-process DDP, one on-policy step, plain SGD: the loss continuing from the rollout's prompt keys and values
+    (the prefill ran on the unwrapped student, outside DDP's forward) gives the gradient DDP averages as the whole
+    forward does (here forced by gradient checkpointing, which keeps the prompt run twice)."""
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    common = ["train.max_steps=1", "train.batch_size=2", "eval.max_samples=4", "objective.lmbda=1.0",
+              "penalties.frequency=0.1", "optim.name=sgd", "optim.lr=1.0", "optim.max_grad_norm=null"]
+    trained = {}
+    for name, extra in (("once", []), ("twice", ["student.gradient_checkpointing=true"])):
+        out = tmp_path / name
+        run = launch("cpu_2proc.yaml", 2, {"ACCELERATE_USE_CPU": "true"}, recipe, *common, *extra,
+                     f"train.output_dir={out}")
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+        assert f"student prompt: run {name}" in run.stdout
+        trained[name] = load_file(out / "final" / "model.safetensors")
+    for key, value in trained["twice"].items():
+        torch.testing.assert_close(trained["once"][key], value, rtol=1e-4, atol=1e-6, msg=key)

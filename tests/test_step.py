@@ -84,11 +84,40 @@ def test_head_is_chosen_once_with_a_reason():
     assert choose_head(recipe(objective={"mode": "pg"}), cpu, models)[0] == "chunked"
     assert choose_head(recipe(objective={"mode": "sft"}), cpu, models)[0] == "chunked"
     zero3 = SimpleNamespace(device=torch.device("cpu"), state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=3)))
-    assert "ZeRO-3" in choose_head(recipe(), zero3, models)[1]
+    assert choose_head(recipe(), zero3, models)[0] == "chunked"  # the sharded heads are gathered for it
     with pytest.raises(ConfigError, match="needs CUDA"):
         choose_head(recipe(objective={"backend": "liger", "divergence": "jsd"}), cpu, models)
     with pytest.raises(ConfigError, match="liger computes"):
         choose_head(recipe(objective={"backend": "liger", "divergence": "tv"}), cpu, models)
+
+
+def test_the_prompt_reuse_is_chosen_once_with_a_reason():
+    from accelerate.utils import DistributedType
+    from transformers import AutoModelForCausalLM
+
+    from onpolicy_kd.training.loop import choose_prompt_reuse
+
+    model = AutoModelForCausalLM.from_config(llama_config(40, layers=1))
+    models = SimpleNamespace(student=model, teacher=model)
+    cpu = SimpleNamespace(distributed_type=DistributedType.NO)
+    gkd = {"mode": "gkd", "lmbda": 1.0}
+    assert choose_prompt_reuse(recipe(objective=gkd), cpu, models) == (True, choose_prompt_reuse(recipe(), cpu, models)[1])
+    assert choose_prompt_reuse(recipe(objective=gkd), cpu, models)[1].startswith("run once")
+    cases = {
+        "ppo_epochs": (recipe(objective={"mode": "pg", "ppo_epochs": 2}), cpu),
+        "rollout.batch_size": (recipe(objective=gkd, rollout={"batch_size": 3}), cpu),
+        "DeepSpeed": (recipe(objective=gkd), SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)),
+        "prompt_weight": (recipe(objective={**gkd, "prompt_weight": 0.5}), cpu),
+    }
+    for reason, (r, accelerator) in cases.items():
+        reuse, why = choose_prompt_reuse(r, accelerator, models)
+        assert not reuse and why.startswith("run twice") and reason in why, (reason, why)
+    model.gradient_checkpointing_enable()
+    assert "gradient_checkpointing" in choose_prompt_reuse(recipe(objective=gkd), cpu, models)[1]
+    config = llama_config(40, layers=1)
+    config.attention_dropout = 0.1
+    dropout = AutoModelForCausalLM.from_config(config)
+    assert "dropout" in choose_prompt_reuse(recipe(objective=gkd), cpu, SimpleNamespace(student=dropout))[1]
 
 
 # --- the batch type -------------------------------------------------------------------------------------------
@@ -224,7 +253,7 @@ def _step_setup(r, tok, dtype=torch.float32):
     teacher.to(dtype), student.to(dtype)
     accelerator = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, reduction: t, num_processes=1)
     run = SimpleNamespace(recipe=r, accelerator=accelerator, teacher=teacher, vocab=VOCAB, mode=MODES[r.objective.mode],
-                          plan=forward_plan(r, "chunked"), input_embeddings=student.get_input_embeddings().weight)
+                          plan=forward_plan(r, "chunked"), student=student)
     return run, batch, student, dataset
 
 
@@ -355,3 +384,58 @@ def test_prompt_divergence_against_a_naive_float64_reference(head):
 def test_prompt_weight_is_a_divergence_key():
     with pytest.raises(ValueError, match="objective.prompt_weight=0.5 has no effect here"):
         recipe(objective={"mode": "sft", "prompt_weight": 0.5})
+
+
+# --- the student's prompt, run once: the loss continues from the rollout's prefill -------------------------------
+
+
+@pytest.mark.parametrize("sections, head", [
+    ({"objective": {"mode": "gkd", "divergence": "jsd"},
+      "penalties": {"frequency": 0.2, "diversity": 0.1, "entropy": 0.1}}, "chunked"),
+    ({"objective": {"mode": "gkd", "divergence": "reverse_kl"}, "rollout": {"alpha": 0.3}}, "torch"),
+    ({"objective": {"mode": "pg", "lm_coef": 0.3}, "penalties": {"frequency": 0.1, "entropy": 0.05}}, "chunked"),
+    ({"objective": {"mode": "gkd", "divergence": "forward_kl"}, "hidden": {"weight": 0.5}}, "chunked"),
+], ids=["gkd-penalties-chunked", "gkd-mixed-torch", "pg-lm-chunked", "gkd-hidden"])
+def test_the_prompt_kept_from_the_rollout_gives_the_same_step(sections, head, tiny_tokenizer):
+    """The loss continuing from the rollout's prompt keys and values (kept with gradient) gives the loss, metrics
+    and gradient of the forward over prompt + completion, in float64 to 1e-9; the parameters reach the completion
+    through the prompt's keys and values, so a cache without gradient would give another step (checked)."""
+    from dataclasses import replace
+
+    from onpolicy_kd.data.sampler import reference_batch
+    from onpolicy_kd.rollout import rollout
+
+    r = recipe(**sections)
+    tok = tiny_tokenizer
+    run, _, student, dataset = _step_setup(r, tok, dtype=torch.float64)
+    prompts = [tok(text).input_ids[: 3 + i] for i, text in enumerate(["The quick brown fox jumps"] * 4 +
+                                                                        ["Hello world! How are you"] * 4)]
+    ids, mask = left_pad(prompts, tok.pad_token_id or tok.eos_token_id)
+
+    def sampled() -> Completions:
+        alpha = r.rollout.alpha
+        batch = rollout(student, run.teacher if alpha else None, ids, mask, tokenizer=tok, max_new_tokens=6, alpha=alpha,
+                        generator=torch.Generator().manual_seed(1), rows=list(range(8)), vocab_size=VOCAB,
+                        keep_prompt_graph=True)
+        if r.objective.lm_coef:
+            batch.references = reference_batch(dataset, list(range(8)), 0, "cpu")
+        assert batch.prompt_cache is not None and batch.prompt_cache[0][0].requires_grad
+        return batch
+
+    run.plan = forward_plan(r, head, reuse_prompt=True)
+    batch = sampled()
+    whole = replace(batch, prompt_cache=None)  # the same completions, through the forward over prompt + completion
+    reused, _, loss, metrics = _step_gradients(run, [batch], student, with_loss=True)
+    assert batch.prompt_cache is None  # used once
+    full, _, full_loss, full_metrics = _step_gradients(run, [whole], student, with_loss=True)
+    assert len(full) > 10 and full.keys() == reused.keys()
+    torch.testing.assert_close(loss, full_loss, rtol=1e-10, atol=1e-12)
+    for name in full:
+        torch.testing.assert_close(reused[name], full[name], rtol=1e-9, atol=1e-12, msg=name)
+    for key, value in metrics.items():
+        assert value == pytest.approx(full_metrics[key], rel=1e-9, abs=1e-12), key
+
+    cut = sampled()
+    cut.prompt_cache = [(k.detach(), v.detach()) for k, v in cut.prompt_cache]
+    without_path, _ = _step_gradients(run, [cut], student)
+    assert any(not torch.allclose(without_path[name], full[name], rtol=1e-4) for name in full)

@@ -182,6 +182,41 @@ def innermost(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def whole(param: torch.nn.Parameter) -> torch.Tensor:
+    """A weight for a computation outside its module's forward (the memory-bounded head reads the lm_head weight, the
+    diversity penalty the input embeddings). Otherwise the parameter itself; under DeepSpeed ZeRO-3, where a rank
+    holds only its shard, a whole copy: gathered and copied while gathered, so autograd links the copy to the
+    parameter at its full shape, and the copy's gradient reaches the parameter, where DeepSpeed's hook reduces it
+    into the shard as it does for a module's weight. The copy is one matrix, the size full logits gather anyway."""
+    if not hasattr(param, "ds_id"):  # not a ZeRO-3 partitioned parameter
+        return param
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    with GatheredParameters([param]):
+        copy = param.clone()
+    if copy.requires_grad:
+        copy.register_hook(lambda grad: _whole_while_accumulating(param))
+    return copy
+
+
+def _whole_while_accumulating(param: torch.nn.Parameter) -> None:
+    """autograd adds a gradient into a parameter with the parameter's current shape, so a ZeRO-3 shard must be whole
+    when the copy's gradient arrives; it is partitioned again once accumulated (after DeepSpeed's own hook has taken
+    the gradient), unless a module (a tied embedding in its backward) still holds it, which then releases it."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status != ZeroParamStatus.NOT_AVAILABLE:
+        return
+
+    def release(p: torch.nn.Parameter) -> None:
+        handle.remove()
+        if not p.ds_active_sub_modules:
+            p.partition()
+
+    param.all_gather()
+    handle = param.register_post_accumulate_grad_hook(release)
+
+
 def global_sum(accelerator: Accelerator, value: float | int) -> float:
     tensor = torch.tensor([float(value)], device=accelerator.device)
     return float(accelerator.reduce(tensor, reduction="sum").item())

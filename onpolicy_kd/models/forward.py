@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 
 from onpolicy_kd.batch import Completions
-from onpolicy_kd.models.distributed import innermost
+from onpolicy_kd.models.module_lm import CACHE
+from onpolicy_kd.models.distributed import innermost, whole
 from onpolicy_kd.models.seq2seq import is_encoder_decoder, teacher_forced
 from onpolicy_kd.objectives.hidden import STITCHING
 from onpolicy_kd.objectives.loss import ModelOutputs
@@ -23,13 +25,24 @@ Tensor = torch.Tensor
 
 
 def forward_completions(model: nn.Module, batch: Completions, *, vocab: int | None = None, logits: bool = True,
-                        hidden: bool = False, head: bool = False, prompt: bool = False) -> ModelOutputs:
+                        hidden: bool = False, head: bool = False, prompt: bool = False,
+                        prompt_cache: list[tuple[Tensor, Tensor]] | None = None) -> ModelOutputs:
     """logits (B, T, V) predicting each completion token (or None), every layer's (B, T, H) hidden states at those
     positions with `hidden` (as `output_hidden_states` numbers them; the last is post-norm, what the lm_head
     reads), and with `head` the lm_head weight. With `prompt`, also the outputs at the (B, P - 1) positions that
-    predict the prompt's tokens 1..P-1, as `.prompt`: logits, or (with `hidden`) the last hidden state there."""
+    predict the prompt's tokens 1..P-1, as `.prompt`: logits, or (with `hidden`) the last hidden state there.
+    With `prompt_cache` (the model's own keys and values over the prompt but its last token, with gradient: the
+    rollout's prefill), only the T positions predicting the completion run, on top of them: the same outputs and,
+    through the cache's graph, the same gradient as the whole forward, without running the prompt again."""
     P, T = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
-    head_weight = innermost(model).get_output_embeddings().weight[:vocab] if head else None
+    head_weight = whole(innermost(model).get_output_embeddings().weight)[:vocab] if head else None
+    if prompt_cache is not None:
+        assert not prompt and not is_encoder_decoder(model), "a prompt cache is only kept for these (training/loop.py)"
+        out = model(input_ids=batch.sequences[:, P - 1 : P + T - 1], attention_mask=batch.attention_mask[:, : P + T - 1],
+                    position_ids=batch.position_ids[:, P - 1 : P + T - 1], logits_to_keep=0 if logits else 1,
+                    output_hidden_states=hidden, use_cache=True, **{CACHE: DynamicCache(ddp_cache_data=prompt_cache)})
+        return ModelOutputs(logits=out.logits[..., :vocab] if logits else None,
+                            hidden=tuple(out.hidden_states) if hidden else None, head=head_weight)
     if is_encoder_decoder(model):  # the prompt is the encoder's input: no position of the decoder predicts it
         assert not prompt, "objective.prompt_weight needs a decoder-only model (refused at load)"
         all_logits, states = teacher_forced(model, batch, logits=logits, hidden=hidden)
@@ -52,8 +65,9 @@ def student_forward(student: nn.Module, batch: Completions, *, vocab: int, logit
     """The student's outputs for the loss: logits or (memory-bounded) the last hidden state and head, the stitched
     hidden states for hidden-state distillation, the same outputs over `lm_batch` for pg's language-modelling term,
     and with `prompt` the outputs predicting the prompt's own tokens."""
+    cache, batch.prompt_cache = batch.prompt_cache, None  # its graph is backwarded once
     out = forward_completions(student, batch, vocab=vocab, logits=logits, hidden=hidden or not logits,
-                              head=not logits, prompt=prompt)
+                              head=not logits, prompt=prompt, prompt_cache=cache)
     if hidden:
         stitching = getattr(innermost(student), STITCHING)  # called as a module: ZeRO-3 gathers its weights
         out.projected, out.pairs = stitching(out.hidden), stitching.pairs
@@ -61,8 +75,13 @@ def student_forward(student: nn.Module, batch: Completions, *, vocab: int, logit
         out.lm = forward_completions(student, lm_batch, vocab=vocab, logits=logits, hidden=not logits, head=not logits)
         out.lm_batch = lm_batch
     if input_embeddings:
-        out.input_embeddings = innermost(student).get_input_embeddings().weight
+        out.input_embeddings = embedding_matrix(student)
     return out
+
+
+def embedding_matrix(student: nn.Module) -> Tensor:
+    """The student's input embedding matrix (V, H), whole and held constant (the diversity penalty reads it)."""
+    return whole(innermost(student).get_input_embeddings().weight).detach()
 
 
 @torch.no_grad()

@@ -15,10 +15,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -306,6 +307,10 @@ def load_student(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     common = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, recipe_path=recipe_path)
     if cfg.init == "teacher_layers":
+        if hasattr(next(teacher.parameters()), "ds_id"):  # built sharded (models.loading.whole_weights)
+            raise ConfigError("student.init=teacher_layers copies the teacher's whole layers, but this DeepSpeed "
+                              "ZeRO-3 launch builds models sharded (zero3_init_flag: true in the accelerate config); "
+                              "set zero3_init_flag: false there (models then load whole and are sharded by prepare)")
         n_layers = teacher.config.num_hidden_layers
         keep = cfg.keep_layers or list(range(0, n_layers, cfg.layer_stride or 1))
         student = copy_with_layers(teacher, keep, cfg.dtype, cfg.attn_implementation)
@@ -372,6 +377,37 @@ def load_models(
     with a student of the same kind; a decoder-only student may also be
     any torch module mapping (input_ids, attention_mask) to logits.
     """
+    with whole_weights():
+        return _load_models(recipe, recipe_path, teacher=teacher, student=student, tokenizer=tokenizer)
+
+
+@contextlib.contextmanager
+def whole_weights() -> Iterator[None]:
+    """Under a DeepSpeed ZeRO-3 launch, transformers builds every model inside DeepSpeed's zero.Init (each process
+    holding only its shard from the start) as soon as an Accelerator exists, whatever the accelerate config's
+    zero3_init_flag says. Building a student from the teacher's layers, converting layers and probing heads need
+    whole weights, so with zero3_init_flag: false (the shipped configs) models load whole and `prepare` shards
+    them afterwards. With zero3_init_flag: true they load sharded, as asked; a student copied from the teacher's
+    layers is then refused (load_student)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    plugin = None
+    if is_deepspeed_zero3_enabled():
+        from accelerate.state import AcceleratorState
+
+        plugin = AcceleratorState().deepspeed_plugin if AcceleratorState._shared_state else None
+    if plugin is None or plugin.zero3_init_flag:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def _load_models(recipe: Recipe, recipe_path: str | None, *, teacher: PreTrainedModel | None,
+                 student: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase | None) -> Models:
     if teacher is not None and not isinstance(teacher, PreTrainedModel):
         raise ModelLoadError(
             f"teacher= must be a transformers PreTrainedModel (a causal LM with a KV cache, as AutoModelForCausalLM "

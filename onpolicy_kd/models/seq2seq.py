@@ -30,7 +30,7 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from onpolicy_kd.errors import ConfigError
-from onpolicy_kd.models.distributed import innermost
+from onpolicy_kd.models.distributed import innermost, whole
 from onpolicy_kd.models.module_lm import CACHE
 
 from onpolicy_kd.recipe.schema import parse_trainable
@@ -114,8 +114,8 @@ def head_is_plain(model: nn.Module) -> bool:
     precision (a bfloat16 model rounds its logits to ~0.4%); the forward runs without accelerate's autocast
     wrapper, if it has one."""
     inner = innermost(model)
-    head = inner.get_output_embeddings()
-    device, vocab = head.weight.device, head.weight.shape[0]
+    weight = whole(inner.get_output_embeddings().weight)  # (gathered under ZeRO-3)
+    device, vocab = weight.device, weight.shape[0]
     ids = torch.tensor([[1, 2]], device=device) % vocab
     batch_like = dict(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
                       decoder_input_ids=torch.tensor([[decoder_start_id(inner), 3]], device=device) % vocab)
@@ -131,11 +131,11 @@ def head_is_plain(model: nn.Module) -> bool:
             return False
     finally:
         inner.train(was_training)
-    if states.shape[-1] != head.weight.shape[1]:
+    if states.shape[-1] != weight.shape[1]:
         return False
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-    relative = max(1e-4, 4 * (2.0 ** -10 if tf32 else torch.finfo(head.weight.dtype).eps))
-    error = (states @ head.weight.float().T - logits).abs().max()
+    relative = max(1e-4, 4 * (2.0 ** -10 if tf32 else torch.finfo(weight.dtype).eps))
+    error = (states @ weight.float().T - logits).abs().max()
     return bool(error <= relative * (1 + logits.abs().max()))
 
 

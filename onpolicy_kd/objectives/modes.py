@@ -124,14 +124,16 @@ class ForwardPlan:
     hidden_states: bool  # every layer's hidden states of both models (hidden-state distillation)
     head: str  # the head implementation: torch (full logits), chunked, liger (the divergence only)
     prompt: bool = False  # also the outputs predicting the prompt's own tokens (objective.prompt_weight)
+    reuse_prompt: bool = False  # rollouts keep the student's prompt keys and values with gradient for the loss
 
     @property
     def chunked(self) -> bool:
         return not self.student_logits
 
 
-def forward_plan(recipe: "Recipe", head: str) -> ForwardPlan:
-    """The forward passes for this recipe, with `head` the backend chosen at set-up (torch, chunked or liger)."""
+def forward_plan(recipe: "Recipe", head: str, reuse_prompt: bool = False) -> ForwardPlan:
+    """The forward passes for this recipe, with `head` the backend chosen at set-up (torch, chunked or liger) and
+    `reuse_prompt` whether the loss continues from the rollout's prompt keys and values (training/loop.py)."""
     mode = MODES[recipe.objective.mode]
     hidden = recipe.hidden.weight > 0
     chunked = head != "torch"
@@ -140,4 +142,4 @@ def forward_plan(recipe: "Recipe", head: str) -> ForwardPlan:
         reads_teacher = False  # the rewards' log p(y_t) come from the teacher's lockstep decode
     return ForwardPlan(student_logits=not chunked, teacher=reads_teacher or hidden,
                        teacher_logits=reads_teacher and not chunked, hidden_states=hidden, head=head,
-                       prompt=recipe.objective.prompt_weight > 0)
+                       prompt=recipe.objective.prompt_weight > 0, reuse_prompt=reuse_prompt)

@@ -280,7 +280,7 @@ class ObjectiveConfig(Section):
         "auto", description="how every loss reads the student's distribution: torch = full (B, T, V) logits; "
                             "chunked = from hidden states and lm_heads, chunk_size tokens at a time (memory-bounded); "
                             "liger = a divergence through Liger-Kernel on CUDA; auto = liger on CUDA when it applies, "
-                            "else chunked (full logits only where a model's head is not a plain linear map, or ZeRO-3)"
+                            "else chunked (full logits only where a model's head is not a plain linear map)"
     )
     chunk_size: int = Field(1024, ge=1, description="tokens per chunk on the memory-bounded head")
 
@@ -371,6 +371,11 @@ class TrainConfig(Section):
         "all", description="the student's parts that train (the rest is frozen): all, or a list of embeddings, "
                            "'layers A-B' / 'layer N' (decoder layers, 1-based as hidden.layers numbers them), head, "
                            "other (the final norm and anything else); stitching projections always train")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_not_false(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML (and so the command line) reads a bare `no` as false
 
     @field_validator("trainable")
     @classmethod

@@ -92,12 +92,17 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
 
 class CausalDecoding:
     """A decoder-only model's incremental decoding: one prefill, then one token per step with the KV cache, the
-    positions counted over attended tokens (left padding does not shift them)."""
+    positions counted over attended tokens (left padding does not shift them). With `keep_prompt_graph`, the
+    prefill of all but the prompt's last token runs with gradient and its keys and values are kept
+    (`prompt_cache`): the loss's forward continues from them (models/forward.py), so the student's prompt runs
+    once per step; the last prompt token then starts the decoding like any other step."""
 
-    def __init__(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) -> None:
+    def __init__(self, model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, keep_prompt_graph: bool = False) -> None:
         self.model, self.ids, self.cache = model, prompt_ids, None
         self.attention = prompt_mask.long()
         self.positions = position_ids(self.attention)
+        self.keep_prompt_graph = keep_prompt_graph and prompt_ids.shape[1] > 1
+        self.prompt_cache: list[tuple[Tensor, Tensor]] | None = None
 
     def _forward(self, ids: Tensor) -> Tensor:
         out = self.model(input_ids=ids, attention_mask=self.attention, position_ids=self.positions, use_cache=True,
@@ -108,7 +113,15 @@ class CausalDecoding:
 
     def start(self) -> Tensor:
         """(B, V) logits of the first completion token."""
-        return self._forward(self.ids)
+        if not self.keep_prompt_graph:
+            return self._forward(self.ids)
+        attention, positions = self.attention, self.positions
+        self.attention, self.positions = attention[:, :-1], positions[:, :-1]
+        with torch.enable_grad():  # (the copies too: a copy made without gradient would cut the path)
+            self._forward(self.ids[:, :-1])
+            self.prompt_cache = kept_layers(self.cache)
+        self.attention, self.positions = attention, positions[:, -1:]
+        return self._forward(self.ids[:, -1:])
 
     def step(self, tokens_B: Tensor) -> Tensor:
         """Feed each row's latest token (finished rows feed padding, still attended: harmless, they are masked out
@@ -117,10 +130,22 @@ class CausalDecoding:
         return self._forward(tokens_B.unsqueeze(1))
 
 
-def decoding(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor) -> "CausalDecoding | Seq2SeqDecoding":
+def kept_layers(cache) -> list[tuple[Tensor, Tensor]] | None:
+    """Each layer's (keys, values) of a transformers DynamicCache, copied (decoding then appends to the cache's
+    own); None for any other cache (sliding-window or recurrent layers keep other state): the loss then runs the
+    prompt itself."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        return None
+    return [(layer.keys.clone(), layer.values.clone()) for layer in layers]
+
+
+def decoding(model: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+             keep_prompt_graph: bool = False) -> "CausalDecoding | Seq2SeqDecoding":
     """How `model` decodes: the prompt as a decoder-only model's prefix, or as an encoder-decoder's encoder input."""
-    kind = Seq2SeqDecoding if is_encoder_decoder(model) else CausalDecoding
-    return kind(model, prompt_ids, prompt_mask)
+    if is_encoder_decoder(model):
+        return Seq2SeqDecoding(model, prompt_ids, prompt_mask)
+    return CausalDecoding(model, prompt_ids, prompt_mask, keep_prompt_graph)
 
 
 class _StopStrings:
@@ -176,9 +201,11 @@ def rollout(
     vocab_size: int | None = None,
     source: Source | None = None,
     rows: Sequence[int] = (),
+    keep_prompt_graph: bool = False,
 ) -> Completions:
     """Sample completions for a left-padded batch of prompts (module docstring); `teacher` only for alpha > 0.
-    `source` says who wrote them (default: 'teacher' at alpha = 1, else 'student'), `rows` where the prompts are."""
+    `source` says who wrote them (default: 'teacher' at alpha = 1, else 'student'), `rows` where the prompts are;
+    `keep_prompt_graph`: the student's prompt keys and values with gradient, for the loss (`CausalDecoding`)."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha={alpha} must be in [0, 1]")
     if teacher is None and alpha > 0:
@@ -194,7 +221,7 @@ def rollout(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     with eval_mode(*((student, teacher) if lockstep else (student,))):
-        s_decoding = decoding(student, prompt_ids, prompt_mask)
+        s_decoding = decoding(student, prompt_ids, prompt_mask, keep_prompt_graph)
         s_logits = s_decoding.start()
         if lockstep:
             t_decoding = decoding(teacher, prompt_ids, prompt_mask)
@@ -226,9 +253,11 @@ def rollout(
             if lockstep:
                 t_logits = t_decoding.step(next_tok)
 
-    return _completions(prompt_ids, prompt_mask, tokens, lengths, pad_id, tokenizer, source or (
+    completions = _completions(prompt_ids, prompt_mask, tokens, lengths, pad_id, tokenizer, source or (
         "teacher" if alpha == 1 else "student"), temperature, alpha, student_lp, teacher_lp if lockstep else None,
         sample_lp, entropies, steps, rows)
+    completions.prompt_cache = getattr(s_decoding, "prompt_cache", None)
+    return completions
 
 
 def _completions(prompt_ids, prompt_mask, tokens, lengths, pad_id, tokenizer, source, temperature, alpha, student_lp,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from onpolicy_kd.console import console, is_main_process
 from onpolicy_kd.data.loading import PromptData, check_data_path, load_prompt_data
@@ -28,6 +28,7 @@ from onpolicy_kd.metrics_log import truncate_metrics
 from onpolicy_kd.evaluation.heldout import greedy_samples, heldout_metrics
 from onpolicy_kd.models.distributed import describe_run, describe_text, init_trackers, make_accelerator, prepare_teacher, zero_stage
 from onpolicy_kd.models.freezing import apply_trainable
+from onpolicy_kd.models.module_lm import ModuleLM
 from onpolicy_kd.models.loading import Models, base_model, load_models, logits_are_linear, with_lora
 from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
@@ -107,7 +108,6 @@ class Run:
     monitor: Monitor
     stop: StopRequested
     max_steps: int  # the step budget: train.max_steps, or train.epochs over the training prompts
-    input_embeddings: torch.Tensor  # the student's, for the diversity penalty's reward form
     teacher_texts: list[str] | None = None  # the frozen teacher's greedy held-out completions, decoded once
     collapsed: bool = False  # an evaluation found collapse and eval.stop_on_collapse ends the run
     out_of_time: bool = False  # train.max_time is spent
@@ -232,6 +232,7 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     accelerator.register_for_checkpointing(scheduler)
     teacher = prepare_teacher(models.teacher, accelerator)
     head, why = choose_head(recipe, accelerator, models)
+    reuse_prompt, reuse_why = choose_prompt_reuse(recipe, accelerator, models)
     sampler = PromptSampler(len(data.train), cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed)
     if cfg.resume_from is not None:
         resume(accelerator, cfg, stage, state, checkpoint_path)
@@ -255,11 +256,12 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     elif cfg.epochs is not None:
         monitor.print(f"budget: {budget_text(cfg, max_steps)}")
     monitor.print(f"lm head: {head} ({why})")
+    if MODES[recipe.objective.mode].samples_student:
+        monitor.print(f"student prompt: {reuse_why}")
     if parts_text:
         monitor.print(parts_text)
     return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
-               optimizer, scheduler, sampler, mode, forward_plan(recipe, head), state, monitor, StopRequested(), max_steps,
-               accelerator.unwrap_model(student).get_input_embeddings().weight)
+               optimizer, scheduler, sampler, mode, forward_plan(recipe, head, reuse_prompt), state, monitor, StopRequested(), max_steps)
 
 
 def data_where(recipe: Recipe, data: PromptData) -> str:
@@ -333,14 +335,41 @@ def choose_head(recipe: Recipe, accelerator: Accelerator, models: Models) -> tup
             raise ConfigError("objective.backend=liger needs CUDA and `pip install liger-kernel`; use backend=chunked")
     if obj.backend == "torch":
         return "torch", "objective.backend=torch: full logits"
-    if zero_stage(accelerator) == 3:
-        return "torch", "under ZeRO-3 the lm_head weights are sharded: full logits"
     if not (logits_are_linear(models.student) and logits_are_linear(models.teacher)):
         return "torch", "a model's logits are more than hidden @ lm_head (soft-capping, scaling or a bias): full logits"
     if obj.backend == "liger" or (obj.backend == "auto" and accelerator.device.type == "cuda" and MODES[obj.mode].divergence
                                   and obj.divergence in LIGER_KINDS and liger_available()):
         return "liger", "Liger-Kernel's fused linear JSD on CUDA"
     return "chunked", f"memory-bounded: {obj.chunk_size} tokens at a time, full logits never materialised"
+
+
+def choose_prompt_reuse(recipe: Recipe, accelerator: Accelerator, models: Models) -> tuple[bool, str]:
+    """Whether a rollout keeps the student's prompt keys and values with gradient and the loss's forward continues
+    from them (models/forward.py), so the student's prompt runs once per step instead of twice: decided once,
+    with the reason. Exact only where the rollout's prefill computes what the loss's forward would, on the
+    parameters the gradient is taken at, for a batch backwarded once as it was generated."""
+    obj, student = recipe.objective, models.student
+    if MODES[obj.mode].passes(obj) > 1:
+        return False, "run twice (objective.ppo_epochs > 1: the parameters change after the first pass)"
+    if recipe.rollout.batch_size not in (None, recipe.train.batch_size):
+        return False, "run twice (rollout.batch_size differs from train.batch_size: completions are re-split)"
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return False, "run twice (under DeepSpeed the rollout decodes with gathered or engine-held weights)"
+    if obj.prompt_weight > 0:
+        return False, "run twice (objective.prompt_weight reads outputs over the whole prompt)"
+    if is_encoder_decoder(student) or isinstance(base_model(student), ModuleLM):
+        return False, "run twice (an encoder-decoder or plain-module student)"
+    if getattr(student, "is_gradient_checkpointing", False):
+        return False, "run twice (student.gradient_checkpointing recomputes the forward in backward)"
+    if has_dropout(student):
+        return False, "run twice (the student has dropout: the rollout samples without it, the loss trains with it)"
+    return True, "run once (the rollout's prefill keeps the prompt's keys and values with gradient for the loss)"
+
+
+def has_dropout(model: torch.nn.Module) -> bool:
+    config = vars(getattr(model, "config", None) or object())
+    rates = [v for k, v in config.items() if ("dropout" in k or "pdrop" in k) and isinstance(v, (int, float))]
+    return any(r > 0 for r in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def heldout(run: Run) -> dict[str, float]:

@@ -29,7 +29,7 @@ import torch
 from onpolicy_kd.batch import Completions, Source, concatenate
 from onpolicy_kd.data.sampler import prompt_batch, reference_batch
 from onpolicy_kd.models.distributed import for_generation, global_sum, steps_inside_backward
-from onpolicy_kd.models.forward import student_forward, teacher_forward
+from onpolicy_kd.models.forward import embedding_matrix, student_forward, teacher_forward
 from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, batch_returns, per_token_mean, step_loss
 from onpolicy_kd.objectives.penalties import sequences_with_pairs
 from onpolicy_kd.rollout import rollout
@@ -99,7 +99,7 @@ def draw_completions(run: "Run", source: Source) -> list[Completions]:
                 student, run.teacher if alpha > 0 else None, prompt_ids, prompt_mask, tokenizer=run.tokenizer,
                 max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, alpha=alpha,
                 do_sample=r.do_sample, stop_strings=r.stop_strings, generator=generator, vocab_size=run.vocab,
-                source=source, rows=chunk))
+                source=source, rows=chunk, keep_prompt_graph=run.plan.reuse_prompt))
     if size != recipe.train.batch_size:  # re-split the generation batches into training micro-batches
         everything, n = concatenate(generated, pad), recipe.train.batch_size
         generated = [everything.select(range(i * n, (i + 1) * n)) for i in range(len(rows))]
@@ -131,7 +131,8 @@ def step_context(run: "Run", batches: list[Completions], teachers: list[ModelOut
     if recipe.objective.lm_coef:
         ctx.lm_tokens = global_sum(acc, sum(b.references.num_tokens for b in batches))
     if recipe.objective.mode == "pg" and recipe.objective.pg_baseline == "mean":
-        returns = [batch_returns(b, t, recipe, run.input_embeddings) for b, t in zip(batches, teachers)]
+        embeddings = embedding_matrix(run.student) if recipe.penalties.diversity else None
+        returns = [batch_returns(b, t, recipe, embeddings) for b, t in zip(batches, teachers)]
         ctx.pg_baseline = global_sum(acc, sum(float(r.future.sum()) for r in returns)) / max(ctx.num_tokens, 1)
     return ctx
 
