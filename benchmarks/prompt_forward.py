@@ -41,6 +41,8 @@ def main() -> None:
     from onpolicy_kd.models.loading import load_models
     from onpolicy_kd.recipe import load_recipe
     from onpolicy_kd.models.module_lm import CACHE
+    from onpolicy_kd.rollout.engine import kept_layers
+    from transformers.cache_utils import DynamicCache
 
     torch.set_num_threads(os.cpu_count() or 1)
     recipe = load_recipe(RECIPE)
@@ -70,7 +72,29 @@ def main() -> None:
         out = student(input_ids=full_ids, attention_mask=full_mask, logits_to_keep=completion.shape[1] + 1)
         out.logits.float().logsumexp(-1).mean().backward()
 
+    P, T = ids.shape[1], completion.shape[1]
+    kept = {}
+
+    def prefill_kept():  # what a rollout does when the loss reuses the prompt (rollout/engine.py)
+        out = student(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True, logits_to_keep=1)
+        kept["cache"] = kept_layers(getattr(out, CACHE))
+
+    def reused_loss_pass():  # the loss's forward over the completion on the kept keys and values (models/forward.py)
+        student.zero_grad(set_to_none=True)
+        out = student(input_ids=full_ids[:, P - 1 : P + T - 1], attention_mask=full_mask[:, : P + T - 1],
+                      use_cache=True, **{CACHE: DynamicCache(ddp_cache_data=kept.pop("cache"))})
+        out.logits.float().logsumexp(-1).mean().backward()
+
+    def once():
+        prefill_kept()
+        reused_loss_pass()
+
+    def twice():
+        prefill()
+        loss_pass()
+
     prefill_s, rollout_s, loss_s = (median_time(fn, args.repeat) for fn in (prefill, decode, loss_pass))
+    once_s, twice_s = median_time(once, args.repeat), median_time(twice, args.repeat)
     table = (f"\n## {time.strftime('%Y-%m-%d')} CPU ({os.cpu_count()} cores), torch {torch.__version__}: "
              f"`python benchmarks/prompt_forward.py`\n\n"
              f"Student: the default's 17-layer copy; batch {ids.shape[0]} x {ids.shape[1]} prompt tokens, "
@@ -79,7 +103,10 @@ def main() -> None:
              f"| rollout prefill (no grad, the prompt once) | {prefill_s:.3f} s |\n"
              f"| rollout: prefill + {completion.shape[1]} decode steps | {rollout_s:.3f} s |\n"
              f"| loss forward + backward over prompt + completion | {loss_s:.3f} s |\n"
-             f"| prefill / (rollout + loss) | {prefill_s / (rollout_s + loss_s):.1%} |\n")
+             f"| prefill / (rollout + loss) | {prefill_s / (rollout_s + loss_s):.1%} |\n"
+             f"| prompt run twice: prefill (no grad) + loss forward + backward over prompt + completion | {twice_s:.3f} s |\n"
+             f"| prompt run once: prefill with gradient (P - 1 tokens) + loss forward over the completion on its "
+             f"keys and values + backward | {once_s:.3f} s ({twice_s / once_s:.2f}x) |\n")
     publish(table, args.out)
 
 

@@ -12,7 +12,8 @@ bf16=True; weights and optimizer in float32, the teacher in float32 in both). Th
 memory is per variant) and from the same initial student:
 - trl: TRL's `DistillationTrainer` (HF `generate`, its chunked divergence; gradient checkpointing off,
   dropout off, like ours), fed exactly our prompt token ids (its prompt tokenisation is bypassed);
-- ours: the recipe as shipped (the same objective as TRL's: reverse KL, no penalty);
+- ours: the recipe's on-policy settings without its frequency penalty (the same objective as TRL's: reverse KL,
+  no penalty);
 - ours_entropy_floor: plus the entropy floor the recipe had until 2026-11-23 (penalties.entropy 0.5,
   entropy_floor 1.5; it needs full logits). In results/step.md, tables of that date call these two
   `ours_plain` and `ours_recipe`.
@@ -45,9 +46,10 @@ VARIANTS = ("trl", "ours", "ours_entropy_floor")
 
 
 # the on-policy step alone, from the 10-layer student (every 3rd teacher layer), as in the earlier results; the
-# recipe's own pipeline (dense KD on teacher text) and its 17-layer student are the student-quality pipeline
+# recipe's own pipeline (dense KD on teacher text) and its 17-layer student are the student-quality pipeline; the
+# recipe's frequency penalty (there since 2026-12-01) is off: the same objective as TRL's
 ON_POLICY_ONLY = [*ON_POLICY, "student.keep_layers=null", "student.layer_stride=3", "eval.eval_steps=0",
-                  "eval.batch_size=12"]
+                  "eval.batch_size=12", "penalties.frequency=0.0"]
 
 
 def setting(steps: int, output_dir: Path, variant: str, seed: int, precision: str = "fp32") -> list[str]:
@@ -136,8 +138,12 @@ def run_trl(recipe, models, steps: int, work: Path, precision: str) -> dict:
     lengths = []
     generate = trainer._generate_and_score_completions
 
-    def recording(inputs):  # mean completion length, as our loop logs it
+    generation_s = []
+
+    def recording(inputs):  # mean completion length, as our loop logs it, and the time of TRL's generation phase
+        started = time.perf_counter()
         out = generate(inputs)
+        generation_s.append(time.perf_counter() - started)
         lengths.append(float(out["completion_mask"].sum(1).float().mean()))
         return out
 
@@ -147,7 +153,7 @@ def run_trl(recipe, models, steps: int, work: Path, precision: str) -> dict:
     wall = time.perf_counter() - started
     trained = trainer.accelerator.unwrap_model(trainer.model)
     after = heldout_metrics(recipe, accelerator, trained, teacher, tokenizer, data.eval)[0]["eval/reverse_kl"]
-    return {"step_s": timer.times, "phases": {}, "mean_len": statistics.fmean(lengths) if lengths else float("nan"),
+    return {"step_s": timer.times, "phases": {}, "generation_s": statistics.median(generation_s[2:] or generation_s), "mean_len": statistics.fmean(lengths) if lengths else float("nan"),
             "before": before, "after": after, "train_s": sum(timer.times), "wall_s": wall}
 
 
