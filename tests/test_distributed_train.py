@@ -224,7 +224,9 @@ def test_the_bounded_head_under_zero3_moves_the_student_as_full_logits_do(tied, 
     for key, full in trained["torch"].items():
         update, bounded = full - before[key], trained["chunked"][key] - before[key]
         assert update.abs().max() > 0, key  # every weight moved (the head and embeddings included)
-        assert torch.allclose(bounded, update, rtol=1e-4, atol=1e-6 * update.abs().max()), key
+        # float32 weights round the updates (a weight ~0.02 carries ~2e-9): the updates agree to 0.1% of the largest
+        error = (bounded - update).abs().max() / update.abs().max()
+        assert error < 1e-3, (key, float(error))
 
 
 def test_a_student_copied_from_teacher_layers_under_zero3_is_the_copy(tmp_path, far_pair, isolated_cache):
