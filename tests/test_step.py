@@ -112,6 +112,11 @@ def test_the_prompt_reuse_is_chosen_once_with_a_reason():
     for reason, (r, accelerator) in cases.items():
         reuse, why = choose_prompt_reuse(r, accelerator, models)
         assert not reuse and why.startswith("run twice") and reason in why, (reason, why)
+    from onpolicy_kd.objectives.modes import samples_student  # when the start-up line is printed at all
+
+    assert samples_student(recipe(objective=gkd).objective) and samples_student(recipe(objective={"mode": "pg"}).objective)
+    assert not samples_student(recipe(objective={"mode": "gkd", "lmbda": 0.0}).objective)  # the offline default
+    assert not samples_student(recipe(objective={"mode": "kd"}).objective)
     model.gradient_checkpointing_enable()
     assert "gradient_checkpointing" in choose_prompt_reuse(recipe(objective=gkd), cpu, models)[1]
     config = llama_config(40, layers=1)

@@ -103,6 +103,12 @@ MODES: dict[str, Mode] = {
 }
 
 
+def samples_student(obj: "ObjectiveConfig") -> bool:
+    """Whether any step of this objective samples from the student: pg always, gkd unless lmbda = 0."""
+    mode = MODES[obj.mode]
+    return mode.samples_student and (mode.completions is not _gkd_completions or obj.lmbda > 0)
+
+
 def lambda_coin(seed: int, step: int, lmbda: float) -> bool:
     """True when this step's completions are on-policy: probability lmbda, a function of (seed, step) only."""
     return random.Random(f"{seed}-{step}").random() < lmbda

@@ -33,7 +33,7 @@ from onpolicy_kd.models.loading import Models, base_model, load_models, logits_a
 from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
 from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
-from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_source, forward_plan
+from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_source, forward_plan, samples_student
 from onpolicy_kd.recipe import Recipe, cache_root, recipe_to_yaml
 from onpolicy_kd.recipe.schema import DEFAULT_MAX_STEPS, TIME_ONLY_STEP_CAP, parse_trainable
 from onpolicy_kd.rollout.teacher_cache import cached_teacher_completions
@@ -256,7 +256,7 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     elif cfg.epochs is not None:
         monitor.print(f"budget: {budget_text(cfg, max_steps)}")
     monitor.print(f"lm head: {head} ({why})")
-    if MODES[recipe.objective.mode].samples_student:
+    if samples_student(recipe.objective):  # (with no rollout of the student there is nothing to reuse)
         monitor.print(f"student prompt: {reuse_why}")
     if parts_text:
         monitor.print(parts_text)
