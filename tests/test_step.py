@@ -106,6 +106,7 @@ def test_the_prompt_reuse_is_chosen_once_with_a_reason():
     cases = {
         "ppo_epochs": (recipe(objective={"mode": "pg", "ppo_epochs": 2}), cpu),
         "rollout.batch_size": (recipe(objective=gkd, rollout={"batch_size": 3}), cpu),
+        "grad_accum": (recipe(objective=gkd, train={"grad_accum": 2}), cpu),
         "DeepSpeed": (recipe(objective=gkd), SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)),
         "prompt_weight": (recipe(objective={**gkd, "prompt_weight": 0.5}), cpu),
     }
@@ -123,6 +124,9 @@ def test_the_prompt_reuse_is_chosen_once_with_a_reason():
     config.attention_dropout = 0.1
     dropout = AutoModelForCausalLM.from_config(config)
     assert "dropout" in choose_prompt_reuse(recipe(objective=gkd), cpu, SimpleNamespace(student=dropout))[1]
+    sliding = AutoModelForCausalLM.from_config(llama_config(40, layers=1))
+    sliding.config.sliding_window = 4
+    assert "sliding" in choose_prompt_reuse(recipe(objective=gkd), cpu, SimpleNamespace(student=sliding))[1]
 
 
 # --- the batch type -------------------------------------------------------------------------------------------

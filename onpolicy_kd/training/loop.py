@@ -353,6 +353,8 @@ def choose_prompt_reuse(recipe: Recipe, accelerator: Accelerator, models: Models
         return False, "run twice (objective.ppo_epochs > 1: the parameters change after the first pass)"
     if recipe.rollout.batch_size not in (None, recipe.train.batch_size):
         return False, "run twice (rollout.batch_size differs from train.batch_size: completions are re-split)"
+    if recipe.train.grad_accum > 1:  # every micro-batch is rolled out before the first backward
+        return False, "run twice (train.grad_accum > 1 would hold every micro-batch's prompt graph at once)"
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return False, "run twice (under DeepSpeed the rollout decodes with gathered or engine-held weights)"
     if obj.prompt_weight > 0:
@@ -363,6 +365,9 @@ def choose_prompt_reuse(recipe: Recipe, accelerator: Accelerator, models: Models
         return False, "run twice (student.gradient_checkpointing recomputes the forward in backward)"
     if has_dropout(student):
         return False, "run twice (the student has dropout: the rollout samples without it, the loss trains with it)"
+    config = getattr(student, "config", None)
+    if getattr(config, "sliding_window", None) or any("sliding" in str(t) for t in getattr(config, "layer_types", None) or []):
+        return False, "run twice (sliding-window attention layers keep a cache the loss cannot continue from)"
     return True, "run once (the rollout's prefill keeps the prompt's keys and values with gradient for the loss)"
 
 
