@@ -31,6 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results_file import publish  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "smollm2_news.yaml"
 LAUNCHES = {  # name -> (accelerate config, processes, threads per process)
@@ -114,13 +117,8 @@ def main() -> None:
         for name in LAUNCHES:
             print(f"--- {name}", flush=True)
             results[name] = launch(name, Path(work) / "out.json", args.batch_size, args.repeats)
-    text = report(results, args.batch_size)
-    path = args.results / "eval_sharding.md"
-    if not path.exists():
-        path.write_text("# Held-out evaluation: one process vs sharded over two (benchmarks/eval_sharding.py)\n")
-    with path.open("a") as f:
-        f.write(text)
-    print(text)
+    publish(report(results, args.batch_size), args.results / "eval_sharding.md",
+            title="# Held-out evaluation: one process vs sharded over two (benchmarks/eval_sharding.py)\n")
 
 
 if __name__ == "__main__":

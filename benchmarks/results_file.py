@@ -9,9 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 
-def publish(table: str, out: str | Path) -> None:
+def publish(table: str, out: str | Path, title: str | None = None) -> None:
+    """Print `table` and append it to `out`; a new file starts with `title` (a heading line), if given."""
     print(table)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if title is not None and not out.exists():
+        out.write_text(title)
     with open(out, "a") as f:
         f.write(table)
 

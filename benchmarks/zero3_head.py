@@ -33,6 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results_file import publish  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "smollm2_news.yaml"
 BACKENDS = ("torch", "chunked")
@@ -133,13 +136,8 @@ def main() -> None:
             print(f"--- objective.backend={backend}", flush=True)
             results[backend] = launch(backend, args.steps, Path(work))
             print(json.dumps(results[backend]), flush=True)
-    text = report(results, args.steps)
-    path = args.results / "zero3_head.md"
-    if not path.exists():
-        path.write_text("# The memory-bounded head under DeepSpeed ZeRO-3 (benchmarks/zero3_head.py)\n")
-    with path.open("a") as f:
-        f.write(text)
-    print(text)
+    publish(report(results, args.steps), args.results / "zero3_head.md",
+            title="# The memory-bounded head under DeepSpeed ZeRO-3 (benchmarks/zero3_head.py)\n")
 
 
 if __name__ == "__main__":
