@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from onpolicy_kd.batch import Completions, completion_mask, concatenate, left_pad, position_ids, right_pad
+from onpolicy_kd.models.forward import teacher_forward
+from onpolicy_kd.objectives.divergences import log_probs
 from onpolicy_kd.objectives.modes import MODES, completion_source, forward_plan, lambda_coin
 from onpolicy_kd.recipe import Recipe
 
@@ -448,3 +450,55 @@ def test_the_prompt_kept_from_the_rollout_gives_the_same_step(sections, head, ti
     cut.prompt_cache = [(k.detach(), v.detach()) for k, v in cut.prompt_cache]
     without_path, _ = _step_gradients(run, [cut], student)
     assert any(not torch.allclose(without_path[name], full[name], rtol=1e-4) for name in full)
+
+
+def _relative_error(a: dict, b: dict) -> float:
+    """||a - b|| / ||b|| over all the gradients together."""
+    diff = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in b)
+    return (diff / sum(float(b[k].double().pow(2).sum()) for k in b)) ** 0.5
+
+
+def test_a_bf16_rollout_decodes_in_one_autocast_region_with_the_prompt_graph(tiny_tokenizer):
+    """Under train.mixed_precision the student decodes in one autocast region (each weight cast once, not at every
+    token): the same completions and log-probs as autocast around each forward (accelerate's wrapper), and the
+    prompt kept from it gives the loss's gradient within bfloat16 rounding of the whole forward under autocast,
+    where a kept prompt cut from the weights is over 50x further off. The teacher, decoding in lockstep, stays float32."""
+    from dataclasses import replace
+
+    from onpolicy_kd.rollout import rollout
+
+    r = recipe(objective={"mode": "gkd", "divergence": "reverse_kl"}, rollout={"alpha": 0.3})
+    tok = tiny_tokenizer
+    run, _, student, _ = _step_setup(r, tok)
+    run.plan = forward_plan(r, "chunked", reuse_prompt=True)
+    prompts = [tok(text).input_ids[: 3 + i] for i, text in enumerate(["The quick brown fox jumps"] * 4)]
+    ids, mask = left_pad(prompts, tok.pad_token_id or tok.eos_token_id)
+    plain_forward = student.forward
+
+    def sampled(autocast=None, per_call=False):
+        if per_call:  # what accelerate's prepare does to a model's forward under mixed precision
+            student.forward = lambda *a, **k: torch.autocast("cpu", dtype=torch.bfloat16)(plain_forward)(*a, **k)
+        try:
+            return rollout(student, run.teacher, ids, mask, tokenizer=tok, max_new_tokens=6, alpha=0.3,
+                           generator=torch.Generator().manual_seed(3), rows=list(range(4)), vocab_size=VOCAB,
+                           keep_prompt_graph=True, autocast=autocast)
+        finally:
+            student.forward = plain_forward
+
+    batch, per_call = sampled(torch.bfloat16), sampled(per_call=True)
+    assert torch.equal(batch.completion_ids, per_call.completion_ids)
+    for key in ("student_logprobs", "teacher_logprobs", "sample_logprobs"):
+        torch.testing.assert_close(getattr(batch, key), getattr(per_call, key), rtol=0, atol=1e-6, msg=key)
+    fp32_teacher = teacher_forward(run.teacher, batch, vocab=VOCAB, logits=True, hidden=False)
+    recorded = log_probs(fp32_teacher.logits).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(batch.teacher_logprobs, recorded * batch.completion_mask, rtol=0, atol=1e-5)
+
+    def gradients(b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the loss's forward, as under accelerate's wrapper
+            return _step_gradients(run, [b], student)[0]
+
+    whole = gradients(replace(batch, prompt_cache=None))
+    kept_error = _relative_error(gradients(batch), whole)
+    cut = sampled(torch.bfloat16)
+    cut.prompt_cache = [(k.detach(), v.detach()) for k, v in cut.prompt_cache]
+    assert kept_error < 0.01 and _relative_error(gradients(cut), whole) > 50 * kept_error  # 0.001 and 0.19 here

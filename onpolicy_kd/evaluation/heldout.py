@@ -192,7 +192,7 @@ def heldout_metrics(recipe: Recipe, accelerator, student, teacher, tokenizer, da
                     teacher_texts: list[str] | None = None) -> tuple[dict[str, float], list[str]]:
     """Training's evaluation point: `eval/reverse_kl`, `eval/mean_len` and the greedy text metrics (everything with
     `eval.full`); and the teacher's greedy completions, to hand back in next time."""
-    with for_generation(student, accelerator, mixed_precision=False) as model:
+    with for_generation(student, accelerator) as model:
         result = evaluate(model, teacher, tokenizer, dataset, recipe.eval, temperature=recipe.rollout.temperature,
                           references=recipe.eval.full, teacher_texts=teacher_texts, accelerator=accelerator,
                           stitching=getattr(innermost(model), STITCHING, None))
@@ -209,7 +209,7 @@ def greedy_samples(recipe: Recipe, accelerator, student, teacher, tokenizer, dat
     (`teacher_texts`: the teacher's, from the last evaluation, which decoded these prompts the same way)."""
     rows = list(range(min(recipe.logging.num_samples, len(dataset))))
     ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, accelerator.device)
-    with for_generation(student, accelerator, mixed_precision=False) as model:
+    with for_generation(student, accelerator) as model:
         student_out = _greedy(model, ids, mask, tokenizer, recipe.eval.max_new_tokens)
     if teacher_texts is None or len(teacher_texts) < len(rows):
         teacher_texts = _greedy(teacher, ids, mask, tokenizer, recipe.eval.max_new_tokens).texts  # decodes alone

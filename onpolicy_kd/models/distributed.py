@@ -149,13 +149,11 @@ def prepare_teacher(teacher: torch.nn.Module, accelerator: Accelerator) -> torch
 
 
 @contextlib.contextmanager
-def for_generation(model: torch.nn.Module, accelerator: Accelerator,
-                   mixed_precision: bool = True) -> Iterator[torch.nn.Module]:
-    """The plain module to decode with (ZeRO-3 weights gathered for the duration). With `mixed_precision=False`,
-    its forward without accelerate's autocast wrapper (train.mixed_precision): the held-out evaluation measures
-    the student as stored, so its numbers are the `evaluate` command's (and on a CPU, bfloat16 decoding of a
-    few rows at a time is slower than float32).
-    Under DeepSpeed the weights themselves are in the precision its config says."""
+def for_generation(model: torch.nn.Module, accelerator: Accelerator) -> Iterator[torch.nn.Module]:
+    """The plain module to decode with (ZeRO-3 weights gathered for the duration), its forward without accelerate's
+    autocast wrapper: the caller says the precision of a decode (`autocast_dtype`), since a wrapper around each
+    forward would cast every weight again at every decoded token. Under DeepSpeed the weights themselves are in
+    the precision its config says."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         from trl.models.utils import unwrap_model_for_generation
 
@@ -163,7 +161,7 @@ def for_generation(model: torch.nn.Module, accelerator: Accelerator,
             yield unwrapped
         return
     unwrapped = accelerator.unwrap_model(model)
-    original = None if mixed_precision else unwrapped.__dict__.get("_original_forward")  # set by accelerate's prepare
+    original = unwrapped.__dict__.get("_original_forward")  # set by accelerate's prepare under mixed precision
     if original is None:
         yield unwrapped
         return
@@ -173,6 +171,14 @@ def for_generation(model: torch.nn.Module, accelerator: Accelerator,
         yield unwrapped
     finally:
         unwrapped.forward = wrapped
+
+
+def autocast_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """The autocast precision of the student's training forward (train.mixed_precision), which its rollouts decode
+    in too; None in full precision, and under DeepSpeed (its weights are already in their precision)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED or not accelerator.native_amp:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
 
 def innermost(model: torch.nn.Module) -> torch.nn.Module:

@@ -18,6 +18,7 @@ from onpolicy_kd.batch import Completions
 from onpolicy_kd.models.module_lm import CACHE
 from onpolicy_kd.models.distributed import innermost, whole
 from onpolicy_kd.models.seq2seq import is_encoder_decoder, teacher_forced
+from onpolicy_kd.objectives.divergences import first
 from onpolicy_kd.objectives.hidden import STITCHING
 from onpolicy_kd.objectives.loss import ModelOutputs
 
@@ -35,26 +36,26 @@ def forward_completions(model: nn.Module, batch: Completions, *, vocab: int | No
     rollout's prefill), only the T positions predicting the completion run, on top of them: the same outputs and,
     through the cache's graph, the same gradient as the whole forward, without running the prompt again."""
     P, T = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
-    head_weight = whole(innermost(model).get_output_embeddings().weight)[:vocab] if head else None
+    head_weight = first(whole(innermost(model).get_output_embeddings().weight), vocab) if head else None
     if prompt_cache is not None:
         assert not prompt and not is_encoder_decoder(model), "a prompt cache is only kept for these (training/loop.py)"
         out = model(input_ids=batch.sequences[:, P - 1 : P + T - 1], attention_mask=batch.attention_mask[:, : P + T - 1],
                     position_ids=batch.position_ids[:, P - 1 : P + T - 1], logits_to_keep=0 if logits else 1,
                     output_hidden_states=hidden, use_cache=True, **{CACHE: DynamicCache(ddp_cache_data=prompt_cache)})
-        return ModelOutputs(logits=out.logits[..., :vocab] if logits else None,
+        return ModelOutputs(logits=first(out.logits, vocab, -1) if logits else None,
                             hidden=tuple(out.hidden_states) if hidden else None, head=head_weight)
     if is_encoder_decoder(model):  # the prompt is the encoder's input: no position of the decoder predicts it
         assert not prompt, "objective.prompt_weight needs a decoder-only model (refused at load)"
         all_logits, states = teacher_forced(model, batch, logits=logits, hidden=hidden)
-        return ModelOutputs(logits=all_logits[..., :vocab] if logits else None, hidden=states, head=head_weight)
+        return ModelOutputs(logits=first(all_logits, vocab, -1) if logits else None, hidden=states, head=head_weight)
     keep = (0 if prompt else T + 1) if logits else 1  # 0 keeps every position
     out = model(input_ids=batch.sequences, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 logits_to_keep=keep, output_hidden_states=hidden, use_cache=False)
     states = tuple(h[:, -T - 1 : -1] for h in out.hidden_states) if hidden else None
-    result = ModelOutputs(logits=out.logits[:, -T - 1 : -1, :vocab] if logits else None, hidden=states,
+    result = ModelOutputs(logits=first(out.logits[:, -T - 1 : -1], vocab, -1) if logits else None, hidden=states,
                           head=head_weight)
     if prompt:
-        result.prompt = ModelOutputs(logits=out.logits[:, : P - 1, :vocab] if logits else None,
+        result.prompt = ModelOutputs(logits=first(out.logits[:, : P - 1], vocab, -1) if logits else None,
                                      hidden=(out.hidden_states[-1][:, : P - 1],) if hidden else None, head=result.head)
     return result
 

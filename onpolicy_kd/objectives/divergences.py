@@ -44,7 +44,7 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     """KL(a || b) per row from log-probabilities, with 0 log 0 = 0."""
     a = log_a.exp()
     # `a == 0`, not `a > 0`: NaN must propagate (NaN > 0 is False and would silently turn NaN into 0).
-    return torch.where(a == 0, torch.zeros_like(a), a * (log_a - log_b)).sum(-1)
+    return torch.where(a == 0, 0.0, a * (log_a - log_b)).sum(-1)
 
 
 def _log_mix(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
@@ -168,7 +168,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(student_hidden) if need_hidden else None
         dtype = math_dtype(student_hidden.dtype)
-        grad_weight = torch.zeros_like(student_weight, dtype=math_dtype(student_weight.dtype)) if need_weight else None
+        grad_weight = None  # (V, H): the first chunk's gradient, then the others added to it (no zero-filled start)
         total = torch.zeros((), dtype=dtype, device=student_hidden.device)
         weight = student_weight.detach().requires_grad_(need_weight)
         for start in range(0, student_hidden.shape[0], chunk_size):
@@ -185,20 +185,45 @@ class _ChunkedDivergence(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[start:end] = grads.pop(0)  # type: ignore[index]
             if need_weight:
-                grad_weight += grads.pop(0)  # type: ignore[operator]
+                grad_weight = accumulate(grad_weight, grads.pop(0), math_dtype(student_weight.dtype))
             total += chunk_sum.detach()
+        if need_weight and grad_weight is None:  # no rows at all
+            grad_weight = torch.zeros_like(student_weight, dtype=math_dtype(student_weight.dtype))
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None))
         ctx.has = (need_hidden, need_weight)
         ctx.weight_dtype = student_weight.dtype
+        ctx.consumed = False
         return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        if ctx.consumed:  # the saved gradients were scaled in place by the first backward
+            raise RuntimeError("chunked_divergence's graph was backwarded twice (retain_graph); compute the loss again")
+        ctx.consumed = True
         saved = list(ctx.saved_tensors)
         need_hidden, need_weight = ctx.has
         grad_hidden = saved.pop(0) * grad_output if need_hidden else None
-        grad_weight = (saved.pop(0) * grad_output).to(ctx.weight_dtype) if need_weight else None
+        # in place: the head's gradient is the size of the head, and a second copy of it is the costliest allocation
+        # of a CPU step (fresh pages, zero-filled by the kernel)
+        grad_weight = saved.pop(0).mul_(grad_output).to(ctx.weight_dtype) if need_weight else None
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def accumulate(total: Tensor | None, chunk: Tensor, dtype: torch.dtype) -> Tensor:
+    """A chunk's gradient added to the sum so far; the first chunk's becomes the sum (converted to `dtype`), so
+    a weight-sized sum is never zero-filled first."""
+    if total is None:
+        return chunk.to(dtype)
+    return total.add_(chunk)
+
+
+def first(x: Tensor, n: int | None, dim: int = 0) -> Tensor:
+    """x's first n entries along `dim`, or x itself when that is all of it: a slice that keeps everything still
+    records a SliceBackward, whose backward zero-fills and copies a gradient the size of x (an lm_head's, for the
+    vocabulary cuts)."""
+    if n is None or n >= x.shape[dim]:
+        return x
+    return x.narrow(dim, 0, n)
 
 
 def chunked_divergence(
@@ -225,7 +250,7 @@ def chunked_divergence(
         h_s, h_t = h_s[valid], h_t[valid]
     count = h_s.shape[0]
     total = _ChunkedDivergence.apply(
-        h_s, student_lm_head[:vocab], h_t.detach(), teacher_lm_head[:vocab].detach(), fn, beta, skew, temperature,
+        h_s, first(student_lm_head, vocab), h_t.detach(), first(teacher_lm_head, vocab).detach(), fn, beta, skew, temperature,
         chunk_size,
     )
     return reduce_tokens(total, None, num_tokens if num_tokens is not None else count)
@@ -281,7 +306,7 @@ def linear_divergence(
         h_s, h_t = h_s[valid], h_t[valid]
     count = h_s.shape[0]
     if backend == "torch":
-        return divergence(F.linear(h_s, student_lm_head[:vocab]), F.linear(h_t, teacher_lm_head[:vocab]).detach(),
+        return divergence(F.linear(h_s, first(student_lm_head, vocab)), F.linear(h_t, first(teacher_lm_head, vocab)).detach(),
                           kind=kind, beta=beta, skew=skew, temperature=temperature,
                           num_tokens=num_tokens if num_tokens is not None else count)
     from liger_kernel.transformers import LigerFusedLinearJSD
@@ -290,6 +315,6 @@ def linear_divergence(
     if count == 0:
         return (student_hidden.sum() * 0).float()
     mean = LigerFusedLinearJSD(jsd_beta=liger_beta, temperature=temperature)(
-        h_s, student_lm_head[:vocab], h_t.detach(), teacher_lm_head[:vocab].detach(), None
+        h_s, first(student_lm_head, vocab), h_t.detach(), first(teacher_lm_head, vocab).detach(), None
     )
     return reduce_tokens(mean.float() * count, None, num_tokens if num_tokens is not None else count)

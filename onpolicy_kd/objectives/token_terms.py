@@ -25,7 +25,7 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from onpolicy_kd.objectives.divergences import _kl, log_probs, math_dtype
+from onpolicy_kd.objectives.divergences import _kl, accumulate, log_probs, math_dtype
 
 Tensor = torch.Tensor
 
@@ -121,7 +121,7 @@ class _ChunkedRows(torch.autograd.Function):
         hidden_all, head = ctx.saved_tensors
         need_hidden, need_head = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden_all) if need_hidden else None
-        grad_head = torch.zeros_like(head) if need_head else None
+        grad_head = None  # the first chunk's gradient, then the others added to it (divergences.accumulate)
         weight = head.detach().requires_grad_(need_head)
         for at in _chunks(hidden_all.shape[0], ctx.chunk_size):
             hidden = hidden_all[at].detach().requires_grad_(need_hidden)
@@ -132,7 +132,9 @@ class _ChunkedRows(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[at] = grads.pop(0)  # type: ignore[index]
             if need_head:
-                grad_head += grads.pop(0)  # type: ignore[operator]
+                grad_head = accumulate(grad_head, grads.pop(0), head.dtype)
+        if need_head and grad_head is None:  # no rows at all
+            grad_head = torch.zeros_like(head)
         return grad_hidden, grad_head, None, None, None, None, None
 
 

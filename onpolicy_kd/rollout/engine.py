@@ -172,12 +172,20 @@ class _StopStrings:
 
 
 def _draw(sampling_lp: Tensor, do_sample: bool, generator: torch.Generator | None, step: int) -> Tensor:
-    """The next token of every row: sampled from the (filtered) distribution, or its argmax when greedy."""
+    """The next token of every row: sampled from the (filtered) distribution, or its argmax when greedy.
+
+    Sampling inverts the cumulative distribution at one uniform draw per row (float64, so the tail's mass is
+    not lost to rounding; filtered tokens have probability 0 and are never drawn). It draws from the same
+    distribution as `torch.multinomial`, which instead draws an exponential variate for every vocabulary entry:
+    at a 49k vocabulary that was the costliest part of a decode step after the forward itself."""
     if torch.isnan(sampling_lp).any():
         raise FloatingPointError(f"non-finite logits while sampling (decode step {step + 1})")
-    if do_sample:
-        return torch.multinomial(sampling_lp.exp(), 1, generator=generator).squeeze(1)
-    return sampling_lp.argmax(-1)
+    if not do_sample:
+        return sampling_lp.argmax(-1)
+    cumulative = sampling_lp.exp().cumsum(-1, dtype=torch.float64)
+    uniform = torch.rand(cumulative.shape[0], 1, generator=generator, dtype=cumulative.dtype, device=cumulative.device)
+    drawn = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+    return drawn.squeeze(1).clamp_max(cumulative.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -202,10 +210,12 @@ def rollout(
     source: Source | None = None,
     rows: Sequence[int] = (),
     keep_prompt_graph: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> Completions:
     """Sample completions for a left-padded batch of prompts (module docstring); `teacher` only for alpha > 0.
     `source` says who wrote them (default: 'teacher' at alpha = 1, else 'student'), `rows` where the prompts are;
-    `keep_prompt_graph`: the student's prompt keys and values with gradient, for the loss (`CausalDecoding`)."""
+    `keep_prompt_graph`: the student's prompt keys and values with gradient, for the loss (`CausalDecoding`);
+    `autocast`: the student decodes in this autocast precision (train.mixed_precision), the teacher never."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha={alpha} must be in [0, 1]")
     if teacher is None and alpha > 0:
@@ -217,15 +227,21 @@ def rollout(
     lockstep = alpha > 0
     stops = _StopStrings(tokenizer, stop_strings, B)
 
-    tokens, student_lp, teacher_lp, sample_lp, entropies = [], [], [], [], []
+    records = _Records()
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
-    with eval_mode(*((student, teacher) if lockstep else (student,))):
+    # one autocast region for the whole decode: it casts each student weight once and keeps the copy (autocast's
+    # cache, for weights that train), where autocast around each forward would cast every weight at every token;
+    # the kept prompt's graph runs first, so the cached copies carry the gradient path back to the weights
+    student_precision = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+    teacher_precision = torch.autocast(device.type, enabled=False) if autocast else contextlib.nullcontext()
+    with eval_mode(*((student, teacher) if lockstep else (student,))), student_precision:
         s_decoding = decoding(student, prompt_ids, prompt_mask, keep_prompt_graph)
         s_logits = s_decoding.start()
         if lockstep:
             t_decoding = decoding(teacher, prompt_ids, prompt_mask)
-            t_logits = t_decoding.start()
+            with teacher_precision:
+                t_logits = t_decoding.start()
         steps = 0
         while steps < max_new_tokens:
             vocab = vocab_size or (min(s_logits.shape[-1], t_logits.shape[-1]) if lockstep else s_logits.shape[-1])
@@ -234,13 +250,7 @@ def rollout(
             sampling_lp = filter_logprobs(mixture_logprobs(s_lp, t_lp, alpha), top_k, top_p)
             next_tok = _draw(sampling_lp, do_sample, generator, steps)
             next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)
-            take = lambda lp: lp.gather(-1, next_tok.unsqueeze(-1)).squeeze(-1)  # noqa: E731
-            tokens.append(next_tok)
-            student_lp.append(take(s_lp))
-            entropies.append(-(s_lp.exp() * s_lp.clamp_min(torch.finfo(s_lp.dtype).min)).sum(-1))  # 0 log 0 = 0
-            sample_lp.append(take(sampling_lp))
-            if lockstep:
-                teacher_lp.append(take(t_lp))
+            records.add(next_tok, s_lp, t_lp, sampling_lp)
             lengths += (~finished).long()
             ended = torch.isin(next_tok, eos)
             if stop_strings:
@@ -251,19 +261,41 @@ def rollout(
                 break
             s_logits = s_decoding.step(next_tok)
             if lockstep:
-                t_logits = t_decoding.step(next_tok)
+                with teacher_precision:
+                    t_logits = t_decoding.step(next_tok)
 
-    completions = _completions(prompt_ids, prompt_mask, tokens, lengths, pad_id, tokenizer, source or (
-        "teacher" if alpha == 1 else "student"), temperature, alpha, student_lp, teacher_lp if lockstep else None,
-        sample_lp, entropies, steps, rows)
+    completions = _completions(prompt_ids, prompt_mask, records, lengths, pad_id, tokenizer, source or (
+        "teacher" if alpha == 1 else "student"), temperature, alpha, steps, rows)
     completions.prompt_cache = getattr(s_decoding, "prompt_cache", None)
     return completions
 
 
-def _completions(prompt_ids, prompt_mask, tokens, lengths, pad_id, tokenizer, source, temperature, alpha, student_lp,
-                 teacher_lp, sample_lp, entropies, steps, rows) -> Completions:
+class _Records:
+    """What a rollout records at each decode step: the tokens drawn, their log-probs under the student, the teacher
+    (lockstep only) and the distribution sampled from, and the student's entropy."""
+
+    def __init__(self) -> None:
+        self.tokens: list[Tensor] = []
+        self.student: list[Tensor] = []
+        self.teacher: list[Tensor] = []
+        self.sample: list[Tensor] = []
+        self.entropy: list[Tensor] = []
+
+    def add(self, tokens_B: Tensor, student_BV: Tensor, teacher_BV: Tensor | None, sampling_BV: Tensor) -> None:
+        take = lambda lp: lp.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+        self.tokens.append(tokens_B)
+        self.student.append(take(student_BV))
+        finite = student_BV.clamp_min(torch.finfo(student_BV.dtype).min)  # 0 log 0 = 0
+        self.entropy.append(-(student_BV.exp() * finite).sum(-1))
+        self.sample.append(take(sampling_BV))
+        if teacher_BV is not None:
+            self.teacher.append(take(teacher_BV))
+
+
+def _completions(prompt_ids, prompt_mask, records: _Records, lengths, pad_id, tokenizer, source, temperature, alpha,
+                 steps, rows) -> Completions:
     """The batch from the per-step records: ids padded after each row's end, masks from the lengths."""
-    completion_ids = torch.stack(tokens, 1)
+    completion_ids = torch.stack(records.tokens, 1)
     mask = completion_mask(lengths, completion_ids.shape[1])
     completion_ids = completion_ids.masked_fill(~mask, pad_id)
     zero = torch.zeros((), device=prompt_ids.device)
@@ -273,7 +305,8 @@ def _completions(prompt_ids, prompt_mask, tokens, lengths, pad_id, tokenizer, so
     )
     return Completions(
         prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids, completion_mask=mask,
-        source=source, texts=texts, temperature=temperature, alpha=alpha, student_logprobs=recorded(student_lp),
-        teacher_logprobs=recorded(teacher_lp) if teacher_lp is not None else None,
-        sample_logprobs=recorded(sample_lp), student_entropy=recorded(entropies), decode_steps=steps, rows=list(rows),
+        source=source, texts=texts, temperature=temperature, alpha=alpha, student_logprobs=recorded(records.student),
+        teacher_logprobs=recorded(records.teacher) if records.teacher else None,
+        sample_logprobs=recorded(records.sample), student_entropy=recorded(records.entropy), decode_steps=steps,
+        rows=list(rows),
     )

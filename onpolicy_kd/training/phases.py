@@ -28,7 +28,7 @@ import torch
 
 from onpolicy_kd.batch import Completions, Source, concatenate
 from onpolicy_kd.data.sampler import prompt_batch, reference_batch
-from onpolicy_kd.models.distributed import for_generation, global_sum, steps_inside_backward
+from onpolicy_kd.models.distributed import autocast_dtype, for_generation, global_sum, steps_inside_backward
 from onpolicy_kd.models.forward import embedding_matrix, student_forward, teacher_forward
 from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, batch_returns, per_token_mean, step_loss
 from onpolicy_kd.objectives.penalties import sequences_with_pairs
@@ -99,7 +99,7 @@ def draw_completions(run: "Run", source: Source) -> list[Completions]:
                 student, run.teacher if alpha > 0 else None, prompt_ids, prompt_mask, tokenizer=run.tokenizer,
                 max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, alpha=alpha,
                 do_sample=r.do_sample, stop_strings=r.stop_strings, generator=generator, vocab_size=run.vocab,
-                source=source, rows=chunk, keep_prompt_graph=run.plan.reuse_prompt))
+                source=source, rows=chunk, keep_prompt_graph=run.plan.reuse_prompt, autocast=autocast_dtype(acc)))
     if size != recipe.train.batch_size:  # re-split the generation batches into training micro-batches
         everything, n = concatenate(generated, pad), recipe.train.batch_size
         generated = [everything.select(range(i * n, (i + 1) * n)) for i in range(len(rows))]
