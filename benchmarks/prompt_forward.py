@@ -5,9 +5,9 @@
 On the offline default's models and prompts (recipes/smollm2_news.yaml: the 17-layer student, batch 4 of the
 ~200-token chat-formatted articles, 32 completion tokens), times the parts of an on-policy step that read the
 prompt: the rollout's prefill (the student's no-grad forward over the prompts that starts its KV cache), the
-decode of 32 tokens from that cache, and the loss's forward + backward over prompt + completion. The prefill is
-the work that reusing the rollout's prompt states in the loss would save (docs/performance.md says why the
-project does not). Median of --repeat after a warm-up; the result is appended to
+decode of 32 tokens from that cache, and the loss's forward + backward over prompt + completion, with the prompt
+run twice (a no-grad prefill, then the whole forward) and once (the prefill kept with gradient, the loss on top
+of it: what training does, docs/performance.md). Median of --repeat after a warm-up; the result is appended to
 benchmarks/results/prompt_forward.md.
 """
 

@@ -2,13 +2,18 @@
 
     python benchmarks/step.py                     # the offline default task (recipes/smollm2_news.yaml), 40 steps
     python benchmarks/step.py --steps 10          # shorter
-    python benchmarks/step.py --precision bf16    # both loops under bfloat16 autocast (float32 weights)
+    python benchmarks/step.py --precision bf16    # both given bfloat16 mixed precision (the recipe's own setting)
 
 The offline default task: SmolLM2-135M-Instruct teacher, its 10-layer copy as student, Lee news
 prompts (train rows 0-279, held out 280-291), batch 4, 32 new tokens, temperature 1, lr 1e-4 constant,
-grad clip 1, reverse KL (beta = 1), on the CPU in float32, or with `--precision bf16` both loops' forward
-and backward under bfloat16 autocast (accelerate's mixed precision: ours train.mixed_precision=bf16, TRL's
-bf16=True; weights and optimizer in float32, the teacher in float32 in both). Three variants, each in its own process (so peak
+grad clip 1, reverse KL (beta = 1), on the CPU in float32, or with `--precision bf16` both given accelerate's
+bfloat16 mixed precision (ours train.mixed_precision=bf16, TRL's bf16=True; weights and optimizer in float32,
+the teacher's forward in float32 in both). What that setting does differs between the two loops, and the
+report records it: ours decodes the rollout in one autocast region and runs the student's loss forward and
+backward under autocast; TRL's `generate` runs under accelerate's autocast wrapper (one autocast per forward
+call, so every weight is cast again at every token) and its training forwards go through TRL's forward
+redirection, which bypasses that wrapper: they run in float32 (`trl_autocast` in the report: whether autocast
+was on inside TRL's hidden-state forwards and inside `generate`). Three variants, each in its own process (so peak
 memory is per variant) and from the same initial student:
 - trl: TRL's `DistillationTrainer` (HF `generate`, its chunked divergence; gradient checkpointing off,
   dropout off, like ours), fed exactly our prompt token ids (its prompt tokenisation is bypassed);
@@ -82,6 +87,7 @@ def run_variant(variant: str, steps: int, seed: int, out_json: Path, precision: 
                        for k in ("time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s")},
             "mean_len": statistics.fmean(r["rollout/mean_len"] for r in steps_rows),
             "before": result.before["eval/reverse_kl"], "after": result.after["eval/reverse_kl"],
+            "text": text_metrics(result.after),
             "train_s": sum(r["time/step_s"] for r in steps_rows), "wall_s": wall,
         }
     else:
@@ -92,6 +98,7 @@ def run_variant(variant: str, steps: int, seed: int, out_json: Path, precision: 
 
 
 def run_trl(recipe, models, steps: int, work: Path, precision: str) -> dict:
+    import torch
     from accelerate import Accelerator
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -148,13 +155,40 @@ def run_trl(recipe, models, steps: int, work: Path, precision: str) -> dict:
         return out
 
     trainer._generate_and_score_completions = recording
+    autocast_seen: dict[str, bool] = {}  # whether bf16=True reached TRL's forwards (module docstring)
+    hidden_state = trainer._get_last_hidden_state
+
+    def hidden_state_recording(*args, **kwargs):
+        autocast_seen["training_forward"] = torch.is_autocast_enabled("cpu")
+        return hidden_state(*args, **kwargs)
+
+    trainer._get_last_hidden_state = hidden_state_recording
+    generate_method = type(student).generate
+
+    def generate_recording(self, *args, **kwargs):
+        forward = self.__dict__.get("forward")  # accelerate's autocast wrapper, when it installed one
+        autocast_seen["generate_wrapper"] = forward is not None and "_original_forward" in self.__dict__
+        return generate_method(self, *args, **kwargs)
+
+    student.generate = generate_recording.__get__(student)
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    after = heldout_metrics(recipe, accelerator, trained, teacher, tokenizer, data.eval)[0]["eval/reverse_kl"]
+    after_metrics = heldout_metrics(recipe, accelerator, trained, teacher, tokenizer, data.eval)[0]
+    after = after_metrics["eval/reverse_kl"]
     return {"step_s": timer.times, "phases": {}, "generation_s": statistics.median(generation_s[2:] or generation_s), "mean_len": statistics.fmean(lengths) if lengths else float("nan"),
-            "before": before, "after": after, "train_s": sum(timer.times), "wall_s": wall}
+            "before": before, "after": after, "text": text_metrics(after_metrics), "train_s": sum(timer.times),
+            "wall_s": wall, "trl_autocast": autocast_seen}
+
+
+TEXT_KEYS = ("eval/distinct1", "eval/repetition", "eval/rougeL_teacher")
+
+
+def text_metrics(metrics: dict) -> list[float]:
+    """The held-out greedy text's distinct-1, repetition and ROUGE-L against the teacher: a KL that falls while
+    the text collapses shows here."""
+    return [metrics[key] for key in TEXT_KEYS]
 
 
 def main() -> None:
@@ -199,18 +233,25 @@ def main() -> None:
              f"{args.precision} --variants {' '.join(args.variants)}` (each variant "
              f"and seed in its own process, same initial student; step times: mean over seeds of the median step)\n",
              "| variant | median step | vs TRL | rollout / teacher / student / optimizer | mean completion | "
-             "train time | peak RSS | held-out reverse KL after (per seed) | mean after (before) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "train time | peak RSS | held-out reverse KL after (per seed) | mean after (before) | "
+             "greedy text after: distinct-1 / repetition / ROUGE-L vs teacher (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for variant, runs in results.items():
         step = mean([median_step(r) for r in runs])
         keys = ("time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s")
         phases = " / ".join(f"{mean([r['phases'][k] for r in runs]):.2f}" for k in keys) if runs[0]["phases"] else "-"
         ratio = f"{base / step:.2f}x" if base else "-"
         afters = [r["after"] for r in runs]
+        text = " / ".join(f"{mean([r['text'][i] for r in runs]):.2f}" for i in range(len(TEXT_KEYS)))
         lines.append(f"| {variant} | {step:.2f} s | {ratio} | {phases} | {mean([r['mean_len'] for r in runs]):.1f} tokens "
                      f"| {mean([r['train_s'] for r in runs]):.0f} s | {max(r['peak_rss_gib'] for r in runs):.2f} GiB "
                      f"| {', '.join(f'{a:.3f}' for a in afters)} | {mean(afters):.3f} "
-                     f"({100 * (mean(afters) / runs[0]['before'] - 1):+.0f}%) |")
+                     f"({100 * (mean(afters) / runs[0]['before'] - 1):+.0f}%) | {text} |")
+    seen = [r.get("trl_autocast") for r in results.get("trl", []) if r.get("trl_autocast")]
+    if args.precision == "bf16" and seen:
+        lines.append(f"\nTRL with bf16=True: autocast on inside its training forwards: "
+                     f"{', '.join(str(s['training_forward']) for s in seen)}; `generate` through accelerate's "
+                     f"per-call autocast wrapper: {', '.join(str(s['generate_wrapper']) for s in seen)} (per seed).")
     publish("\n".join(lines) + "\n", args.out)
 
 

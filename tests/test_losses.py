@@ -270,3 +270,26 @@ def test_float64_chunked_divergence_and_cross_entropy(kind):
                          if mask[b, t]]).mean()
     assert ce.dtype == torch.float64
     torch.testing.assert_close(ce, naive, rtol=1e-12, atol=1e-14)
+
+
+def test_chunked_head_gradient_without_rows_and_a_second_backward():
+    """The head's gradient is built from the first chunk's (no zero-filled start): with every row masked it is
+    still a zero gradient of the head's shape; and since the backward scales the kept gradient in place, a second
+    backward through the same graph is refused instead of returning a twice-scaled gradient."""
+    from onpolicy_kd.objectives.divergences import first
+
+    g = torch.Generator().manual_seed(12)
+    h_s = torch.randn(2, 5, 8, generator=g).requires_grad_()
+    w_s = torch.randn(V, 8, generator=g).requires_grad_()
+    h_t, w_t = torch.randn(2, 5, 8, generator=g), torch.randn(V, 8, generator=g)
+    none = chunked_divergence(h_s, h_t, w_s, w_t, torch.zeros(2, 5, dtype=torch.bool), kind="jsd", chunk_size=3)
+    grad_h, grad_w = torch.autograd.grad(none, (h_s, w_s))
+    assert grad_w.shape == w_s.shape and not grad_w.any() and not grad_h.any()
+
+    loss = chunked_divergence(h_s, h_t, w_s, w_t, kind="reverse_kl", chunk_size=3) * 3.0
+    plain = divergence(h_s @ w_s.T, h_t @ w_t.T, kind="reverse_kl") * 3.0
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(w_s.grad, torch.autograd.grad(plain, w_s)[0], rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="backwarded twice"):
+        loss.backward()
+    assert first(w_s, V) is w_s and first(w_s, None) is w_s and first(w_s, 3).shape == (3, 8)
