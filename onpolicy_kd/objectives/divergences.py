@@ -250,8 +250,8 @@ def chunked_divergence(
         h_s, h_t = h_s[valid], h_t[valid]
     count = h_s.shape[0]
     total = _ChunkedDivergence.apply(
-        h_s, first(student_lm_head, vocab), h_t.detach(), first(teacher_lm_head, vocab).detach(), fn, beta, skew, temperature,
-        chunk_size,
+        h_s, first(student_lm_head, vocab), h_t.detach(), first(teacher_lm_head, vocab).detach(), fn, beta, skew,
+        temperature, chunk_size,
     )
     return reduce_tokens(total, None, num_tokens if num_tokens is not None else count)
 
@@ -306,9 +306,9 @@ def linear_divergence(
         h_s, h_t = h_s[valid], h_t[valid]
     count = h_s.shape[0]
     if backend == "torch":
-        return divergence(F.linear(h_s, first(student_lm_head, vocab)), F.linear(h_t, first(teacher_lm_head, vocab)).detach(),
-                          kind=kind, beta=beta, skew=skew, temperature=temperature,
-                          num_tokens=num_tokens if num_tokens is not None else count)
+        return divergence(F.linear(h_s, first(student_lm_head, vocab)),
+                          F.linear(h_t, first(teacher_lm_head, vocab)).detach(), kind=kind, beta=beta, skew=skew,
+                          temperature=temperature, num_tokens=num_tokens if num_tokens is not None else count)
     from liger_kernel.transformers import LigerFusedLinearJSD
 
     liger_beta = {"forward_kl": 0.0, "reverse_kl": 1.0}.get(kind, beta)
