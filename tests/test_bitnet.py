@@ -84,3 +84,17 @@ def test_bitnet_settings_that_cannot_work_are_errors(tmp_path, tiny_gpt2_dir, fa
     gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     with pytest.raises(ConfigError, match="no nn.Linear layers to make ternary"):
         to_bitnet(gpt2, *decoder_layers(gpt2))
+
+
+def test_the_trained_forward_is_exactly_the_quantised_product():
+    """In float32 the training forward equals F.linear(x_q, W_q) bit for bit, so the export (W_q written as it is)
+    computes exactly the trained function: a straight-through sum x + (x_q - x) is x_q only up to a rounding,
+    and the next layer's 8-bit quantiser can turn that rounding into a whole quantisation step."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 256)
+    layer.__class__ = BitLinear
+    with torch.no_grad():  # rows of different scales: W + (W_q - W) misses W_q by a rounding at ~8% of the entries
+        layer.weight.copy_(torch.randn(256, 256) * torch.rand(256, 1) * 0.1)
+    x = torch.randn(8, 16, 256) * 3
+    expected = torch.nn.functional.linear(quantize_activations(x), ternary_weight(layer.weight.detach()), layer.bias)
+    assert torch.equal(layer(x), expected)
