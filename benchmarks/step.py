@@ -166,8 +166,8 @@ def run_trl(recipe, models, steps: int, work: Path, precision: str) -> dict:
     generate_method = type(student).generate
 
     def generate_recording(self, *args, **kwargs):
-        forward = self.__dict__.get("forward")  # accelerate's autocast wrapper, when it installed one
-        autocast_seen["generate_wrapper"] = forward is not None and "_original_forward" in self.__dict__
+        # accelerate keeps the unwrapped forward here when it installs its autocast wrapper
+        autocast_seen["generate_wrapper"] = "_original_forward" in self.__dict__
         return generate_method(self, *args, **kwargs)
 
     student.generate = generate_recording.__get__(student)

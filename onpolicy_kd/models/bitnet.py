@@ -57,10 +57,10 @@ class BitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # straight through: the forward sees x_q exactly (x - x is exactly 0, where x + (x_q - x) can be x_q off by
         # one rounding, which an 8-bit quantiser downstream can turn into a whole step), the gradient x's
-        x_q = quantize_activations(x).detach() + (x - x.detach())
+        x_q = quantize_activations(x.detach()) + (x - x.detach())
         if self.exported:
             return F.linear(x_q, self.weight, self.bias)
-        w_q = ternary_weight(self.weight).detach() + (self.weight - self.weight.detach())
+        w_q = ternary_weight(self.weight.detach()) + (self.weight - self.weight.detach())
         return F.linear(x_q, w_q, self.bias)
 
 
