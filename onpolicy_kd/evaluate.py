@@ -5,18 +5,19 @@
     python -m onpolicy_kd.evaluate --compare outputs/a outputs/b recipes/smollm2_news.yaml   # one table
     (also `onpolicy-kd evaluate ...`; `section.key=value` overrides apply to the recipe, e.g. eval.max_samples=50)
 
-Per held-out prompt (the first `eval.max_samples` of the recipe's eval split):
-- greedy completions of student and teacher (`eval.max_new_tokens`); ROUGE-1/2/L of the student against
-  the reference (when the data has one) and against the teacher's completion;
-- token-level forward KL(p || q) and reverse KL(q || p) on the student's own sampled completions
-  (at `rollout.temperature`, seeded by `eval.seed`, as training's `eval/reverse_kl`) and on the references; perplexity of student and teacher on
-  the references;
-- length, distinct-1/2 and repetition rate of the student's greedy completion;
-- for a run that trained hidden-state stitching projections (final/stitching.safetensors), each layer pair's
-  hidden-state MSE between the projected student and the teacher on the sampled completions.
-Writes `<out>/predictions.jsonl` (prompt, reference, teacher, student, per-sample metrics),
-`<out>/metrics.json`, and for a run `<run>/plots/training_curves.png` from its metrics.jsonl; adds
-the evaluation to the run's model card. Token-level means are over all tokens of the set.
+On the first `eval.max_samples` prompts of the recipe's held-out split (evaluation/heldout.py), for the student
+and for the teacher, greedy and sampled (`eval.samples_per_prompt` completions per prompt at `eval.temperature`):
+- ROUGE-L and ROUGE-2 against the human references (the best-matching one, when the data has references);
+  ROUGE-L against the teacher's greedy answer and against the best-matching of its sampled answers;
+- exact-match accuracy of the final answer (with `eval.answer_pattern`);
+- length, the share cut at `eval.max_new_tokens`, distinct-1/2 and repetition rate;
+each as its mean over the prompts ± its standard error. And, per model: token-level KL(p || q) and KL(q || p) on
+the student's own sampled completions and on the references, perplexity of both models on the references, and
+for a run that trained hidden-state stitching projections (final/stitching.safetensors) each layer pair's
+hidden-state MSE. The teacher's answers are generated once and cached (evaluation/teacher_answers.py).
+Writes `<out>/predictions.jsonl` (prompt, references, the teacher's and the student's completions, per-prompt
+metrics), `<out>/metrics.json` (with the standard errors), and for a run `<run>/plots/training_curves.png` from
+its metrics.jsonl; adds the evaluation to the run's model card. Token-level means are over all tokens of the set.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from onpolicy_kd.data.loading import load_prompt_data
 from onpolicy_kd.errors import UserError
 from onpolicy_kd.evaluation.heldout import evaluate
 from onpolicy_kd.evaluation.plots import training_curves
-from onpolicy_kd.evaluation.report import add_to_model_card, results_table, samples_table, write_outputs
+from onpolicy_kd.evaluation.report import (
+    add_to_model_card, distribution_table, samples_table, text_table, write_outputs,
+)
+from onpolicy_kd.evaluation.teacher_answers import TeacherAnswers, recipe_teacher_answers
 from onpolicy_kd.models.loading import load_model, load_models
 from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.objectives.hidden import STITCHING_FILE, stitching_from_file
@@ -50,14 +54,18 @@ def resolve_target(target: str, overrides: Sequence[str]) -> tuple[Recipe, str, 
     return load_recipe(path, overrides), str(path), None
 
 
-def evaluate_heldout(recipe: Recipe, student, models, dataset, name: str, teacher_texts: list[str] | None = None,
-                     stitching=None):
-    """The full held-out evaluation of one student (or of the teacher itself, as the reference column);
-    `teacher_texts`, the teacher's greedy completions from an earlier evaluation, spare decoding them again;
-    `stitching`, a run's hidden-state projections (each layer pair's hidden-state MSE is reported)."""
-    return evaluate(student, models.teacher, models.tokenizer, dataset, recipe.eval,
-                    temperature=recipe.rollout.temperature, references=True, name=name, teacher_texts=teacher_texts,
-                    stitching=stitching)
+def evaluate_heldout(recipe: Recipe, student, models, dataset, name: str, answers: TeacherAnswers, stitching=None):
+    """The full held-out evaluation of one student against the teacher and its `answers` (`stitching`, a run's
+    hidden-state projections: each layer pair's hidden-state MSE is reported)."""
+    return evaluate(student, models.teacher, models.tokenizer, dataset, recipe.eval, answers, references=True,
+                    name=name, stitching=stitching)
+
+
+def check_out(out: Path) -> None:
+    """Before any work: `--out` must be a folder (existing or to be made), never a file."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for predictions.jsonl and metrics.json (it is made "
+                        f"if missing)")
 
 
 def run_stitching(run: Path | None, student):
@@ -84,26 +92,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(targets) > 1 and not args.compare:
             raise UserError("several targets: add --compare to evaluate them side by side")
         recipe, recipe_path, run = resolve_target(targets[0], overrides)
+        out = Path(args.out) if args.out else (run / "eval" if run else Path(recipe.train.output_dir) / "eval_initial")
+        check_out(out)
         models = load_models(recipe, recipe_path)  # the teacher, and the recipe's initial student
         data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, **file_rows(recipe),
                                 encoder_decoder=is_encoder_decoder(models.teacher))
-        results, teacher_texts = [], None  # the frozen teacher is decoded once, for every column
+        answers = recipe_teacher_answers(recipe, models.teacher, models.tokenizer, data.eval)  # for every column
+        results = []
         for target in targets:
             _, _, target_run = resolve_target(target, overrides)
             student = load_model(str(target_run / "final"), "student") if target_run else models.student
             name = target_run.name if target_run else f"{Path(target).stem} (initial)"
-            results.append(evaluate_heldout(recipe, student.eval(), models, data.eval, name, teacher_texts,
+            results.append(evaluate_heldout(recipe, student.eval(), models, data.eval, name, answers,
                                             run_stitching(target_run, student)))
-            teacher_texts = [p["teacher"] for p in results[-1].predictions]
-        teacher = evaluate_heldout(recipe, models.teacher, models, data.eval, "teacher (reference)", teacher_texts)
-        out = Path(args.out) if args.out else (run / "eval" if run else Path(recipe.train.output_dir) / "eval_initial")
         for r in results:
             write_outputs(r, out if len(results) == 1 else out / r.name.split(" ")[0])
+        prompts = len(results[0].predictions)
         console.print(samples_table(results[0].predictions, f"samples ({results[0].name})"))
-        console.print(results_table([*results, teacher], f"held-out evaluation ({len(results[0].predictions)} prompts)"))
+        console.print(text_table(results, f"held-out text ({prompts} prompts; greedy, and {recipe.eval.samples_per_prompt}"
+                                          f" samples per prompt at temperature {recipe.eval.temperature:g}; mean ± s.e.)"))
+        console.print(distribution_table(results, f"held-out distributions ({prompts} prompts)"))
         if run is not None and (run / "metrics.jsonl").is_file():
             console.print(f"plot: {training_curves(run / 'metrics.jsonl', run / 'plots' / 'training_curves.png')}")
-            add_to_model_card(run, results[0], teacher)
+            add_to_model_card(run, results[0])
         console.print(f"predictions and metrics: {out}")
         return 0
     except UserError as err:

@@ -78,6 +78,6 @@ def test_gpt2_cnn_recipe_trains_resumes_nothing_and_evaluates(tmp_path):
                               timeout=300, env=env, cwd=ROOT)
     assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
     summary = json.loads((out / "eval" / "metrics.json").read_text())
-    assert summary["reverse_kl_samples"] > 0 and 0 <= summary["rougeL_ref"] <= 1  # against the highlights
+    assert summary["reverse_kl_samples"] > 0 and 0 <= summary["greedy/rougeL_ref"] <= 1  # against the highlights
     predictions = [json.loads(line) for line in open(out / "eval" / "predictions.jsonl")]
     assert len(predictions) == 4 and all(p["prompt"].endswith("TL;DR:") for p in predictions)

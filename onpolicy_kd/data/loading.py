@@ -4,6 +4,9 @@
   csv, parquet, txt) or folder; splits accept datasets' slicing syntax (`train[:280]`).
 - Without `data.eval_split`, `data.eval_size` rows (int) or a fraction are held out with the run's
   seed, so train and eval never overlap and the split is the same on every rank and every resume.
+- With `data.eval_path`, the held-out prompts come from another file or Hub dataset (e.g. articles with
+  human-written references beside training articles without them): the same task format and template, its
+  own columns (`data.eval_columns`, default `data.columns`), `data.eval_split` choosing its rows.
 - The tokenised rows are written to `<cache_dir>/tokenized/<key>-<part>.arrow`, where the key hashes
   the raw data's fingerprint, the tokenizer (its whole vocabulary and chat template), the template
   and every length limit: change any of them and the cache misses; change nothing and it hits.
@@ -29,12 +32,12 @@ from onpolicy_kd.hub import expand_path, hub_reachable, looks_like_local_path
 from onpolicy_kd.data.prompts import PromptBuilder, TaskFormat, detect_format
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
-CACHE_VERSION = 2  # bump when PromptBuilder's output changes for the same inputs
+CACHE_VERSION = 3  # bump when PromptBuilder's output changes for the same inputs
 
 
 @dataclass
 class PromptData:
-    train: Dataset  # columns: prompt_ids, reference_ids, prompt, reference, truncated
+    train: Dataset  # columns: prompt_ids, reference_ids, prompt, reference, references, truncated
     eval: Dataset
     task: TaskFormat
     cache_hits: dict[str, bool] = field(default_factory=dict)
@@ -51,6 +54,11 @@ def _hub_offline() -> Iterator[None]:
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def data_cache_dir(cfg: DataConfig) -> Path:
+    """Where tokenised data and the teacher's cached completions go: data.cache_dir, else the cache root's data/."""
+    return Path(expand_path(cfg.cache_dir)) if cfg.cache_dir else cache_root() / "data"
 
 
 def check_data_path(cfg: DataConfig) -> None:
@@ -81,8 +89,8 @@ def check_text_file(path: Path) -> None:
                                     f"{err.colno}); fix or remove that line") from None
 
 
-def load_split(cfg: DataConfig, split: str) -> Dataset:
-    """One split of the raw dataset, from local files or the Hub."""
+def load_split(cfg: DataConfig, split: str, key: str = "data.split") -> Dataset:
+    """One split of the raw dataset, from local files or the Hub (`key`: the recipe key that chose the split)."""
     if looks_like_local_path(cfg.path):
         path = Path(expand_path(cfg.path))
         if not path.exists():
@@ -98,7 +106,7 @@ def load_split(cfg: DataConfig, split: str) -> Dataset:
         try:
             return datasets.load_dataset(builder, data_files=files, split=split)
         except (ValueError, KeyError) as err:
-            raise DataError(f"data.split={split!r} of {path}: {err}") from None
+            raise DataError(f"{key}={split!r} of {path}: {err}") from None
         except datasets.exceptions.DatasetGenerationError as err:
             cause = err.__cause__ or err.__context__ or err
             raise DataError(f"data.path={path} cannot be read as {path.suffix[1:]}: {cause}; fix or remove the "
@@ -115,7 +123,7 @@ def load_split(cfg: DataConfig, split: str) -> Dataset:
                 f"  Save it where the Hub is reachable, e.g. load_dataset('{cfg.path}', {cfg.name!r}, split='{split}')"
                 f".to_json('/data/{cfg.path.split('/')[-1]}.jsonl'), then set data.path to that file"
             ) from None
-        raise DataError(f"cannot load the dataset '{cfg.path}' (data.path, split {split!r}): {err}") from None
+        raise DataError(f"cannot load the dataset '{cfg.path}' (data.path, {key}={split!r}): {err}") from None
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -166,8 +174,9 @@ def load_prompt_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
     rows come from `train` as usual.
     """
     train = load_split(cfg, cfg.split) if train is None else train
-    if eval_ is None and cfg.eval_split:
-        eval_ = load_split(cfg, cfg.eval_split)
+    eval_source = cfg.model_copy(update={"path": cfg.eval_path, "name": None}) if cfg.eval_path else cfg
+    if eval_ is None and cfg.held_out_split:
+        eval_ = load_split(eval_source, cfg.held_out_split, "data.eval_split")
     elif eval_ is None:
         n_eval = cfg.eval_size if isinstance(cfg.eval_size, int) else max(1, round(cfg.eval_size * len(train)))
         if n_eval >= len(train):
@@ -179,21 +188,36 @@ def load_prompt_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
     if len(train) == 0:
         raise DataError(f"data.split={cfg.split!r} of {cfg.path} has no rows")
 
+    if len(eval_) == 0:
+        raise DataError(f"the held-out split {cfg.held_out_split!r} of {cfg.eval_path or cfg.path} has no rows "
+                        f"(data.eval_split); choose rows that exist, e.g. train[:50]")
     task = detect_format(train.column_names, cfg.format, cfg.columns, example=train[0])
-    builder = PromptBuilder(
-        tokenizer, task, template=cfg.template, truncate_field=cfg.truncate_field, chat_template=cfg.chat_template,
-        system_prompt=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens,
-        max_response_tokens=cfg.max_response_tokens, text_prompt_tokens=cfg.text_prompt_tokens,
-        encoder_decoder=encoder_decoder,
-    )
-    cache_dir = Path(expand_path(cfg.cache_dir)) if cfg.cache_dir else cache_root() / "data"
+    # a separate held-out file is the same task (format and template) with columns of its own
+    eval_task = task if not cfg.eval_path else _eval_format(eval_, task, cfg)
+    cache_dir = data_cache_dir(cfg)
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
     out: dict[str, Dataset] = {}
     hits: dict[str, bool] = {}
-    for name, raw in (("train", train), ("eval", eval_)):
-        key = _cache_key(cfg, raw, tokenizer_fp, task, encoder_decoder)
+    for name, raw, raw_task in (("train", train, task), ("eval", eval_, eval_task)):
+        builder = PromptBuilder(
+            tokenizer, raw_task, template=cfg.template, truncate_field=cfg.truncate_field,
+            chat_template=cfg.chat_template, system_prompt=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens,
+            max_response_tokens=cfg.max_response_tokens, text_prompt_tokens=cfg.text_prompt_tokens,
+            encoder_decoder=encoder_decoder,
+        )
+        key = _cache_key(cfg, raw, tokenizer_fp, raw_task, encoder_decoder)
         out[name], hits[name] = _tokenize(raw, builder, cache_dir / "tokenized" / f"{key}-{name}.arrow", key, cfg.num_proc)
     return PromptData(train=out["train"], eval=out["eval"], task=task, cache_hits=hits)
+
+
+def _eval_format(eval_: Dataset, task: TaskFormat, cfg: DataConfig) -> TaskFormat:
+    """The task format of data.eval_path's rows: the training data's format, their own columns."""
+    columns = cfg.eval_columns if cfg.eval_columns is not None else cfg.columns
+    try:
+        return detect_format(eval_.column_names, task.name, columns, example=eval_[0])
+    except DataError as err:
+        raise DataError(f"data.eval_path={cfg.eval_path}: {err} (data.eval_columns maps its columns when they "
+                        f"differ from the training data's)") from None
 
 
 def length_stats(dataset: Dataset, column: str = "prompt_ids") -> dict[str, Any]:

@@ -8,7 +8,7 @@ unless `data.format` names one, with `data.columns` to map fields to other colum
 
 | format | fields (first matching column) | default template | cut to fit |
 |---|---|---|---|
-| summarization | document (article, document), reference (highlights, summary) | document + "Summary:" | document (keeps its start) |
+| summarization | document (article, document), reference (highlights, summary, headline) | document + "Summary:" | document (keeps its start) |
 | instruction | instruction (instruction, prompt, question), context (context, input), reference (response, output, completion, answer) | instruction [+ context] | context, else instruction (keeps its end) |
 | chat | messages (messages, conversations): list of {role, content}; or TRL's conversational prompt [+ completion]: lists of messages | the tokenizer's chat template | oldest turns, then the last user turn |
 | text | text (text, content) | the first `text_prompt_tokens` tokens | - |
@@ -22,6 +22,10 @@ prompt-only and `messages` are `chat`, rendered with the tokenizer's chat templa
 Truncation cuts only the long field, so the instruction around it ("Summary:", the question) always
 survives: the template is split around that field, the fixed parts are tokenised whole and the
 field gets the remaining token budget.
+
+A reference column may hold a list of strings (several human references per prompt, as XSum-style
+evaluation sets have): the first is the reference a mode trains on or scores perplexity on, and the
+evaluation's ROUGE takes the best-matching one (`references` keeps them all).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from onpolicy_kd.errors import DataError
 
 FIELD_CANDIDATES: dict[str, dict[str, tuple[str, ...]]] = {
     "chat": {"messages": ("messages", "conversations", "conversation")},
-    "summarization": {"document": ("article", "document"), "reference": ("highlights", "summary")},
+    "summarization": {"document": ("article", "document"), "reference": ("highlights", "summary", "headline")},
     "instruction": {
         "instruction": ("instruction", "prompt", "question"),
         "context": ("context", "input"),
@@ -215,20 +219,37 @@ class PromptBuilder:
         return ids[: self.max_response_tokens]
 
     # -- formats -----------------------------------------------------------------------------
-    def _templated(self, row: dict[str, Any]) -> tuple[list[int], bool, str | None]:
+    def _templated(self, row: dict[str, Any]) -> tuple[list[int], bool, list[str]]:
+        references = self._references(row)
         for task_field, column in self.task.columns.items():
-            if isinstance(row.get(column), (list, dict)):
+            if task_field != "reference" and isinstance(row.get(column), (list, dict)):
                 raise DataError(f"column {column!r} ({self.task.name} format, field {task_field}) holds "
                                 f"{type(row[column]).__name__}s, not text: {str(row[column])[:80]}; use data.format=chat "
                                 f"for lists of messages, or map the field to a text column with data.columns")
-        values = {f: ("" if row.get(c) is None else str(row[c])) for f, c in self.task.columns.items()}
+        values = {f: ("" if row.get(c) is None else str(row[c])) for f, c in self.task.columns.items()
+                  if f != "reference"}
         assert self.template is not None and self.truncate_field is not None
-        text = self.template.format(**{**values, self.truncate_field: SENTINEL})
+        text = self.template.format(**{**values, "reference": references[0] if references else "",
+                                       self.truncate_field: SENTINEL})
         if self.chat_template:
             text = self._wrap_chat(text)
         prefix, suffix = text.split(SENTINEL, 1)
         ids, cut = self._fit(prefix, values[self.truncate_field], suffix, self.task.keep_end)
-        return ids, cut, values.get("reference") or None
+        return ids, cut, references
+
+    def _references(self, row: dict[str, Any]) -> list[str]:
+        """The row's reference(s): a text, or a list of texts (empty ones dropped)."""
+        column = self.task.columns.get("reference")
+        value = row.get(column) if column else None
+        if value is None:
+            return []
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) or v is None for v in value):
+            return [v for v in value if v]
+        if isinstance(value, (list, tuple, dict)):
+            raise DataError(f"column {column!r} ({self.task.name} format, field reference) holds "
+                            f"{type(value).__name__}s that are not texts: {str(value)[:80]}; give a text or a list of "
+                            f"texts (several references), or map the field to another column with data.columns")
+        return [str(value)] if str(value) else []
 
     def _messages(self, row: dict[str, Any]) -> list[dict[str, str]]:
         """The row's conversation as [{role, content}]: a messages column, or TRL's prompt [+ completion]."""
@@ -245,7 +266,7 @@ class PromptBuilder:
                             f"{messages[:2]!r}")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
 
-    def _chat(self, row: dict[str, Any]) -> tuple[list[int], bool, str | None]:
+    def _chat(self, row: dict[str, Any]) -> tuple[list[int], bool, list[str]]:
         messages = self._messages(row)
         reference = None
         if messages and messages[-1]["role"] == "assistant":
@@ -263,24 +284,25 @@ class PromptBuilder:
         text = render(messages[:-1] + [{**last, "content": SENTINEL}])
         prefix, suffix = text.split(SENTINEL, 1)
         ids, cut_body = self._fit(prefix, last["content"], suffix, keep_end=False)
-        return ids, cut or cut_body, reference
+        return ids, cut or cut_body, [reference] if reference else []
 
-    def _text(self, row: dict[str, Any]) -> tuple[list[int], bool, str | None]:
+    def _text(self, row: dict[str, Any]) -> tuple[list[int], bool, list[str]]:
         ids = self._ids(str(row[self.task.columns["text"]]))
         n_prompt = min(self.text_prompt_tokens, self.max_prompt_tokens - len(self._before) - len(self._after))
         prompt, rest = self._before + ids[:n_prompt] + self._after, ids[n_prompt:]
         reference = self.tokenizer.decode(rest[: self.max_response_tokens]) if rest else None
-        return prompt, False, reference
+        return prompt, False, [reference] if reference else []
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        encode: Callable[[dict[str, Any]], tuple[list[int], bool, str | None]] = {
+        encode: Callable[[dict[str, Any]], tuple[list[int], bool, list[str]]] = {
             "chat": self._chat, "text": self._text,
         }.get(self.task.name, self._templated)
-        prompt_ids, truncated, reference = encode(row)
+        prompt_ids, truncated, references = encode(row)
         return {
             "prompt_ids": prompt_ids,
-            "reference_ids": self._reference_ids(reference),
+            "reference_ids": self._reference_ids(references[0] if references else None),
             "prompt": self.tokenizer.decode(prompt_ids),
-            "reference": reference or "",
+            "reference": references[0] if references else "",
+            "references": references,
             "truncated": truncated,
         }

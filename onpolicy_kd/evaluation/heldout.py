@@ -1,52 +1,112 @@
 """The held-out evaluation: one batch loop, used by training (at every evaluation point) and by the
 `evaluate` command.
 
-On the first `eval.max_samples` held-out prompts, in batches of `eval.batch_size`:
-- the student's own completions sampled at `rollout.temperature` with a generator seeded from
-  `eval.seed` and the batch index (so successive evaluations see comparable samples, and differences
-  come from the student), and on them the per-token KL(q || p) (`eval/reverse_kl`, what on-policy
-  reverse-KL distillation minimises) and KL(p || q) over the full vocabulary at temperature 1;
-- greedy completions of student and teacher: the student's length, distinct-1/2 and repetition rate, and
-  ROUGE-1/2/L against the teacher's completion (and against the reference when the data has one). These
-  show a student whose KL falls while its text collapses onto repeats. The teacher, frozen, is decoded once
-  per run (`teacher_texts` hands its completions back in);
-- with `references` (the `evaluate` command, or `eval.full: true` in training): KL both ways and perplexity
-  of both models on the references;
-- for a student with hidden-state stitching projections (trained with hidden.weight > 0), each layer pair's
-  hidden-state MSE on the sampled completions (`hidden_mse_layer_S_to_T`, the training loss's mse).
-Token-level means are over all tokens of the set; per-completion metrics are means over prompts. Under
-several processes the batches are dealt out round-robin (each keeps its seed), the per-batch results are
-gathered and reduced in batch order, so every rank gets the numbers of a one-process run; the ranks decode
-in lockstep (as ZeRO-3 needs). Reference metrics need a reference for every held-out prompt.
+On the first `eval.max_samples` held-out prompts, in batches of `eval.batch_size`, the student's text is
+judged two ways, greedy and sampled, because a method may win on one decoding and lose on the other:
+- greedy: one completion per prompt;
+- sampled: `eval.samples_per_prompt` completions per prompt at `eval.temperature`, the k-th drawn with a
+  generator seeded from `eval.seed`, k and the batch index (successive evaluations see comparable samples, so
+  differences come from the student); a prompt's sampled figure is the mean over its samples.
+Each completion gets ROUGE-2/L against the human references (the best-matching one, when the data has
+references), ROUGE-L against the teacher's greedy answer and against the best-matching of the teacher's
+sampled answers (`evaluation/teacher_answers.py`), its length, whether the length limit cut it, distinct-1/2,
+repetition rate and, with `eval.answer_pattern`, whether its final answer equals the reference's. The teacher's
+own answers get the same text metrics (a sampled answer is compared with the teacher's other samples), so the
+student's figures have a ceiling beside them.
+
+On the student's first sampled completion of each prompt: the per-token KL(q || p) (`reverse_kl_samples`, what
+on-policy reverse-KL distillation minimises) and KL(p || q) over the full vocabulary at temperature 1 (one
+sample: these two forwards over the whole prompt cost more than decoding the text). With `references`
+(the `evaluate` command, or `eval.full: true` in training): KL both ways and perplexity of both models on the
+references. For a student with hidden-state stitching projections, each layer pair's hidden-state MSE on the
+sampled completions (`hidden_mse_layer_S_to_T`, the training loss's mse).
+
+Token-level means are over all tokens of the set; per-completion metrics are means over prompts (with their
+standard error over prompts in `Evaluated.errors`). Under several processes the batches are dealt out
+round-robin (each keeps its seeds), the per-batch results are gathered and reduced in batch order, so every
+rank gets the numbers of a one-process run; the ranks decode in lockstep (as ZeRO-3 needs).
 """
 
 from __future__ import annotations
 
+import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
 
 from onpolicy_kd.data.sampler import prompt_batch, reference_batch
+from onpolicy_kd.errors import DataError
 from onpolicy_kd.evaluation import metrics as M
+from onpolicy_kd.evaluation.teacher_answers import Answer, TeacherAnswers
+from onpolicy_kd.evaluation.uncertainty import standard_error
 from onpolicy_kd.models.distributed import for_generation, innermost
 from onpolicy_kd.models.forward import forward_completions
 from onpolicy_kd.objectives.hidden import STITCHING, hidden_state_loss
 from onpolicy_kd.recipe import EvalConfig, Recipe
 from onpolicy_kd.rollout import rollout
 
-# the per-prompt metrics averaged into the summary (perplexities are per token instead, below)
-PER_PROMPT_KEYS = ("rouge1_ref", "rouge2_ref", "rougeL_ref", "rouge1_teacher", "rouge2_teacher", "rougeL_teacher",
-                   "length", "distinct1", "distinct2", "repetition")
+DECODINGS = ("greedy", "sampled")
+# per-completion text metrics, in the order reports list them
+TEXT_KEYS = ("rougeL_ref", "rouge2_ref", "rougeL_teacher", "rougeL_teacher_samples", "accuracy", "length", "truncated",
+             "distinct1", "distinct2", "repetition")
 
 
 @dataclass
 class Evaluated:
     name: str
-    summary: dict[str, float]  # reverse_kl_samples, forward_kl_samples, sampled_length, greedy text metrics, ...
-    predictions: list[dict]  # prompt, reference, teacher, student, per-prompt metrics
+    summary: dict[str, float]  # reverse_kl_samples, greedy/..., sampled/..., teacher/greedy/..., ...
+    predictions: list[dict]  # prompt, references, the teacher's and student's completions, per-prompt metrics and
+    # KL sums (kl_sums: the first sample's token count and summed KLs; the set's KLs are the sums over prompts / tokens)
+    errors: dict[str, float] = field(default_factory=dict)  # standard error over prompts of each per-prompt mean
+
+
+def references_of(record: dict) -> list[str]:
+    """A held-out row's references (several when the data has several; rows built before the column: one)."""
+    return list(record.get("references") or ([record["reference"]] if record.get("reference") else []))
+
+
+def text_metrics(answer: Answer, *, references: list[str], teacher: str | None, teacher_samples: list[str],
+                 gold: str | None, pattern: re.Pattern | None, max_new_tokens: int, eos_ids: list[int]) -> dict:
+    """One completion's text metrics (module docstring); a comparison without a target is left out."""
+    tokens = answer.ids
+    out = {"length": len(tokens), "truncated": float(M.was_cut(tokens, max_new_tokens, eos_ids)),
+           "distinct1": M.distinct_n(tokens, 1), "distinct2": M.distinct_n(tokens, 2),
+           "repetition": M.repetition_rate(tokens)}
+    if references:
+        scores = M.rouge(answer.text, references)
+        out |= {"rougeL_ref": scores["rougeL"], "rouge2_ref": scores["rouge2"]}
+    if teacher is not None:
+        out["rougeL_teacher"] = M.rouge(answer.text, teacher)["rougeL"]
+    if teacher_samples:
+        out["rougeL_teacher_samples"] = M.rouge(answer.text, teacher_samples)["rougeL"]
+    if pattern is not None and gold is not None:
+        out["accuracy"] = M.exact_match(answer.text, gold, pattern)
+    return out
+
+
+def mean_over_samples(per_sample: list[dict]) -> dict[str, float]:
+    """A prompt's sampled figure: the mean of each metric over its sampled completions."""
+    return {key: statistics.fmean(m[key] for m in per_sample) for key in per_sample[0]}
+
+
+def gold_answers(dataset: Dataset, n: int, pattern: str | None) -> list[str | None] | None:
+    """The reference's final answer of each of the first n held-out rows (eval.answer_pattern), or None without a
+    pattern; a reference the pattern finds no answer in is a data error that names the row."""
+    if pattern is None:
+        return None
+    golds = []
+    for row in range(n):
+        refs = references_of(dataset[row])
+        answer = M.final_answer(refs[0], pattern) if refs else None
+        if answer is None:
+            raise DataError(f"eval.answer_pattern {pattern!r} finds no answer in the reference of held-out row {row} "
+                            f"({refs[0][:80] if refs else 'no reference'!r}); every held-out row needs a reference "
+                            f"with an answer the pattern matches")
+        golds.append(answer)
+    return golds
 
 
 def _token_sums(mask: torch.Tensor, **values: torch.Tensor) -> dict[str, float]:
@@ -66,13 +126,9 @@ def _greedy(model, ids, mask, tokenizer, max_new_tokens: int):
     return rollout(model, None, ids, mask, tokenizer=tokenizer, max_new_tokens=max_new_tokens, do_sample=False)
 
 
-def _completion_metrics(tokens: list[int], text: str, teacher_text: str, reference: str) -> dict[str, float]:
-    out = {"length": len(tokens), "distinct1": M.distinct_n(tokens, 1), "distinct2": M.distinct_n(tokens, 2),
-           "repetition": M.repetition_rate(tokens)}
-    out |= {f"{k}_teacher": v for k, v in M.rouge(text, teacher_text).items()}
-    if reference:
-        out |= {f"{k}_ref": v for k, v in M.rouge(text, reference).items()}
-    return out
+def _answers(completions) -> list[Answer]:
+    return [Answer(completions.completion_ids[b][completions.completion_mask[b]].tolist(), completions.texts[b])
+            for b in range(len(completions.texts))]
 
 
 def _hidden_sums(stitching, student_hidden, teacher_hidden, mask: torch.Tensor) -> dict[str, float]:
@@ -84,45 +140,84 @@ def _hidden_sums(stitching, student_hidden, teacher_hidden, mask: torch.Tensor) 
     return {f"hidden_mse_layer_{s}_to_{t}": float(v) for (s, t), v in zip(stitching.pairs, sums)} | {"n": int(mask.sum())}
 
 
-def _evaluate_batch(student, teacher, tokenizer, dataset: Dataset, rows: list[int], cfg: EvalConfig, index: int, *,
-                    temperature: float, references: bool, teacher_texts: list[str] | None, stitching=None) -> dict:
-    """One batch of held-out prompts: token sums on sampled completions (and references), per-prompt records."""
-    vocab, device = len(tokenizer), next(student.parameters()).device
-    ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + index)
-    sampled = rollout(student, None, ids, mask, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
-                      temperature=temperature, generator=generator)
+def _sample_seed(cfg: EvalConfig, k: int, index: int) -> int:
+    return cfg.seed * 1_000_003 + k * 10_007 + index
+
+
+def _kl_on_sample(student, teacher, sampled, vocab: int, stitching) -> tuple[dict, dict | None]:
+    """Token sums of KL(p || q) and KL(q || p) (and the hidden-state MSE) over the student's sampled completions."""
     hidden = stitching is not None
     s_out = forward_completions(student, sampled, vocab=vocab, hidden=hidden)
     t_out = forward_completions(teacher, sampled, vocab=vocab, hidden=hidden)
     forward_kl, reverse_kl = M.token_kls(s_out.logits, t_out.logits)
-    result = {"index": index, "samples": _token_sums(sampled.completion_mask, forward_kl=forward_kl,
-                                                     reverse_kl=reverse_kl),
-              "sampled_lengths": sampled.lengths.tolist(), "references": None, "predictions": [],
-              "hidden": _hidden_sums(stitching, s_out.hidden, t_out.hidden, sampled.completion_mask) if hidden else None}
-    greedy_s = _greedy(student, ids, mask, tokenizer, cfg.max_new_tokens)
-    teacher_batch = ([teacher_texts[r] for r in rows] if teacher_texts is not None
-                     else _greedy(teacher, ids, mask, tokenizer, cfg.max_new_tokens).texts)
-    perplexities: dict[int, dict] = {}
-    if references:
-        ref = reference_batch(dataset, rows, tokenizer.pad_token_id, device)
-        s_logits = forward_completions(student, ref, vocab=vocab).logits
-        t_logits = forward_completions(teacher, ref, vocab=vocab).logits
-        fkl, rkl = M.token_kls(s_logits, t_logits)
-        nll_s, nll_t = M.token_nll(s_logits, ref.completion_ids), M.token_nll(t_logits, ref.completion_ids)
-        valid = ref.completion_mask
-        result["references"] = _token_sums(valid, forward_kl=fkl, reverse_kl=rkl, nll_student=nll_s,
-                                           nll_teacher=nll_t)
-        perplexities = {b: {"ppl_student": float(nll_s[b][valid[b]].mean().exp()),
-                            "ppl_teacher": float(nll_t[b][valid[b]].mean().exp())} for b in range(len(rows))}
+    mask = sampled.completion_mask
+    kl_sums = _token_sums(mask, forward_kl=forward_kl, reverse_kl=reverse_kl)
+    # each prompt's own sums (a prompt's KL = its sum / its tokens), for uncertainties over prompts
+    kl_sums["per_prompt"] = [{"tokens": int(mask[b].sum()), "forward_kl": float(forward_kl[b][mask[b]].sum()),
+                              "reverse_kl": float(reverse_kl[b][mask[b]].sum())} for b in range(mask.shape[0])]
+    return kl_sums, _hidden_sums(stitching, s_out.hidden, t_out.hidden, mask) if hidden else None
+
+
+def _reference_sums(student, teacher, dataset, rows, tokenizer, device, vocab: int) -> tuple[dict, dict[int, dict]]:
+    """Token sums of both KLs and both models' NLL on the references, and each prompt's perplexities."""
+    ref = reference_batch(dataset, rows, tokenizer.pad_token_id, device)
+    s_logits = forward_completions(student, ref, vocab=vocab).logits
+    t_logits = forward_completions(teacher, ref, vocab=vocab).logits
+    fkl, rkl = M.token_kls(s_logits, t_logits)
+    nll_s, nll_t = M.token_nll(s_logits, ref.completion_ids), M.token_nll(t_logits, ref.completion_ids)
+    valid = ref.completion_mask
+    sums = _token_sums(valid, forward_kl=fkl, reverse_kl=rkl, nll_student=nll_s, nll_teacher=nll_t)
+    perplexities = {b: {"ppl_student": float(nll_s[b][valid[b]].mean().exp()),
+                        "ppl_teacher": float(nll_t[b][valid[b]].mean().exp())} for b in range(len(rows))}
+    return sums, perplexities
+
+
+def _evaluate_batch(student, teacher, tokenizer, dataset: Dataset, rows: list[int], cfg: EvalConfig, index: int, *,
+                    answers: TeacherAnswers, references: bool, golds: list[str | None] | None, stitching=None) -> dict:
+    """One batch of held-out prompts: token sums on sampled completions (and references), per-prompt records."""
+    vocab, device = len(tokenizer), next(student.parameters()).device
+    ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, device)
+    samples = []
+    for k in range(cfg.samples_per_prompt):
+        generator = torch.Generator(device=device).manual_seed(_sample_seed(cfg, k, index))
+        samples.append(rollout(student, None, ids, mask, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, generator=generator))
+    # the KLs on the first sample of each prompt: the two forwards over the prompt cost more than decoding the text
+    kl_sums, hidden_sums = _kl_on_sample(student, teacher, samples[0], vocab, stitching)
+    greedy = _answers(_greedy(student, ids, mask, tokenizer, cfg.max_new_tokens))
+    sampled = list(zip(*(_answers(s) for s in samples)))  # per prompt: its samples
+    reference_sums, perplexities = (_reference_sums(student, teacher, dataset, rows, tokenizer, device, vocab)
+                                    if references else (None, {}))
+    pattern = re.compile(cfg.answer_pattern) if cfg.answer_pattern else None
+    common = dict(pattern=pattern, max_new_tokens=cfg.max_new_tokens, eos_ids=[tokenizer.eos_token_id])
+    predictions = []
     for b, row in enumerate(rows):
         record = dataset[row]
-        tokens = greedy_s.completion_ids[b][greedy_s.completion_mask[b]].tolist()
-        sample = _completion_metrics(tokens, greedy_s.texts[b], teacher_batch[b], record["reference"])
-        result["predictions"].append({"prompt": record["prompt"], "reference": record["reference"],
-                                      "teacher": teacher_batch[b], "student": greedy_s.texts[b],
-                                      "metrics": sample | perplexities.get(b, {})})
-    return result
+        refs, gold = references_of(record), golds[row] if golds is not None else None
+        t_greedy, t_samples = answers.greedy[row], answers.samples[row]
+        judge = dict(references=refs, teacher=t_greedy.text, teacher_samples=[a.text for a in t_samples], gold=gold,
+                     **common)
+        metrics = {f"greedy/{k}": v for k, v in text_metrics(greedy[b], **judge).items()}
+        metrics |= {f"sampled/{k}": v for k, v in mean_over_samples([text_metrics(a, **judge)
+                                                                      for a in sampled[b]]).items()}
+        metrics |= teacher_metrics(t_greedy, t_samples, refs, gold, common) | perplexities.get(b, {})
+        predictions.append({"prompt": record["prompt"], "reference": record["reference"], "references": refs,
+                            "teacher": t_greedy.text, "teacher_samples": [a.text for a in t_samples],
+                            "student": greedy[b].text, "student_samples": [a.text for a in sampled[b]],
+                            "metrics": metrics, "kl_sums": kl_sums["per_prompt"][b]})
+    return {"index": index, "samples": kl_sums, "references": reference_sums, "hidden": hidden_sums,
+            "predictions": predictions}
+
+
+def teacher_metrics(greedy: Answer, samples: list[Answer], refs: list[str], gold: str | None, common: dict) -> dict:
+    """The teacher's own text metrics on one prompt: its greedy answer against its samples, and each sample against
+    the greedy answer and the other samples (the comparisons with itself, trivially perfect, are left out)."""
+    texts = [a.text for a in samples]
+    out = {f"teacher/greedy/{k}": v for k, v in text_metrics(
+        greedy, references=refs, teacher=None, teacher_samples=texts, gold=gold, **common).items()}
+    per_sample = [text_metrics(a, references=refs, teacher=greedy.text, teacher_samples=texts[:k] + texts[k + 1:],
+                               gold=gold, **common) for k, a in enumerate(samples)]
+    return out | {f"teacher/sampled/{k}": v for k, v in mean_over_samples(per_sample).items()}
 
 
 def _my_batches(num_batches: int, accelerator) -> list[tuple[int, bool]]:
@@ -136,39 +231,43 @@ def _my_batches(num_batches: int, accelerator) -> list[tuple[int, bool]]:
 
 
 @torch.no_grad()
-def evaluate(student, teacher, tokenizer, dataset: Dataset, cfg: EvalConfig, *, temperature: float, references: bool,
-             name: str = "student", teacher_texts: list[str] | None = None, accelerator=None,
-             stitching=None) -> Evaluated:
-    """The held-out evaluation of `student` against `teacher` (plain modules, on the same device). With an
-    `accelerator` of several processes, each process evaluates its share of the batches and the results are
-    gathered: every process gets the numbers one process would compute, to the last digit. With `stitching` (the
-    hidden-state projections of a run that trained them), also each layer pair's hidden-state MSE on the sampled
-    completions."""
+def evaluate(student, teacher, tokenizer, dataset: Dataset, cfg: EvalConfig, answers: TeacherAnswers, *,
+             references: bool, name: str = "student", accelerator=None, stitching=None) -> Evaluated:
+    """The held-out evaluation of `student` against `teacher` (plain modules, on the same device) and the teacher's
+    `answers` to the same prompts. With an `accelerator` of several processes, each process evaluates its share of
+    the batches and the results are gathered: every process gets the numbers one process would compute, to the
+    last digit. With `stitching` (the hidden-state projections of a run that trained them), also each layer pair's
+    hidden-state MSE on the sampled completions."""
     n = min(cfg.max_samples, len(dataset))
+    if len(answers) < n:
+        raise ValueError(f"the teacher's answers cover {len(answers)} of the {n} held-out prompts evaluated")
     starts = list(range(0, n, cfg.batch_size))
     # reference metrics need every held-out prompt's reference (one decision for all batches and processes)
     references = references and all(len(dataset[r]["reference_ids"]) > 0 for r in range(n))
+    golds = gold_answers(dataset, n, cfg.answer_pattern)
     results = []
     for index, keep in _my_batches(len(starts), accelerator):
         rows = list(range(starts[index], min(starts[index] + cfg.batch_size, n)))
-        result = _evaluate_batch(student, teacher, tokenizer, dataset, rows, cfg, index, temperature=temperature,
-                                 references=references, teacher_texts=teacher_texts, stitching=stitching)
+        result = _evaluate_batch(student, teacher, tokenizer, dataset, rows, cfg, index, answers=answers,
+                                 references=references, golds=golds, stitching=stitching)
         if keep:
             results.append(result)
     if accelerator is not None and accelerator.num_processes > 1:
         results = gather_object(results)
     results = sorted(results, key=lambda r: r["index"])
-    return Evaluated(name, _summary(results), [p for r in results for p in r["predictions"]])
-
-
-def _summary(results: list[dict]) -> dict[str, float]:
-    samples = [r["samples"] for r in results]
     predictions = [p for r in results for p in r["predictions"]]
+    summary, errors = _summary(results, predictions)
+    return Evaluated(name, summary, predictions, errors)
+
+
+def _summary(results: list[dict], predictions: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
+    """The set's figures (token-level means, means over prompts) and the standard errors of the per-prompt means."""
+    samples = [r["samples"] for r in results]
     summary = {"reverse_kl_samples": _token_mean(samples, "reverse_kl"),
-               "forward_kl_samples": _token_mean(samples, "forward_kl"),
-               "sampled_length": statistics.fmean(n for r in results for n in r["sampled_lengths"])}
-    summary |= {key: statistics.fmean(p["metrics"][key] for p in predictions)
-                for key in PER_PROMPT_KEYS if predictions and all(key in p["metrics"] for p in predictions)}
+               "forward_kl_samples": _token_mean(samples, "forward_kl")}
+    keys = [key for key in predictions[0]["metrics"] if all(key in p["metrics"] for p in predictions)]
+    summary |= {key: statistics.fmean(p["metrics"][key] for p in predictions) for key in keys}
+    errors = {key: standard_error([p["metrics"][key] for p in predictions]) for key in keys}
     hidden = [r["hidden"] for r in results if r["hidden"] is not None]
     if hidden:
         summary |= {key: _token_mean(hidden, key) for key in hidden[0] if key != "n"}
@@ -177,10 +276,7 @@ def _summary(results: list[dict]) -> dict[str, float]:
         summary |= {"reverse_kl_refs": _token_mean(refs, "reverse_kl"), "forward_kl_refs": _token_mean(refs, "forward_kl"),
                     "ppl_student": float(torch.tensor(_token_mean(refs, "nll_student")).exp()),
                     "ppl_teacher": float(torch.tensor(_token_mean(refs, "nll_teacher")).exp())}
-    return summary
-
-
-TRAINING_KEYS = ("distinct1", "repetition", "rougeL_teacher")  # always logged: a collapsing text shows in them
+    return summary, errors
 
 
 def hidden_keys(summary: dict[str, float]) -> list[str]:
@@ -188,30 +284,34 @@ def hidden_keys(summary: dict[str, float]) -> list[str]:
     return [key for key in summary if key.startswith("hidden_mse_layer_")]
 
 
-def heldout_metrics(recipe: Recipe, accelerator, student, teacher, tokenizer, dataset: Dataset,
-                    teacher_texts: list[str] | None = None) -> tuple[dict[str, float], list[str]]:
-    """Training's evaluation point: `eval/reverse_kl`, `eval/mean_len` and the greedy text metrics (everything with
-    `eval.full`); and the teacher's greedy completions, to hand back in next time."""
+def logged_metrics(summary: dict[str, float]) -> dict[str, float]:
+    """An evaluation's figures as training logs them: `eval/reverse_kl` (the headline), `eval/<key>` for the rest."""
+    return {("eval/reverse_kl" if key == "reverse_kl_samples" else f"eval/{key}"): value
+            for key, value in summary.items()}
+
+
+def heldout_evaluation(recipe: Recipe, accelerator, student, teacher, tokenizer, dataset: Dataset,
+                       answers: TeacherAnswers) -> Evaluated:
+    """Training's evaluation point: the held-out evaluation of the (possibly wrapped) student, with the reference
+    KLs and perplexities only under `eval.full`."""
     with for_generation(student, accelerator) as model:
-        result = evaluate(model, teacher, tokenizer, dataset, recipe.eval, temperature=recipe.rollout.temperature,
-                          references=recipe.eval.full, teacher_texts=teacher_texts, accelerator=accelerator,
-                          stitching=getattr(innermost(model), STITCHING, None))
-    out = {"eval/reverse_kl": result.summary["reverse_kl_samples"], "eval/mean_len": result.summary["sampled_length"]}
-    keys = result.summary if recipe.eval.full else (*TRAINING_KEYS, *hidden_keys(result.summary))
-    out |= {f"eval/{key}": result.summary[key] for key in keys if key in result.summary}
-    return out, [p["teacher"] for p in result.predictions]
+        return evaluate(model, teacher, tokenizer, dataset, recipe.eval, answers, references=recipe.eval.full,
+                        accelerator=accelerator, stitching=getattr(innermost(model), STITCHING, None))
+
+
+def heldout_metrics(recipe: Recipe, accelerator, student, teacher, tokenizer, dataset: Dataset,
+                    answers: TeacherAnswers) -> dict[str, float]:
+    """Every figure of training's held-out evaluation, as `eval/...` metrics."""
+    return logged_metrics(heldout_evaluation(recipe, accelerator, student, teacher, tokenizer, dataset, answers).summary)
 
 
 @torch.no_grad()
-def greedy_samples(recipe: Recipe, accelerator, student, teacher, tokenizer, dataset: Dataset,
-                   teacher_texts: list[str] | None = None) -> list[dict]:
-    """The first `logging.num_samples` held-out prompts with the student's and the teacher's greedy completions
-    (`teacher_texts`: the teacher's, from the last evaluation, which decoded these prompts the same way)."""
-    rows = list(range(min(recipe.logging.num_samples, len(dataset))))
+def greedy_samples(recipe: Recipe, accelerator, student, tokenizer, dataset: Dataset,
+                   answers: TeacherAnswers) -> list[dict]:
+    """The first `logging.num_samples` held-out prompts with the student's and the teacher's greedy completions."""
+    rows = list(range(min(recipe.logging.num_samples, len(dataset), len(answers))))
     ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, accelerator.device)
     with for_generation(student, accelerator) as model:
         student_out = _greedy(model, ids, mask, tokenizer, recipe.eval.max_new_tokens)
-    if teacher_texts is None or len(teacher_texts) < len(rows):
-        teacher_texts = _greedy(teacher, ids, mask, tokenizer, recipe.eval.max_new_tokens).texts  # decodes alone
-    return [{"prompt": dataset[r]["prompt"], "reference": dataset[r]["reference"], "teacher": t, "student": s}
-            for r, s, t in zip(rows, student_out.texts, teacher_texts)]
+    return [{"prompt": dataset[r]["prompt"], "reference": dataset[r]["reference"], "teacher": answers.greedy[r].text,
+             "student": s} for r, s in zip(rows, student_out.texts)]

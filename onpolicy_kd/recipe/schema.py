@@ -193,8 +193,16 @@ class DataConfig(Section):
     path: str = Field(description="a Hub dataset name, a local data file (json, jsonl, csv, parquet, txt) or folder")
     name: str | None = Field(None, description="Hub dataset config, e.g. 3.0.0 for cnn_dailymail")
     split: str = Field("train", description="training split, slicing allowed: train[:280]")
-    eval_split: str | None = Field(None, description="held-out split; when null, eval_size rows are held out")
+    eval_split: str | None = Field(None, description="held-out split (of data.eval_path when set, where it defaults "
+                                                     "to train); when both are null, eval_size rows are held out")
     eval_size: int | float = Field(0.05, gt=0, description="rows held out (int) or fraction (< 1) when eval_split is null")
+    eval_path: str | None = Field(
+        None, description="held-out prompts from another data file or Hub dataset (same format, template and limits "
+                          "as the training data), e.g. articles with human-written references; data.eval_split "
+                          "chooses its rows")
+    eval_columns: dict[str, str] | None = Field(
+        None, description="task field -> column of the data.eval_path data, when its columns differ; default "
+                          "data.columns")
     format: Literal["auto", "summarization", "instruction", "chat", "text"] = "auto"
     columns: dict[str, str] = Field(
         default_factory=dict, description="task field -> dataset column, e.g. {document: article, reference: highlights}"
@@ -225,6 +233,11 @@ class DataConfig(Section):
         if isinstance(self.eval_size, float) and not self.eval_size < 1:
             raise ValueError(f"data.eval_size={self.eval_size}: a float is a fraction and must be < 1 (or give an int)")
         return self
+
+    @property
+    def held_out_split(self) -> str | None:
+        """The split the held-out rows come from: data.eval_split, or all of data.eval_path's train split."""
+        return self.eval_split or ("train" if self.eval_path else None)
 
 
 class RolloutConfig(Section):
@@ -414,9 +427,32 @@ class EvalConfig(Section):
     max_samples: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(100, ge=1)
-    seed: int = 1234
-    full: bool = Field(False, description="also KL and perplexity on the references (and ROUGE against them) at "
-                                          "every evaluation during training")
+    seed: int = Field(1234, description="seeds the sampled held-out completions (of student and teacher)")
+    temperature: float = Field(1.0, gt=0, description="> 0; the sampled held-out completions (text metrics and "
+                                                      "the KLs on the student's own samples) are drawn at it")
+    samples_per_prompt: int = Field(
+        3, ge=1, description="sampled completions per held-out prompt, for the student and for the teacher (each "
+                             "with its own seed): the sampled text metrics are their mean, the KLs are over all "
+                             "their tokens, and the student is also scored against the best-matching teacher sample")
+    answer_pattern: str | None = Field(
+        None, description="a regular expression with one group that finds a completion's final answer (its last "
+                          "match), e.g. 'Answer: (-?[0-9]+)': exact-match accuracy against the answer in the "
+                          "reference, greedy and sampled; a completion with no match counts as wrong")
+    full: bool = Field(False, description="also KL and perplexity on the references at every evaluation during "
+                                          "training (the evaluate command always computes them)")
+
+    @field_validator("answer_pattern")
+    @classmethod
+    def _one_group(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                groups = re.compile(value).groups
+            except re.error as err:
+                raise ValueError(f"eval.answer_pattern {value!r} is not a regular expression: {err}") from None
+            if groups != 1:
+                raise ValueError(f"eval.answer_pattern {value!r} has {groups} groups; it needs exactly one, around the "
+                                 f"answer, e.g. 'Answer: (-?[0-9]+)' (write other parentheses as (?:...))")
+        return value
     collapse_distinct1: float = Field(
         0.3, ge=0, le=1, description="warn when the student's greedy held-out completions have a mean distinct-1 "
                                      "below this (the text is collapsing onto repeats)")
@@ -603,7 +639,9 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
         ("logging.num_samples", r.logging.sample_steps > 0, "with logging.sample_steps > 0"),
         ("hidden.loss", r.hidden.weight > 0, "with hidden.weight > 0"),
         ("hidden.layers", r.hidden.weight > 0, "with hidden.weight > 0"),
-        ("data.eval_size", r.data.eval_split is None, "when data.eval_split is not set"),
+        ("data.eval_size", r.data.eval_split is None and r.data.eval_path is None,
+         "when neither data.eval_split nor data.eval_path is set"),
+        ("data.eval_columns", r.data.eval_path is not None, "with data.eval_path"),
         ("rollout.teacher_cache", mode == "seqkd" or (mode == "gkd" and obj.seq_kd and obj.lmbda < 1),
          "to modes that train on teacher samples (seqkd, or gkd with seq_kd and lmbda < 1)"),
         ("data.name", not looks_like_local_path(r.data.path), "to Hub datasets (data.path is a local path)"),

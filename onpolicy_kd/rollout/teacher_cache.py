@@ -37,7 +37,7 @@ COLUMNS = ("teacher_ids", "teacher_text")
 
 def teacher_fingerprint(teacher: torch.nn.Module) -> str:
     """The teacher's config, its quantisation, and, when it was loaded from a folder, its weight files' names, sizes
-    and times."""
+    and times (else a digest of its weights)."""
     config = teacher.config.to_json_string(use_diff=False)
     source = Path(str(getattr(teacher, "name_or_path", "") or getattr(teacher.config, "_name_or_path", "")))
     files = []
@@ -47,10 +47,20 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
                 stat = path.stat()
                 files.append((path.name, stat.st_size, int(stat.st_mtime)))
     parts = [config, str(source), files]
+    if not files:  # a teacher built in memory (the Python API, tests): its weights themselves tell it apart
+        parts.append(_weights_digest(teacher))
     quantization = getattr(teacher, "kd_quantization", None)  # a quantised teacher writes other summaries
     if quantization:  # (only then: the caches of full-precision teachers keep their keys)
         parts.append(quantization)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def cache_key(teacher: torch.nn.Module, prompts: Dataset, settings: dict[str, Any]) -> str:
@@ -83,17 +93,20 @@ def generate_teacher_completions(teacher, tokenizer, prompts: Dataset, settings:
     return Dataset.from_dict({"teacher_ids": ids_out, "teacher_text": texts})
 
 
-def cached_teacher_completions(teacher, tokenizer, prompts: Dataset, settings: dict[str, Any], *, cache_dir: Path,
-                               batch_size: int, seed: int, device: torch.device, vocab: int,
-                               progress: Callable[[int, int], None] | None = None) -> tuple[Dataset, bool, Path]:
-    """(the completions in the order of `prompts`, whether they came from the cache, the cache entry's folder)."""
+def cached_teacher_completions(teacher, tokenizer, prompts: Dataset, settings: dict[str, Any], *,
+                               cache_dir: Path | None, batch_size: int, seed: int, device: torch.device, vocab: int,
+                               progress: Callable[[int, int], None] | None = None) -> tuple[Dataset, bool, Path | None]:
+    """(the completions in the order of `prompts`, whether they came from the cache, the cache entry's folder).
+    With `cache_dir` None they are generated (in the same canonical order, so the same completions) and not kept."""
     order = sorted(range(len(prompts)), key=lambda row: prompts[row]["prompt_ids"])  # the canonical order
     back = sorted(range(len(order)), key=order.__getitem__)  # canonical position of each of the caller's rows
     prompts = prompts.select(order)
+    common = dict(batch_size=batch_size, seed=seed, device=device, vocab=vocab, progress=progress)
+    if cache_dir is None:
+        return generate_teacher_completions(teacher, tokenizer, prompts, settings, **common).select(back), False, None
     key = cache_key(teacher, prompts, {**settings, "seed": seed} if settings.get("do_sample", True) else settings)
     folder = Path(cache_dir) / "teacher" / key
-    found, hit = _read_or_generate(teacher, tokenizer, prompts, settings, folder, batch_size=batch_size, seed=seed,
-                                   device=device, vocab=vocab, progress=progress)
+    found, hit = _read_or_generate(teacher, tokenizer, prompts, settings, folder, **common)
     return found.select(back), hit, folder
 
 

@@ -262,6 +262,9 @@ def model_card(recipe, recipe_path: str, before: dict[str, float], after: dict[s
     rows = "\n".join(
         f"| `{key}` | {before.get(key, float('nan')):.4f} | {after[key]:.4f} |" for key in sorted(after)
     )
+    data = recipe.data
+    held_out = (f"`{data.eval_path}` ({data.held_out_split})" if data.eval_path
+                else data.eval_split or f"{data.eval_size} rows")
     return f"""---
 library_name: transformers
 tags: [distillation, onpolicy-kd]
@@ -275,7 +278,7 @@ Trained with [onpolicy-kd](https://pypi.org/project/onpolicy-kd/) from the recip
   rollout alpha {recipe.rollout.alpha}, {recipe.rollout.max_new_tokens} new tokens, temperature {recipe.rollout.temperature}
 - teacher: `{recipe.teacher.name_or_path}`
 - student: `{recipe.student.name_or_path or recipe.student.init}` (init: {recipe.student.init})
-- data: `{recipe.data.path}` ({recipe.data.split}; held out: {recipe.data.eval_split or recipe.data.eval_size})
+- data: `{recipe.data.path}` ({recipe.data.split}); held out: {held_out}
 - {steps} optimizer steps, batch {recipe.train.batch_size} x accumulation {recipe.train.grad_accum}, lr {recipe.optim.lr},
   {train_seconds:.0f} s of training
 
@@ -286,5 +289,6 @@ Trained with [onpolicy-kd](https://pypi.org/project/onpolicy-kd/) from the recip
 {rows}
 
 `eval/reverse_kl` is the mean per-token KL(student || teacher), in nats, over the full vocabulary, on the student's
-own sampled completions of the held-out prompts (same seed before and after).
+own sampled completions of the held-out prompts (same seeds before and after); `eval/greedy/...` and
+`eval/sampled/...` judge the student's greedy and sampled text, `eval/teacher/...` the teacher's own answers.
 """

@@ -20,12 +20,13 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 
 from onpolicy_kd.console import console, is_main_process
-from onpolicy_kd.data.loading import PromptData, check_data_path, load_prompt_data
+from onpolicy_kd.data.loading import PromptData, check_data_path, data_cache_dir, load_prompt_data
 from onpolicy_kd.data.sampler import PromptSampler, rows_with_references
 from onpolicy_kd.errors import ConfigError, UserError
 from onpolicy_kd.hub import expand_path
 from onpolicy_kd.metrics_log import truncate_metrics
-from onpolicy_kd.evaluation.heldout import greedy_samples, heldout_metrics
+from onpolicy_kd.evaluation.heldout import Evaluated, greedy_samples, heldout_evaluation, logged_metrics
+from onpolicy_kd.evaluation.teacher_answers import TeacherAnswers, recipe_teacher_answers
 from onpolicy_kd.models.distributed import describe_run, describe_text, init_trackers, make_accelerator, prepare_teacher, zero_stage
 from onpolicy_kd.models.freezing import apply_trainable
 from onpolicy_kd.models.module_lm import ModuleLM
@@ -108,10 +109,11 @@ class Run:
     monitor: Monitor
     stop: StopRequested
     max_steps: int  # the step budget: train.max_steps, or train.epochs over the training prompts
-    teacher_texts: list[str] | None = None  # the frozen teacher's greedy held-out completions, decoded once
+    answers: TeacherAnswers  # the frozen teacher's greedy and sampled held-out answers (cached)
     collapsed: bool = False  # an evaluation found collapse and eval.stop_on_collapse ends the run
     out_of_time: bool = False  # train.max_time is spent
     last_eval: dict[str, float] = field(default_factory=dict)
+    evaluation: Evaluated | None = None  # the last held-out evaluation, with its per-prompt records
 
 
 @dataclass
@@ -130,6 +132,7 @@ class TrainResult:
     stopped_by_signal: int | None = None
     zero_stage: int = 0
     gloo_processes: bool = False  # several processes over gloo (CPU): the command line leaves without teardown
+    evaluation: Evaluated | None = None  # the last held-out evaluation (its summary is `after`), per prompt
 
 
 def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None, *,
@@ -213,6 +216,7 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
                                                      encoder_decoder=is_encoder_decoder(models.teacher)).eval)
     if recipe.rollout.teacher_cache:
         data = replace(data, train=with_teacher_completions(recipe, models, data.train, accelerator))
+    answers = recipe_teacher_answers(recipe, models.teacher, models.tokenizer, data.eval, accelerator)  # unsharded
     mode = MODES[recipe.objective.mode]
     reason = mode.references(recipe.objective)
     if reason:
@@ -261,7 +265,8 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     if parts_text:
         monitor.print(parts_text)
     return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
-               optimizer, scheduler, sampler, mode, forward_plan(recipe, head, reuse_prompt), state, monitor, StopRequested(), max_steps)
+               optimizer, scheduler, sampler, mode, forward_plan(recipe, head, reuse_prompt), state, monitor, StopRequested(), max_steps,
+               answers)
 
 
 def data_where(recipe: Recipe, data: PromptData) -> str:
@@ -312,7 +317,7 @@ def with_teacher_completions(recipe: Recipe, models: Models, train_split, accele
 
     with accelerator.main_process_first():  # the main process writes the cache, the others read it
         completions, hit, folder = cached_teacher_completions(
-            teacher, models.tokenizer, train_split, settings, cache_dir=Path(expand_path(recipe.data.cache_dir)) if recipe.data.cache_dir else cache_root() / "data",
+            teacher, models.tokenizer, train_split, settings, cache_dir=data_cache_dir(recipe.data),
             batch_size=r.batch_size or recipe.train.batch_size, seed=recipe.train.seed, device=accelerator.device,
             vocab=len(models.tokenizer), progress=progress)
     if accelerator.is_main_process:
@@ -379,19 +384,20 @@ def has_dropout(model: torch.nn.Module) -> bool:
 
 def heldout(run: Run) -> dict[str, float]:
     """The held-out evaluation, logged; a collapsing text is warned about (and ends the run if the recipe says so)."""
-    metrics, run.teacher_texts = heldout_metrics(run.recipe, run.accelerator, run.student, run.teacher, run.tokenizer,
-                                                 run.data.eval, run.teacher_texts)
+    run.evaluation = heldout_evaluation(run.recipe, run.accelerator, run.student, run.teacher, run.tokenizer,
+                                        run.data.eval, run.answers)
+    metrics = logged_metrics(run.evaluation.summary)
     run.monitor.log(run.state.step, metrics, advance=False)
     run.last_eval = metrics
     cfg = run.recipe.eval
-    if metrics.get("eval/distinct1", 1.0) < cfg.collapse_distinct1:
+    if metrics["eval/greedy/distinct1"] < cfg.collapse_distinct1:
         run.collapsed = cfg.stop_on_collapse and run.state.step > 0
         run.monitor.print(
             f"[yellow]warning:[/] the student's greedy held-out completions are collapsing at step "
             f"{run.monitor.step_offset + run.state.step}: "
-            f"distinct-1 {metrics['eval/distinct1']:.2f} (< eval.collapse_distinct1={cfg.collapse_distinct1}), "
-            f"repetition {metrics['eval/repetition']:.2f}, ROUGE-L vs the teacher {metrics['eval/rougeL_teacher']:.2f}"
-            + ("; stopping (eval.stop_on_collapse)" if run.collapsed else ""))
+            f"distinct-1 {metrics['eval/greedy/distinct1']:.2f} (< eval.collapse_distinct1={cfg.collapse_distinct1}), "
+            f"repetition {metrics['eval/greedy/repetition']:.2f}, ROUGE-L vs the teacher "
+            f"{metrics['eval/greedy/rougeL_teacher']:.2f}" + ("; stopping (eval.stop_on_collapse)" if run.collapsed else ""))
     return metrics
 
 
@@ -438,8 +444,8 @@ def after_step(run: Run, source: str, num_tokens: float, metrics: dict[str, floa
     if recipe.eval.eval_steps and state.step % recipe.eval.eval_steps == 0 and not last:
         heldout(run)
     if recipe.logging.sample_steps and state.step % recipe.logging.sample_steps == 0:
-        monitor.samples(state.step, greedy_samples(recipe, run.accelerator, run.student, run.teacher, run.tokenizer,
-                                                   run.data.eval, run.teacher_texts))
+        monitor.samples(state.step, greedy_samples(recipe, run.accelerator, run.student, run.tokenizer, run.data.eval,
+                                                   run.answers))
     if cfg.save_steps and state.step % cfg.save_steps == 0 and not last:
         checkpoint(run)
     if run.out_of_time and run.stop.signal is None:
@@ -492,14 +498,17 @@ def publish(recipe: Recipe, final: Path) -> None:
 
 
 def summary_line(before: dict[str, float], after: dict[str, float], seconds: float, final: Path) -> str:
-    """Before -> after: the KL, and beside it what the student's greedy text looks like."""
+    """Before -> after: the KL, and beside it what the student's greedy text looks like (and how it compares with the
+    human references, when the held-out data has them)."""
     def change(key: str, digits: int = 3) -> str:
         return f"{before.get(key, float('nan')):.{digits}f} -> {after.get(key, float('nan')):.{digits}f}"
 
     kl = f"{change('eval/reverse_kl')} nats/token ({100 * (after['eval/reverse_kl'] / before['eval/reverse_kl'] - 1):+.0f}%)"
-    return (f"held-out reverse KL (student || teacher): {kl}; greedy text: distinct-1 {change('eval/distinct1', 2)}, "
-            f"repetition {change('eval/repetition', 2)}, ROUGE-L vs teacher {change('eval/rougeL_teacher', 2)}; "
-            f"{seconds:.0f} s of training; student saved to {final}")
+    judged = [("distinct-1", "distinct1"), ("repetition", "repetition"), ("ROUGE-L vs teacher", "rougeL_teacher"),
+              ("ROUGE-L vs references", "rougeL_ref"), ("accuracy", "accuracy")]
+    text = ", ".join(f"{name} {change(f'eval/greedy/{key}', 2)}" for name, key in judged if f"eval/greedy/{key}" in after)
+    return (f"held-out reverse KL (student || teacher): {kl}; greedy text: {text}; {seconds:.0f} s of training; "
+            f"student saved to {final}")
 
 
 def stopped_by_signal(run: Run) -> TrainResult:
@@ -513,5 +522,5 @@ def _result(run: Run, after: dict | None, final: Path | None, signum: int | None
     return TrainResult(student=student, tokenizer=run.tokenizer, output_dir=Path(run.recipe.train.output_dir),
                        final_dir=final, before=run.state.before, after=after, steps=run.state.step,
                        head=run.plan.head, stitching=stitching, stopped_by_signal=signum,
-                       zero_stage=zero_stage(run.accelerator),
+                       zero_stage=zero_stage(run.accelerator), evaluation=run.evaluation,
                        gloo_processes=run.accelerator.num_processes > 1 and run.accelerator.device.type == "cpu")

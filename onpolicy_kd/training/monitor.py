@@ -23,8 +23,16 @@ from rich.text import Text
 from onpolicy_kd.console import console
 from onpolicy_kd.evaluation.report import samples_table
 
-SHOWN = ("train/loss", "train/reverse_kl", "eval/reverse_kl", "train/entropy", "rollout/mean_len", "optim/lr",
-         "optim/grad_norm", "perf/tokens_per_s", "time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s")
+SHOWN = ("train/loss", "train/reverse_kl", "eval/reverse_kl", "eval/greedy/rougeL_ref", "eval/sampled/rougeL_ref",
+         "eval/greedy/accuracy", "eval/sampled/accuracy", "eval/greedy/rougeL_teacher", "eval/greedy/distinct1",
+         "eval/greedy/repetition", "train/entropy", "rollout/mean_len", "optim/lr", "optim/grad_norm",
+         "perf/tokens_per_s", "time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s")
+
+
+def on_console(key: str) -> bool:
+    """The console shows the SHOWN metrics and any other step metric; of the held-out evaluation's many figures
+    (all in metrics.jsonl) only the SHOWN ones."""
+    return key in SHOWN or ("/" in key and not key.startswith("eval/"))
 
 
 class Monitor:
@@ -63,7 +71,7 @@ class Monitor:
 
     def _render(self) -> Group:
         table = Table(show_header=False, box=None, pad_edge=False)
-        shown = [k for k in SHOWN if k in self.latest] + sorted(k for k in self.latest if k not in SHOWN and "/" in k)
+        shown = [k for k in SHOWN if k in self.latest] + sorted(k for k in self.latest if k not in SHOWN and on_console(k))
         for i in range(0, len(shown), 3):
             cells = []
             for key in shown[i : i + 3]:

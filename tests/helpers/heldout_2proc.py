@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import CORPUS, tiny_student_and_teacher, train_tokenizer  # noqa: E402
 
 from onpolicy_kd.evaluation.heldout import evaluate  # noqa: E402
+from onpolicy_kd.evaluation.teacher_answers import teacher_answers  # noqa: E402
 from onpolicy_kd.recipe.schema import EvalConfig  # noqa: E402
 
 torch.set_num_threads(1)  # the same arithmetic in both runs (thread counts change float reduction order)
@@ -28,8 +29,9 @@ prompts = ["Hello world", "The quick brown fox", "A bushfire near Sydney", "Summ
 references = ["It was fine.", "jumps over", "burned for days", "Nothing.", "and the streets flooded"]
 dataset = Dataset.from_list([{"prompt": p, "prompt_ids": tok(p).input_ids, "reference": r,
                               "reference_ids": tok(r).input_ids} for p, r in zip(prompts, references)])
-cfg = EvalConfig(max_samples=5, batch_size=2, max_new_tokens=6, seed=7)
-result = evaluate(student, teacher, tok, dataset, cfg, temperature=1.0, references=True, accelerator=accelerator)
+cfg = EvalConfig(max_samples=5, batch_size=2, max_new_tokens=6, seed=7, samples_per_prompt=2)
+answers = teacher_answers(teacher, tok, dataset, cfg, device=torch.device("cpu"), vocab=len(tok), cache_dir=None)
+result = evaluate(student, teacher, tok, dataset, cfg, answers, references=True, accelerator=accelerator)
 if accelerator.is_main_process:
     Path(sys.argv[1]).write_text(json.dumps({"world_size": accelerator.num_processes, "summary": result.summary,
                                              "predictions": result.predictions}))
