@@ -297,3 +297,13 @@ def test_budget_schedule_is_transformers_schedule_when_time_is_not_ahead(kind):
         ahead.optimizer.step(), ahead.step()
     expected = {"constant": 1.0, "linear": 0.5, "cosine": 0.5}[kind]
     assert ahead.get_last_lr()[0] == pytest.approx(expected)
+
+
+def test_summary_line_of_a_student_that_starts_at_the_teacher():
+    """A fine-tuning run whose student starts as the teacher (KL 0 before): no percentage, no division by zero."""
+    from onpolicy_kd.training.loop import summary_line
+
+    before = {"eval/reverse_kl": 0.0, "eval/greedy/distinct1": 0.5, "eval/greedy/accuracy": 0.0}
+    after = {"eval/reverse_kl": 0.7, "eval/greedy/distinct1": 0.6, "eval/greedy/accuracy": 0.9}
+    line = summary_line(before, after, 12.0, Path("final"))
+    assert "0.000 -> 0.700 nats/token;" in line and "accuracy 0.00 -> 0.90" in line and "%" not in line

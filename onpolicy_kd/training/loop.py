@@ -503,7 +503,8 @@ def summary_line(before: dict[str, float], after: dict[str, float], seconds: flo
     def change(key: str, digits: int = 3) -> str:
         return f"{before.get(key, float('nan')):.{digits}f} -> {after.get(key, float('nan')):.{digits}f}"
 
-    kl = f"{change('eval/reverse_kl')} nats/token ({100 * (after['eval/reverse_kl'] / before['eval/reverse_kl'] - 1):+.0f}%)"
+    start, end = before.get("eval/reverse_kl", float("nan")), after["eval/reverse_kl"]
+    kl = f"{change('eval/reverse_kl')} nats/token" + (f" ({100 * (end / start - 1):+.0f}%)" if start > 0 else "")
     judged = [("distinct-1", "distinct1"), ("repetition", "repetition"), ("ROUGE-L vs teacher", "rougeL_teacher"),
               ("ROUGE-L vs references", "rougeL_ref"), ("accuracy", "accuracy")]
     text = ", ".join(f"{name} {change(f'eval/greedy/{key}', 2)}" for name, key in judged if f"eval/greedy/{key}" in after)
