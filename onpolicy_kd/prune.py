@@ -21,18 +21,40 @@ from onpolicy_kd.console import console, print_error
 from onpolicy_kd.data.loading import load_prompt_data
 from onpolicy_kd.data.sampler import prompt_batch
 from onpolicy_kd.errors import ConfigError, UserError
-from onpolicy_kd.models.loading import load_teacher
+from onpolicy_kd.models.loading import load_config, load_teacher
 from onpolicy_kd.models.pruning import block_influence, greedy_removal, layer_subset_kl, most_influential
 from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.recipe import load_recipe
+from onpolicy_kd.recipe.loading import recipe_and_overrides
 from onpolicy_kd.rollout import rollout
 
 
-def measurement_batch(recipe_path: str, overrides: Sequence[str], samples: int, prompt_tokens: int,
-                      new_tokens: int):
-    """(recipe, teacher, batch): `samples` training prompts spread over the split (their last `prompt_tokens`
-    tokens) with the teacher's greedy completions."""
-    recipe = load_recipe(recipe_path, overrides)
+def check_keep(recipe, recipe_path: str, keep: int) -> None:
+    """--keep against the teacher's decoder layers, read from its config before the weights load (a minute for a
+    real teacher). A teacher without a config transformers reads (a plain torch module) is checked once loaded."""
+    cfg = recipe.teacher
+    try:
+        config = load_config(cfg.name_or_path, "teacher.name_or_path", revision=cfg.revision,
+                             trust_remote_code=cfg.trust_remote_code, recipe_path=recipe_path)
+    except UserError:
+        return
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"{cfg.name_or_path} is an encoder-decoder model: prune measures which layers of a "
+                          f"decoder-only teacher to copy into a student (student.init=teacher_layers), which "
+                          f"encoder-decoder pairs do not use")
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is not None:
+        check_layer_count(keep, layers)
+
+
+def check_layer_count(keep: int, layers: int) -> None:
+    if not 1 <= keep < layers:
+        raise UserError(f"--keep {keep}: the teacher has {layers} decoder layers; keep 1 to {layers - 1}")
+
+
+def measurement_batch(recipe, recipe_path: str, samples: int, prompt_tokens: int, new_tokens: int):
+    """(teacher, batch): `samples` training prompts spread over the split (their last `prompt_tokens` tokens) with
+    the teacher's greedy completions."""
     teacher, tokenizer = load_teacher(recipe.teacher, recipe_path)
     if is_encoder_decoder(teacher):
         raise ConfigError(f"{recipe.teacher.name_or_path} is an encoder-decoder model: prune measures which layers "
@@ -46,7 +68,7 @@ def measurement_batch(recipe_path: str, overrides: Sequence[str], samples: int, 
     with torch.no_grad():
         batch = rollout(teacher, None, ids, mask, tokenizer=tokenizer, max_new_tokens=new_tokens, do_sample=False,
                         source="teacher")
-    return recipe, teacher, batch
+    return teacher, batch
 
 
 def candidates(recipe, teacher, batch, keep: int, method: str) -> list[tuple[str, list[int], float, float]]:
@@ -83,11 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=24, help="teacher greedy tokens after each prompt")
     args = parser.parse_args(argv)
     try:
-        recipe, teacher, batch = measurement_batch(args.recipe, args.overrides, args.samples, args.prompt_tokens,
-                                                   args.new_tokens)
+        recipe_path, overrides = recipe_and_overrides([args.recipe, *args.overrides])
+        recipe = load_recipe(recipe_path, overrides)
+        check_keep(recipe, recipe_path, args.keep)  # before a minute of loading
+        teacher, batch = measurement_batch(recipe, recipe_path, args.samples, args.prompt_tokens, args.new_tokens)
         n_layers = teacher.config.num_hidden_layers
-        if not 1 <= args.keep < n_layers:
-            raise UserError(f"--keep {args.keep}: the teacher has {n_layers} decoder layers; keep 1 to {n_layers - 1}")
+        check_layer_count(args.keep, n_layers)
         rows = candidates(recipe, teacher, batch, args.keep, args.method)
     except UserError as err:
         print_error(err)

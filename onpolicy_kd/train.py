@@ -22,7 +22,7 @@ from rich.syntax import Syntax
 from onpolicy_kd.models.distillation_file import is_python_spec
 from onpolicy_kd.console import console, is_main_process, print_error, summary_table
 from onpolicy_kd.data.loading import check_data_path, length_stats, load_prompt_data
-from onpolicy_kd.data.sampler import rows_with_references
+from onpolicy_kd.data.sampler import repeated_rows, rows_with_references
 from onpolicy_kd.errors import UserError
 from onpolicy_kd.models.loading import Models, check_recipe_fits, count_parameters, load_models
 from onpolicy_kd.models.seq2seq import is_encoder_decoder
@@ -30,11 +30,13 @@ from onpolicy_kd.objectives.hidden import attach_stitching
 from onpolicy_kd.objectives.modes import MODES
 from onpolicy_kd.recipe import Recipe, load_recipe, recipe_to_yaml
 from onpolicy_kd.recipe.schema import StageConfig
-from onpolicy_kd.recipe.loading import resolve_stages
-from onpolicy_kd.training.checkpoint import check_writable, checkpoint_bytes, world_size
+from onpolicy_kd.recipe.loading import recipe_and_overrides, resolve_stages
+from onpolicy_kd.training.checkpoint import (
+    check_apart_from_models, check_output_dir, check_writable, checkpoint_bytes, model_sources, resume_plan, world_size,
+)
 from onpolicy_kd.training.loop import TrainResult, budget_text, train
 from onpolicy_kd.training.run_inputs import resolve_file, run_resolved
-from onpolicy_kd.training.stages import check_stage_parts, run_stages
+from onpolicy_kd.training.stages import check_stage_parts, resume_point, run_stages
 
 __all__ = ["TrainResult", "dry_run", "main", "train"]
 
@@ -89,10 +91,24 @@ def stage_row(stage: Recipe, spec: StageConfig) -> dict[str, object]:
             "rollout": f"{stage.rollout.max_new_tokens} tokens, alpha {stage.rollout.alpha}"}
 
 
+def check_claim(recipe: Recipe, stages: list[Recipe]) -> None:
+    """What the run would refuse when it claims its output folder and reads train.resume_from, refused here too
+    (without claiming anything): a run using the folder, another run's files, a model's folder, a checkpoint that
+    does not fit. The number of processes is compared only under a launcher (a plain dry run cannot know it)."""
+    cfg = recipe.train
+    check_apart_from_models(cfg.output_dir, model_sources(recipe))
+    check_output_dir(cfg.output_dir, cfg.resume_from, cfg.overwrite)
+    if cfg.resume_from is not None and stages:
+        resume_point(recipe, stages, check_processes=world_size() > 1)
+    elif cfg.resume_from is not None:
+        resume_plan(recipe, check_processes=world_size() > 1)
+
+
 def dry_run(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None) -> int:
     """`models` and `raw_train`/`raw_eval`: what a Distillation file builds itself (teacher, rows), as in training."""
     started = time.perf_counter()
     stages = resolve_stages(recipe, recipe_path) if recipe.stages else []
+    check_claim(recipe, stages)
     for task in [recipe, *stages]:
         if raw_train is None or task is not recipe:
             check_data_path(task.data)  # before the models load
@@ -129,6 +145,11 @@ def dry_run(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_
     console.print(summary_table(rows, title=f"data: {recipe.data.path} (format {data.task.name}, columns {data.task.columns})"))
     if not recipe.stages:
         console.print(f"budget: {budget_text(recipe.train, recipe.train.total_steps(len(data.train), world_size()))}")
+    for name, task in [(f"stage {spec.name}: ", stage) for spec, stage in zip(recipe.stages, stages)] or [("", recipe)]:
+        # (a stage on data of its own has its rows counted when it trains)
+        repeats = repeated_rows(task.train, len(data.train), world_size()) if task.data == recipe.data else None
+        if repeats:
+            console.print(f"[yellow]warning:[/] {name}{repeats}")
     if recipe.stages:
         for k, (spec, stage) in enumerate(zip(recipe.stages, stages)):
             check_recipe_fits(stage, models, where=f"stage {k} ({spec.name})")
@@ -173,6 +194,7 @@ def _exit_code(result: TrainResult) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        args.recipe, args.overrides = recipe_and_overrides([args.recipe, *args.overrides])
         if is_python_spec(args.recipe):
             return _python_file(args)
         recipe = load_recipe(args.recipe, args.overrides)
@@ -192,6 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print_error(err)
         return err.exit_code
+    except KeyboardInterrupt:  # outside a training step (a step's Ctrl-C saves a checkpoint: training/loop.py)
+        print_error(UserError("interrupted (Ctrl-C) outside a training step (loading, tokenising, generating the "
+                              "teacher's completions): nothing is half-written (caches are written to a temporary "
+                              "folder and renamed into place); run the command again, with train.resume_from=latest "
+                              "to continue from the last checkpoint"))
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,15 +5,21 @@ lists these guarantees."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from onpolicy_kd.errors import UserError
+from onpolicy_kd.recipe import load_recipe, recipe_to_yaml
 from onpolicy_kd.train import main
 
-from test_train import metrics_of, recipe_for
+from test_stages import staged
+from test_train import _subprocess, _wait_for, metrics_of, recipe_for
 
 
 def steps_logged(out: Path) -> list[int]:
@@ -34,6 +40,89 @@ def test_a_new_run_refuses_a_folder_that_holds_another(tmp_path, far_pair, isola
     assert main([str(recipe), "train.max_steps=2", "train.save_steps=1", "train.overwrite=true"]) == 0
     assert steps_logged(out) == [1, 2]  # the old run's records were cleared, not appended to
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-0000001", "checkpoint-0000002"]
+
+
+def test_one_run_owns_its_folder_and_a_killed_runs_lock_is_taken_over(tmp_path, far_pair, isolated_cache, capsys):
+    """Two real processes into one new folder, the second a second after the first: exactly one trains, the other
+    is refused at start-up naming the first's pid. The one that trains is then SIGKILLed: the lock file it leaves
+    does not block the next run, which says whose lock it took over."""
+    from onpolicy_kd.metrics_log import read_metrics
+
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    out = tmp_path / "out"
+    args = ("train.max_steps=100000", "train.save_steps=1")
+    procs = [_subprocess(recipe, *args)]
+    try:
+        time.sleep(1)
+        procs.append(_subprocess(recipe, *args))
+        deadline = time.time() + 120
+        while all(p.poll() is None for p in procs):
+            assert time.time() < deadline, "neither run was refused"
+            time.sleep(0.05)
+        (refused,) = [p for p in procs if p.poll() is not None]
+        (owner,) = [p for p in procs if p is not refused]
+        err = " ".join(refused.communicate()[1].split())
+        assert refused.returncode == 2 and "is in use by another run" in err and f"pid {owner.pid} " in err, err[-2000:]
+        assert "Traceback" not in err
+        checkpoints = out / "checkpoints"
+        _wait_for(lambda: checkpoints.is_dir() and any(p.name.startswith("checkpoint-") for p in checkpoints.iterdir()),
+                  owner)
+    finally:
+        for proc in procs:  # SIGKILL: as if the machine killed the run (and no run is left behind by a failure)
+            proc.kill()
+            proc.communicate()
+    assert json.loads((out / ".run.lock").read_text())["pid"] == owner.pid  # the file stays; the kernel's lock went
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")[0] if "train/loss" in r]
+    assert steps == list(range(1, len(steps) + 1))  # one run's records, none interleaved with another's
+    assert main([str(recipe), "train.resume_from=latest", f"train.max_steps={len(steps) + 1}"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"the lock left by pid {owner.pid} " in printed and "was taken over" in printed
+    assert not (out / ".run.lock").exists()  # released when the run ended
+
+
+def test_only_the_main_process_locks_the_folder_until_the_run_ends(tmp_path, monkeypatch):
+    from onpolicy_kd.training.checkpoint import claim_output_dir
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("RANK", "1")  # another rank of a multi-process run: the main process's lock covers it
+    with claim_output_dir(out, None, False):
+        assert not out.exists()
+    monkeypatch.setenv("RANK", "0")
+    with claim_output_dir(out, None, False):
+        assert json.loads((out / ".run.lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(UserError, match=rf"in use by another run \(pid {os.getpid()} "):
+            with claim_output_dir(out, None, False):
+                pass
+    assert not out.exists()  # released; the folder the claim created held nothing else, so it went too
+
+
+def test_a_dry_run_refuses_what_the_run_would_refuse(tmp_path, far_pair, isolated_cache, capsys, monkeypatch):
+    import onpolicy_kd.train as train_module
+    from onpolicy_kd.training.checkpoint import claim_output_dir
+
+    monkeypatch.setattr(train_module, "load_models", lambda *a, **k: pytest.fail("loaded models before refusing"))
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')  # the folder holds a run
+    assert main([str(recipe), "--dry-run"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    other = load_recipe(recipe, ["student.config_overrides={num_hidden_layers: 1}"])
+    fake_checkpoint(out / "checkpoints" / "checkpoint-0000001", other)
+    assert main([str(recipe), "--dry-run", "train.resume_from=latest"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot resume" in err and "student.config_overrides" in err
+    with claim_output_dir(out, "latest", False):  # a run is using the folder
+        assert main([str(recipe), "--dry-run", "train.resume_from=latest"]) == 2
+        assert f"in use by another run (pid {os.getpid()} " in " ".join(capsys.readouterr().err.split())
+
+
+def fake_checkpoint(folder: Path, recipe, step: int = 1) -> Path:
+    """What resuming reads before anything loads: trainer_state.json and the recipe the checkpoint was trained with."""
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"step": step, "num_processes": 1}))
+    (folder / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    return folder
 
 
 def test_rotation_keeps_the_checkpoints_of_the_run_that_writes(tmp_path, far_pair, isolated_cache):
@@ -96,7 +185,87 @@ def test_resume_refuses_another_number_of_processes_before_loading(tmp_path, far
     assert "written by 2 processes, this run has 1" in capsys.readouterr().err.replace("\n", " ")
 
 
+def test_a_staged_resume_refuses_a_checkpoint_of_another_recipe(tmp_path, far_pair, isolated_cache, capsys,
+                                                                 monkeypatch):
+    import onpolicy_kd.training.stages as stages
+
+    monkeypatch.setattr(stages, "load_models", lambda *a, **k: pytest.fail("loaded models before refusing"))
+    path = staged(tmp_path, far_pair)
+    (tmp_path / "other").mkdir()
+    other = load_recipe(recipe_for(tmp_path / "other", far_pair, "gkd"),
+                        ["student.config_overrides={num_hidden_layers: 1}"])
+    checkpoint = fake_checkpoint(tmp_path / "other" / "out" / "checkpoints" / "checkpoint-0000002", other, step=2)
+    assert main([str(path), f"train.resume_from={checkpoint}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "cannot resume" in err and "student.config_overrides" in err and "train.overwrite=true" in err
+
+
+def test_a_resume_that_finds_nothing_says_what_it_looked_for(tmp_path, far_pair, isolated_cache, capsys):
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    misspelt = tmp_path / "outt"
+    assert main([str(recipe), "train.max_steps=1", "train.resume_from=latest", f"train.output_dir={misspelt}"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "train.resume_from=latest found no checkpoint in" in printed and "outt" in printed
+    assert "starting a new run" in printed
+    stages = "stages=[{name: a, max_steps: 1}, {name: b, max_steps: 1}]"
+    assert main([str(recipe), stages, "train.max_steps=null", "train.resume_from=latest",
+                 f"train.output_dir={tmp_path / 'staged'}"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "found no finished stage and no checkpoint under" in printed and "starting a new run" in printed
+
+
 # --- 3. signals: a signal to one rank of a multi-process run is in tests/test_distributed_train.py -----------------
+
+def test_a_staged_run_stopped_by_a_signal_names_the_run_step_and_the_stage_step(tmp_path, far_pair, isolated_cache,
+                                                                                capsys, monkeypatch):
+    """The console counts steps over the whole run; the message a stop prints says that step, and the stage's own."""
+    import onpolicy_kd.training.loop as loop
+
+    real = loop.agree_on_stop
+
+    def sigterm_at_step_2_of_stage_b(run):
+        real(run)
+        if run.monitor.stage.get("stage") == "b" and run.state.step == 2:
+            run.stop.signal = int(signal.SIGTERM)
+
+    monkeypatch.setattr(loop, "agree_on_stop", sigterm_at_step_2_of_stage_b)
+    stages = "stages=[{name: a, max_steps: 2}, {name: b, max_steps: 3}]"
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    assert main([str(recipe), stages, "train.max_steps=null"]) == 128 + signal.SIGTERM
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "stopped by signal 15 at step 4 (step 2 of stage 2/2 b): checkpoint saved" in printed
+
+
+@pytest.mark.parametrize("when", ["generating", "writing"])
+def test_ctrl_c_while_the_teacher_cache_is_made_ends_like_one_in_training(when, tmp_path, far_pair, isolated_cache,
+                                                                         capsys, monkeypatch):
+    """A real SIGINT to the process while the teacher's completions are generated, or while they are written: one
+    line, exit status 130, and no half-written cache entry."""
+    import onpolicy_kd.rollout.teacher_cache as teacher_cache
+
+    def then_ctrl_c(real):
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGINT)  # Python's own handler raises KeyboardInterrupt right here
+            return result
+        return call
+
+    if when == "generating":
+        monkeypatch.setattr(teacher_cache, "rollout", then_ctrl_c(teacher_cache.rollout))
+    else:
+        from datasets import Dataset
+
+        monkeypatch.setattr(Dataset, "save_to_disk", then_ctrl_c(Dataset.save_to_disk))
+    try:
+        code = main([str(recipe_for(tmp_path, far_pair, "seqkd")), "rollout.teacher_cache=true"])
+    except KeyboardInterrupt:
+        pytest.fail("a KeyboardInterrupt traceback")
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted (Ctrl-C)" in err and "Traceback" not in err
+    entries = isolated_cache / "data" / "teacher"
+    assert not entries.exists() or not any(entries.iterdir())  # nothing half-written
+
+
 
 def test_a_second_signal_ends_the_process_at_once():
     """The first SIGINT/SIGTERM asks for a checkpoint at the end of the step; the handler then gives the signal
@@ -195,6 +364,49 @@ def test_a_failed_checkpoint_write_says_where_the_last_good_one_is(tmp_path, far
     err = capsys.readouterr().err.replace("\n", " ")
     assert "writing checkpoint" in err and "checkpoint-0000001" in err and "resume with train.resume_from=latest" in err
     assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == ["checkpoint-0000001"]  # no .tmp left
+
+
+def test_a_full_disk_loses_no_checkpoint_and_the_export_can_be_redone(tmp_path, far_pair, isolated_cache, capsys,
+                                                                       monkeypatch):
+    """ENOSPC while a checkpoint is written leaves the earlier checkpoints as they were; ENOSPC while the student is
+    exported leaves no half-written final/ and says how to finish; a resume after freeing space exports it."""
+    import errno
+
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+    from transformers import PreTrainedModel
+
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    out = tmp_path / "out"
+    real_save_state, real_save_pretrained = Accelerator.save_state, PreTrainedModel.save_pretrained
+
+    def full_after_half(real, when):
+        def save(self, folder, *args, **kwargs):
+            result = real(self, folder, *args, **kwargs)
+            if when(Path(folder).name):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return result
+        return save
+
+    monkeypatch.setattr(Accelerator, "save_state", full_after_half(real_save_state, lambda name: name.endswith("02")))
+    assert main([str(recipe), "train.max_steps=3", "train.save_steps=1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "No space left on device" in err and "checkpoint-0000001" in err and "train.resume_from=latest" in err
+    (kept,) = (out / "checkpoints").iterdir()
+    assert kept.name == "checkpoint-0000001" and json.loads((kept / "trainer_state.json").read_text())["step"] == 1
+    assert load_file(kept / "model.safetensors")  # whole
+
+    monkeypatch.setattr(Accelerator, "save_state", real_save_state)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained",
+                        full_after_half(real_save_pretrained, lambda name: name == ".tmp-final"))
+    assert main([str(recipe), "train.max_steps=3", "train.save_steps=1", "train.resume_from=latest"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "writing the exported student" in err and "checkpoint-0000003" in err and "Traceback" not in err
+    assert not (out / "final").exists() and not (out / ".tmp-final").exists()
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real_save_pretrained)  # space freed
+    assert main([str(recipe), "train.max_steps=3", "train.resume_from=latest"]) == 0
+    assert (out / "final" / "model.safetensors").is_file() and steps_logged(out) == [1, 2, 3]
 
 
 # --- 6. lengths against the models' position limits --------------------------------------------------------------

@@ -194,6 +194,9 @@ def load_prompt_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
     task = detect_format(train.column_names, cfg.format, cfg.columns, example=train[0])
     # a separate held-out file is the same task (format and template) with columns of its own
     eval_task = task if not cfg.eval_path else _eval_format(eval_, task, cfg)
+    check_has_text(train, task, f"data.split={cfg.split!r} of {cfg.path}")
+    held_out = f"data.eval_split={cfg.held_out_split!r}" if cfg.held_out_split else f"data.eval_size={cfg.eval_size}"
+    check_has_text(eval_, eval_task, f"the held-out rows ({held_out}) of {cfg.eval_path or cfg.path}")
     cache_dir = data_cache_dir(cfg)
     tokenizer_fp = tokenizer_fingerprint(tokenizer)
     out: dict[str, Dataset] = {}
@@ -208,6 +211,24 @@ def load_prompt_data(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: 
         key = _cache_key(cfg, raw, tokenizer_fp, raw_task, encoder_decoder)
         out[name], hits[name] = _tokenize(raw, builder, cache_dir / "tokenized" / f"{key}-{name}.arrow", key, cfg.num_proc)
     return PromptData(train=out["train"], eval=out["eval"], task=task, cache_hits=hits)
+
+
+def _has_text(value: Any) -> bool:
+    return bool(value) and (not isinstance(value, str) or bool(value.strip()))
+
+
+def check_has_text(raw: Dataset, task: TaskFormat, where: str) -> None:
+    """At least one row has its prompt's text (document, instruction, messages, text): with none, every prompt would
+    be the template alone ("Summary:"), which trains and evaluates on nothing. Read until the first row that has
+    text, so a normal split costs one small batch."""
+    fields = {name: column for name, column in task.columns.items() if name not in ("reference", "completion")}
+    for batch in raw.select_columns(sorted(set(fields.values()))).iter(batch_size=64):
+        if any(_has_text(value) for values in batch.values() for value in values):
+            return
+    named = ", ".join(f"{name} (column {column!r})" for name, column in fields.items())
+    example = f"data.columns.{next(iter(fields))}=<column>"
+    raise DataError(f"{where}: every row's {named} is empty or null, so every prompt would be the template alone; "
+                    f"point data.columns at the column that holds the text (e.g. {example}), or fix the data")
 
 
 def _eval_format(eval_: Dataset, task: TaskFormat, cfg: DataConfig) -> TaskFormat:

@@ -15,6 +15,7 @@ from datasets import Dataset
 
 from onpolicy_kd.batch import Completions, Source, left_pad, right_pad
 from onpolicy_kd.errors import DataError
+from onpolicy_kd.recipe import TrainConfig
 
 Tensor = torch.Tensor
 
@@ -38,6 +39,17 @@ class PromptSampler:
         rows = [self._row(start + i) for i in range(self.batch_size)]
         self.position += self.batch_size * self.num_processes
         return rows
+
+
+def repeated_rows(cfg: TrainConfig, rows: int, processes: int) -> str | None:
+    """What to warn about when a step takes more prompts than the training split has: rows repeat within a step."""
+    per_step = cfg.batch_size * cfg.grad_accum * processes
+    if per_step <= rows:
+        return None
+    return (f"a step takes {per_step} prompts (train.batch_size={cfg.batch_size} x grad_accum "
+            f"{cfg.grad_accum} x {processes} process{'es' if processes > 1 else ''}) and the training split has "
+            f"{rows} row{'s' if rows != 1 else ''}: each row appears about {per_step / rows:.1f} times in every step; "
+            f"lower train.batch_size or train on more rows")
 
 
 def prompt_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:

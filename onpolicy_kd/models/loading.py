@@ -144,6 +144,14 @@ def prepare_tokenizer_for_generation(tokenizer: PreTrainedTokenizerBase) -> None
     tokenizer.padding_side = "left"
 
 
+def load_config(name_or_path: str, key: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                recipe_path: str | None = None) -> PretrainedConfig:
+    """A model's config alone: seconds where the weights can take a minute, for checks made before loading them."""
+    source = resolve_source(name_or_path, key)
+    kwargs = _load_kwargs(source, revision, trust_remote_code, key)
+    return _from_pretrained(AutoConfig, source, "model", key, recipe_path, **kwargs)
+
+
 def load_model(
     name_or_path: str, key: str, *, dtype: str = "float32", revision: str | None = None,
     trust_remote_code: bool = False, attn_implementation: str | None = None, recipe_path: str | None = None,

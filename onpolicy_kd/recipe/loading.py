@@ -13,7 +13,7 @@ Environment variables (per-machine settings; each maps to one recipe key):
 | variable | recipe key |
 |---|---|
 | `ONPOLICY_KD_OUTPUT_DIR` | `train.output_dir` |
-| `ONPOLICY_KD_CACHE_DIR` | `data.cache_dir` (also the root of `${cache:...}` paths) |
+| `ONPOLICY_KD_CACHE_DIR` | none: the cache root (`${cache:...}` paths; tokenised data and teacher completions in its `data/`, where `data.cache_dir` is unset) |
 | `ONPOLICY_KD_LOSS_BACKEND` | `objective.backend` |
 | `ONPOLICY_KD_MIXED_PRECISION` | `train.mixed_precision` |
 """
@@ -24,6 +24,7 @@ import copy
 import difflib
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -87,6 +88,11 @@ def _yaml_key_lines(text: str, path: Path) -> dict[tuple[str, ...], int]:
 
 
 def _read_recipe_file(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.yaml"))
+        hint = f"; it holds {', '.join(inside[:6])}" if inside else "; it holds no .yaml file"
+        raise ConfigError(f"the recipe {path} is a directory, not a file{hint}\n  give the path of a YAML recipe, "
+                          f"e.g. recipes/smollm2_news.yaml")
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}\n  give the path of a YAML recipe, e.g. recipes/smollm2_news.yaml")
     try:
@@ -135,6 +141,22 @@ def _flatten_keys(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> set[
     return keys
 
 
+def _keys_under(loc: Sequence[str | int]) -> list[str]:
+    """The valid keys of the section at `loc`, an error's location (list positions, e.g. the 0 of stages.0, stand for
+    the list's items)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        # the section's model: the annotation itself, or inside list[X] / X | None
+        candidates = (field.annotation, *typing.get_args(field.annotation))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
 def _schema_keys(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     """Every valid dotted key of the schema, with its field info."""
     keys: dict[tuple[str, ...], Any] = {}
@@ -180,7 +202,7 @@ def _format_errors(
         source = source or str(recipe_path)
         if e["type"] == "extra_forbidden":
             parent = tuple(str(p) for p in loc[:-1])
-            siblings = sorted(k[-1] for k in schema if k[:-1] == parent)
+            siblings = _keys_under(loc[:-1])
             close = difflib.get_close_matches(str(loc[-1]), siblings, n=1, cutoff=0.6)
             prefix = ".".join(parent) + "." if parent else ""
             hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(siblings)}"
@@ -203,6 +225,20 @@ def _format_errors(
             line += f"\n    allowed: {allowed}"
         out.append(line)
     return "\n".join(out)
+
+
+# section.key=value: a command-line override. A path never matches (a / or a suffix comes before any =).
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.\[\]-]*=")
+
+
+def recipe_and_overrides(arguments: Sequence[str]) -> tuple[str, list[str]]:
+    """The recipe path and the overrides among a command's positional arguments, in any order: a section.key=value
+    argument is never the recipe (`train --dry-run objective.beta=0.2 RECIPE` works as `train RECIPE ...` does)."""
+    paths = [i for i, argument in enumerate(arguments) if not OVERRIDE.match(argument) or Path(argument).is_file()]
+    if not paths:
+        raise ConfigError(f"no recipe given: {' '.join(arguments)} are all section.key=value overrides; give the "
+                          f"recipe file too, e.g. onpolicy-kd train recipes/smollm2_news.yaml train.max_steps=10")
+    return arguments[paths[0]], [argument for i, argument in enumerate(arguments) if i != paths[0]]
 
 
 def load_recipe(

@@ -25,9 +25,11 @@ from onpolicy_kd.objectives.divergences import BACKENDS, DIVERGENCES
 from onpolicy_kd.objectives.modes import MODES
 from onpolicy_kd.objectives.penalties import any_penalty
 
+# ONPOLICY_KD_CACHE_DIR is not among them: it is the cache root (`cache_root()`), whose data/ is data.cache_dir's
+# default. Copied into data.cache_dir it would put tokenised data and teacher completions beside the models (X/teacher
+# instead of X/data/teacher: regenerated, never reused).
 ENV_OVERRIDES: dict[str, str] = {
     "ONPOLICY_KD_OUTPUT_DIR": "train.output_dir",
-    "ONPOLICY_KD_CACHE_DIR": "data.cache_dir",
     "ONPOLICY_KD_LOSS_BACKEND": "objective.backend",
     "ONPOLICY_KD_MIXED_PRECISION": "train.mixed_precision",
 }
@@ -93,8 +95,22 @@ if not OmegaConf.has_resolver("cache"):
 
 
 class Section(BaseModel):
-    # strict: a string is never silently turned into a number or a bool; unknown keys are errors.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    # strict: a string is never silently turned into a number or a bool; unknown keys are errors; .inf and .nan are
+    # errors too (optim.lr=.inf would pass a dry run and fail after three NaN steps), except where a field allows .inf
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
+
+
+# Logits are divided by a temperature: below this they are multiplied by more than 20, the distributions are one-hot
+# in float32 and the divergences grow as 1 / temperature (1e-8 gives a loss near 1e8), which no optimizer step survives.
+MIN_TEMPERATURE = 0.05
+
+
+def _sensible_temperature(value: float, key: str, greedy: str = "") -> float:
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"{key}={value:g} is below {MIN_TEMPERATURE}: logits divided by it are multiplied by more "
+                         f"than {1 / MIN_TEMPERATURE:.0f}, so both models' distributions are one-hot and the loss "
+                         f"grows as 1/temperature (1e-8 gives a loss near 1e8); {greedy}use {MIN_TEMPERATURE} or more")
+    return value
 
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -242,7 +258,7 @@ class DataConfig(Section):
 
 class RolloutConfig(Section):
     max_new_tokens: int = Field(128, ge=1)
-    temperature: float = Field(1.0, gt=0, description="> 0; divides both models' logits")
+    temperature: float = Field(1.0, gt=0, description=f">= {MIN_TEMPERATURE}; divides both models' logits")
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1, description="in (0, 1]; 1 = off")
     alpha: float = Field(
@@ -259,6 +275,12 @@ class RolloutConfig(Section):
                                 "prompts are generated in batches of this size, then split into micro-batches); "
                                 "default train.batch_size")
 
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return _sensible_temperature(value, "rollout.temperature", "for greedy decoding set rollout.do_sample=false, "
+                                                                  "else ")
+
     @model_validator(mode="after")
     def _greedy(self) -> "RolloutConfig":
         if not self.do_sample and (self.top_k or self.top_p < 1):
@@ -271,7 +293,8 @@ class ObjectiveConfig(Section):
     divergence: Literal[tuple(DIVERGENCES)] = "reverse_kl"  # type: ignore[valid-type]
     beta: float = Field(0.5, ge=0, le=1, description="generalized JSD weight in [0, 1]: 0 = forward KL, 1 = reverse KL")
     skew: float = Field(0.1, gt=0, lt=1, description="skew KL mixing weight in (0, 1)")
-    temperature: float = Field(1.0, gt=0, description="> 0; divides both models' logits inside the divergence")
+    temperature: float = Field(1.0, gt=0, description=f">= {MIN_TEMPERATURE}; divides both models' logits inside "
+                                                      f"the divergence")
     lmbda: float = Field(1.0, ge=0, le=1, description="gkd: probability of on-policy student samples in [0, 1]")
     seq_kd: bool = Field(False, description="gkd: off-policy steps use teacher samples instead of references")
     discount: float = Field(1.0, ge=0, le=1, description="pg: return discount gamma in [0, 1]")
@@ -297,12 +320,18 @@ class ObjectiveConfig(Section):
     )
     chunk_size: int = Field(1024, ge=1, description="tokens per chunk on the memory-bounded head")
 
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return _sensible_temperature(value, "objective.temperature")
+
 
 class PenaltiesConfig(Section):
     frequency: float = Field(0.0, ge=0)
     diversity: float = Field(0.0, ge=0)
     entropy: float = Field(0.0, ge=0)
-    entropy_floor: float = Field(math.inf, ge=0, description="h_min in nats; .inf = plain entropy bonus")
+    entropy_floor: float = Field(math.inf, ge=0, allow_inf_nan=True, description="h_min in nats; .inf = plain "
+                                                                                 "entropy bonus")
     shape_reward: bool = Field(False, description="pg: also subtract the frequency penalty from the reward")
 
 
@@ -428,8 +457,8 @@ class EvalConfig(Section):
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(100, ge=1)
     seed: int = Field(1234, description="seeds the sampled held-out completions (of student and teacher)")
-    temperature: float = Field(1.0, gt=0, description="> 0; the sampled held-out completions (text metrics and "
-                                                      "the KLs on the student's own samples) are drawn at it")
+    temperature: float = Field(1.0, gt=0, description=f">= {MIN_TEMPERATURE}; the sampled held-out completions (text "
+                                                      f"metrics and the KLs on the student's own samples) are drawn at it")
     samples_per_prompt: int = Field(
         3, ge=1, description="sampled completions per held-out prompt, for the student and for the teacher (each "
                              "with its own seed): the sampled text metrics are their mean, the KLs are over all "
@@ -440,6 +469,11 @@ class EvalConfig(Section):
                           "reference, greedy and sampled; a completion with no match counts as wrong")
     full: bool = Field(False, description="also KL and perplexity on the references at every evaluation during "
                                           "training (the evaluate command always computes them)")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return _sensible_temperature(value, "eval.temperature", "the greedy completions are judged anyway; ")
 
     @field_validator("answer_pattern")
     @classmethod

@@ -127,6 +127,10 @@ def _read_or_generate(teacher, tokenizer, prompts: Dataset, settings: dict[str, 
                                                device=device, vocab=vocab, progress=progress)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    completions.save_to_disk(str(tmp))
+    try:
+        completions.save_to_disk(str(tmp))
+    except BaseException:  # a Ctrl-C or a full disk while writing: no half-written folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.replace(tmp, folder)
     return datasets.load_from_disk(str(folder)), False

@@ -10,6 +10,7 @@ memory-bounded head, is decided once at set-up (`choose_head`, `forward_plan`) a
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 from dataclasses import asdict, dataclass, field, replace
@@ -21,7 +22,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from onpolicy_kd.console import console, is_main_process
 from onpolicy_kd.data.loading import PromptData, check_data_path, data_cache_dir, load_prompt_data
-from onpolicy_kd.data.sampler import PromptSampler, rows_with_references
+from onpolicy_kd.data.sampler import PromptSampler, repeated_rows, rows_with_references
 from onpolicy_kd.errors import ConfigError, UserError
 from onpolicy_kd.hub import expand_path
 from onpolicy_kd.metrics_log import truncate_metrics
@@ -39,11 +40,11 @@ from onpolicy_kd.recipe import Recipe, cache_root, recipe_to_yaml
 from onpolicy_kd.recipe.schema import DEFAULT_MAX_STEPS, TIME_ONLY_STEP_CAP, parse_trainable
 from onpolicy_kd.rollout.teacher_cache import cached_teacher_completions
 from onpolicy_kd.training.checkpoint import (
-    check_writable, checkpoint_bytes, claim_output_dir, export_final, load_checkpoint, model_card, resolve_resume,
-    resume_changes, save_checkpoint,
+    check_writable, checkpoint_bytes, claim_run, export_final, load_checkpoint, model_card, resume_plan,
+    save_checkpoint,
 )
 from onpolicy_kd.training.monitor import Monitor
-from onpolicy_kd.training.publish import check_can_push, push_folder
+from onpolicy_kd.training.publish import push_folder
 from onpolicy_kd.training.optim import apply_optim_settings, build_optimizer, build_scheduler
 from onpolicy_kd.training.phases import (
     MetricSums, PhaseTimer, backward_micro_batch, draw_completions, optimizer_step, step_context, teacher_outputs,
@@ -76,16 +77,26 @@ class Stage:
 
 
 class StopRequested:
-    """SIGINT / SIGTERM ask the loop to save a checkpoint and stop after the current step."""
+    """SIGINT / SIGTERM ask the loop to save a checkpoint and stop after the current step. Leaving the `with` block
+    gives the signals back their earlier handlers: a Ctrl-C after the run (between two stages, in a notebook that
+    called `distill`) interrupts again instead of setting the flag of a run that has ended."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        self._saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in self._saved:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001
         self.signal = signum
         signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C (or SIGTERM) ends the process at once
+
+    def __enter__(self) -> "StopRequested":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -139,34 +150,35 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
           stage: Stage | None = None, before: dict[str, float] | None = None) -> TrainResult:
     """Train the student as the recipe says. `models` and the raw splits come from the Python API; `stage` and
     `before` (the previous stage's last evaluation) from a staged run."""
-    if stage is None:  # a staged run makes these checks once, for all its stages
-        claim_run(recipe)
-    checkpoint_path = resolve_resume(recipe.train.resume_from, recipe.train.output_dir)
-    changes = resume_changes(checkpoint_path, recipe) if checkpoint_path else []  # before anything loads
-    run = setup(recipe, recipe_path, models, raw_train, raw_eval, stage, checkpoint_path, changes)
-    with run.monitor:
-        evaluate_at_start(run, before)
-        while run.state.step < run.max_steps and not (run.collapsed or run.out_of_time):
-            timer, sums = PhaseTimer(), MetricSums()
-            source = completion_source(recipe, run.state.step)  # student / teacher samples or references
-            with timer("rollout"):
-                batches = draw_completions(run, source)  # one batch per micro-batch
-            with timer("teacher"):
-                teachers = [teacher_outputs(run, batch) for batch in batches]  # once per rollout
-            context = step_context(run, batches, teachers)  # global token counts, PG baseline
-            skipped, metrics = False, {}
-            for _ in range(run.mode.passes(recipe.objective)):  # pg: ppo_epochs passes over the rollout
-                bad = False
-                for batch, teacher in zip(batches, teachers):
-                    with timer("student"):  # forward, loss, backward (gradients accumulate)
-                        bad |= backward_micro_batch(run, batch, teacher, context, sums)
-                with timer("optimizer"):  # clip, step, schedule; skipped on a non-finite loss
-                    skipped |= optimizer_step(run, bad, metrics)
-            metrics |= sums.global_means(run.accelerator)
-            if after_step(run, source, context.num_tokens, metrics, skipped, timer):  # log, eval, checkpoint
-                return stopped_by_signal(run)
-        after = run.last_eval if run.collapsed else heldout(run)
-    return finish(run, after, staged=stage is not None)
+    with contextlib.ExitStack() as lifetime:
+        if stage is None:  # the folder is the run's until it ends (a staged run claims it once, for all its stages)
+            lifetime.enter_context(claim_run(recipe))
+        checkpoint_path, changes = resume_plan(recipe, say_nothing_found=stage is None)  # before anything loads
+        run = setup(recipe, recipe_path, models, raw_train, raw_eval, stage, checkpoint_path, changes)
+        lifetime.enter_context(run.stop)  # until the student is exported, a signal asks for a checkpoint
+        with run.monitor:
+            evaluate_at_start(run, before)
+            while run.state.step < run.max_steps and not (run.collapsed or run.out_of_time):
+                timer, sums = PhaseTimer(), MetricSums()
+                source = completion_source(recipe, run.state.step)  # student / teacher samples or references
+                with timer("rollout"):
+                    batches = draw_completions(run, source)  # one batch per micro-batch
+                with timer("teacher"):
+                    teachers = [teacher_outputs(run, batch) for batch in batches]  # once per rollout
+                context = step_context(run, batches, teachers)  # global token counts, PG baseline
+                skipped, metrics = False, {}
+                for _ in range(run.mode.passes(recipe.objective)):  # pg: ppo_epochs passes over the rollout
+                    bad = False
+                    for batch, teacher in zip(batches, teachers):
+                        with timer("student"):  # forward, loss, backward (gradients accumulate)
+                            bad |= backward_micro_batch(run, batch, teacher, context, sums)
+                    with timer("optimizer"):  # clip, step, schedule; skipped on a non-finite loss
+                        skipped |= optimizer_step(run, bad, metrics)
+                metrics |= sums.global_means(run.accelerator)
+                if after_step(run, source, context.num_tokens, metrics, skipped, timer):  # log, eval, checkpoint
+                    return stopped_by_signal(run)
+            after = run.last_eval if run.collapsed else heldout(run)
+        return finish(run, after, staged=stage is not None)
 
 
 def student_parts(recipe: Recipe, models: Models, stage: Stage | None) -> str:
@@ -184,13 +196,6 @@ def student_parts(recipe: Recipe, models: Models, stage: Stage | None) -> str:
             said.append(f"trainable: {', '.join(recipe.train.trainable)} ({trainable:,} of {total:,} parameters, "
                         f"stitching included); the rest is frozen")
     return "; ".join(said)
-
-
-def claim_run(recipe: Recipe) -> None:
-    """Before anything loads: the output folder is this run's, and with train.push_to_hub the Hub can take it."""
-    claim_output_dir(recipe.train.output_dir, recipe.train.resume_from, recipe.train.overwrite)
-    if recipe.train.push_to_hub:
-        check_can_push(recipe.train.hub_model_id, recipe.train.output_dir)
 
 
 def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_train=None, raw_eval=None,
@@ -226,6 +231,9 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
             console.print(f"{recipe.objective.mode} trains on the {len(data.train)} of {total} training rows that have "
                           f"a reference completion")
     cfg = recipe.train
+    repeats = repeated_rows(cfg, len(data.train), accelerator.num_processes)
+    if repeats and accelerator.is_main_process:
+        console.print(f"[yellow]warning:[/] {repeats}")
     max_steps = cfg.total_steps(len(data.train), accelerator.num_processes)
     state = TrainerState()  # filled in place on resume: the time-budget schedule reads it
     optimizer = build_optimizer(recipe.optim, models.student)
@@ -422,11 +430,11 @@ def after_step(run: Run, source: str, num_tokens: float, metrics: dict[str, floa
     state.bad_steps_in_a_row = state.bad_steps_in_a_row + 1 if skipped else 0
     state.bad_steps_total += int(skipped)
     if skipped:
-        monitor.print(f"[yellow]warning:[/] non-finite loss at step {state.step}: step skipped "
+        monitor.print(f"[yellow]warning:[/] non-finite loss at {step_said(run)}: step skipped "
                       f"({state.bad_steps_in_a_row} in a row, {state.bad_steps_total} in all)")
         if state.bad_steps_in_a_row >= cfg.max_bad_steps:
             raise UserError(
-                f"the loss was NaN/Inf for {state.bad_steps_in_a_row} steps in a row (step {state.step}); try a lower "
+                f"the loss was NaN/Inf for {state.bad_steps_in_a_row} steps in a row ({step_said(run)}); try a lower "
                 f"optim.lr, optim.max_grad_norm, train.mixed_precision=bf16 or no instead of fp16, a higher "
                 f"rollout.temperature, and check the data; resume from the last checkpoint after changing them")
     elapsed = timer.elapsed()
@@ -453,10 +461,18 @@ def after_step(run: Run, source: str, num_tokens: float, metrics: dict[str, floa
                       f"after {state.step} steps")
     if run.stop.signal is not None:
         checkpoint(run)
-        monitor.print(f"stopped by signal {run.stop.signal} at step {state.step}: checkpoint saved; "
+        monitor.print(f"stopped by signal {run.stop.signal} at {step_said(run)}: checkpoint saved; "
                       f"resume with train.resume_from=latest")
         return True
     return False
+
+
+def step_said(run: Run) -> str:
+    """The step as the console shows it (counted over the whole run), with a stage's own step beside it."""
+    monitor, step = run.monitor, run.state.step
+    if not monitor.stage:
+        return f"step {step}"
+    return f"step {monitor.step_offset + step} (step {step} of {monitor.label})"
 
 
 def agree_on_stop(run: Run) -> None:

@@ -45,8 +45,8 @@ class Monitor:
         self.path = stage.metrics_file if stage is not None else Path(output_dir) / "metrics.jsonl"
         self.step_offset = stage.step_offset if stage is not None else 0
         self.stage = {"stage": stage.name} if stage is not None else {}
-        label = f"stage {stage.index + 1}/{stage.count} {stage.name}" if stage is not None else "distilling"
-        label += " (seconds of training)" if by_time else ""
+        self.label = f"stage {stage.index + 1}/{stage.count} {stage.name}" if stage is not None else "distilling"
+        label = self.label + (" (seconds of training)" if by_time else "")
         self.latest: dict[str, float] = {}
         self.accelerator = accelerator if trackers else None  # logging.report_to: accelerator.log to the trackers
         self.live_mode = live and enabled and console.is_terminal

@@ -17,10 +17,25 @@ from onpolicy_kd.hub import hub_reachable
 REQUIRED_FILES = ("config.json", "README.md", "recipe.yaml")
 
 
+def check_repo_id(repo_id: str, what: str) -> None:
+    """A well-formed Hub repository id, checked before the network is asked anything (a malformed id is not an
+    unreachable Hub)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise UserError(f"{what}: {repo_id!r} is not a Hub repository id; write NAME or OWNER/NAME (letters, digits, "
+                        f"'-', '_' and '.', not starting or ending with '-' or '.', no '--' or '..', at most 96 "
+                        f"characters), e.g. me/smollm2-student") from None
+
+
 def check_can_push(repo_id: str, run_dir: str | Path, during_training: bool = True) -> None:
-    """The Hub answers and a token is available; otherwise a UserError that says how to push later."""
+    """The repository id is well-formed, the Hub answers and a token is available; otherwise a UserError that says
+    how to push later."""
     from huggingface_hub import get_token
 
+    check_repo_id(repo_id, "train.hub_model_id" if during_training else "onpolicy-kd push REPO_ID")
     what = "train.push_to_hub" if during_training else f"pushing to {repo_id}"
     later = (f"train with train.push_to_hub=false and push the result later, from a machine that reaches the Hub: "
              f"onpolicy-kd push {run_dir} {repo_id}") if during_training else "run it where the Hub is reachable"

@@ -18,7 +18,9 @@ stage that pairs the same layers starts from where an earlier one left them), an
 last layer onto the teacher's last (W_s = W_t P) and trains it on logits. The run's `final/stitching.safetensors` holds every pair any stage trained.
 
 Resuming (`train.resume_from: latest`) skips the stages that finished (their `final/` is there), loads the
-student the last of them left, and resumes the current stage from its latest checkpoint.
+student the last of them left, and resumes the current stage from its latest checkpoint (or, given a checkpoint
+folder, from that one, checked against the stage's recipe first). The run claims its output folder once, for all
+its stages (training/checkpoint.py `claim_run`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from onpolicy_kd.console import console, is_main_process
 from onpolicy_kd.data.loading import check_data_path
-from onpolicy_kd.errors import ConfigError
+from onpolicy_kd.errors import ConfigError, UserError
 from onpolicy_kd.models.freezing import check_trainable
 from onpolicy_kd.models.loading import Models, base_model, check_recipe_fits, load_models
 from onpolicy_kd.objectives.hidden import (
@@ -43,8 +45,8 @@ from onpolicy_kd.objectives.hidden import (
 from onpolicy_kd.recipe import Recipe, recipe_to_yaml
 from onpolicy_kd.recipe.loading import resolve_stages
 from onpolicy_kd.recipe.schema import parse_trainable
-from onpolicy_kd.training.checkpoint import STATE_FILE, list_checkpoints
-from onpolicy_kd.training.loop import Stage, TrainResult, claim_run, publish, train
+from onpolicy_kd.training.checkpoint import STATE_FILE, claim_run, list_checkpoints, resolve_resume, resume_changes
+from onpolicy_kd.training.loop import Stage, TrainResult, publish, train
 
 
 def load_finished_student(student, final: Path) -> None:
@@ -131,19 +133,56 @@ def steps_taken(stage_dir: Path) -> int:
     return json.loads((found[-1] / STATE_FILE).read_text())["step"] if found else 0
 
 
+def resume_point(recipe: Recipe, stages: list[Recipe], check_processes: bool = True) -> tuple[int, Path | None]:
+    """Where train.resume_from takes a staged run, found before any model loads: (the first stage that has not
+    finished, the checkpoint it continues from; None: from its start). The checkpoint is checked against that
+    stage's recipe as an unstaged run checks its own (one of another recipe is refused, naming the keys), and a
+    resume that finds nothing to resume says so. `check_processes`: as in `resume_changes`."""
+    unfinished = [k for k, stage in enumerate(stages)
+                  if not (Path(stage.train.output_dir) / "final" / "recipe.yaml").is_file()]
+    if not unfinished:
+        raise UserError(f"train.resume_from={recipe.train.resume_from}: every stage in {recipe.train.output_dir} has "
+                        f"finished, so there is nothing to resume (the last stage's student is in "
+                        f"{stages[-1].train.output_dir}/final); to train again, drop train.resume_from and use "
+                        f"train.overwrite=true or another train.output_dir")
+    start = unfinished[0]
+    checkpoint = resolve_resume(recipe.train.resume_from, stages[start].train.output_dir)
+    if checkpoint is not None:
+        resume_changes(checkpoint, stages[start], check_processes=check_processes)
+    elif start == 0 and is_main_process():
+        console.print(f"[yellow]warning:[/] train.resume_from=latest found no finished stage and no checkpoint under "
+                      f"{Path(recipe.train.output_dir) / 'stages'}: starting a new run (to continue a run, point "
+                      f"train.output_dir at its folder)")
+    return start, checkpoint
+
+
 def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
                before: dict[str, float] | None = None) -> TrainResult:
     """Train every stage in order; the result is the last stage's, with `final_dir` the run's own `final/`.
     `before`: the initial student's held-out metrics, when the caller has them (else the first stage measures them)."""
     stages = resolve_stages(recipe)
-    claim_run(recipe)
-    for stage_recipe in stages:
-        check_data_path(stage_recipe.data)  # before the models load
-    models = models or load_models(recipe, recipe_path)
-    for k, (spec, stage_recipe) in enumerate(zip(recipe.stages, stages)):  # all of them before the first trains
-        check_recipe_fits(stage_recipe, models, where=f"stage {k} ({spec.name})")
-    check_stage_parts(recipe, stages, models)
-    resuming = recipe.train.resume_from is not None
+    with claim_run(recipe):  # the folder is the run's until its last stage ends
+        resume = resume_point(recipe, stages) if recipe.train.resume_from is not None else None
+        for stage_recipe in stages:
+            check_data_path(stage_recipe.data)  # before the models load
+        models = models or load_models(recipe, recipe_path)
+        for k, (spec, stage_recipe) in enumerate(zip(recipe.stages, stages)):  # all of them before the first trains
+            check_recipe_fits(stage_recipe, models, where=f"stage {k} ({spec.name})")
+        check_stage_parts(recipe, stages, models)
+        result, stitching = train_stages(recipe, recipe_path, stages, models, before, resume)
+        if result.stopped_by_signal is not None:
+            return result
+        result.final_dir = export_run(recipe, result, stitching)
+        if recipe.train.push_to_hub:
+            publish(recipe, result.final_dir)
+    AcceleratorState().destroy_process_group()  # what each stage's end left alive for the next one
+    return result
+
+
+def train_stages(recipe: Recipe, recipe_path: str, stages: list[Recipe], models: Models,
+                 before: dict[str, float] | None, resume: tuple[int, Path | None] | None) -> tuple[TrainResult, dict]:
+    """The stages in order (a resumed run skips the finished ones); the last one's result (or the one a signal
+    stopped) and the stitching projections the stages trained."""
     offset, result = 0, None
     stitching: dict = {}  # {(student, teacher) layer pair: projection}: what the stages so far trained, the latest
     for index, (spec, stage_recipe) in enumerate(zip(recipe.stages, stages)):
@@ -151,7 +190,7 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
         stage = Stage(name=spec.name, index=index, count=len(stages), step_offset=offset,
                       metrics_file=Path(recipe.train.output_dir) / "metrics.jsonl", eval_data=recipe.data,
                       stitching=stitching)
-        if resuming and (stage_dir / "final" / "recipe.yaml").is_file():
+        if resume is not None and (stage_dir / "final" / "recipe.yaml").is_file():
             load_finished_student(models.student, stage_dir / "final")
             stitching |= stitching_of(stage_dir / "final")
             console.print(f"stage {index + 1}/{len(stages)} {spec.name}: finished earlier, its student restored")
@@ -161,17 +200,23 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
             console.print(f"stage {index + 1}/{len(stages)} {spec.name}: "
                           + start_head_from_teacher(models.student, models.teacher, stitching, spec.name))
             before = None  # a new head: the stage measures its own starting point
-        if resuming:
+        if resume is not None:  # the stage resume_point found continues from its checkpoint; a later one has none
+            start, checkpoint = resume
+            resume_from = str(checkpoint) if index == start and checkpoint is not None else "latest"
             stage_recipe = stage_recipe.model_copy(
-                update={"train": stage_recipe.train.model_copy(update={"resume_from": "latest"})})
+                update={"train": stage_recipe.train.model_copy(update={"resume_from": resume_from})})
         result = train(stage_recipe, recipe_path, models, stage=stage, before=before)
         if result.stopped_by_signal is not None:
-            return result
+            return result, stitching
         models = Models(teacher=models.teacher, student=result.student, tokenizer=models.tokenizer)
         before, offset = result.after, offset + result.steps  # a time budget may end a stage before max_steps
         stitching |= stitching_of(result.final_dir)
-    if result is None:
-        raise RuntimeError("every stage had finished already: nothing to resume")
+    assert result is not None  # resume_point refuses a run whose every stage has finished
+    return result, stitching
+
+
+def export_run(recipe: Recipe, result: TrainResult, stitching: dict) -> Path:
+    """The run's own `final/`: the last stage's student, the recipe's task and the whole staged recipe beside it."""
     final = Path(recipe.train.output_dir) / "final"
     if result.final_dir is not None and is_main_process():
         tmp = final.with_name(".tmp-final")
@@ -185,9 +230,4 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
             save_file(tensors, str(tmp / STITCHING_FILE), metadata=metadata)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-    result.final_dir = final
-    if recipe.train.push_to_hub:
-        publish(recipe, final)
-    AcceleratorState().destroy_process_group()  # what each stage's end left alive for the next one
-    return result
-
+    return final
