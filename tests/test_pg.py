@@ -11,12 +11,13 @@ Tolerance: relative L2 error below 3% with 200,000 samples (seen: 0.7-1.1% over 
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
 from onpolicy_kd.objectives.divergences import per_token_divergence
-from onpolicy_kd.objectives.pg import discounted_returns, policy_gradient_loss
+from onpolicy_kd.objectives.pg import discounted_returns, pg_returns, policy_gradient_loss
 
 from tabular import Tabular
 
@@ -77,13 +78,23 @@ def test_token_weights_estimate_their_own_expectation_and_are_biased():
 
 
 def test_is_clip_caps_weights():
+    """Each weight is min(w, is_clip): the uncapped ones above the cap come down to it, the others stay as they were
+    (the mean weight alone would not show a missing cap: its expectation is 1 either way)."""
     model = Tabular(seed=2)
     seqs, rows, old, teacher, mix = model.sample(1000, 0.5, torch.Generator().manual_seed(1))
-    logprobs = torch.log_softmax(model.student[rows], -1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
     mask = torch.ones_like(seqs, dtype=torch.bool)
-    for importance in ("token", "sequence"):
-        out = policy_gradient_loss(logprobs, old, teacher, mask, sample_logprobs_BT=mix, importance=importance, is_clip=1.05)
-        assert out.metrics["pg/is_weight"] <= 1.05 + 1e-9
+    cap = 1.05
+    for importance, weight in (("token", "advantage_weight"), ("sequence", "single_step_weight")):
+        free = getattr(pg_returns(old, teacher, mask, sample_logprobs_BT=mix, importance=importance), weight)
+        capped = getattr(pg_returns(old, teacher, mask, sample_logprobs_BT=mix, importance=importance, is_clip=cap),
+                         weight)
+        assert (free > cap).float().mean() > 0.05  # the cap has something to do
+        torch.testing.assert_close(capped, free.clamp(max=cap))
+    # and the loss reads the capped weights: its metric is their mean
+    logprobs = torch.log_softmax(model.student[rows], -1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
+    out = policy_gradient_loss(logprobs, old, teacher, mask, sample_logprobs_BT=mix, importance="token", is_clip=cap)
+    expected = pg_returns(old, teacher, mask, sample_logprobs_BT=mix, is_clip=cap).advantage_weight.mean()
+    assert math.isclose(out.metrics["pg/is_weight"], float(expected), rel_tol=1e-6)
 
 
 def test_returns_discount_and_length_norm():

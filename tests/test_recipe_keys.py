@@ -2,7 +2,8 @@
 
 The test walks the schema. For each key it runs a tiny two-step training twice, in a context where the key
 applies (e.g. `objective.beta` with the JSD), once as it is and once with the key changed, and compares what
-the runs did: the trained weights, metrics.jsonl (timings left out), the files written, the exit status, and
+the runs did (the changed run must succeed, unless the probe says its change is an error by design, `@error`,
+which must then be a recipe error naming the key): the trained weights, metrics.jsonl (timings left out), the files written, the exit status, and
 what the run asked its libraries for (model and tokenizer loading arguments, the tokenisation's processes and
 cache file, the sampling calls, the divergence backend and chunk size, gradient checkpointing and the
 attention implementation of the student, deterministic algorithms, the live console, the sample tables).
@@ -39,7 +40,7 @@ PRETRAINED = ["student.init=pretrained", "student.layer_stride=null", "student.n
 # key -> (context overrides, the change); values in {braces} are filled from the fixture's paths
 PROBES: dict[str, tuple[list[str], list[str]]] = {
     "teacher.name_or_path": ([], ["teacher.name_or_path={other_teacher}"]),
-    "teacher.revision": ([], ["teacher.revision=main"]),  # a local teacher: an error
+    "teacher.revision": ([], ["@error", "teacher.revision=main"]),  # a local teacher: an error
     "teacher.tokenizer": ([], ["teacher.tokenizer={other_teacher}"]),
     "teacher.dtype": ([], ["teacher.dtype=bfloat16"]),
     "teacher.trust_remote_code": ([], ["teacher.trust_remote_code=true"]),
@@ -48,7 +49,7 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "student.init": ([], ["student.init=config", "student.layer_stride=null",
                           "student.config_overrides={num_hidden_layers: 2}"]),
     "student.name_or_path": (PRETRAINED, ["student.name_or_path={other_student}"]),
-    "student.revision": (PRETRAINED, ["student.revision=main"]),  # a local student: an error
+    "student.revision": (PRETRAINED, ["@error", "student.revision=main"]),  # a local student: an error
     "student.tokenizer": (PRETRAINED, ["student.tokenizer={other_teacher}"]),
     "student.config_overrides": (["student.init=config", "student.layer_stride=null",
                                   "student.config_overrides={num_hidden_layers: 2}"],
@@ -62,7 +63,7 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "student.lora": ([], ["student.lora={r: 2}"]),
     "student.bitnet": ([], ["student.bitnet=true"]),
     "data.path": ([], ["data.path={other_data}"]),
-    "data.name": ([], ["data.name=3.0.0"]),  # a local file: an error
+    "data.name": ([], ["@error", "data.name=3.0.0"]),  # a local file: an error
     "data.split": ([], ["data.split=train[:40]"]),
     "data.eval_split": ([], ["data.eval_split=train[50:60]", "data.eval_size=0.05"]),
     "data.eval_size": ([], ["data.eval_size=6"]),
@@ -347,8 +348,9 @@ def test_changing_the_key_changes_the_run(key, world, tmp_path, monkeypatch, cap
         return item
 
     may_fail = "@may-fail" in context
+    expect_error = "@error" in change  # a change that is a recipe error by design (it names the key)
     context = [filled(c) for c in context if c != "@may-fail"]
-    change = [filled(c) for c in change]
+    change = [filled(c) for c in change if c != "@error"]
     prior_run = "@prior-run" in context
     context = [c for c in context if c != "@prior-run"]
     out = tmp_path / "out"
@@ -364,5 +366,10 @@ def test_changing_the_key_changes_the_run(key, world, tmp_path, monkeypatch, cap
         monkeypatch.setenv("ONPOLICY_KD_CACHE_DIR", str(tmp_path / "cache"))
     as_is, changed = runs
     assert as_is["status"] == 0 or may_fail, f"{key}: the context run failed"
+    # the change must change the run, not break it: a wrongly raised error would also "change" the run
+    if expect_error:
+        assert changed["status"] == 2 and key in changed["log"], f"{key}: expected a recipe error naming the key"
+    elif not may_fail:
+        assert changed["status"] == 0, f"{key}: the changed run failed: {changed['log'][-800:]}"
     differs = [part for part in as_is if part != "log" and as_is[part] != changed[part]]
     assert differs, f"changing {key} ({change}) left the run identical"
