@@ -38,9 +38,12 @@ def test_reference_sets_install_offline():
     assert sum(1 for _ in open(folder / "eval.jsonl")) == 500
 
 
-def test_dry_run_loads_real_teacher_and_layer_dropped_student(teacher_dir):
+def test_dry_run_loads_real_teacher_and_layer_dropped_student(teacher_dir, tmp_path):
+    # into a folder of its own: after the README's training command, outputs/smollm2_news holds a run, which a dry
+    # run (like the run it stands for) refuses to overwrite
     proc = subprocess.run(
-        [sys.executable, "-m", "onpolicy_kd.train", "recipes/smollm2_news.yaml", "--dry-run"],
+        [sys.executable, "-m", "onpolicy_kd.train", "recipes/smollm2_news.yaml", "--dry-run",
+         f"train.output_dir={tmp_path / 'out'}"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -71,12 +71,16 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "data.eval_path": ([], ["data.eval_path={other_data}", "data.eval_size=0.05"]),
     "data.eval_columns": (["data.eval_path={other_data}", "data.eval_size=0.05"],
                           ["data.eval_columns={document: highlights, reference: article}"]),
-    "data.format": ([], ["data.format=instruction", "data.columns={instruction: article, response: highlights}"]),
+    "data.format": ([], ["data.format=instruction", "data.columns={instruction: article, reference: highlights}"]),
     "data.columns": (["objective.mode=sft"], ["data.columns={document: article, reference: article}"]),
     "data.template": ([], ["data.template='{document} TL;DR:'"]),
     "data.chat_template": ([], ["data.chat_template=true"]),
     "data.system_prompt": (["data.chat_template=true", "data.max_prompt_tokens=64"], ["data.system_prompt=Be brief."]),
-    "data.truncate_field": ([], ["data.truncate_field=reference"]),
+    # two prompt fields (the instruction format's highlights + article: ~11 + ~70 tokens) and a limit that only the
+    # article fits alone: the default cuts the article, the change cuts the instruction
+    "data.truncate_field": (["data.format=instruction", "data.max_prompt_tokens=84",
+                             "data.columns={instruction: highlights, context: article, reference: highlights}"],
+                            ["data.truncate_field=instruction"]),
     "data.max_prompt_tokens": ([], ["data.max_prompt_tokens=12"]),
     "data.max_response_tokens": (["objective.mode=sft"], ["data.max_response_tokens=2"]),
     "data.text_prompt_tokens": (["data.path={text_data}"], ["data.text_prompt_tokens=4"]),
