@@ -1,0 +1,58 @@
+"""benchmarks/methods.py's tables from records: every figure with its uncertainty, the teacher's row without the
+figures it has none of, and the difference table marking only differences whose interval excludes 0."""
+
+import importlib.util
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def methods():
+    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "methods.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_methods"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def record(method: str, seed: int, shift: float, prompts: int = 40, teacher: bool = False) -> dict:
+    """A record as run_one writes it: per-prompt figures around 0.3 + shift (prompt difficulty shared by all)."""
+    rng = random.Random(seed)
+    difficulty = [random.Random(p).uniform(-0.2, 0.2) for p in range(prompts)]
+    per_prompt = {}
+    for key, _ in (("greedy/rougeL_ref", 0), ("sampled/rougeL_ref", 0), ("greedy/rougeL_teacher", 0),
+                   ("sampled/rougeL_teacher_samples", 0), ("greedy/distinct1", 0), ("greedy/repetition", 0),
+                   ("greedy/truncated", 0)):
+        per_prompt[key] = [0.3 + shift + d + rng.gauss(0, 0.01) for d in difficulty]
+    if teacher:  # the teacher's own answers: no ROUGE-L of its greedy answer against itself
+        per_prompt |= {f"teacher/{k}": v for k, v in per_prompt.items() if k != "greedy/rougeL_teacher"}
+    tokens = [30] * prompts
+    kl = {"tokens": tokens, "reverse_kl": [30 * (1.5 - shift)] * prompts, "forward_kl": [30 * 1.4] * prompts}
+    sample = {"reference": "r", "teacher": "t", "student": "s", "student_sampled": "x"}
+    return {"task": "news", "method": method, "seed": seed, "budget_s": 300.0, "steps": 10, "train_s": 300.0,
+            "peak_rss_gib": 1.0, "prompts": prompts, "per_prompt": per_prompt, "kl": kl, "samples": [sample],
+            "summary": {}, "torch": "x", "date": "2026-12-06"}
+
+
+def test_method_table_marks_only_real_differences(methods, tmp_path):
+    records = [record("initial", 0, -0.2, teacher=True), record("kd", 1, 0.0), record("kd", 2, 0.0),
+               record("seqkd", 1, 0.0), record("seqkd", 2, 0.0),  # the same as KD up to noise
+               record("gkd_rkl", 1, 0.1), record("gkd_rkl", 2, 0.1)]  # better by 0.1 on every prompt
+    text = methods.table(records)
+    teacher_row = next(line for line in text.splitlines() if line.startswith("| teacher |"))
+    cells = [c.strip() for c in teacher_row.strip("|").split("|")]
+    assert cells[5] == "-" and cells[7] == "-" and cells[8] == "-"  # vs its own greedy answer; the two KLs
+    assert "±" in cells[3]
+    diffs = text.split("Differences from KD")[1]
+    seqkd = next(line for line in diffs.splitlines() if line.startswith(f"| {methods.LABELS['seqkd']} |"))
+    gkd = next(line for line in diffs.splitlines() if line.startswith(f"| {methods.LABELS['gkd_rkl']} |"))
+    assert "*" not in seqkd
+    first = gkd.split("|")[2].strip()  # ROUGE-L vs refs, greedy: +0.100 ± ... *
+    assert first.startswith("+0.100") and first.endswith("*")
+    methods.plot(records, tmp_path / "methods.png")
+    assert (tmp_path / "methods.png").stat().st_size > 10_000
