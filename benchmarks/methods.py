@@ -242,6 +242,12 @@ def estimate(runs: list[dict], key: str, teacher: bool = False):
     return seed_prompt_bootstrap(values, weights=weights)
 
 
+def teacher_figure(initial: dict, key: str):
+    """The teacher's own figure for a column, from the initial record; None where it has none (no KL to itself, no
+    ROUGE-L of its greedy answer against itself)."""
+    return estimate([initial], key, teacher=True) if f"teacher/{key}" in initial["per_prompt"] else None
+
+
 def task_tables(task: str, records: list[dict]) -> list[str]:
     from onpolicy_kd.evaluation.uncertainty import difference
 
@@ -267,9 +273,7 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
                          f"{max(r['peak_rss_gib'] for r in runs):.2f} GiB |")
         if initial is not None:
             lines.append("| teacher | - | - | " + " | ".join(
-                # no KL to itself, and no ROUGE-L of its greedy answer against itself
-                "-" if k in KL_KEYS or f"teacher/{k}" not in initial["per_prompt"]
-                else str(estimate([initial], k, teacher=True)) for k, _ in columns) + " | - | - |")
+                str(teacher_figure(initial, k) or "-") for k, _ in columns) + " | - | - |")
         base = by_method.get("kd")
         if base and len(by_method) > 1:
             lines += ["", f"Differences from KD (paired on the prompts; * where the 95% interval excludes 0):", "",
@@ -339,8 +343,9 @@ def plot(records: list[dict], path: Path) -> None:
             key, heading = COLUMNS[task][col]
             points = [estimate([r for r in runs if r["method"] == m and r["budget_s"] == budget], key) for m in methods]
             ax.errorbar(range(len(methods)), [p.mean for p in points], yerr=[p.se for p in points], fmt="o", capsize=3)
-            if initial is not None and f"teacher/{key}" in initial["per_prompt"]:  # no line for KLs
-                ax.axhline(estimate([initial], key, teacher=True).mean, color="gray", linestyle=":", linewidth=1)
+            teacher = teacher_figure(initial, key) if initial is not None else None
+            if teacher is not None:
+                ax.axhline(teacher.mean, color="gray", linestyle=":", linewidth=1)
             ax.set_xticks(range(len(methods)), methods, rotation=60, fontsize=7)
             ax.set_title(f"{task}: {heading}", fontsize=8)
     fig.suptitle("Methods at equal wall time: mean ± 1 s.e. over seeds and prompts (dotted: the teacher)", fontsize=10)
