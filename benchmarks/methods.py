@@ -26,7 +26,15 @@ Methods (each states its own objective, completions and schedule):
 - gkd_jsd: the same with the generalized JSD (beta 0.5); pg: MiniLLM-style policy gradient (its defaults);
 - staged / staged_fkl: kd for 1/2 (2/3) of the budget, then on-policy reverse (forward) KL;
 - trl: TRL's DistillationTrainer (on-policy reverse KL, its only objective) on the same student, prompt ids,
-  learning rate (1e-4 constant) and budget.
+  learning rate (1e-4 constant) and budget;
+- gkd_mix: GKD with lambda 0.5 and the JSD (beta 0.5): the teacher's cached greedy answers at half the steps, the
+  student's samples at temperature 1 at the others, lr 5e-4 cosine;
+- distillm: DistiLLM's recipe: skew forward KL (0.1), the student-sample share starting at 0 and raised by 0.25
+  whenever the held-out KL rises (evaluations every 20 steps, not counted in the budget), a replay buffer of 64
+  samples reused once with probability 0.5;
+- distillm2: DistiLLM-2's loss, skew forward KL on the cached teacher answers and skew reverse KL on the student's
+  samples of the same prompts at every step;
+- pg_mix: the policy gradient with teacher mixing alpha 0.2, importance weights capped at 5 and the three penalties.
 
 Figures: the mean over seeds and prompts, ± the standard error of a bootstrap that resamples both the training
 seeds and the prompts (evaluation/uncertainty.py; KLs are token-level means, resampled by prompt). The
@@ -56,17 +64,23 @@ DEFAULT_METHOD = {"news": "kd_freq", "arithmetic": "kd"}  # each recipe's own pi
 RESULTS = ROOT / "benchmarks" / "results"
 RECORDS = RESULTS / "methods.jsonl"
 
-TEACHER_TEXT = ["rollout.teacher_cache=true", "rollout.do_sample=false", "optim.lr=5.0e-4", "optim.scheduler=cosine",
+TEACHER_TEXT = ["teacher_text.cache=true", "teacher_text.do_sample=false", "optim.lr=5.0e-4", "optim.scheduler=cosine",
                 "optim.warmup_steps=5", "objective.lmbda=0.0", "objective.seq_kd=true"]
 HEAL = ("objective: {mode: gkd, lmbda: 0.0, seq_kd: true, divergence: forward_kl}, "
-        "rollout: {teacher_cache: true, do_sample: false}, optim: {lr: 5.0e-4, scheduler: cosine, warmup_steps: 5}")
-ON_POLICY_STAGE = ("rollout: {teacher_cache: false, do_sample: true, batch_size: null}, optim: {lr: 1.0e-4, "
+        "teacher_text: {cache: true, do_sample: false}, optim: {lr: 5.0e-4, scheduler: cosine, warmup_steps: 5}")
+ON_POLICY_STAGE = ("teacher_text: {cache: false}, rollout: {do_sample: true, batch_size: null}, optim: {lr: 1.0e-4, "
                    "scheduler: constant, warmup_steps: 0}, objective: {mode: gkd, lmbda: 1.0, seq_kd: false, "
                    "divergence: %s}")
 # one phase of on-policy GKD: the student's own samples at temperature 1, lr 1e-4 constant
 ON_POLICY = ["stages=[]", "objective.mode=gkd", "objective.lmbda=1.0", "objective.seq_kd=false",
-             "objective.divergence=reverse_kl", "rollout.teacher_cache=false", "rollout.do_sample=true",
+             "objective.divergence=reverse_kl", "teacher_text.cache=false", "rollout.do_sample=true",
              "rollout.batch_size=null", "optim.lr=1.0e-4", "optim.scheduler=constant", "optim.warmup_steps=0"]
+
+
+# gkd mixing the teacher's cached greedy text with the student's samples at temperature 1 (lmbda set per method)
+MIXED = ["stages=[]", "objective.mode=gkd", "objective.seq_kd=true", "teacher_text.cache=true",
+         "teacher_text.do_sample=false", "rollout.do_sample=true", "rollout.batch_size=null", "optim.lr=5.0e-4",
+         "optim.scheduler=cosine", "optim.warmup_steps=5"]
 
 
 def staged(budget: float, heal_share: float, divergence: str) -> list[str]:
@@ -87,12 +101,25 @@ METHODS: dict[str, object] = {
     "staged": lambda budget: staged(budget, 1 / 2, "reverse_kl"),
     "staged_fkl": lambda budget: staged(budget, 2 / 3, "forward_kl"),
     "trl": lambda budget: ON_POLICY,
+    # the on-policy methods of the published work (issue "on-policy earns its place"); teacher text from the cache
+    "gkd_mix": lambda budget: [*MIXED, "objective.lmbda=0.5", "objective.divergence=jsd", "objective.beta=0.5"],
+    "distillm": lambda budget: [*MIXED, "objective.lmbda=0.0", "objective.lmbda_schedule=adaptive",
+                                "objective.lmbda_step=0.25", "eval.eval_steps=20", "objective.divergence=skew_forward_kl",
+                                "objective.skew=0.1", "replay.size=64", "replay.share=0.5", "replay.reuse=1"],
+    "distillm2": lambda budget: [*MIXED, "objective.mode=distillm2", "objective.skew=0.1", "objective.seq_kd=false",
+                                 "objective.lmbda=1.0", "objective.divergence=reverse_kl"],  # (the defaults: unused)
+    "pg_mix": lambda budget: ON_POLICY + ["objective.mode=pg", "rollout.alpha=0.2", "objective.is_clip=5.0",
+                                          "penalties.frequency=1.0", "penalties.diversity=0.1",
+                                          "penalties.entropy=0.01"],
 }
 LABELS = {"kd": "KD: forward KL on teacher text", "kd_freq": "KD + frequency penalty 5",
           "seqkd": "SeqKD: CE on teacher text", "gkd_rkl": "on-policy GKD, reverse KL",
           "gkd_jsd": "on-policy GKD, JSD 0.5", "pg": "PG (MiniLLM-style)",
           "staged": "KD 1/2, then on-policy reverse KL", "staged_fkl": "KD 2/3, then on-policy forward KL",
-          "trl": "TRL DistillationTrainer (on-policy reverse KL)"}
+          "trl": "TRL DistillationTrainer (on-policy reverse KL)",
+          "gkd_mix": "GKD λ 0.5, JSD 0.5, teacher text from the cache",
+          "distillm": "DistiLLM: skew KL, adaptive λ from 0, replay", "distillm2": "DistiLLM-2 loss",
+          "pg_mix": "PG, α 0.2, three penalties"}
 # the columns of each task's main table: (summary key, heading)
 COLUMNS = {
     "news": (("greedy/rougeL_ref", "ROUGE-L vs refs, greedy"), ("sampled/rougeL_ref", "ROUGE-L vs refs, sampled"),
@@ -113,7 +140,7 @@ def overrides(method: str, seed: int, budget: float, work: Path) -> list[str]:
     common = [f"train.seed={seed}", f"train.output_dir={work}", "logging.live=false", "eval.eval_steps=0"]
     budget_keys = [] if method.startswith("staged") else [f"train.max_time={budget:g}", "train.max_steps=100000"]
     # every method without the frequency penalty the news recipe has, unless it names it (kd_freq)
-    return ["penalties.frequency=0.0", *METHODS[method](budget), *budget_keys, *common]
+    return ["penalties.frequency=0.0", *budget_keys, *common, *METHODS[method](budget)]  # the method's keys win
 
 
 def record_of(evaluation) -> dict:

@@ -88,6 +88,7 @@ class Completions:
     # the student's keys and values over prompt_ids[:, :-1] from the rollout's prefill, with gradient (per layer:
     # (keys, values)); the loss's forward continues from them instead of running the prompt again (forward.py)
     prompt_cache: list[tuple[Tensor, Tensor]] | None = None
+    truncated: Tensor | None = None  # (B,) bool, rollouts only: the row reached max_new_tokens without ending
 
     @property
     def sequences(self) -> Tensor:
@@ -131,7 +132,7 @@ class Completions:
             texts=[self.texts[i] for i in index], student_logprobs=cut(self.student_logprobs),
             teacher_logprobs=cut(self.teacher_logprobs), sample_logprobs=cut(self.sample_logprobs),
             student_entropy=cut(self.student_entropy), rows=[self.rows[i] for i in index] if self.rows else [],
-            references=None, prompt_cache=None,
+            references=None, prompt_cache=None, truncated=None if self.truncated is None else self.truncated[take],
         )
 
 
@@ -161,4 +162,5 @@ def concatenate(batches: Sequence[Completions], pad_id: int) -> Completions:
         sample_logprobs=stack("sample_logprobs", True, 0.0), student_entropy=stack("student_entropy", True, 0.0),
         texts=[t for b in batches for t in b.texts], rows=[r for b in batches for r in b.rows],
         decode_steps=max(b.decode_steps for b in batches), references=None, prompt_cache=None,
+        truncated=None if first.truncated is None else torch.cat([b.truncated for b in batches]),
     )

@@ -92,7 +92,7 @@ ERROR_CASES = {
     "divergence temperature negative": (["objective.temperature=-1"], ["objective.temperature", "greater than 0"]),
     "negative length": (["rollout.max_new_tokens=-5"], ["rollout.max_new_tokens", "-5", "greater than or equal to 1"]),
     "negative prompt length": (["data.max_prompt_tokens=-1"], ["data.max_prompt_tokens", "-1"]),
-    "unknown mode": (["objective.mode=ppo"], ["objective.mode", "'ppo'", "'pg', 'gkd', 'kd', 'seqkd', 'sft' or 'hidden'"]),
+    "unknown mode": (["objective.mode=ppo"], ["objective.mode", "'ppo'", "'pg', 'gkd', 'kd', 'seqkd', 'sft', 'distillm2' or 'hidden'"]),
     "unknown divergence": (["objective.divergence=kl"], ["objective.divergence", "forward_kl", "reverse_kl", "jsd"]),
     "top_p zero": (["rollout.top_p=0"], ["rollout.top_p", "greater than 0"]),
     "contradiction: alpha in kd mode": (

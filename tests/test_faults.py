@@ -257,7 +257,7 @@ def test_ctrl_c_while_the_teacher_cache_is_made_ends_like_one_in_training(when, 
 
         monkeypatch.setattr(Dataset, "save_to_disk", then_ctrl_c(Dataset.save_to_disk))
     try:
-        code = main([str(recipe_for(tmp_path, far_pair, "seqkd")), "rollout.teacher_cache=true"])
+        code = main([str(recipe_for(tmp_path, far_pair, "seqkd")), "teacher_text.cache=true"])
     except KeyboardInterrupt:
         pytest.fail("a KeyboardInterrupt traceback")
     err = capsys.readouterr().err

@@ -36,6 +36,9 @@ def schema_leaves() -> list[str]:
 
 
 PG = ["objective.mode=pg"]
+ADAPTIVE_CONTEXT = ["objective.lmbda=0.5", "eval.eval_steps=1", "train.max_steps=4"]
+REPLAYING = ["replay.size=8", "replay.share=1.0"]  # every student step after the first reuses
+SEQKD = ["objective.mode=seqkd"]  # trains on the teacher's text (teacher_text.*)
 PRETRAINED = ["student.init=pretrained", "student.layer_stride=null", "student.name_or_path={student}"]
 # key -> (context overrides, the change); values in {braces} are filled from the fixture's paths
 PROBES: dict[str, tuple[list[str], list[str]]] = {
@@ -102,6 +105,17 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "objective.temperature": ([], ["objective.temperature=0.5"]),
     "objective.lmbda": ([], ["objective.lmbda=0.0"]),
     "objective.seq_kd": (["objective.lmbda=0.0"], ["objective.seq_kd=true"]),
+    "objective.lmbda_schedule": (ADAPTIVE_CONTEXT, ["objective.lmbda_schedule=adaptive"]),
+    # a high learning rate makes the held-out KL of the 1-step evaluations rise at least once in 4 steps
+    "objective.lmbda_step": ([*ADAPTIVE_CONTEXT, "objective.lmbda_schedule=adaptive", "optim.lr=0.05"],
+                             ["objective.lmbda_step=0.9"]),
+    "replay.size": ([], ["replay.size=4"]),
+    "replay.share": (["replay.size=4"], ["replay.share=1.0"]),
+    "replay.reuse": ([*REPLAYING, "train.max_steps=4"], ["replay.reuse=2"]),  # step 3 reuses instead of sampling
+    "replay.max_age": ([*REPLAYING, "train.max_steps=3", "replay.reuse=3"], ["replay.max_age=1"]),
+    "rollout.truncated": (["rollout.max_new_tokens=2"], ["rollout.truncated=mask"]),
+    "rollout.truncation_penalty": (["rollout.max_new_tokens=2", "rollout.truncated=penalise"],
+                                   ["rollout.truncation_penalty=5.0"]),
     "objective.discount": (PG, ["objective.discount=0.5"]),
     "objective.length_norm": (PG, ["objective.length_norm=false"]),
     "objective.single_step": (PG, ["objective.single_step=false"]),
@@ -173,7 +187,15 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "eval.stop_on_collapse": (["eval.max_new_tokens=12", "eval.collapse_distinct1=1.0", "eval.eval_steps=1",
                                "train.max_steps=3"],
                               ["eval.stop_on_collapse=true"]),
-    "rollout.teacher_cache": (["objective.mode=seqkd"], ["rollout.teacher_cache=true"]),
+    "teacher_text.cache": (SEQKD, ["teacher_text.cache=true"]),
+    "teacher_text.do_sample": (SEQKD, ["teacher_text.do_sample=true"]),
+    "teacher_text.temperature": ([*SEQKD, "teacher_text.do_sample=true"], ["teacher_text.temperature=0.6"]),
+    "teacher_text.top_k": ([*SEQKD, "teacher_text.do_sample=true"], ["teacher_text.top_k=3"]),
+    "teacher_text.top_p": ([*SEQKD, "teacher_text.do_sample=true"], ["teacher_text.top_p=0.3"]),
+    "teacher_text.max_new_tokens": (SEQKD, ["teacher_text.max_new_tokens=2"]),
+    "teacher_text.stop_strings": ([*SEQKD, "rollout.max_new_tokens=8"], ["teacher_text.stop_strings=[' ']"]),
+    "teacher_text.samples_per_prompt": ([*SEQKD, "teacher_text.do_sample=true", "teacher_text.cache=true"],
+                                        ["teacher_text.samples_per_prompt=3"]),
     "stages": ([], ["stages=[{name: a, max_steps: 1}, {name: b, max_steps: 1, optim: {lr: 0.01}}]",
                     "train.max_steps=null"]),
 }

@@ -306,7 +306,7 @@ def test_a_t5_run_resumes_evaluates_and_trains_lora_adapters(tmp_path, t5_pair, 
     from onpolicy_kd.evaluate import main as evaluate_main
 
     path = t5_recipe(tmp_path, t5_pair, "seqkd")
-    cached = ["rollout.teacher_cache=true", "train.save_steps=4"]
+    cached = ["teacher_text.cache=true", "train.save_steps=4"]
     distill(path, *cached, "train.max_steps=4")
     result = distill(path, *cached, "train.max_steps=8", "train.resume_from=latest")
     steps = [r["step"] for r in metrics_of(tmp_path / "out") if "train/loss" in r]

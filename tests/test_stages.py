@@ -20,7 +20,7 @@ STAGES = """stages:
   - name: warmup
     max_steps: 2
     objective: {mode: seqkd}
-    rollout: {teacher_cache: true}
+    teacher_text: {cache: true}
     optim: {lr: 0.01}
   - name: onpolicy
     max_steps: 3
@@ -105,7 +105,7 @@ def test_resume_in_the_middle_of_a_stage_ends_where_an_uninterrupted_run_ends(tm
 
 def test_a_stage_with_a_time_budget_hands_over_after_the_steps_it_took(tmp_path, far_pair, isolated_cache):
     path = staged(tmp_path, far_pair)
-    stages = ("stages=[{name: warmup, max_time: 1.5, objective: {mode: seqkd}, rollout: {teacher_cache: true}}, "
+    stages = ("stages=[{name: warmup, max_time: 1.5, objective: {mode: seqkd}, teacher_text: {cache: true}}, "
               "{name: onpolicy, max_steps: 2}]")
     assert main([str(path), stages]) == 0
     rows = [r for r in metrics_of(tmp_path / "out") if "train/loss" in r]
@@ -225,10 +225,10 @@ def test_corrupted_teacher_cache_is_a_clear_error(cache_inputs, tmp_path):
 
 def test_seqkd_trains_on_the_cached_completions(tmp_path, far_pair, isolated_cache, capsys):
     path = recipe_for(tmp_path, far_pair, "seqkd")
-    assert main([str(path), "rollout.teacher_cache=true"]) == 0
+    assert main([str(path), "teacher_text.cache=true"]) == 0
     assert "teacher completions: written to" in capsys.readouterr().out
     shutil.rmtree(tmp_path / "out")
-    assert main([str(path), "rollout.teacher_cache=true"]) == 0
+    assert main([str(path), "teacher_text.cache=true"]) == 0
     assert "teacher completions: read from" in capsys.readouterr().out
     steps = [r for r in metrics_of(tmp_path / "out") if "train/ce" in r]
     assert len(steps) == 3 and all(r["time/rollout_s"] < 0.5 for r in steps)  # no teacher decoding per step

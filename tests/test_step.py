@@ -32,7 +32,8 @@ def test_mode_table_sources_and_references():
     plain = recipe().objective
     assert {m: spec.completions(plain, True) for m, spec in MODES.items()} == {
         "pg": "student", "gkd": "student", "kd": "references", "seqkd": "teacher", "sft": "references",
-        "hidden": "references"}
+        "hidden": "references", "distillm2": "student"}
+    assert [m for m, spec in MODES.items() if spec.with_teacher_text] == ["distillm2"]  # and the teacher's text
     assert MODES["gkd"].completions(plain, False) == "references"
     seq = recipe(objective={"mode": "gkd", "lmbda": 0.5, "seq_kd": True}).objective
     assert MODES["gkd"].completions(seq, False) == "teacher" and MODES["gkd"].references(seq) is None

@@ -8,6 +8,7 @@ interrupted one would have seen next, whatever the number of processes.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -58,14 +59,36 @@ def prompt_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torch.d
 
 
 def reference_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torch.device, *,
-                    source: Source = "references") -> Completions:
+                    source: Source = "references", seed: int = 0, step: int = 0) -> Completions:
     """The completions stored with `rows` as a batch (no sampling log-probs): the dataset's references, or with
-    source='teacher' the cached teacher completions (rollout.teacher_cache)."""
-    ids_column, text_column = ("teacher_ids", "teacher_text") if source == "teacher" else ("reference_ids", "reference")
+    source='teacher' one of each row's cached teacher completions (teacher_text.cache; which one: `teacher_sample`
+    of (seed, step, row))."""
     prompt_ids, prompt_mask = prompt_batch(dataset, rows, pad_id, device)
-    ids, mask = right_pad([dataset[i][ids_column] for i in rows], pad_id, device)
-    return Completions(prompt_ids, prompt_mask, ids, mask, source=source,
-                       texts=[dataset[i][text_column] for i in rows], rows=list(rows))
+    if source == "teacher":
+        picked = [(dataset[i]["teacher_ids"], dataset[i]["teacher_text"]) for i in rows]
+        picked = [(ids[k], texts[k]) for (ids, texts), k in
+                  ((p, teacher_sample(seed, step, row, len(p[0]))) for p, row in zip(picked, rows))]
+        completions, texts = [ids for ids, _ in picked], [text for _, text in picked]
+    else:
+        completions, texts = [dataset[i]["reference_ids"] for i in rows], [dataset[i]["reference"] for i in rows]
+    ids, mask = right_pad(completions, pad_id, device)
+    return Completions(prompt_ids, prompt_mask, ids, mask, source=source, texts=texts, rows=list(rows))
+
+
+def stored_batch(dataset: Dataset, stored: list, pad_id: int, device: torch.device) -> Completions:
+    """Student samples kept in the replay buffer (rollout/replay.py: each with its row, tokens and text) as a batch
+    of the student's completions, without the sampler's log-probabilities (the divergences do not read them)."""
+    rows = [s.row for s in stored]
+    prompt_ids, prompt_mask = prompt_batch(dataset, rows, pad_id, device)
+    ids, mask = right_pad([s.ids for s in stored], pad_id, device)
+    return Completions(prompt_ids, prompt_mask, ids, mask, source="student", texts=[s.text for s in stored], rows=rows,
+                       truncated=torch.tensor([s.truncated for s in stored], dtype=torch.bool, device=device))
+
+
+def teacher_sample(seed: int, step: int, row: int, count: int) -> int:
+    """Which of a row's `count` cached teacher completions a step trains on: uniform, a function of (seed, step, row)
+    only (the same on every process and after a resume)."""
+    return 0 if count == 1 else random.Random(f"{seed}-{step}-{row}").randrange(count)
 
 
 def count_references(dataset: Dataset) -> int:

@@ -460,7 +460,8 @@ def check_recipe_fits(recipe: Recipe, models: Models, where: str = "the recipe")
     seq2seq = is_encoder_decoder(models.teacher)
     if seq2seq:
         check_seq2seq_keys(recipe, where)
-    completion = max(recipe.rollout.max_new_tokens, recipe.eval.max_new_tokens, recipe.data.max_response_tokens)
+    completion = max(recipe.rollout.max_new_tokens, recipe.teacher_text_decoding()["max_new_tokens"],
+                     recipe.eval.max_new_tokens, recipe.data.max_response_tokens)
     longest = max(recipe.data.max_prompt_tokens, completion) if seq2seq else recipe.data.max_prompt_tokens + completion
     for role, model in (("teacher", models.teacher), ("student", models.student)):
         limit = getattr(model.config, "max_position_embeddings", None)
@@ -468,7 +469,8 @@ def check_recipe_fits(recipe: Recipe, models: Models, where: str = "the recipe")
             raise ConfigError(
                 f"{where}: prompts of up to data.max_prompt_tokens={recipe.data.max_prompt_tokens} tokens plus "
                 f"completions of up to {completion} (the largest of rollout.max_new_tokens="
-                f"{recipe.rollout.max_new_tokens}, eval.max_new_tokens={recipe.eval.max_new_tokens}, "
+                f"{recipe.rollout.max_new_tokens}, teacher_text.max_new_tokens="
+                f"{recipe.teacher_text_decoding()['max_new_tokens']}, eval.max_new_tokens={recipe.eval.max_new_tokens}, "
                 f"data.max_response_tokens={recipe.data.max_response_tokens}) make {longest} tokens, more than the "
                 f"{role}'s {limit} positions (max_position_embeddings); lower those keys so they add up to at most "
                 f"{limit}")

@@ -69,6 +69,7 @@ class StepContext:
     lm_tokens: float = 0.0  # valid reference tokens of the language-modelling term
     prompt_tokens: float = 0.0  # predicted prompt tokens (objective.prompt_weight)
     pg_baseline: float = 0.0  # the mean PG return over the step (0 when pg_baseline is none)
+    num_completions: float = 0.0  # the student's sampled completions of the step (the truncation penalty)
     head: str = "torch"  # divergence implementation on the memory-bounded path: chunked or liger
 
 
@@ -108,11 +109,11 @@ def no_loss(batch: Completions, student: ModelOutputs, teacher: ModelOutputs | N
 
 
 def _divergence_at(student: ModelOutputs, teacher: ModelOutputs, mask: Tensor, recipe: "Recipe", ctx: StepContext,
-                   num_tokens: float) -> Tensor:
-    """The recipe's divergence at the masked positions: from logits, or (memory-bounded) from the last hidden states
-    and the two heads."""
+                   num_tokens: float, kind: str | None = None) -> Tensor:
+    """The recipe's divergence (or `kind`) at the masked positions: from logits, or (memory-bounded) from the last
+    hidden states and the two heads."""
     obj = recipe.objective
-    settings = dict(kind=obj.divergence, beta=obj.beta, skew=obj.skew, temperature=obj.temperature,
+    settings = dict(kind=kind or obj.divergence, beta=obj.beta, skew=obj.skew, temperature=obj.temperature,
                     num_tokens=num_tokens)
     if student.logits is None:
         return linear_divergence(student.hidden[-1], teacher.hidden[-1], student.head, teacher.head, mask,
@@ -125,6 +126,16 @@ def divergence_loss(batch: Completions, student: ModelOutputs, teacher: ModelOut
     """kd / gkd: the divergence between teacher and student at every completion position."""
     loss = _divergence_at(student, teacher, batch.completion_mask, recipe, ctx, ctx.num_tokens)
     metrics[f"train/{recipe.objective.divergence}"] = per_token_mean(loss, batch, ctx)
+    return loss
+
+
+def distillm2_loss(batch: Completions, student: ModelOutputs, teacher: ModelOutputs | None, recipe: "Recipe",
+                   ctx: StepContext, metrics: dict) -> Tensor:
+    """distillm2 (DistiLLM-2): the skew forward KL on the teacher's text and the skew reverse KL on the student's
+    samples of the same prompts, in one step; summed over both kinds of batch and divided by all their tokens."""
+    kind = "skew_forward_kl" if batch.source == "teacher" else "skew_reverse_kl"
+    loss = _divergence_at(student, teacher, batch.completion_mask, recipe, ctx, ctx.num_tokens, kind=kind)
+    metrics[f"train/{kind}"] = per_token_mean(loss, batch, ctx)
     return loss
 
 
@@ -222,7 +233,14 @@ def penalty_terms(recipe: "Recipe", batch: Completions, input_embeddings: Tensor
         wanted["expected_embedding"] = tt.expected_embedding(input_embeddings)
     if p.entropy:
         wanted["entropy"] = tt.entropy()
+    if penalises_truncation(recipe, batch):  # the same term as pg's policy log-prob: one pass computes both
+        wanted["logprob"] = tt.sampled_logprob(batch.completion_ids, batch.temperature)
     return wanted
+
+
+def penalises_truncation(recipe: "Recipe", batch: Completions) -> bool:
+    """rollout.truncated=penalise applies to the student's sampled completions (not to teacher text or references)."""
+    return recipe.rollout.truncated == "penalise" and batch.source == "student" and batch.truncated is not None
 
 
 def penalty_loss(recipe: "Recipe", batch: Completions, student: ModelOutputs, ctx: StepContext,
@@ -239,6 +257,10 @@ def penalty_loss(recipe: "Recipe", batch: Completions, student: ModelOutputs, ct
     if p.entropy:
         loss, value = pen.entropy_loss(terms["entropy"], mask, p.entropy, p.entropy_floor, ctx.num_tokens)
         total, metrics["penalty/entropy"] = total + loss, per_token_mean(value, batch, ctx)
+    if penalises_truncation(recipe, batch):
+        loss = pen.truncation_loss(terms["logprob"], mask, batch.truncated, recipe.rollout.truncation_penalty,
+                                   ctx.num_completions)
+        total = total + loss
     return total
 
 
@@ -254,7 +276,7 @@ def step_loss(recipe: "Recipe", mode: "Mode", batch: Completions, student: Model
     loss = mode.loss(batch, student, teacher, recipe, ctx, metrics)
     if recipe.objective.prompt_weight:
         loss = loss + prompt_divergence_loss(batch, student, teacher, recipe, ctx, metrics)
-    if penalties:
+    if penalties:  # (the truncation penalty's log-prob term may share its key with pg's)
         loss = loss + penalty_loss(recipe, batch, student, ctx, metrics)
     if student.lm is not None and recipe.objective.lm_coef:
         lm = student.lm_batch

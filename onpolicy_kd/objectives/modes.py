@@ -10,6 +10,10 @@
 | pg    | student samples (teacher-mixed with rollout.alpha)      | MiniLLM policy grad. | when lm_coef > 0      | ppo_epochs         |
 | hidden| the dataset's references                                | none: the hidden-    | always                | 1                  |
 |       |                                                         | state loss alone     |                       |                    |
+| distillm2 | student samples and the teacher's text of the same  | skew forward KL on   | no                    | 1                  |
+|       | prompts, every step (DistiLLM-2)                        | the teacher's, skew  |                       |                    |
+|       |                                                         | reverse KL on the    |                       |                    |
+|       |                                                         | student's            |                       |                    |
 
 The lambda coin is a function of (seed, step) only: the same on every process and after a resume.
 Penalties and the hidden-state loss are added to every mode's loss (objectives/loss.py).
@@ -28,8 +32,8 @@ from typing import TYPE_CHECKING, Callable
 
 from onpolicy_kd.batch import Source
 from onpolicy_kd.objectives.loss import (
-    LossFn, cross_entropy_loss, cross_entropy_terms, divergence_loss, no_loss, no_terms, policy_gradient_step_loss,
-    policy_gradient_terms,
+    LossFn, cross_entropy_loss, cross_entropy_terms, distillm2_loss, divergence_loss, no_loss, no_terms,
+    policy_gradient_step_loss, policy_gradient_terms,
 )
 
 if TYPE_CHECKING:  # the recipe sections, for type hints only (the recipe package imports this table)
@@ -52,6 +56,7 @@ class Mode:
     passes: Callable[["ObjectiveConfig"], int]  # optimizer steps per rollout
     reads_student: bool = True  # its loss reads the student's next-token distribution (hidden: only hidden states,
     #                             so penalties do not apply and the head gets no gradient)
+    with_teacher_text: bool = False  # each step also trains on the teacher's text of the same prompts (distillm2)
 
 
 def _gkd_completions(obj: "ObjectiveConfig", on_policy: bool) -> Source:
@@ -94,6 +99,11 @@ MODES: dict[str, Mode] = {
         samples_student=False, reads_teacher=False, divergence=False, passes=_one_pass,
         references=lambda obj: "objective.mode=sft trains on reference completions",
     ),
+    # DistiLLM-2: skew forward KL on the teacher's text + skew reverse KL on the student's samples, every step
+    "distillm2": Mode(
+        completions=lambda obj, coin: "student", loss=distillm2_loss, terms=no_terms, samples_student=True,
+        reads_teacher=True, divergence=False, passes=_one_pass, references=lambda obj: None, with_teacher_text=True,
+    ),
     # block-by-block distillation: match the teacher's hidden states (hidden.weight > 0), no logit loss
     "hidden": Mode(
         completions=lambda obj, coin: "references", loss=no_loss, terms=no_terms, samples_student=False,
@@ -104,9 +114,16 @@ MODES: dict[str, Mode] = {
 
 
 def samples_student(obj: "ObjectiveConfig") -> bool:
-    """Whether any step of this objective samples from the student: pg always, gkd unless lmbda = 0."""
+    """Whether any step of this objective samples from the student: pg always, gkd unless lmbda = 0 throughout."""
     mode = MODES[obj.mode]
-    return mode.samples_student and (mode.completions is not _gkd_completions or obj.lmbda > 0)
+    return mode.samples_student and (mode.completions is not _gkd_completions or obj.lmbda > 0
+                                     or obj.lmbda_schedule == "adaptive")
+
+
+def trains_on_teacher_text(obj: "ObjectiveConfig") -> bool:
+    """Whether some step of this objective trains on the teacher's text (teacher_text.* decode it): seqkd always,
+    gkd with seq_kd on the steps the lambda coin gives to the teacher (lmbda < 1)."""
+    return obj.mode in ("seqkd", "distillm2") or (obj.mode == "gkd" and obj.seq_kd and obj.lmbda < 1)
 
 
 def lambda_coin(seed: int, step: int, lmbda: float) -> bool:
@@ -114,10 +131,11 @@ def lambda_coin(seed: int, step: int, lmbda: float) -> bool:
     return random.Random(f"{seed}-{step}").random() < lmbda
 
 
-def completion_source(recipe: "Recipe", step: int) -> Source:
-    """Who writes this step's completions: 'student', 'teacher' or 'references'."""
+def completion_source(recipe: "Recipe", step: int, lmbda: float | None = None) -> Source:
+    """Who writes this step's completions: 'student', 'teacher' or 'references'. `lmbda`: the share of student
+    samples now, when a schedule moved it from objective.lmbda (training/loop.py: TrainerState.lmbda)."""
     obj = recipe.objective
-    return MODES[obj.mode].completions(obj, lambda_coin(recipe.train.seed, step, obj.lmbda))
+    return MODES[obj.mode].completions(obj, lambda_coin(recipe.train.seed, step, obj.lmbda if lmbda is None else lmbda))
 
 
 @dataclass(frozen=True)

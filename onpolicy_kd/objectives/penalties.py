@@ -156,3 +156,15 @@ def entropy_shaping(entropy_BT: Tensor, mask_BT: Tensor, weight: float, floor: f
     h_BT = entropy_BT.detach()
     shortfall_BT = -h_BT if math.isinf(floor) else torch.clamp(floor - h_BT, min=0)
     return torch.where(mask_BT.bool(), weight * shortfall_BT, torch.zeros_like(shortfall_BT))
+
+
+def truncation_loss(logprob_BT: Tensor, mask_BT: Tensor, truncated_B: Tensor, weight: float,
+                    num_completions: Tensor | float | None = None) -> Tensor:
+    """rollout.truncated=penalise: weight x sum over the cut samples of sum_t log q(y_t), over the step's number of
+    sampled completions. On the student's own samples its gradient is an unbiased estimate of the gradient of
+    weight x P(cut) (the score function: grad E_q[c 1{cut}] = c E_q[1{cut} grad log q(y)]), so descending it makes
+    the student less likely to run past max_new_tokens; the value itself is not P(cut) (rollout/truncated logs
+    the share cut)."""
+    per_row = torch.where(mask_BT.bool(), logprob_BT, torch.zeros_like(logprob_BT)).sum(-1)
+    count = truncated_B.numel() if num_completions is None else num_completions
+    return weight * (per_row * truncated_B.to(per_row.dtype)).sum() / max(float(count), 1.0)

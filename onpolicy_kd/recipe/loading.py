@@ -286,7 +286,7 @@ def load_recipe(
     return recipe
 
 
-STAGE_SECTIONS = ("objective", "rollout", "data", "optim", "penalties", "hidden", "train")
+STAGE_SECTIONS = ("objective", "rollout", "teacher_text", "data", "optim", "penalties", "hidden", "train")
 
 
 def resolve_stages(recipe: Recipe, path: str | Path = DICT_SOURCE) -> list[Recipe]:

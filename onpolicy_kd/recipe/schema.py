@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from onpolicy_kd.hub import looks_like_local_path
 from onpolicy_kd.objectives.divergences import BACKENDS, DIVERGENCES
-from onpolicy_kd.objectives.modes import MODES
+from onpolicy_kd.objectives.modes import MODES, samples_student, trains_on_teacher_text
 from onpolicy_kd.objectives.penalties import any_penalty
 
 # ONPOLICY_KD_CACHE_DIR is not among them: it is the cache root (`cache_root()`), whose data/ is data.cache_dir's
@@ -267,13 +267,26 @@ class RolloutConfig(Section):
     )
     do_sample: bool = Field(True, description="false = greedy decoding")
     stop_strings: list[str] = Field(default_factory=list)
-    teacher_cache: bool = Field(
-        False, description="teacher samples (mode seqkd, gkd with seq_kd) come from a cache of one completion per "
-                           "training prompt, generated once with these rollout settings and reused by later runs")
+    truncated: Literal["keep", "mask", "penalise"] = Field(
+        "keep", description="the student's samples cut at max_new_tokens (no EOS or stop string): keep = trained on "
+                            "like the others; mask = left out of the loss; penalise = trained on, plus "
+                            "truncation_penalty x a score-function term that lowers the probability of being cut "
+                            "(every step logs the share cut, rollout/truncated)")
+    truncation_penalty: float = Field(1.0, gt=0, description="truncated=penalise: the cost of a cut sample")
     batch_size: int | None = Field(
         None, ge=1, description="prompts per generation call, independent of the training micro-batch (the step's "
                                 "prompts are generated in batches of this size, then split into micro-batches); "
                                 "default train.batch_size")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "teacher_cache" in data:
+            raise ValueError(f"rollout.teacher_cache is now teacher_text.cache (write teacher_text: {{cache: "
+                             f"{str(data['teacher_cache']).lower()}}}): the teacher's text has its own decoding keys, "
+                             f"teacher_text.do_sample, temperature, top_k, top_p, max_new_tokens and samples_per_prompt, "
+                             f"and the rollout's keys decode the student's samples only")
+        return data
 
     @field_validator("temperature")
     @classmethod
@@ -288,6 +301,53 @@ class RolloutConfig(Section):
         return self
 
 
+class TeacherTextConfig(Section):
+    """The teacher's completions of the training prompts, which off-policy steps train on (mode seqkd; gkd with
+    seq_kd, on the steps the lambda coin gives to the teacher). They are decoded by these keys, independent of the
+    rollout's, so a gkd run can mix greedy (or sampled) teacher text with the student's samples at temperature 1."""
+
+    cache: bool = Field(
+        False, description="generate the teacher's text once per training prompt (samples_per_prompt of them) and "
+                           "cache it under data.cache_dir/teacher, reused by later runs; false = the teacher decodes "
+                           "afresh at every step that trains on its text")
+    do_sample: bool = Field(False, description="false = the teacher's greedy completion; true = sampled")
+    temperature: float = Field(1.0, gt=0, description=f">= {MIN_TEMPERATURE}; sampling temperature")
+    top_k: int = Field(0, ge=0, description="0 = off")
+    top_p: float = Field(1.0, gt=0, le=1, description="in (0, 1]; 1 = off")
+    max_new_tokens: int | None = Field(None, ge=1, description="default rollout.max_new_tokens")
+    stop_strings: list[str] | None = Field(None, description="default rollout.stop_strings")
+    samples_per_prompt: int = Field(
+        1, ge=1, description="cache: sampled completions per prompt (the k-th seeded with train.seed + k); a step "
+                             "trains on one of them per prompt, drawn from (seed, step, row)")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return _sensible_temperature(value, "teacher_text.temperature", "for greedy text set "
+                                                                       "teacher_text.do_sample=false, else ")
+
+    @model_validator(mode="after")
+    def _sampling_keys(self) -> "TeacherTextConfig":
+        if not self.do_sample and (self.top_k or self.top_p < 1 or self.temperature != 1.0):
+            raise ValueError("teacher_text.temperature/top_k/top_p have no effect with teacher_text.do_sample=false "
+                             "(greedy); remove them or set do_sample=true")
+        if self.samples_per_prompt > 1 and not (self.do_sample and self.cache):
+            raise ValueError(f"teacher_text.samples_per_prompt={self.samples_per_prompt} caches several sampled "
+                             f"completions per prompt: it needs teacher_text.do_sample=true and teacher_text.cache=true "
+                             f"(greedy text is one completion; without the cache each step samples afresh)")
+        return self
+
+
+class ReplayConfig(Section):
+    """Reuse of the student's samples across steps (onpolicy_kd/rollout/replay.py), for mode gkd."""
+
+    size: int = Field(0, ge=0, description="student samples kept for reuse; 0 = off")
+    share: float = Field(0.5, ge=0, le=1, description="probability that a student-sample step trains on stored "
+                                                       "samples instead of drawing new ones (when enough are stored)")
+    reuse: int = Field(1, ge=1, description="times a stored sample is trained on again after the step that drew it")
+    max_age: int | None = Field(None, ge=1, description="steps after which a stored sample is dropped; null = no limit")
+
+
 class ObjectiveConfig(Section):
     mode: Literal[tuple(MODES)] = "gkd"  # type: ignore[valid-type]
     divergence: Literal[tuple(DIVERGENCES)] = "reverse_kl"  # type: ignore[valid-type]
@@ -296,6 +356,11 @@ class ObjectiveConfig(Section):
     temperature: float = Field(1.0, gt=0, description=f">= {MIN_TEMPERATURE}; divides both models' logits inside "
                                                       f"the divergence")
     lmbda: float = Field(1.0, ge=0, le=1, description="gkd: probability of on-policy student samples in [0, 1]")
+    lmbda_schedule: Literal["constant", "adaptive"] = Field(
+        "constant", description="gkd: adaptive = lmbda is the starting share, raised by lmbda_step (up to 1) after each "
+                                "held-out evaluation whose KL(student || teacher) on the student's own samples is "
+                                "higher than at the evaluation before (DistiLLM's adaptive schedule)")
+    lmbda_step: float = Field(0.1, gt=0, le=1, description="gkd, lmbda_schedule=adaptive: the share's increment")
     seq_kd: bool = Field(False, description="gkd: off-policy steps use teacher samples instead of references")
     discount: float = Field(1.0, ge=0, le=1, description="pg: return discount gamma in [0, 1]")
     length_norm: bool = True
@@ -537,6 +602,8 @@ class StageConfig(Section):
                                                          "train.epochs), instead of max_steps")
     objective: dict[str, Any] = Field(default_factory=dict)
     rollout: dict[str, Any] = Field(default_factory=dict)
+    teacher_text: dict[str, Any] = Field(default_factory=dict)
+    replay: dict[str, Any] = Field(default_factory=dict)
     data: dict[str, Any] = Field(default_factory=dict, description="training data of this stage; evaluation "
                                                                    "always uses the recipe's own held-out prompts")
     optim: dict[str, Any] = Field(default_factory=dict)
@@ -574,6 +641,8 @@ class Recipe(Section):
     student: StudentConfig
     data: DataConfig
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    teacher_text: TeacherTextConfig = Field(default_factory=TeacherTextConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     penalties: PenaltiesConfig = Field(default_factory=PenaltiesConfig)
     hidden: HiddenConfig = Field(default_factory=HiddenConfig)
@@ -597,6 +666,14 @@ class Recipe(Section):
         if self.objective.backend == "liger" and not mode.divergence:
             raise ValueError(f"objective.backend=liger computes a divergence; mode {mode_name} has none: use "
                              f"backend=chunked (or auto)")
+        if self.objective.lmbda_schedule == "adaptive":
+            if not self.eval.eval_steps:
+                raise ValueError("objective.lmbda_schedule=adaptive raises the student-sample share after held-out "
+                                 "evaluations that find a higher KL: set eval.eval_steps > 0 (evaluations during "
+                                 "training)")
+            if self.objective.lmbda == 1:
+                raise ValueError("objective.lmbda_schedule=adaptive starts at objective.lmbda and raises it; at "
+                                 "lmbda=1 there is nothing to raise: start lower (DistiLLM starts at 0)")
         if self.objective.seq_kd and mode_name != "gkd":
             raise ValueError(f"objective.seq_kd applies to mode=gkd only (mode is {mode_name}); use mode=seqkd instead")
         if not mode.reads_student and not self.hidden.weight:
@@ -625,6 +702,13 @@ class Recipe(Section):
                                  f"setting")
         return self
 
+    def teacher_text_decoding(self) -> dict[str, Any]:
+        """The rollout settings the teacher's training text is decoded with (the teacher-completion cache's key)."""
+        text, rollout = self.teacher_text, self.rollout
+        return {"max_new_tokens": text.max_new_tokens or rollout.max_new_tokens, "temperature": text.temperature,
+                "top_k": text.top_k, "top_p": text.top_p, "do_sample": text.do_sample,
+                "stop_strings": list(rollout.stop_strings if text.stop_strings is None else text.stop_strings)}
+
     def _check_head_init(self) -> None:
         """A stage's head_init reads a projection an earlier stage trained (a stage with hidden.weight > 0)."""
         for k, stage in enumerate(self.stages):
@@ -649,12 +733,24 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
     obj, mode = r.objective, r.objective.mode
     divergence_modes = [m for m, spec in MODES.items() if spec.divergence]
     keys = [(f"objective.{k}", mode in divergence_modes, f"to modes {'/'.join(divergence_modes)}")
-            for k in _DIVERGENCE_KEYS]
+            for k in _DIVERGENCE_KEYS if k not in ("skew", "temperature", "divergence")]
+    keys += [(f"objective.{k}", mode in (*divergence_modes, "distillm2"),
+              f"to modes {'/'.join(divergence_modes)}/distillm2") for k in ("temperature",)]
     keys += [(f"objective.{k}", mode == "pg", "to mode=pg") for k in _PG_KEYS]
     keys += [
         ("objective.lmbda", mode == "gkd", "to mode=gkd"),
+        ("objective.lmbda_schedule", mode == "gkd", "to mode=gkd"),
+        ("objective.lmbda_step", mode == "gkd" and obj.lmbda_schedule == "adaptive",
+         "to mode=gkd with objective.lmbda_schedule=adaptive"),
+        ("replay.size", mode == "gkd" and samples_student(obj), "to mode=gkd with student samples (lmbda > 0 or the "
+                                                                "adaptive schedule); pg reads the sampler's "
+                                                                "probabilities, which a stored sample no longer has"),
+        *[(f"replay.{k}", r.replay.size > 0, "with replay.size > 0") for k in ("share", "reuse", "max_age")],
         ("objective.beta", obj.divergence == "jsd", "to divergence=jsd"),
-        ("objective.skew", obj.divergence.startswith("skew_"), "to the skew divergences"),
+        ("objective.skew", mode == "distillm2" or (mode in divergence_modes and obj.divergence.startswith("skew_")),
+         "to the skew divergences and mode=distillm2"),
+        ("objective.divergence", mode in divergence_modes, f"to modes {'/'.join(divergence_modes)} (distillm2's "
+                                                           f"divergences are fixed: skew forward and reverse KL)"),
         ("objective.importance", r.rollout.alpha > 0, "when rollout.alpha > 0 (teacher-mixed samples)"),
         ("objective.is_clip", r.rollout.alpha > 0, "when rollout.alpha > 0 (teacher-mixed samples)"),
         ("objective.chunk_size", obj.backend != "torch", "to the memory-bounded head (backend auto, chunked, liger)"),
@@ -676,8 +772,13 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
         ("data.eval_size", r.data.eval_split is None and r.data.eval_path is None,
          "when neither data.eval_split nor data.eval_path is set"),
         ("data.eval_columns", r.data.eval_path is not None, "with data.eval_path"),
-        ("rollout.teacher_cache", mode == "seqkd" or (mode == "gkd" and obj.seq_kd and obj.lmbda < 1),
-         "to modes that train on teacher samples (seqkd, or gkd with seq_kd and lmbda < 1)"),
+        *[(f"rollout.{k}", samples_student(obj), "to modes that sample the student (pg, gkd with lmbda > 0); the "
+                                                  "teacher's text decodes by teacher_text.*")
+          for k in ("do_sample", "temperature", "top_k", "top_p", "truncated")],
+        ("rollout.truncation_penalty", r.rollout.truncated == "penalise", "with rollout.truncated=penalise"),
+        *[(f"teacher_text.{k}", trains_on_teacher_text(obj),
+           "to modes that train on the teacher's text (seqkd, distillm2, or gkd with seq_kd and lmbda < 1)")
+          for k in TeacherTextConfig.model_fields],
         ("data.name", not looks_like_local_path(r.data.path), "to Hub datasets (data.path is a local path)"),
         ("data.system_prompt", r.data.chat_template, "with data.chat_template=true"),
         ("logging.run_name", bool(r.logging.report_to), "with logging.report_to (a tracker)"),

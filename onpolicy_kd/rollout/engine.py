@@ -267,6 +267,7 @@ def rollout(
     completions = _completions(prompt_ids, prompt_mask, records, lengths, pad_id, tokenizer, source or (
         "teacher" if alpha == 1 else "student"), temperature, alpha, steps, rows)
     completions.prompt_cache = getattr(s_decoding, "prompt_cache", None)
+    completions.truncated = ~finished  # cut at max_new_tokens: no EOS or stop string
     return completions
 
 

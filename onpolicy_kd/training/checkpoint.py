@@ -196,7 +196,9 @@ def check_writable(output_dir: str | Path, needed_bytes: int) -> None:
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep: int,
-                    recipe_yaml: str) -> Path:
+                    recipe_yaml: str, rank_files: dict[str, str] | None = None) -> Path:
+    """Save the run's state atomically (written to a temporary folder, renamed into place). `rank_files`: files
+    every process writes for itself (name -> text; e.g. its replay buffer)."""
     root = checkpoints_dir(output_dir)
     final = root / f"checkpoint-{step:07d}"
     tmp = root / f".tmp-checkpoint-{step:07d}"
@@ -207,6 +209,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        if rank_files:
+            for name, text in rank_files.items():
+                (tmp / name).write_text(text)
+            accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps({**state, "num_processes": accelerator.num_processes}, indent=1))
             (tmp / RECIPE_FILE).write_text(recipe_yaml)

@@ -38,6 +38,7 @@ from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
 from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_source, forward_plan, samples_student
 from onpolicy_kd.recipe import Recipe, cache_root, recipe_to_yaml
 from onpolicy_kd.recipe.schema import DEFAULT_MAX_STEPS, TIME_ONLY_STEP_CAP, parse_trainable
+from onpolicy_kd.rollout.replay import ReplayBuffer, replay_file
 from onpolicy_kd.rollout.teacher_cache import cached_teacher_completions
 from onpolicy_kd.training.checkpoint import (
     check_writable, checkpoint_bytes, claim_run, export_final, load_checkpoint, model_card, resume_plan,
@@ -61,6 +62,9 @@ class TrainerState:
     bad_steps_in_a_row: int = 0
     train_seconds: float = 0.0
     before: dict[str, float] = field(default_factory=dict)  # held-out metrics before the first step
+    lmbda: float | None = None  # gkd's share of student samples now (objective.lmbda until the adaptive schedule
+    #                             raises it)
+    heldout_kl: float | None = None  # the last evaluation's KL(student || teacher) (the adaptive schedule's signal)
 
 
 @dataclass
@@ -121,6 +125,7 @@ class Run:
     stop: StopRequested
     max_steps: int  # the step budget: train.max_steps, or train.epochs over the training prompts
     answers: TeacherAnswers  # the frozen teacher's greedy and sampled held-out answers (cached)
+    replay: ReplayBuffer | None = None  # the student samples kept for reuse (replay.size > 0)
     collapsed: bool = False  # an evaluation found collapse and eval.stop_on_collapse ends the run
     out_of_time: bool = False  # train.max_time is spent
     last_eval: dict[str, float] = field(default_factory=dict)
@@ -160,13 +165,13 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
             evaluate_at_start(run, before)
             while run.state.step < run.max_steps and not (run.collapsed or run.out_of_time):
                 timer, sums = PhaseTimer(), MetricSums()
-                source = completion_source(recipe, run.state.step)  # student / teacher samples or references
+                source = completion_source(recipe, run.state.step, run.state.lmbda)  # student/teacher text or refs
+                skipped, metrics = False, {}
                 with timer("rollout"):
-                    batches = draw_completions(run, source)  # one batch per micro-batch
+                    batches = draw_completions(run, source, metrics)  # one batch per micro-batch
                 with timer("teacher"):
                     teachers = [teacher_outputs(run, batch) for batch in batches]  # once per rollout
                 context = step_context(run, batches, teachers)  # global token counts, PG baseline
-                skipped, metrics = False, {}
                 for _ in range(run.mode.passes(recipe.objective)):  # pg: ppo_epochs passes over the rollout
                     bad = False
                     for batch, teacher in zip(batches, teachers):
@@ -219,7 +224,7 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     if stage is not None and stage.eval_data is not None and stage.eval_data != recipe.data:
         data = replace(data, eval=load_prompt_data(stage.eval_data, models.tokenizer, seed=recipe.train.seed,
                                                      encoder_decoder=is_encoder_decoder(models.teacher)).eval)
-    if recipe.rollout.teacher_cache:
+    if recipe.teacher_text.cache:
         data = replace(data, train=with_teacher_completions(recipe, models, data.train, accelerator))
     answers = recipe_teacher_answers(recipe, models.teacher, models.tokenizer, data.eval, accelerator)  # unsharded
     mode = MODES[recipe.objective.mode]
@@ -246,8 +251,11 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     head, why = choose_head(recipe, accelerator, models)
     reuse_prompt, reuse_why = choose_prompt_reuse(recipe, accelerator, models)
     sampler = PromptSampler(len(data.train), cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed)
+    replay = ReplayBuffer(recipe.replay.size, recipe.replay.reuse, recipe.replay.max_age) if recipe.replay.size else None
     if cfg.resume_from is not None:
         resume(accelerator, cfg, stage, state, checkpoint_path)
+        if replay is not None and checkpoint_path is not None and replay_file(checkpoint_path, accelerator.process_index).is_file():
+            replay.load(replay_file(checkpoint_path, accelerator.process_index).read_text())
         sampler.position = state.data_position
         if any(key.startswith("optim.") for key, _, _ in changes or []):
             apply_optim_settings(recipe.optim, optimizer, scheduler)
@@ -274,7 +282,7 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
         monitor.print(parts_text)
     return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
                optimizer, scheduler, sampler, mode, forward_plan(recipe, head, reuse_prompt), state, monitor, StopRequested(), max_steps,
-               answers)
+               answers, replay)
 
 
 def data_where(recipe: Recipe, data: PromptData) -> str:
@@ -313,26 +321,29 @@ def budget_text(cfg, steps: int | None = None) -> str:
 
 
 def with_teacher_completions(recipe: Recipe, models: Models, train_split, accelerator: Accelerator):
-    """The training prompts with the teacher's cached completions as columns (generated on first use)."""
-    r = recipe.rollout
-    settings = {"max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p,
-                "do_sample": r.do_sample, "stop_strings": list(r.stop_strings)}
+    """The training prompts with the teacher's cached completions as columns (generated on first use): per row, a
+    list of teacher_text.samples_per_prompt token-id lists and texts (the k-th sample seeded with train.seed + k)."""
+    r, count = recipe.rollout, recipe.teacher_text.samples_per_prompt
+    settings = recipe.teacher_text_decoding()
     teacher = models.teacher.to(accelerator.device)
+    ids, texts = [[] for _ in range(len(train_split))], [[] for _ in range(len(train_split))]
+    for k in range(count):
+        def progress(done: int, total: int, k: int = k) -> None:
+            if accelerator.is_main_process and (done == total or done % (10 * (r.batch_size or recipe.train.batch_size)) == 0):
+                console.print(f"teacher completions for the cache{f' (sample {k + 1}/{count})' if count > 1 else ''}: "
+                              f"{done}/{total} prompts")
 
-    def progress(done: int, total: int) -> None:
-        if accelerator.is_main_process and (done == total or done % (10 * (r.batch_size or recipe.train.batch_size)) == 0):
-            console.print(f"teacher completions for the cache: {done}/{total} prompts")
-
-    with accelerator.main_process_first():  # the main process writes the cache, the others read it
-        completions, hit, folder = cached_teacher_completions(
-            teacher, models.tokenizer, train_split, settings, cache_dir=data_cache_dir(recipe.data),
-            batch_size=r.batch_size or recipe.train.batch_size, seed=recipe.train.seed, device=accelerator.device,
-            vocab=len(models.tokenizer), progress=progress)
-    if accelerator.is_main_process:
-        console.print(f"teacher completions: {'read from' if hit else 'written to'} {folder}")
-    for column in completions.column_names:
-        train_split = train_split.add_column(column, completions[column])
-    return train_split
+        with accelerator.main_process_first():  # the main process writes the cache, the others read it
+            completions, hit, folder = cached_teacher_completions(
+                teacher, models.tokenizer, train_split, settings, cache_dir=data_cache_dir(recipe.data),
+                batch_size=r.batch_size or recipe.train.batch_size, seed=recipe.train.seed + k, device=accelerator.device,
+                vocab=len(models.tokenizer), progress=progress)
+        if accelerator.is_main_process:
+            console.print(f"teacher completions: {'read from' if hit else 'written to'} {folder}")
+        for row, (row_ids, row_text) in enumerate(zip(completions["teacher_ids"], completions["teacher_text"])):
+            ids[row].append(row_ids)
+            texts[row].append(row_text)
+    return train_split.add_column("teacher_ids", ids).add_column("teacher_text", texts)
 
 
 def choose_head(recipe: Recipe, accelerator: Accelerator, models: Models) -> tuple[str, str]:
@@ -395,6 +406,7 @@ def heldout(run: Run) -> dict[str, float]:
     run.evaluation = heldout_evaluation(run.recipe, run.accelerator, run.student, run.teacher, run.tokenizer,
                                         run.data.eval, run.answers)
     metrics = logged_metrics(run.evaluation.summary)
+    adapt_lmbda(run, metrics)
     run.monitor.log(run.state.step, metrics, advance=False)
     run.last_eval = metrics
     cfg = run.recipe.eval
@@ -409,16 +421,38 @@ def heldout(run: Run) -> dict[str, float]:
     return metrics
 
 
+def adapt_lmbda(run: Run, metrics: dict[str, float]) -> None:
+    """objective.lmbda_schedule=adaptive: after an evaluation during training whose held-out KL(student || teacher)
+    on the student's own samples is higher than the previous evaluation's, the share of student-sample steps rises
+    by objective.lmbda_step (up to 1). The evaluation before the first step only sets the starting KL."""
+    obj, state = run.recipe.objective, run.state
+    if obj.lmbda_schedule != "adaptive":
+        return
+    kl = metrics["eval/reverse_kl"]
+    if state.lmbda is None:
+        state.lmbda = obj.lmbda
+    if state.step > 0 and state.heldout_kl is not None and kl > state.heldout_kl and state.lmbda < 1:
+        raised = min(1.0, state.lmbda + obj.lmbda_step)
+        run.monitor.print(f"held-out KL rose ({state.heldout_kl:.4f} -> {kl:.4f}): the share of student samples goes "
+                          f"from {state.lmbda:.2f} to {raised:.2f} (objective.lmbda_schedule=adaptive)")
+        state.lmbda = raised
+    state.heldout_kl = kl
+    metrics["data/lmbda"] = state.lmbda
+
+
 def evaluate_at_start(run: Run, before: dict[str, float] | None) -> None:
     if run.state.step == 0:
         run.state.before = before if before is not None else heldout(run)
+        if before is not None:  # a stage after the first: the previous stage's last evaluation is its start
+            adapt_lmbda(run, dict(before))
         run.monitor.print(f"held-out reverse KL before training: {run.state.before['eval/reverse_kl']:.3f} nats/token")
 
 
 def checkpoint(run: Run) -> Path:
     run.state.data_position = run.sampler.position
+    rank_files = {replay_file(Path(), run.accelerator.process_index).name: run.replay.state()} if run.replay else {}
     return save_checkpoint(run.accelerator, run.recipe.train.output_dir, run.state.step, asdict(run.state),
-                           run.recipe.train.save_total_limit, recipe_to_yaml(run.recipe))
+                           run.recipe.train.save_total_limit, recipe_to_yaml(run.recipe), rank_files)
 
 
 def after_step(run: Run, source: str, num_tokens: float, metrics: dict[str, float], skipped: bool,
@@ -445,6 +479,8 @@ def after_step(run: Run, source: str, num_tokens: float, metrics: dict[str, floa
         "perf/tokens_per_s": num_tokens / elapsed, "time/step_s": elapsed, "train/skipped_steps": state.bad_steps_total,
         "data/on_policy": float(source == "student"),
     }
+    if recipe.objective.lmbda_schedule == "adaptive":
+        metrics["data/lmbda"] = state.lmbda
     agree_on_stop(run)
     last = state.step == run.max_steps or run.out_of_time
     if state.step % recipe.logging.log_steps == 0 or last:

@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from onpolicy_kd.batch import Completions, Source, concatenate
-from onpolicy_kd.data.sampler import prompt_batch, reference_batch
+from onpolicy_kd.data.sampler import prompt_batch, reference_batch, stored_batch
 from onpolicy_kd.models.distributed import autocast_dtype, for_generation, global_sum, steps_inside_backward
 from onpolicy_kd.models.forward import embedding_matrix, student_forward, teacher_forward
 from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, batch_returns, per_token_mean, step_loss
 from onpolicy_kd.objectives.penalties import sequences_with_pairs
 from onpolicy_kd.rollout import rollout
+from onpolicy_kd.rollout.replay import replay_coin
 
 if TYPE_CHECKING:
     from onpolicy_kd.training.loop import Run
@@ -61,33 +62,66 @@ class PhaseTimer:
 
 
 class MetricSums:
-    """Per-token metrics of the micro-batches, weighted by their token counts, averaged over all processes."""
+    """Per-token metrics of the micro-batches, each weighted by the token counts of the micro-batches that report
+    it (distillm2's two kinds of batch report different divergences), averaged over all processes."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
-        self.weight = 0
+        self.weights: dict[str, int] = {}
 
     def add(self, metrics: dict[str, float], tokens: int) -> None:
         for key, value in metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + value * tokens
-        self.weight += tokens
+            self.weights[key] = self.weights.get(key, 0) + tokens
 
     def global_means(self, accelerator) -> dict[str, float]:
-        total = global_sum(accelerator, self.weight)  # every rank has the same keys, in the same order
-        return {key: global_sum(accelerator, value) / max(total, 1) for key, value in sorted(self.sums.items())}
+        # every rank has the same keys, in the same order
+        return {key: global_sum(accelerator, value) / max(global_sum(accelerator, self.weights[key]), 1)
+                for key, value in sorted(self.sums.items())}
 
 
-def draw_completions(run: "Run", source: Source) -> list[Completions]:
+def draw_completions(run: "Run", source: Source, metrics: dict[str, float]) -> list[Completions]:
     """This step's completions, one batch per micro-batch: the dataset's references, or samples from the student
-    (teacher-mixed with rollout.alpha) or from the teacher, generated `rollout.batch_size` prompts at a time."""
-    recipe, acc, pad = run.recipe, run.accelerator, run.tokenizer.pad_token_id
+    (teacher-mixed with rollout.alpha) or from the teacher, generated `rollout.batch_size` prompts at a time, or
+    student samples an earlier step drew, from the replay buffer (replay.*; what it did goes into `metrics`)."""
+    recipe, acc, pad, step = run.recipe, run.accelerator, run.tokenizer.pad_token_id, run.state.step
+    if source == "student" and run.replay is not None:
+        reused = reused_completions(run)
+        metrics |= {"replay/reused": float(reused is not None), "replay/stored": float(len(run.replay))}
+        if reused is not None:
+            metrics["replay/age"] = sum(step - s.born for s in reused) / len(reused)
+            batches = [stored_batch(run.data.train, reused[i : i + recipe.train.batch_size], pad, acc.device)
+                       for i in range(0, len(reused), recipe.train.batch_size)]
+            handle_truncated(run, batches, metrics)
+            return batches
     rows = [run.sampler.next_batch() for _ in range(recipe.train.grad_accum)]
-    if source == "references" or (source == "teacher" and recipe.rollout.teacher_cache):
-        return [reference_batch(run.data.train, r, pad, acc.device, source=source) for r in rows]
+    batches = completions_of(run, source, rows)
+    if source == "student" and run.replay is not None:  # stored whole; a reuse handles cut ones like a fresh step
+        for batch in batches:
+            run.replay.add(batch.rows, [ids[mask].tolist() for ids, mask in zip(batch.completion_ids,
+                                                                                batch.completion_mask)], batch.texts,
+                           batch.truncated.tolist(), step)
+    if source == "student":
+        handle_truncated(run, batches, metrics)
+    if run.mode.with_teacher_text:  # distillm2: the teacher's text of the same prompts, in the same step
+        batches += completions_of(run, "teacher", rows)
+    return batches
+
+
+def completions_of(run: "Run", source: Source, rows: list[list[int]]) -> list[Completions]:
+    """The completions of `source` for each micro-batch's prompt rows."""
+    recipe, acc, pad = run.recipe, run.accelerator, run.tokenizer.pad_token_id
     r, step = recipe.rollout, run.state.step
+    if source == "references" or (source == "teacher" and recipe.teacher_text.cache):
+        return [reference_batch(run.data.train, micro, pad, acc.device, source=source, seed=recipe.train.seed,
+                                step=step) for micro in rows]
     flat = [row for micro in rows for row in micro]
     size = r.batch_size or recipe.train.batch_size
     alpha = 1.0 if source == "teacher" else r.alpha
+    # the teacher's text decodes by teacher_text.*, the student's samples by rollout.*
+    decode = recipe.teacher_text_decoding() if source == "teacher" else {
+        "max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p,
+        "do_sample": r.do_sample, "stop_strings": r.stop_strings}
     generated = []
     with for_generation(run.student, acc) as student:
         for index, start in enumerate(range(0, len(flat), size)):
@@ -97,9 +131,8 @@ def draw_completions(run: "Run", source: Source) -> list[Completions]:
                 recipe.train.seed * 1_000_003 + step * 1009 + index * 31 + acc.process_index)
             generated.append(rollout(
                 student, run.teacher if alpha > 0 else None, prompt_ids, prompt_mask, tokenizer=run.tokenizer,
-                max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, alpha=alpha,
-                do_sample=r.do_sample, stop_strings=r.stop_strings, generator=generator, vocab_size=run.vocab,
-                source=source, rows=chunk, keep_prompt_graph=run.plan.reuse_prompt, autocast=autocast_dtype(acc)))
+                alpha=alpha, generator=generator, vocab_size=run.vocab, source=source, **decode, rows=chunk,
+                keep_prompt_graph=run.plan.reuse_prompt, autocast=autocast_dtype(acc)))
     if size != recipe.train.batch_size:  # re-split the generation batches into training micro-batches
         everything, n = concatenate(generated, pad), recipe.train.batch_size
         generated = [everything.select(range(i * n, (i + 1) * n)) for i in range(len(rows))]
@@ -107,6 +140,27 @@ def draw_completions(run: "Run", source: Source) -> list[Completions]:
         for batch in generated:
             batch.references = reference_batch(run.data.train, batch.rows, pad, acc.device)
     return generated
+
+
+def handle_truncated(run: "Run", batches: list[Completions], metrics: dict[str, float]) -> None:
+    """Log the share of the step's samples cut at max_new_tokens (over all processes); with rollout.truncated=mask,
+    take them out of the loss (penalise: objectives/penalties.py, truncation_loss)."""
+    acc = run.accelerator
+    cut = global_sum(acc, sum(int(b.truncated.sum()) for b in batches))
+    metrics["rollout/truncated"] = cut / max(global_sum(acc, sum(len(b.truncated) for b in batches)), 1)
+    if run.recipe.rollout.truncated == "mask":
+        for batch in batches:
+            batch.completion_mask = batch.completion_mask & ~batch.truncated.unsqueeze(1)
+
+
+def reused_completions(run: "Run") -> list | None:
+    """The stored student samples this step trains on instead of drawing new ones (replay.share of the student's
+    steps, when the buffer holds a step's worth), or None."""
+    recipe, step = run.recipe, run.state.step
+    count = recipe.train.batch_size * recipe.train.grad_accum
+    if not replay_coin(recipe.train.seed, step, recipe.replay.share) or not run.replay.can_serve(count, step):
+        return None
+    return run.replay.take(count, step, recipe.train.seed)
 
 
 def teacher_outputs(run: "Run", batch: Completions) -> ModelOutputs | None:
@@ -128,6 +182,8 @@ def step_context(run: "Run", batches: list[Completions], teachers: list[ModelOut
     )
     if run.plan.prompt:
         ctx.prompt_tokens = global_sum(acc, sum(b.num_prompt_tokens for b in batches))
+    if recipe.rollout.truncated == "penalise":
+        ctx.num_completions = global_sum(acc, sum(len(b.truncated) for b in batches if b.truncated is not None))
     if recipe.objective.lm_coef:
         ctx.lm_tokens = global_sum(acc, sum(b.references.num_tokens for b in batches))
     if recipe.objective.mode == "pg" and recipe.objective.pg_baseline == "mean":
