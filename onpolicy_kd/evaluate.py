@@ -40,6 +40,7 @@ from onpolicy_kd.models.loading import load_model, load_models
 from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.objectives.hidden import STITCHING_FILE, stitching_from_file
 from onpolicy_kd.recipe import Recipe, load_recipe
+from onpolicy_kd.recipe.loading import load_run_recipe
 from onpolicy_kd.training.run_inputs import file_rows
 
 
@@ -50,7 +51,7 @@ def resolve_target(target: str, overrides: Sequence[str]) -> tuple[Recipe, str, 
         recipe_file = path / "final" / "recipe.yaml"
         if not recipe_file.is_file():
             raise UserError(f"{path} is not a finished run (no final/recipe.yaml); give a run's output_dir or a recipe")
-        return load_recipe(recipe_file, overrides), str(recipe_file), path
+        return load_run_recipe(recipe_file, overrides), str(recipe_file), path
     return load_recipe(path, overrides), str(path), None
 
 

@@ -83,10 +83,16 @@ def count_rollouts(monkeypatch) -> list[str]:
 
 
 def test_a_run_reuses_stored_samples_on_replay_share_of_its_steps(tmp_path, far_pair, isolated_cache, monkeypatch):
+    import onpolicy_kd.training.phases as phases
+
     calls = count_rollouts(monkeypatch)
+    temperatures = []
+    real = phases.stored_batch
+    monkeypatch.setattr(phases, "stored_batch", lambda *a, **k: temperatures.append(k["temperature"]) or real(*a, **k))
     path = recipe_for(tmp_path, far_pair, "gkd")
     assert main([str(path), *ON_POLICY, "train.max_steps=10", "replay.size=8", "replay.share=0.5",
-                 "replay.reuse=2"]) == 0
+                 "replay.reuse=2", "rollout.temperature=0.8"]) == 0
+    assert temperatures and set(temperatures) == {0.8}  # a reused sample keeps the temperature it was drawn at
     rows = [r for r in metrics_of(tmp_path / "out") if "train/loss" in r]
     reused = [r["replay/reused"] for r in rows]
     # the coin and a buffer with a step's worth (2 samples) decide; the first step has nothing stored yet
@@ -158,6 +164,25 @@ def test_adaptive_needs_evaluations_and_room_to_rise(tmp_path, far_pair):
         load_recipe(path, ["objective.mode=pg", "replay.size=4"])
     with pytest.raises(ConfigError, match="replay.reuse=3 has no effect"):
         load_recipe(path, ["replay.reuse=3"])
+    with pytest.raises(ConfigError, match="fewer samples than a step trains on"):
+        load_recipe(path, ["replay.size=3", "train.batch_size=2", "train.grad_accum=2"])
+    with pytest.raises(ConfigError, match="replay.share=0 never reuses"):
+        load_recipe(path, ["replay.size=8", "replay.share=0.0"])
+    with pytest.raises(ConfigError, match="greedy rollout"):
+        load_recipe(path, ["rollout.truncated=penalise", "rollout.do_sample=false"])
+    staged = load_recipe(path, ["train.max_steps=null", "stages=[{name: a, max_steps: 1, objective: {mode: seqkd}}, "
+                                "{name: b, max_steps: 1, replay: {size: 8}}]"])
+    from onpolicy_kd.recipe.loading import resolve_stages
+
+    assert [stage.replay.size for stage in resolve_stages(staged)] == [0, 8]  # a stage's replay section applies
+
+
+def test_distillm2_accumulates_both_halves_of_a_step_into_one_optimizer_step(tmp_path, far_pair):
+    from onpolicy_kd.models.distributed import make_accelerator
+
+    path = recipe_for(tmp_path, far_pair, "distillm2")
+    assert make_accelerator(load_recipe(path, ["train.grad_accum=3"])).gradient_accumulation_steps == 6
+    assert make_accelerator(load_recipe(path, ["objective.mode=gkd", "train.grad_accum=3"])).gradient_accumulation_steps == 3
 
 
 # --- DistiLLM-2 -------------------------------------------------------------------------------------------------

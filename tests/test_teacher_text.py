@@ -131,3 +131,29 @@ def test_the_default_recipes_read_the_teacher_cache_entries_they_wrote_before(tm
                                             "do_sample": False, "stop_strings": []}
     arithmetic = load_recipe(root / "recipes" / "smollm2_arithmetic.yaml")
     assert arithmetic.teacher_text_decoding()["max_new_tokens"] == 64 and arithmetic.teacher_text.cache
+
+
+def test_a_run_saved_before_teacher_text_existed_still_evaluates(tmp_path):
+    """A saved final/recipe.yaml of the previous layout (rollout.teacher_cache; the teacher's decoding in
+    rollout.*) is carried over to teacher_text.* by `evaluate`'s loader, as that run decoded."""
+    import yaml
+
+    from onpolicy_kd.recipe.loading import load_run_recipe, recipe_to_yaml
+
+    root = Path(__file__).resolve().parent.parent
+    current = load_recipe(root / "recipes" / "smollm2_news.yaml")
+    old = yaml.safe_load(recipe_to_yaml(current))
+    old.pop("teacher_text"), old.pop("replay")
+    old["rollout"] |= {"teacher_cache": True, "do_sample": False}  # what the default recipe saved before
+    old["stages"] = [{"name": "sampled", "max_steps": 2,  # the recipe's objective: gkd on teacher text
+                      "rollout": {"teacher_cache": False, "do_sample": True, "temperature": 0.7}}]
+    old["train"]["max_steps"] = None
+    saved = tmp_path / "recipe.yaml"
+    saved.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="rollout.teacher_cache is now teacher_text.cache"):
+        load_recipe(saved)  # a user's recipe gets the error
+    migrated = load_run_recipe(saved)
+    assert migrated.teacher_text.cache and migrated.teacher_text_decoding() == current.teacher_text_decoding()
+    stage = migrated.stages[0]
+    assert stage.teacher_text == {"cache": False, "do_sample": True, "temperature": 0.7}
+    assert "do_sample" not in stage.rollout and "temperature" not in stage.rollout

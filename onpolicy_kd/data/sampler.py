@@ -75,14 +75,16 @@ def reference_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torc
     return Completions(prompt_ids, prompt_mask, ids, mask, source=source, texts=texts, rows=list(rows))
 
 
-def stored_batch(dataset: Dataset, stored: list, pad_id: int, device: torch.device) -> Completions:
+def stored_batch(dataset: Dataset, stored: list, pad_id: int, device: torch.device, *, temperature: float,
+                 alpha: float) -> Completions:
     """Student samples kept in the replay buffer (rollout/replay.py: each with its row, tokens and text) as a batch
-    of the student's completions, without the sampler's log-probabilities (the divergences do not read them)."""
+    of the student's completions drawn at `temperature` (and teacher mixing `alpha`), without the sampler's
+    log-probabilities (the divergences do not read them)."""
     rows = [s.row for s in stored]
     prompt_ids, prompt_mask = prompt_batch(dataset, rows, pad_id, device)
     ids, mask = right_pad([s.ids for s in stored], pad_id, device)
     return Completions(prompt_ids, prompt_mask, ids, mask, source="student", texts=[s.text for s in stored], rows=rows,
-                       truncated=torch.tensor([s.truncated for s in stored], dtype=torch.bool, device=device))
+                       temperature=temperature, alpha=alpha, truncated=torch.tensor([s.truncated for s in stored], dtype=torch.bool, device=device))
 
 
 def teacher_sample(seed: int, step: int, row: int, count: int) -> int:

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from onpolicy_kd.errors import ConfigError, UserError
 from onpolicy_kd.models.bitnet import bitnet_layers
 from onpolicy_kd.objectives.modes import MODES
+from onpolicy_kd.objectives.modes import micro_batches
 from onpolicy_kd.recipe import Recipe
 from onpolicy_kd.recipe.schema import TRACKERS
 
@@ -37,7 +38,7 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
         handlers.append(DistributedDataParallelKwargs(static_graph=True))
     accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision,
-        gradient_accumulation_steps=recipe.train.grad_accum,
+        gradient_accumulation_steps=micro_batches(recipe),  # one optimizer step after all of a step's backwards
         kwargs_handlers=handlers,
         log_with=list(recipe.logging.report_to) or None,
         project_dir=recipe.train.output_dir,
@@ -46,8 +47,8 @@ def make_accelerator(recipe: Recipe) -> Accelerator:
     if plugin is not None:
         ds = plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = recipe.train.batch_size
-        ds["gradient_accumulation_steps"] = recipe.train.grad_accum
-        ds["train_batch_size"] = recipe.train.batch_size * recipe.train.grad_accum * accelerator.num_processes
+        ds["gradient_accumulation_steps"] = micro_batches(recipe)
+        ds["train_batch_size"] = recipe.train.batch_size * micro_batches(recipe) * accelerator.num_processes
         ds["gradient_clipping"] = recipe.optim.max_grad_norm or 0.0
     return accelerator
 

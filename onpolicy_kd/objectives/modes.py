@@ -126,6 +126,12 @@ def trains_on_teacher_text(obj: "ObjectiveConfig") -> bool:
     return obj.mode in ("seqkd", "distillm2") or (obj.mode == "gkd" and obj.seq_kd and obj.lmbda < 1)
 
 
+def micro_batches(recipe: "Recipe") -> int:
+    """Backward passes per optimizer step (what accelerate and DeepSpeed accumulate over): train.grad_accum, twice
+    that when each micro-batch of prompts also brings the teacher's text of the same prompts (distillm2)."""
+    return recipe.train.grad_accum * (2 if MODES[recipe.objective.mode].with_teacher_text else 1)
+
+
 def lambda_coin(seed: int, step: int, lmbda: float) -> bool:
     """True when this step's completions are on-policy: probability lmbda, a function of (seed, step) only."""
     return random.Random(f"{seed}-{step}").random() < lmbda

@@ -286,7 +286,7 @@ def load_recipe(
     return recipe
 
 
-STAGE_SECTIONS = ("objective", "rollout", "teacher_text", "data", "optim", "penalties", "hidden", "train")
+STAGE_SECTIONS = ("objective", "rollout", "teacher_text", "replay", "data", "optim", "penalties", "hidden", "train")
 
 
 def resolve_stages(recipe: Recipe, path: str | Path = DICT_SOURCE) -> list[Recipe]:
@@ -318,3 +318,47 @@ def resolve_stages(recipe: Recipe, path: str | Path = DICT_SOURCE) -> list[Recip
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML (what --dry-run prints and the run saves)."""
     return yaml.safe_dump(recipe.model_dump(mode="python"), sort_keys=False, allow_unicode=True)
+
+
+SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p")
+
+
+def load_run_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """A finished run's saved recipe (`final/recipe.yaml`, every key resolved), also one an earlier version wrote:
+    keys that version had and this one moved are carried to their place first (`migrate_saved`)."""
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if not (isinstance(data, dict) and _has_old_keys(data)):
+        return load_recipe(path, overrides)
+    return load_recipe(migrate_saved(data), overrides)
+
+
+def _has_old_keys(data: dict) -> bool:
+    return any("teacher_cache" in (section.get("rollout") or {}) for section in [data, *(data.get("stages") or [])])
+
+
+def migrate_saved(data: dict) -> dict:
+    """A saved recipe of a version where `rollout.*` decoded the teacher's text too (`rollout.teacher_cache`): the
+    teacher's decoding moves to `teacher_text.*` where the objective trained on the teacher's text, and the rollout's
+    sampling keys are dropped where nothing sampled the student (as that run did)."""
+    from types import SimpleNamespace
+
+    from onpolicy_kd.objectives.modes import samples_student, trains_on_teacher_text
+
+    data = copy.deepcopy(data)
+    objective = {"mode": "gkd", "seq_kd": False, "lmbda": 1.0, "lmbda_schedule": "constant", **(data.get("objective") or {})}
+    for section in [data, *(data.get("stages") or [])]:
+        rollout = section.get("rollout") or {}
+        if "teacher_cache" not in rollout:
+            continue
+        obj = SimpleNamespace(**{**objective, **(section.get("objective") or {})} if section is not data else objective)
+        text = section.setdefault("teacher_text", {})
+        text["cache"] = rollout.pop("teacher_cache")
+        if trains_on_teacher_text(obj):
+            text |= {key: rollout[key] for key in SAMPLING_KEYS if key in rollout}
+            if not text.get("do_sample", True):  # greedy: the sampling keys had no effect on the teacher's text
+                for key in ("temperature", "top_k", "top_p"):
+                    text.pop(key, None)
+        if not samples_student(obj):
+            for key in SAMPLING_KEYS:
+                rollout.pop(key, None)
+    return data

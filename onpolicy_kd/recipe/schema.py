@@ -285,7 +285,8 @@ class RolloutConfig(Section):
             raise ValueError(f"rollout.teacher_cache is now teacher_text.cache (write teacher_text: {{cache: "
                              f"{str(data['teacher_cache']).lower()}}}): the teacher's text has its own decoding keys, "
                              f"teacher_text.do_sample, temperature, top_k, top_p, max_new_tokens and samples_per_prompt, "
-                             f"and the rollout's keys decode the student's samples only")
+                             f"and the rollout's keys decode the student's samples only. The teacher's text is greedy "
+                             f"unless teacher_text.do_sample=true (it used to follow rollout.do_sample, true by default)")
         return data
 
     @field_validator("temperature")
@@ -666,6 +667,18 @@ class Recipe(Section):
         if self.objective.backend == "liger" and not mode.divergence:
             raise ValueError(f"objective.backend=liger computes a divergence; mode {mode_name} has none: use "
                              f"backend=chunked (or auto)")
+        if self.replay.size:
+            step_rows = self.train.batch_size * self.train.grad_accum
+            if self.replay.size < step_rows:
+                raise ValueError(f"replay.size={self.replay.size} holds fewer samples than a step trains on "
+                                 f"(train.batch_size x grad_accum = {step_rows}): no step could reuse; raise it (the "
+                                 f"buffer is per process)")
+            if self.replay.share == 0:
+                raise ValueError("replay.share=0 never reuses a stored sample; set replay.size=0 (off) or a share > 0")
+        if self.rollout.truncated == "penalise" and not self.rollout.do_sample:
+            raise ValueError("rollout.truncated=penalise lowers the probability of the samples that were cut, through "
+                             "their log-probabilities (a score function), which a greedy rollout (rollout.do_sample="
+                             "false) does not have; use truncated=mask or sample")
         if self.objective.lmbda_schedule == "adaptive":
             if not self.eval.eval_steps:
                 raise ValueError("objective.lmbda_schedule=adaptive raises the student-sample share after held-out "

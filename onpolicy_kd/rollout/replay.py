@@ -74,7 +74,7 @@ class ReplayBuffer:
         return json.dumps([asdict(s) for s in self.items])
 
     def load(self, text: str) -> None:
-        self.items = [Stored(**s) for s in json.loads(text)]
+        self.items = [stored for stored in map(lambda s: Stored(**s), json.loads(text)) if stored.uses < self.reuse]
 
 
 def replay_coin(seed: int, step: int, share: float) -> bool:

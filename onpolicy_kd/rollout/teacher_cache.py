@@ -1,8 +1,8 @@
 """Teacher completions of a prompt set, generated once with the rollout engine and cached with `datasets`.
 
-Sequence-level KD (mode `seqkd`, or `gkd` with `seq_kd`) trains on the teacher's completions of the training
-prompts. Sampling the teacher afresh at every step costs a whole teacher decode per step; with
-`rollout.teacher_cache: true` each prompt's completion is generated once, with the recipe's rollout settings
+Sequence-level KD (mode `seqkd`, `gkd` with `seq_kd`, `distillm2`) trains on the teacher's completions of the
+training prompts. Sampling the teacher afresh at every step costs a whole teacher decode per step; with
+`teacher_text.cache: true` each prompt's completion is generated once, with the recipe's teacher_text settings
 (greedy or sampled; a sampled row is seeded from the run's seed and its batch), stored in `teacher/<key>` of
 the data cache (`data.cache_dir`) with `Dataset.save_to_disk`, and read back by later runs in seconds.
 

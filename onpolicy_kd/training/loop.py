@@ -165,7 +165,7 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
             evaluate_at_start(run, before)
             while run.state.step < run.max_steps and not (run.collapsed or run.out_of_time):
                 timer, sums = PhaseTimer(), MetricSums()
-                source = completion_source(recipe, run.state.step, run.state.lmbda)  # student/teacher text or refs
+                source = completion_source(recipe, run.state.step, current_lmbda(run))  # student/teacher/references
                 skipped, metrics = False, {}
                 with timer("rollout"):
                     batches = draw_completions(run, source, metrics)  # one batch per micro-batch
@@ -322,7 +322,7 @@ def budget_text(cfg, steps: int | None = None) -> str:
 
 def with_teacher_completions(recipe: Recipe, models: Models, train_split, accelerator: Accelerator):
     """The training prompts with the teacher's cached completions as columns (generated on first use): per row, a
-    list of teacher_text.samples_per_prompt token-id lists and texts (the k-th sample seeded with train.seed + k)."""
+    list of teacher_text.samples_per_prompt token-id lists and texts (the k-th seeded by `teacher_sample_seed`)."""
     r, count = recipe.rollout, recipe.teacher_text.samples_per_prompt
     settings = recipe.teacher_text_decoding()
     teacher = models.teacher.to(accelerator.device)
@@ -336,7 +336,8 @@ def with_teacher_completions(recipe: Recipe, models: Models, train_split, accele
         with accelerator.main_process_first():  # the main process writes the cache, the others read it
             completions, hit, folder = cached_teacher_completions(
                 teacher, models.tokenizer, train_split, settings, cache_dir=data_cache_dir(recipe.data),
-                batch_size=r.batch_size or recipe.train.batch_size, seed=recipe.train.seed + k, device=accelerator.device,
+                batch_size=r.batch_size or recipe.train.batch_size, seed=teacher_sample_seed(recipe.train.seed, k),
+                device=accelerator.device,
                 vocab=len(models.tokenizer), progress=progress)
         if accelerator.is_main_process:
             console.print(f"teacher completions: {'read from' if hit else 'written to'} {folder}")
@@ -344,6 +345,12 @@ def with_teacher_completions(recipe: Recipe, models: Models, train_split, accele
             ids[row].append(row_ids)
             texts[row].append(row_text)
     return train_split.add_column("teacher_ids", ids).add_column("teacher_text", texts)
+
+
+def teacher_sample_seed(seed: int, k: int) -> int:
+    """The seed of the k-th cached teacher sample: the run's seed for the first (the cache key of a run with one
+    sample), far from the seeds of other runs for the others (seed + k would hand run s + 1 the samples of run s)."""
+    return seed if k == 0 else seed + 7_919 * 1_000_003 * k
 
 
 def choose_head(recipe: Recipe, accelerator: Accelerator, models: Models) -> tuple[str, str]:
@@ -421,6 +428,11 @@ def heldout(run: Run) -> dict[str, float]:
     return metrics
 
 
+def current_lmbda(run: Run) -> float | None:
+    """The share of student samples the adaptive schedule has reached (kept in checkpoints); None: objective.lmbda."""
+    return run.state.lmbda if run.recipe.objective.lmbda_schedule == "adaptive" else None
+
+
 def adapt_lmbda(run: Run, metrics: dict[str, float]) -> None:
     """objective.lmbda_schedule=adaptive: after an evaluation during training whose held-out KL(student || teacher)
     on the student's own samples is higher than the previous evaluation's, the share of student-sample steps rises
@@ -431,7 +443,8 @@ def adapt_lmbda(run: Run, metrics: dict[str, float]) -> None:
     kl = metrics["eval/reverse_kl"]
     if state.lmbda is None:
         state.lmbda = obj.lmbda
-    if state.step > 0 and state.heldout_kl is not None and kl > state.heldout_kl and state.lmbda < 1:
+    training_goes_on = 0 < state.step < run.max_steps and not run.out_of_time  # (not after the last step)
+    if training_goes_on and state.heldout_kl is not None and kl > state.heldout_kl and state.lmbda < 1:
         raised = min(1.0, state.lmbda + obj.lmbda_step)
         run.monitor.print(f"held-out KL rose ({state.heldout_kl:.4f} -> {kl:.4f}): the share of student samples goes "
                           f"from {state.lmbda:.2f} to {raised:.2f} (objective.lmbda_schedule=adaptive)")

@@ -30,7 +30,9 @@ from onpolicy_kd.batch import Completions, Source, concatenate
 from onpolicy_kd.data.sampler import prompt_batch, reference_batch, stored_batch
 from onpolicy_kd.models.distributed import autocast_dtype, for_generation, global_sum, steps_inside_backward
 from onpolicy_kd.models.forward import embedding_matrix, student_forward, teacher_forward
-from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, batch_returns, per_token_mean, step_loss
+from onpolicy_kd.objectives.loss import (
+    ModelOutputs, StepContext, batch_returns, penalises_truncation, per_token_mean, step_loss,
+)
 from onpolicy_kd.objectives.penalties import sequences_with_pairs
 from onpolicy_kd.rollout import rollout
 from onpolicy_kd.rollout.replay import replay_coin
@@ -90,7 +92,8 @@ def draw_completions(run: "Run", source: Source, metrics: dict[str, float]) -> l
         metrics |= {"replay/reused": float(reused is not None), "replay/stored": float(len(run.replay))}
         if reused is not None:
             metrics["replay/age"] = sum(step - s.born for s in reused) / len(reused)
-            batches = [stored_batch(run.data.train, reused[i : i + recipe.train.batch_size], pad, acc.device)
+            batches = [stored_batch(run.data.train, reused[i : i + recipe.train.batch_size], pad, acc.device,
+                                    temperature=recipe.rollout.temperature, alpha=recipe.rollout.alpha)
                        for i in range(0, len(reused), recipe.train.batch_size)]
             handle_truncated(run, batches, metrics)
             return batches
@@ -182,8 +185,8 @@ def step_context(run: "Run", batches: list[Completions], teachers: list[ModelOut
     )
     if run.plan.prompt:
         ctx.prompt_tokens = global_sum(acc, sum(b.num_prompt_tokens for b in batches))
-    if recipe.rollout.truncated == "penalise":
-        ctx.num_completions = global_sum(acc, sum(len(b.truncated) for b in batches if b.truncated is not None))
+    if recipe.rollout.truncated == "penalise":  # over the student's samples (not distillm2's teacher text)
+        ctx.num_completions = global_sum(acc, sum(len(b.truncated) for b in batches if penalises_truncation(recipe, b)))
     if recipe.objective.lm_coef:
         ctx.lm_tokens = global_sum(acc, sum(b.references.num_tokens for b in batches))
     if recipe.objective.mode == "pg" and recipe.objective.pg_baseline == "mean":
@@ -208,9 +211,9 @@ def backward_micro_batch(run: "Run", batch: Completions, teacher: ModelOutputs |
                 loss = loss * float("nan")
             else:  # zero, with no path through the non-finite values (0 * inf would be NaN)
                 loss = sum(p.sum() for p in run.student.parameters() if p.requires_grad) * 0.0
-        # accelerate / DeepSpeed divide the loss by grad_accum and DDP averages over processes: undo both, since
-        # the loss is already divided by the step's global counts
-        acc.backward(loss * (run.recipe.train.grad_accum * acc.num_processes))
+        # accelerate / DeepSpeed divide the loss by the micro-batches of a step and DDP averages over processes:
+        # undo both, since the loss is already divided by the step's global counts
+        acc.backward(loss * (acc.gradient_accumulation_steps * acc.num_processes))
     metrics["train/loss"] = per_token_mean(loss if not bad else torch.zeros(()), batch, ctx)  # skipped: counted apart
     sums.add(metrics, batch.num_tokens)
     return bad
