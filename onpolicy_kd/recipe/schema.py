@@ -785,7 +785,8 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
         ("data.eval_size", r.data.eval_split is None and r.data.eval_path is None,
          "when neither data.eval_split nor data.eval_path is set"),
         ("data.eval_columns", r.data.eval_path is not None, "with data.eval_path"),
-        *[(f"rollout.{k}", samples_student(obj), "to modes that sample the student (pg, gkd with lmbda > 0); the "
+        *[(f"rollout.{k}", samples_student(obj), "to modes that sample the student (pg, distillm2, gkd with lmbda "
+                                                  "> 0); the "
                                                   "teacher's text decodes by teacher_text.*")
           for k in ("do_sample", "temperature", "top_k", "top_p", "truncated")],
         ("rollout.truncation_penalty", r.rollout.truncated == "penalise", "with rollout.truncated=penalise"),
