@@ -5,7 +5,7 @@
 
 Walks `onpolicy_kd.recipe.schema.Recipe`: every section and key in schema order, its type (from the annotation),
 its default, its allowed values (Literal choices, ge/gt/le/lt bounds, lengths, patterns) and its meaning
-(`Field(description=...)`, else the short note in MEANINGS below), plus where a key applies when the recipe
+(`Field(description=...)`, the schema's own text), plus where a key applies when the recipe
 checks refuse it elsewhere (`_conditional_keys`). tests/test_docs.py regenerates the page in memory and fails
 when the file is stale. Edit the schema (or the text in this script), never docs/recipes.md.
 """
@@ -28,58 +28,6 @@ Row = tuple[str, str, str, str, str, str]  # key, type, default, allowed, meanin
 NO_MEANING = "(no description)"
 PAGE = ROOT / "docs" / "recipes.md"
 COMMAND = "python scripts/recipe_reference.py"
-
-# Keys whose Field has no description: a short meaning (better: a Field(description=...) in schema.py).
-MEANINGS = {
-    "teacher.dtype": "the teacher's weights' dtype when loaded",
-    "teacher.trust_remote_code": "run a Hub model's own modelling code (off by default)",
-    "teacher.quantization.bits": "8 or 4 bits per decoder weight",
-    "student.revision": "Hub revision of student.name_or_path",
-    "student.dtype": "the student's weights' dtype (train.mixed_precision sets autocast separately)",
-    "student.trust_remote_code": "run a Hub model's own modelling code (off by default)",
-    "student.attn_implementation": "e.g. sdpa, eager, flash_attention_2",
-    "student.gradient_checkpointing": "recompute activations in the backward pass (less memory, slower)",
-    "student.lora.dropout": "dropout on the adapters' input",
-    "data.format": "auto = detected from the columns ([data.md](data.md))",
-    "data.system_prompt": "a system message put before the prompt in the chat template",
-    "data.max_prompt_tokens": "prompts are cut to this many tokens (only the long field: the instruction survives)",
-    "data.max_response_tokens": "references are cut to this many tokens",
-    "data.num_proc": "processes for tokenising the data",
-    "rollout.max_new_tokens": "tokens sampled per completion (the teacher's text too, unless "
-                              "teacher_text.max_new_tokens)",
-    "rollout.stop_strings": "a completion ends at the first of these (as at EOS)",
-    "objective.mode": "where a step's completions come from and its loss ([algorithms.md](algorithms.md))",
-    "objective.divergence": "the per-token divergence between teacher p and student q "
-                            "([algorithms.md](algorithms.md#divergences-objectivedivergence-per-position))",
-    "objective.length_norm": "pg: divide each return by its number of terms",
-    "objective.ppo_epochs": "pg: optimizer steps per rollout (PPO ratio clipping when > 1)",
-    "objective.ppo_clip": "pg: the PPO clip range epsilon",
-    "penalties.frequency": "weight of the frequency penalty (the student's probability of tokens already in its "
-                           "text); 0 = off",
-    "penalties.diversity": "weight of the diversity penalty (spread of expected embeddings); 0 = off",
-    "penalties.entropy": "weight of the entropy penalty (below entropy_floor); 0 = off",
-    "hidden.loss": "mse or cosine between projected student and teacher hidden states",
-    "optim.name": "the optimizer (AdamW is torch's fused one)",
-    "optim.lr": "learning rate",
-    "optim.weight_decay": "decoupled weight decay (AdamW)",
-    "optim.betas": "AdamW's betas",
-    "optim.eps": "AdamW's epsilon",
-    "optim.scheduler": "learning-rate schedule after warm-up; a decaying one follows the larger of the step and "
-                       "time budgets' fractions",
-    "optim.warmup_steps": "linear warm-up steps",
-    "optim.warmup_ratio": "warm-up as a fraction of the step budget (needs one)",
-    "train.grad_accum": "micro-batches per optimizer step (gradient accumulation)",
-    "train.output_dir": "the run's folder: metrics.jsonl, checkpoints/, final/ (env ONPOLICY_KD_OUTPUT_DIR)",
-    "train.save_total_limit": "checkpoints of this run kept",
-    "train.mixed_precision": "bf16/fp16: the student's training forward and backward under autocast (float32 "
-                             "weights and optimizer; the teacher stays in its dtype)",
-    "train.deterministic": "deterministic algorithms: a resumed run ends with an uninterrupted run's weights",
-    "eval.max_samples": "held-out prompts judged at each evaluation",
-    "eval.batch_size": "held-out prompts per generation batch (each batch its own sampling seed)",
-    "eval.max_new_tokens": "tokens per held-out completion",
-    "logging.log_steps": "write metrics every N steps",
-    "logging.num_samples": "completions per sample table",
-}
 
 # One line per section: what it is, and the guide that explains it.
 SECTIONS = {
@@ -315,7 +263,7 @@ def _rows(model: type[BaseModel], prefix: str, where: dict[str, list[str]]) -> l
     for name, field in model.model_fields.items():
         key = f"{prefix}.{name}"
         section = _section_model(field.annotation)
-        meaning = field.description or MEANINGS.get(key, "")
+        meaning = field.description or ""
         if section is not None:
             meaning = meaning or (section.__doc__ or "").strip().split("\n\n")[0]
             meaning = f"{meaning} (a section: the keys below)" if meaning else "a section: the keys below"

@@ -42,7 +42,7 @@ def test_every_recipe_key_has_a_meaning():
     ref = reference_script()
     missing = [row[0] for _, rows in ref.sections() for row in rows if row[4] == ref.NO_MEANING]
     assert not missing, (f"recipe keys without a meaning: {missing}; give each a Field(description=...) in "
-                         f"onpolicy_kd/recipe/schema.py (or a line in MEANINGS of scripts/recipe_reference.py), then "
+                         f"onpolicy_kd/recipe/schema.py, then "
                          f"run `{ref.COMMAND}`")
 
 

@@ -119,11 +119,12 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 class QuantizationConfig(Section):
     """The teacher's decoder weights in 8 or 4 bits (onpolicy_kd/models/quantization.py)."""
 
-    bits: Literal[8, 4]
+    bits: Literal[8, 4] = Field(description="8 or 4 bits per decoder weight")
     backend: Literal["auto", "weight_only", "bitsandbytes"] = Field(
         "auto", description="auto: bitsandbytes with CUDA and the package, else weight_only (any device)")
     group_size: int | None = Field(
-        None, ge=2, multiple_of=2, description="weight_only 4-bit: inputs per scale (default 64, a divisor of most layer widths)")
+        None, ge=2, multiple_of=2, description="weight_only 4-bit: inputs per scale (default 64, a divisor of most "
+                                               "layer widths)")
 
     @model_validator(mode="after")
     def _group_size_with_4_bit_weight_only(self) -> QuantizationConfig:
@@ -137,8 +138,8 @@ class TeacherConfig(Section):
     name_or_path: str = Field(description="a Hub model name, a local folder, or a .gguf file")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
     tokenizer: str | None = Field(None, description="tokenizer source when it differs from the model")
-    dtype: Dtype = "float32"
-    trust_remote_code: bool = False
+    dtype: Dtype = Field("float32", description="the teacher's weights' dtype when loaded")
+    trust_remote_code: bool = Field(False, description="run a Hub model's own modelling code (off by default)")
     attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
     quantization: QuantizationConfig | None = Field(
         None, description="{bits: 8 | 4, backend: auto | weight_only | bitsandbytes}: less memory for the teacher")
@@ -149,7 +150,7 @@ class LoraSettings(Section):
 
     r: int = Field(8, ge=1, description="adapter rank")
     alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is (alpha / r) B A")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]), or every linear layer but the head")
     keep_adapters: bool = Field(False, description="also save the adapters alone (peft format) in final/adapter/")
@@ -163,17 +164,19 @@ class StudentConfig(Section):
     )
     name_or_path: str | None = Field(
         None, description="Hub name, local folder or .gguf (init=pretrained|config); init=python: FILE.py[:ClassName]")
-    revision: str | None = None
+    revision: str | None = Field(None, description="Hub revision of student.name_or_path")
     tokenizer: str | None = Field(None, description="tokenizer source; defaults to the model's, else the teacher's")
     config_overrides: dict[str, Any] = Field(
         default_factory=dict, description="model config fields to change (init=config), e.g. num_hidden_layers: 4"
     )
     layer_stride: int | None = Field(None, ge=1, description="init=teacher_layers: keep every N-th teacher layer")
     keep_layers: list[int] | None = Field(None, min_length=1, description="init=teacher_layers: explicit layer ids")
-    dtype: Dtype = "float32"
-    trust_remote_code: bool = False
-    attn_implementation: str | None = None
-    gradient_checkpointing: bool = False
+    dtype: Dtype = Field(
+        "float32", description="the student's weights' dtype (train.mixed_precision sets autocast separately)")
+    trust_remote_code: bool = Field(False, description="run a Hub model's own modelling code (off by default)")
+    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass (less memory, slower)")
     lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight (peft)")
     bitnet: bool = Field(False, description="BitNet b1.58: ternary weights, 8-bit activations in the decoder's Linears")
 
@@ -211,7 +214,8 @@ class DataConfig(Section):
     split: str = Field("train", description="training split, slicing allowed: train[:280]")
     eval_split: str | None = Field(None, description="held-out split (of data.eval_path when set, where it defaults "
                                                      "to train); when both are null, eval_size rows are held out")
-    eval_size: int | float = Field(0.05, gt=0, description="rows held out (int) or fraction (< 1) when eval_split is null")
+    eval_size: int | float = Field(0.05, gt=0, description="rows held out (int) or fraction (< 1) when eval_split is "
+                                                           "null")
     eval_path: str | None = Field(
         None, description="held-out prompts from another data file or Hub dataset (same format, template and limits "
                           "as the training data), e.g. articles with human-written references; data.eval_split "
@@ -219,7 +223,8 @@ class DataConfig(Section):
     eval_columns: dict[str, str] | None = Field(
         None, description="task field -> column of the data.eval_path data, when its columns differ; default "
                           "data.columns")
-    format: Literal["auto", "summarization", "instruction", "chat", "text"] = "auto"
+    format: Literal["auto", "summarization", "instruction", "chat", "text"] = Field(
+        "auto", description="auto = detected from the columns ([data.md](data.md))")
     columns: dict[str, str] = Field(
         default_factory=dict, description="task field -> dataset column, e.g. {document: article, reference: highlights}"
     )
@@ -235,14 +240,15 @@ class DataConfig(Section):
                 raise ValueError(f"{err} in {value!r}: slots are {{field}}; write a literal brace as {{{{ or }}}}") from None
         return value
     chat_template: bool = Field(False, description="wrap the prompt in the tokenizer's chat template")
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(None, description="a system message put before the prompt in the chat template")
     truncate_field: str | None = Field(None, description="the template field cut to fit; default per format")
-    max_prompt_tokens: int = Field(512, ge=8)
-    max_response_tokens: int = Field(256, ge=1)
+    max_prompt_tokens: int = Field(
+        512, ge=8, description="prompts are cut to this many tokens (only the long field: the instruction survives)")
+    max_response_tokens: int = Field(256, ge=1, description="references are cut to this many tokens")
     text_prompt_tokens: int = Field(64, ge=1, description="format=text: tokens of each text used as the prompt")
     max_samples: int | None = Field(None, ge=1, description="use at most this many training rows")
     cache_dir: str | None = Field(None, description="tokenised-data cache; default $ONPOLICY_KD_CACHE_DIR/data")
-    num_proc: int | None = Field(None, ge=1)
+    num_proc: int | None = Field(None, ge=1, description="processes for tokenising the data")
 
     @model_validator(mode="after")
     def _eval_size(self) -> "DataConfig":
@@ -257,7 +263,9 @@ class DataConfig(Section):
 
 
 class RolloutConfig(Section):
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(
+        128, ge=1, description="tokens sampled per completion (the teacher's text too, unless "
+                               "teacher_text.max_new_tokens)")
     temperature: float = Field(1.0, gt=0, description=f">= {MIN_TEMPERATURE}; divides both models' logits")
     top_k: int = Field(0, ge=0, description="0 = off")
     top_p: float = Field(1.0, gt=0, le=1, description="in (0, 1]; 1 = off")
@@ -266,7 +274,8 @@ class RolloutConfig(Section):
         description="teacher mixing in [0, 1); pure teacher sampling is objective.mode=seqkd or objective.seq_kd=true",
     )
     do_sample: bool = Field(True, description="false = greedy decoding")
-    stop_strings: list[str] = Field(default_factory=list)
+    stop_strings: list[str] = Field(
+        default_factory=list, description="a completion ends at the first of these (as at EOS)")
     truncated: Literal["keep", "mask", "penalise"] = Field(
         "keep", description="the student's samples cut at max_new_tokens (no EOS or stop string): keep = trained on "
                             "like the others; mask = left out of the loss; penalise = trained on, plus "
@@ -350,8 +359,12 @@ class ReplayConfig(Section):
 
 
 class ObjectiveConfig(Section):
-    mode: Literal[tuple(MODES)] = "gkd"  # type: ignore[valid-type]
-    divergence: Literal[tuple(DIVERGENCES)] = "reverse_kl"  # type: ignore[valid-type]
+    mode: Literal[tuple(MODES)] = Field(
+        "gkd", description="where a step's completions come from and its loss "
+                           "([algorithms.md](algorithms.md))")  # type: ignore[valid-type]
+    divergence: Literal[tuple(DIVERGENCES)] = Field(
+        "reverse_kl", description="the per-token divergence between teacher p and student q "
+                                  "([algorithms.md](algorithms.md#divergences-objectivedivergence-per-position))")  # type: ignore[valid-type]
     beta: float = Field(0.5, ge=0, le=1, description="generalized JSD weight in [0, 1]: 0 = forward KL, 1 = reverse KL")
     skew: float = Field(0.1, gt=0, lt=1, description="skew KL mixing weight in (0, 1)")
     temperature: float = Field(1.0, gt=0, description=f">= {MIN_TEMPERATURE}; divides both models' logits inside "
@@ -364,15 +377,15 @@ class ObjectiveConfig(Section):
     lmbda_step: float = Field(0.1, gt=0, le=1, description="gkd, lmbda_schedule=adaptive: the share's increment")
     seq_kd: bool = Field(False, description="gkd: off-policy steps use teacher samples instead of references")
     discount: float = Field(1.0, ge=0, le=1, description="pg: return discount gamma in [0, 1]")
-    length_norm: bool = True
+    length_norm: bool = Field(True, description="pg: divide each return by its number of terms")
     single_step: bool = Field(True, description="pg: exact single-step reverse-KL term")
     importance: Literal["token", "sequence"] = Field(
         "token", description="pg with alpha > 0: per-token weights (MiniLLM, biased) or exact prefix-product weights"
     )
     is_clip: float | None = Field(None, gt=0, description="pg: cap on importance weights; null = no cap")
     pg_baseline: Literal["mean", "none"] = Field("mean", description="pg: subtract the batch's mean return (variance)")
-    ppo_epochs: int = Field(1, ge=1)
-    ppo_clip: float = Field(0.2, gt=0, lt=1)
+    ppo_epochs: int = Field(1, ge=1, description="pg: optimizer steps per rollout (PPO ratio clipping when > 1)")
+    ppo_clip: float = Field(0.2, gt=0, lt=1, description="pg: the PPO clip range epsilon")
     lm_coef: float = Field(0.0, ge=0, description="pg: weight of the language-modelling loss on references")
     prompt_weight: float = Field(
         0.0, ge=0, description="kd/gkd: weight of the same divergence at the prompt's own tokens (teacher-forced "
@@ -393,9 +406,12 @@ class ObjectiveConfig(Section):
 
 
 class PenaltiesConfig(Section):
-    frequency: float = Field(0.0, ge=0)
-    diversity: float = Field(0.0, ge=0)
-    entropy: float = Field(0.0, ge=0)
+    frequency: float = Field(
+        0.0, ge=0, description="weight of the frequency penalty (the student's probability of tokens already in its "
+                               "text); 0 = off")
+    diversity: float = Field(
+        0.0, ge=0, description="weight of the diversity penalty (spread of expected embeddings); 0 = off")
+    entropy: float = Field(0.0, ge=0, description="weight of the entropy penalty (below entropy_floor); 0 = off")
     entropy_floor: float = Field(math.inf, ge=0, allow_inf_nan=True, description="h_min in nats; .inf = plain "
                                                                                  "entropy bonus")
     shape_reward: bool = Field(False, description="pg: also subtract the frequency penalty from the reward")
@@ -405,7 +421,8 @@ class HiddenConfig(Section):
     """Hidden-state distillation, an auxiliary loss added in every mode (onpolicy_kd/objectives/hidden.py)."""
 
     weight: float = Field(0.0, ge=0, description="weight of the hidden-state loss; 0 = off")
-    loss: Literal["mse", "cosine"] = "mse"
+    loss: Literal["mse", "cosine"] = Field(
+        "mse", description="mse or cosine between projected student and teacher hidden states")
     layers: Literal["auto"] | list[list[int]] = Field(
         "auto",
         description="'auto' (student layer i -> teacher layer i * L_teacher / L_student, nearest) or "
@@ -425,15 +442,19 @@ class HiddenConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["adamw", "sgd", "adafactor"] = "adamw"
-    lr: float = Field(1e-5, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
-    eps: float = Field(1e-8, gt=0)
+    name: Literal["adamw", "sgd", "adafactor"] = Field(
+        "adamw", description="the optimizer (AdamW is torch's fused one)")
+    lr: float = Field(1e-5, gt=0, description="learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW)")
+    betas: list[float] = Field(
+        default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2, description="AdamW's betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW's epsilon")
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
-    scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="learning-rate schedule after warm-up; a decaying one follows the larger of the step "
+                                "and time budgets' fractions")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="warm-up as a fraction of the step budget (needs one)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping; null = off")
 
     @model_validator(mode="after")
@@ -459,11 +480,12 @@ class TrainConfig(Section):
                                 "epochs) and max_time comes first, and the learning-rate schedule follows the larger "
                                 "of the two fractions used")
     batch_size: int = Field(8, ge=1, description="prompts per process per micro-batch")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (gradient accumulation)")
     seed: int = Field(42, ge=0, lt=2**32, description="seeds the student's init, the prompt order and sampling")
-    output_dir: str = "outputs/run"
+    output_dir: str = Field(
+        "outputs/run", description="the run's folder: metrics.jsonl, checkpoints/, final/ (env ONPOLICY_KD_OUTPUT_DIR)")
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
-    save_total_limit: int = Field(2, ge=1)
+    save_total_limit: int = Field(2, ge=1, description="checkpoints of this run kept")
     resume_from: str | None = Field(None, description="'latest' or a checkpoint folder")
     overwrite: bool = Field(False, description="start over in an output_dir that holds another run (its files are "
                                                "deleted first); without it such a run is refused at start-up")
@@ -472,8 +494,11 @@ class TrainConfig(Section):
     hub_model_id: str | None = Field(None, pattern=r"^[\w.-]+(/[\w.-]+)?$",
                                      description="the Hub repository to push to, e.g. me/smollm2-student")
     hub_private: bool = Field(False, description="create the Hub repository as private")
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    deterministic: bool = False
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="bf16/fp16: the student's training forward and backward under autocast (float32 weights and "
+                          "optimizer; the teacher stays in its dtype)")
+    deterministic: bool = Field(
+        False, description="deterministic algorithms: a resumed run ends with an uninterrupted run's weights")
     max_bad_steps: int = Field(5, ge=1, description="consecutive NaN/Inf losses before the run stops")
     trainable: Literal["all"] | list[str] = Field(
         "all", description="the student's parts that train (the rest is frozen): all, or a list of embeddings, "
@@ -519,9 +544,10 @@ class TrainConfig(Section):
 
 class EvalConfig(Section):
     eval_steps: int = Field(0, ge=0, description="evaluate every N steps; 0 = before and after training only")
-    max_samples: int = Field(32, ge=1)
-    batch_size: int = Field(8, ge=1)
-    max_new_tokens: int = Field(100, ge=1)
+    max_samples: int = Field(32, ge=1, description="held-out prompts judged at each evaluation")
+    batch_size: int = Field(
+        8, ge=1, description="held-out prompts per generation batch (each batch its own sampling seed)")
+    max_new_tokens: int = Field(100, ge=1, description="tokens per held-out completion")
     seed: int = Field(1234, description="seeds the sampled held-out completions (of student and teacher)")
     temperature: float = Field(1.0, gt=0, description=f">= {MIN_TEMPERATURE}; the sampled held-out completions (text "
                                                       f"metrics and the KLs on the student's own samples) are drawn at it")
@@ -567,9 +593,9 @@ Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim"
 
 
 class LoggingConfig(Section):
-    log_steps: int = Field(1, ge=1)
+    log_steps: int = Field(1, ge=1, description="write metrics every N steps")
     sample_steps: int = Field(0, ge=0, description="table of sample completions every N steps; 0 = off")
-    num_samples: int = Field(2, ge=1)
+    num_samples: int = Field(2, ge=1, description="completions per sample table")
     report_to: list[Tracker] = Field(
         default_factory=list, description="experiment trackers, through accelerate: the metrics of every logged step "
                                           "and the resolved recipe as the run's config (metrics.jsonl is always written)")
