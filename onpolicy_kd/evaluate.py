@@ -44,6 +44,20 @@ from onpolicy_kd.recipe.loading import load_run_recipe
 from onpolicy_kd.training.run_inputs import file_rows
 
 
+def result_folders(names: Sequence[str]) -> list[str]:
+    """A folder name per compared result, all different: the run's folder name, `<recipe>-initial` for a recipe's
+    untrained student (a run and its own recipe often share a name), `-2`, `-3` ... after a repeat."""
+    folders: list[str] = []
+    for name in names:
+        base = name.replace(" (initial)", "-initial").replace(" ", "_")
+        folder, k = base, 1
+        while folder in folders:
+            k += 1
+            folder = f"{base}-{k}"
+        folders.append(folder)
+    return folders
+
+
 def resolve_target(target: str, overrides: Sequence[str]) -> tuple[Recipe, str, Path | None]:
     """(recipe, its path, the run folder or None) for a run folder or a recipe file."""
     path = Path(target)
@@ -106,8 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = target_run.name if target_run else f"{Path(target).stem} (initial)"
             results.append(evaluate_heldout(recipe, student.eval(), models, data.eval, name, answers,
                                             run_stitching(target_run, student)))
-        for r in results:
-            write_outputs(r, out if len(results) == 1 else out / r.name.split(" ")[0])
+        for r, folder in zip(results, result_folders([r.name for r in results])):
+            write_outputs(r, out if len(results) == 1 else out / folder)
         prompts = len(results[0].predictions)
         console.print(samples_table(results[0].predictions, f"samples ({results[0].name})"))
         console.print(text_table(results, f"held-out text ({prompts} prompts; greedy, and {recipe.eval.samples_per_prompt}"

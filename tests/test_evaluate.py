@@ -138,7 +138,7 @@ def test_compare_prints_one_table(trained_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "(initial)" in out and "teacher" in out and "KL(q||p), own samples" in out
     assert (tmp_path / "cmp" / "out" / "predictions.jsonl").is_file()  # the trained run
-    assert (tmp_path / "cmp" / "gkd" / "predictions.jsonl").is_file()  # the recipe's initial student
+    assert (tmp_path / "cmp" / "gkd-initial" / "predictions.jsonl").is_file()  # the recipe's initial student
 
 
 def test_several_targets_need_compare(trained_run, capsys):
@@ -168,3 +168,11 @@ def test_every_training_evaluation_logs_what_evaluate_prints(tmp_path, far_pair,
     assert len(evals) == 3 and evals[0] == evals[1] == evals[2]
     assert {f"eval/{k}" for k in EVALUATE_KEYS} | {"eval/reverse_kl", "eval/forward_kl_samples"} <= evals[0]
     assert not {"eval/ppl_student", "eval/forward_kl_refs"} & evals[0]
+
+
+def test_compared_results_never_share_a_folder():
+    from onpolicy_kd.evaluate import result_folders
+
+    # a run and its own recipe's untrained student (outputs/my_distill, my_distill.yaml), and two runs named alike
+    assert result_folders(["my_distill", "my_distill (initial)", "run", "run"]) == [
+        "my_distill", "my_distill-initial", "run", "run-2"]

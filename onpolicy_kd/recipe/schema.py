@@ -327,7 +327,8 @@ class TeacherTextConfig(Section):
     max_new_tokens: int | None = Field(None, ge=1, description="default rollout.max_new_tokens")
     stop_strings: list[str] | None = Field(None, description="default rollout.stop_strings")
     samples_per_prompt: int = Field(
-        1, ge=1, description="cache: sampled completions per prompt (the k-th seeded with train.seed + k); a step "
+        1, ge=1, description="cache: sampled completions per prompt (the first seeded with train.seed, the others "
+                             "with seeds far from other runs'); a step "
                              "trains on one of them per prompt, drawn from (seed, step, row)")
 
     @field_validator("temperature")
@@ -553,8 +554,9 @@ class EvalConfig(Section):
                                                       f"metrics and the KLs on the student's own samples) are drawn at it")
     samples_per_prompt: int = Field(
         3, ge=1, description="sampled completions per held-out prompt, for the student and for the teacher (each "
-                             "with its own seed): the sampled text metrics are their mean, the KLs are over all "
-                             "their tokens, and the student is also scored against the best-matching teacher sample")
+                             "with its own seed): the sampled text metrics are their mean, the KLs are on each "
+                             "prompt's first sample, and the student is also scored against the best-matching teacher "
+                             "sample")
     answer_pattern: str | None = Field(
         None, description="a regular expression with one group that finds a completion's final answer (its last "
                           "match), e.g. 'Answer: (-?[0-9]+)': exact-match accuracy against the answer in the "
@@ -819,7 +821,7 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
         *[(f"teacher_text.{k}", trains_on_teacher_text(obj),
            "to modes that train on the teacher's text (seqkd, distillm2, or gkd with seq_kd and lmbda < 1)")
           for k in TeacherTextConfig.model_fields],
-        ("data.name", not looks_like_local_path(r.data.path), "to Hub datasets (data.path is a local path)"),
+        ("data.name", not looks_like_local_path(r.data.path), "to Hub datasets (not to a local data.path)"),
         ("data.system_prompt", r.data.chat_template, "with data.chat_template=true"),
         ("logging.run_name", bool(r.logging.report_to), "with logging.report_to (a tracker)"),
         ("train.hub_model_id", r.train.push_to_hub, "with train.push_to_hub=true"),
