@@ -65,10 +65,12 @@ def reference_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torc
     of (seed, step, row))."""
     prompt_ids, prompt_mask = prompt_batch(dataset, rows, pad_id, device)
     if source == "teacher":
-        picked = [(dataset[i]["teacher_ids"], dataset[i]["teacher_text"]) for i in rows]
-        picked = [(ids[k], texts[k]) for (ids, texts), k in
-                  ((p, teacher_sample(seed, step, row, len(p[0]))) for p, row in zip(picked, rows))]
-        completions, texts = [ids for ids, _ in picked], [text for _, text in picked]
+        completions, texts = [], []
+        for row in rows:
+            answers = dataset[row]
+            k = teacher_sample(seed, step, row, len(answers["teacher_ids"]))
+            completions.append(answers["teacher_ids"][k])
+            texts.append(answers["teacher_text"][k])
     else:
         completions, texts = [dataset[i]["reference_ids"] for i in rows], [dataset[i]["reference"] for i in rows]
     ids, mask = right_pad(completions, pad_id, device)

@@ -350,7 +350,8 @@ def migrate_saved(data: dict) -> dict:
         rollout = section.get("rollout") or {}
         if "teacher_cache" not in rollout:
             continue
-        obj = SimpleNamespace(**{**objective, **(section.get("objective") or {})} if section is not data else objective)
+        # a stage's objective keys sit on the recipe's own (the top level's are already in `objective`)
+        obj = SimpleNamespace(**{**objective, **((section.get("objective") or {}) if section is not data else {})})
         text = section.setdefault("teacher_text", {})
         text["cache"] = rollout.pop("teacher_cache")
         if trains_on_teacher_text(obj):

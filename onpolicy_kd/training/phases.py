@@ -77,9 +77,12 @@ class MetricSums:
             self.weights[key] = self.weights.get(key, 0) + tokens
 
     def global_means(self, accelerator) -> dict[str, float]:
-        # every rank has the same keys, in the same order
-        return {key: global_sum(accelerator, value) / max(global_sum(accelerator, self.weights[key]), 1)
-                for key, value in sorted(self.sums.items())}
+        """One reduction for every key's sum and weight (every rank has the same keys)."""
+        keys = sorted(self.sums)
+        local = torch.tensor([[self.sums[k] for k in keys], [float(self.weights[k]) for k in keys]],
+                             device=accelerator.device)
+        sums, weights = accelerator.reduce(local, reduction="sum").tolist() if keys else ([], [])
+        return {key: value / max(weight, 1) for key, value, weight in zip(keys, sums, weights)}
 
 
 def draw_completions(run: "Run", source: Source, metrics: dict[str, float]) -> list[Completions]:
