@@ -83,9 +83,10 @@ def run_variant(variant: str, steps: int, seed: int, out_json: Path, precision: 
         steps_rows = [r for r in rows if "time/step_s" in r]  # the first two are warm-up, when there are more
         report = {
             "step_s": [r["time/step_s"] for r in steps_rows],
-            "phases": {k: statistics.median(r[k] for r in (steps_rows[2:] or steps_rows))
+            # a phase a step does not run is not logged (no decoding on a cached-text step): 0 s
+            "phases": {k: statistics.median(r.get(k, 0.0) for r in (steps_rows[2:] or steps_rows))
                        for k in ("time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s")},
-            "mean_len": statistics.fmean(r["rollout/mean_len"] for r in steps_rows),
+            "mean_len": statistics.fmean(r.get("rollout/mean_len", r.get("data/mean_len")) for r in steps_rows),
             "before": result.before["eval/reverse_kl"], "after": result.after["eval/reverse_kl"],
             "text": text_metrics(result.after),
             "train_s": sum(r["time/step_s"] for r in steps_rows), "wall_s": wall,

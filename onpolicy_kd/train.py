@@ -27,7 +27,7 @@ from onpolicy_kd.errors import UserError
 from onpolicy_kd.models.loading import Models, check_recipe_fits, count_parameters, load_models
 from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.objectives.hidden import attach_stitching
-from onpolicy_kd.objectives.modes import MODES
+from onpolicy_kd.objectives.modes import MODES, describe_step
 from onpolicy_kd.recipe import Recipe, load_recipe, recipe_to_yaml
 from onpolicy_kd.recipe.schema import StageConfig
 from onpolicy_kd.recipe.loading import recipe_and_overrides, resolve_stages
@@ -159,6 +159,7 @@ def dry_run(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_
                                     title="stages (run in order; evaluation on the recipe's held-out prompts)"))
     for name, task in ([(f"stage {k} ({spec.name})", stage) for k, (spec, stage) in enumerate(zip(recipe.stages, stages))]
                        if recipe.stages else [("the recipe", recipe)]):
+        console.print(f"{name}: {describe_step(task, processes=world_size())}")
         reason = MODES[task.objective.mode].references(task.objective)
         if reason:  # the rows a mode that reads references will train on, counted over the whole split
             split = data.train if task.data == recipe.data else load_prompt_data(

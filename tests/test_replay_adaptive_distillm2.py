@@ -240,7 +240,7 @@ def test_a_distillm2_step_trains_on_the_teachers_text_and_the_students_samples_o
     seen = []
     real = phases.completions_of
     monkeypatch.setattr(phases, "completions_of",
-                        lambda run, source, rows: seen.append((source, rows)) or real(run, source, rows))
+                        lambda run, source, rows, timer: seen.append((source, rows)) or real(run, source, rows, timer))
     path = recipe_for(tmp_path, far_pair, "distillm2")
     assert main([str(path), f"teacher_text.cache={str(cache).lower()}", "train.max_steps=3", "eval.max_samples=2"]) == 0
     assert [source for source, _ in seen] == ["student", "teacher"] * 3

@@ -28,7 +28,7 @@ PANELS = {
     "reward and return (pg)": ("pg/reward", "pg/return"),
     "penalties": ("penalty/frequency", "penalty/diversity", "penalty/entropy"),
     "student entropy (nats/token)": ("train/entropy",),
-    "completion length (tokens)": ("rollout/mean_len", "eval/sampled/length"),
+    "completion length (tokens)": ("rollout/mean_len", "data/mean_len", "eval/sampled/length"),
     "learning rate": ("optim/lr",),
     "gradient norm": ("optim/grad_norm",),
 }

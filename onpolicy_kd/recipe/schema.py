@@ -743,6 +743,12 @@ class Recipe(Section):
                                  f"setting")
         return self
 
+    def rollout_decoding(self) -> dict[str, Any]:
+        """The settings the student's samples are decoded with (rollout.*)."""
+        r = self.rollout
+        return {"max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p,
+                "do_sample": r.do_sample, "stop_strings": list(r.stop_strings)}
+
     def teacher_text_decoding(self) -> dict[str, Any]:
         """The rollout settings the teacher's training text is decoded with (the teacher-completion cache's key)."""
         text, rollout = self.teacher_text, self.rollout

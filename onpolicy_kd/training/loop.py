@@ -35,7 +35,9 @@ from onpolicy_kd.models.loading import Models, base_model, load_models, logits_a
 from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
 from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
-from onpolicy_kd.objectives.modes import MODES, ForwardPlan, Mode, completion_source, forward_plan, samples_student
+from onpolicy_kd.objectives.modes import (
+    MODES, ForwardPlan, Mode, completion_source, describe_step, forward_plan, samples_student,
+)
 from onpolicy_kd.recipe import Recipe, cache_root, recipe_to_yaml
 from onpolicy_kd.recipe.schema import DEFAULT_MAX_STEPS, TIME_ONLY_STEP_CAP, parse_trainable
 from onpolicy_kd.rollout.replay import ReplayBuffer, replay_file
@@ -48,7 +50,8 @@ from onpolicy_kd.training.monitor import Monitor
 from onpolicy_kd.training.publish import push_folder
 from onpolicy_kd.training.optim import apply_optim_settings, build_optimizer, build_scheduler
 from onpolicy_kd.training.phases import (
-    MetricSums, PhaseTimer, backward_micro_batch, draw_completions, optimizer_step, step_context, teacher_outputs,
+    MetricSums, PhaseTimer, backward_micro_batch, draw_completions, length_metrics, on_policy_share, optimizer_step,
+    step_context, teacher_outputs,
 )
 
 
@@ -167,9 +170,8 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
                 timer, sums = PhaseTimer(), MetricSums()
                 source = completion_source(recipe, run.state.step, current_lmbda(run))  # student/teacher/references
                 skipped, metrics = False, {}
-                with timer("rollout"):
-                    batches = draw_completions(run, source, metrics)  # one batch per micro-batch
-                with timer("teacher"):
+                batches = draw_completions(run, source, metrics, timer)  # one batch per micro-batch
+                with timer("teacher") if run.plan.teacher else contextlib.nullcontext():
                     teachers = [teacher_outputs(run, batch) for batch in batches]  # once per rollout
                 context = step_context(run, batches, teachers)  # global token counts, PG baseline
                 for _ in range(run.mode.passes(recipe.objective)):  # pg: ppo_epochs passes over the rollout
@@ -179,8 +181,10 @@ def train(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
                             bad |= backward_micro_batch(run, batch, teacher, context, sums)
                     with timer("optimizer"):  # clip, step, schedule; skipped on a non-finite loss
                         skipped |= optimizer_step(run, bad, metrics)
-                metrics |= sums.global_means(run.accelerator)
-                if after_step(run, source, context.num_tokens, metrics, skipped, timer):  # log, eval, checkpoint
+                metrics |= sums.global_means(run.accelerator) | length_metrics(run, batches)
+                if samples_student(recipe.objective):
+                    metrics["data/on_policy"] = on_policy_share(batches)
+                if after_step(run, context.num_tokens, metrics, skipped, timer):  # log, eval, checkpoint
                     return stopped_by_signal(run)
             after = run.last_eval if run.collapsed else heldout(run)
         return finish(run, after, staged=stage is not None)
@@ -264,9 +268,25 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     monitor = Monitor(cfg.output_dir, cfg.max_time or max_steps, state.train_seconds if cfg.max_time else state.step,
                       enabled=accelerator.is_main_process, live=recipe.logging.live, accelerator=accelerator,
                       trackers=bool(recipe.logging.report_to), stage=stage, by_time=cfg.max_time is not None)
+    plan = forward_plan(recipe, head, reuse_prompt)
     description = describe_run(accelerator, recipe, models.student, models.teacher)
-    monitor.print(describe_text(description))
+    description["step"] = describe_step(recipe, plan, accelerator.num_processes)
     monitor.record(state.step, {"run": description})
+    announce(monitor, recipe, description, stage, max_steps, changes,
+             [f"lm head: {head} ({why})", *([f"student prompt: {reuse_why}"] if samples_student(recipe.objective) else []),
+              *([parts_text] if parts_text else [])])  # (with no rollout of the student there is no prompt to reuse)
+    return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
+               optimizer, scheduler, sampler, mode, plan, state, monitor, StopRequested(), max_steps,
+               answers, replay)
+
+
+def announce(monitor: Monitor, recipe: Recipe, description: dict, stage: Stage | None, max_steps: int,
+             changes: list | None, decisions: list[str]) -> None:
+    """The run's first lines: how it runs, what a step does, the settings a resume changed, the budget and the
+    decisions made at set-up."""
+    cfg = recipe.train
+    monitor.print(describe_text(description))
+    monitor.print(description["step"])
     if changes:
         monitor.print("resumed with changed settings (applied): " + ", ".join(
             f"{key} {old!r} -> {new!r}" for key, old, new in changes))
@@ -275,14 +295,8 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
                       f"{budget_text(cfg, max_steps)}, data {recipe.data.path})")
     elif cfg.epochs is not None:
         monitor.print(f"budget: {budget_text(cfg, max_steps)}")
-    monitor.print(f"lm head: {head} ({why})")
-    if samples_student(recipe.objective):  # (with no rollout of the student there is nothing to reuse)
-        monitor.print(f"student prompt: {reuse_why}")
-    if parts_text:
-        monitor.print(parts_text)
-    return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
-               optimizer, scheduler, sampler, mode, forward_plan(recipe, head, reuse_prompt), state, monitor, StopRequested(), max_steps,
-               answers, replay)
+    for line in decisions:
+        monitor.print(line)
 
 
 def data_where(recipe: Recipe, data: PromptData) -> str:
@@ -468,8 +482,7 @@ def checkpoint(run: Run) -> Path:
                            run.recipe.train.save_total_limit, recipe_to_yaml(run.recipe), rank_files)
 
 
-def after_step(run: Run, source: str, num_tokens: float, metrics: dict[str, float], skipped: bool,
-               timer: PhaseTimer) -> bool:
+def after_step(run: Run, num_tokens: float, metrics: dict[str, float], skipped: bool, timer: PhaseTimer) -> bool:
     """Bookkeeping after an optimizer step: the NaN/Inf guard, metrics, evaluation, samples and checkpoints.
     Returns True when a signal asked the run to stop (a checkpoint has then been saved)."""
     recipe, state, monitor, cfg = run.recipe, run.state, run.monitor, run.recipe.train
@@ -486,11 +499,9 @@ def after_step(run: Run, source: str, num_tokens: float, metrics: dict[str, floa
                 f"rollout.temperature, and check the data; resume from the last checkpoint after changing them")
     elapsed = timer.elapsed()
     state.train_seconds += elapsed
-    prompts = cfg.grad_accum * cfg.batch_size * run.accelerator.num_processes
     metrics |= timer.metrics() | {
-        "optim/lr": run.scheduler.get_last_lr()[0], "rollout/mean_len": num_tokens / prompts,
-        "perf/tokens_per_s": num_tokens / elapsed, "time/step_s": elapsed, "train/skipped_steps": state.bad_steps_total,
-        "data/on_policy": float(source == "student"),
+        "optim/lr": run.scheduler.get_last_lr()[0], "perf/tokens_per_s": num_tokens / elapsed, "time/step_s": elapsed,
+        "train/skipped_steps": state.bad_steps_total,
     }
     if recipe.objective.lmbda_schedule == "adaptive":
         metrics["data/lmbda"] = state.lmbda

@@ -46,7 +46,7 @@ class PhaseTimer:
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
-        self.seconds = dict.fromkeys(("rollout", "teacher", "student", "optimizer"), 0.0)
+        self.seconds: dict[str, float] = {}  # only the phases the step ran (an off-policy step decodes nothing)
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
@@ -85,10 +85,11 @@ class MetricSums:
         return {key: value / max(weight, 1) for key, value, weight in zip(keys, sums, weights)}
 
 
-def draw_completions(run: "Run", source: Source, metrics: dict[str, float]) -> list[Completions]:
+def draw_completions(run: "Run", source: Source, metrics: dict[str, float], timer: PhaseTimer) -> list[Completions]:
     """This step's completions, one batch per micro-batch: the dataset's references, or samples from the student
     (teacher-mixed with rollout.alpha) or from the teacher, generated `rollout.batch_size` prompts at a time, or
-    student samples an earlier step drew, from the replay buffer (replay.*; what it did goes into `metrics`)."""
+    student samples an earlier step drew, from the replay buffer (replay.*; what it did goes into `metrics`).
+    Decoding is timed as the `rollout` phase."""
     recipe, acc, pad, step = run.recipe, run.accelerator, run.tokenizer.pad_token_id, run.state.step
     if source == "student" and run.replay is not None:
         reused = reused_completions(run)
@@ -101,7 +102,7 @@ def draw_completions(run: "Run", source: Source, metrics: dict[str, float]) -> l
             handle_truncated(run, batches, metrics)
             return batches
     rows = [run.sampler.next_batch() for _ in range(recipe.train.grad_accum)]
-    batches = completions_of(run, source, rows)
+    batches = completions_of(run, source, rows, timer)
     if source == "student" and run.replay is not None:  # stored whole; a reuse handles cut ones like a fresh step
         for batch in batches:
             run.replay.add(batch.rows, [ids[mask].tolist() for ids, mask in zip(batch.completion_ids,
@@ -110,11 +111,11 @@ def draw_completions(run: "Run", source: Source, metrics: dict[str, float]) -> l
     if source == "student":
         handle_truncated(run, batches, metrics)
     if run.mode.with_teacher_text:  # distillm2: the teacher's text of the same prompts, in the same step
-        batches += completions_of(run, "teacher", rows)
+        batches += completions_of(run, "teacher", rows, timer)
     return batches
 
 
-def completions_of(run: "Run", source: Source, rows: list[list[int]]) -> list[Completions]:
+def completions_of(run: "Run", source: Source, rows: list[list[int]], timer: PhaseTimer) -> list[Completions]:
     """The completions of `source` for each micro-batch's prompt rows."""
     recipe, acc, pad = run.recipe, run.accelerator, run.tokenizer.pad_token_id
     r, step = recipe.rollout, run.state.step
@@ -125,11 +126,9 @@ def completions_of(run: "Run", source: Source, rows: list[list[int]]) -> list[Co
     size = r.batch_size or recipe.train.batch_size
     alpha = 1.0 if source == "teacher" else r.alpha
     # the teacher's text decodes by teacher_text.*, the student's samples by rollout.*
-    decode = recipe.teacher_text_decoding() if source == "teacher" else {
-        "max_new_tokens": r.max_new_tokens, "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p,
-        "do_sample": r.do_sample, "stop_strings": r.stop_strings}
+    decode = recipe.teacher_text_decoding() if source == "teacher" else recipe.rollout_decoding()
     generated = []
-    with for_generation(run.student, acc) as student:
+    with timer("rollout"), for_generation(run.student, acc) as student:
         for index, start in enumerate(range(0, len(flat), size)):
             chunk = flat[start : start + size]
             prompt_ids, prompt_mask = prompt_batch(run.data.train, chunk, pad, acc.device)
@@ -157,6 +156,26 @@ def handle_truncated(run: "Run", batches: list[Completions], metrics: dict[str, 
     if run.recipe.rollout.truncated == "mask":
         for batch in batches:
             batch.completion_mask = batch.completion_mask & ~batch.truncated.unsqueeze(1)
+
+
+def length_metrics(run: "Run", batches: list[Completions]) -> dict[str, float]:
+    """The mean length in tokens of the step's completions, over all processes: `rollout/mean_len` over decoded ones
+    (the student's samples, fresh or replayed, or the teacher's text decoded at this step), `data/mean_len` over
+    stored text (the data's references, the cached teacher text); each only when the step has such completions."""
+    metrics = {}
+    for key, group in (("rollout/mean_len", [b for b in batches if b.truncated is not None]),
+                       ("data/mean_len", [b for b in batches if b.truncated is None])):
+        counts = torch.tensor([float(sum(b.num_tokens for b in group)), float(sum(len(b.texts) for b in group))],
+                              device=run.accelerator.device)
+        tokens, rows = run.accelerator.reduce(counts, reduction="sum").tolist()
+        if rows:
+            metrics[key] = tokens / rows
+    return metrics
+
+
+def on_policy_share(batches: list[Completions]) -> float:
+    """The share of the step's completions that are the student's own samples (distillm2: half)."""
+    return sum(len(b.texts) for b in batches if b.source == "student") / max(sum(len(b.texts) for b in batches), 1)
 
 
 def reused_completions(run: "Run") -> list | None:
