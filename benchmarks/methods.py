@@ -25,6 +25,7 @@ Methods (each states its own objective, completions and schedule):
 - gkd_rkl: on-policy reverse KL on the student's own samples alone, lr 1e-4 constant;
 - gkd_jsd: the same with the generalized JSD (beta 0.5); pg: MiniLLM-style policy gradient (its defaults);
 - staged / staged_fkl: kd for 1/2 (2/3) of the budget, then on-policy reverse (forward) KL;
+- seqkd_staged: seqkd for 1/2 of the budget, then on-policy reverse KL (off-policy first, as Qwen3 did);
 - trl: TRL's DistillationTrainer (on-policy reverse KL, its only objective) on the same student, prompt ids,
   learning rate (1e-4 constant) and budget;
 - gkd_mix: GKD with lambda 0.5 and the JSD (beta 0.5): the teacher's cached greedy answers at half the steps, the
@@ -83,8 +84,13 @@ MIXED = ["stages=[]", "objective.mode=gkd", "objective.seq_kd=true", "teacher_te
          "optim.scheduler=cosine", "optim.warmup_steps=5"]
 
 
-def staged(budget: float, heal_share: float, divergence: str) -> list[str]:
-    return ["train.max_time=null", "train.max_steps=null", f"stages=[{{name: heal, max_time: {budget * heal_share:g}, {HEAL}}}, "
+# SeqKD as a first stage: cross-entropy on the teacher's cached greedy answers (gkd's keys back at their defaults)
+SEQKD_STAGE = ("objective: {mode: seqkd, lmbda: 1.0, seq_kd: false, divergence: reverse_kl}, "
+               "teacher_text: {cache: true, do_sample: false}, optim: {lr: 5.0e-4, scheduler: cosine, warmup_steps: 5}")
+
+
+def staged(budget: float, heal_share: float, divergence: str, first: str = HEAL) -> list[str]:
+    return ["train.max_time=null", "train.max_steps=null", f"stages=[{{name: heal, max_time: {budget * heal_share:g}, {first}}}, "
             f"{{name: onpolicy, max_time: {budget * (1 - heal_share):g}, {ON_POLICY_STAGE % divergence}}}]"]
 
 
@@ -100,6 +106,7 @@ METHODS: dict[str, object] = {
     "pg": lambda budget: ON_POLICY + ["objective.mode=pg"],
     "staged": lambda budget: staged(budget, 1 / 2, "reverse_kl"),
     "staged_fkl": lambda budget: staged(budget, 2 / 3, "forward_kl"),
+    "seqkd_staged": lambda budget: staged(budget, 1 / 2, "reverse_kl", SEQKD_STAGE),
     "trl": lambda budget: ON_POLICY,
     # the on-policy methods of the published work (issue "on-policy earns its place"); teacher text from the cache
     "gkd_mix": lambda budget: [*MIXED, "objective.lmbda=0.5", "objective.divergence=jsd", "objective.beta=0.5"],
@@ -116,6 +123,7 @@ LABELS = {"kd": "KD: forward KL on teacher text", "kd_freq": "KD + frequency pen
           "seqkd": "SeqKD: CE on teacher text", "gkd_rkl": "on-policy GKD, reverse KL",
           "gkd_jsd": "on-policy GKD, JSD 0.5", "pg": "PG (MiniLLM-style)",
           "staged": "KD 1/2, then on-policy reverse KL", "staged_fkl": "KD 2/3, then on-policy forward KL",
+          "seqkd_staged": "SeqKD 1/2, then on-policy reverse KL",
           "trl": "TRL DistillationTrainer (on-policy reverse KL)",
           "gkd_mix": "GKD λ 0.5, JSD 0.5, teacher text from the cache",
           "distillm": "DistiLLM: skew KL, adaptive λ from 0, replay", "distillm2": "DistiLLM-2 loss",
@@ -138,7 +146,7 @@ KL_KEYS = ("reverse_kl_samples", "forward_kl_samples")
 
 def overrides(method: str, seed: int, budget: float, work: Path) -> list[str]:
     common = [f"train.seed={seed}", f"train.output_dir={work}", "logging.live=false", "eval.eval_steps=0"]
-    budget_keys = [] if method.startswith("staged") else [f"train.max_time={budget:g}", "train.max_steps=100000"]
+    budget_keys = [] if "staged" in method else [f"train.max_time={budget:g}", "train.max_steps=100000"]
     # every method without the frequency penalty the news recipe has, unless it names it (kd_freq)
     return ["penalties.frequency=0.0", *budget_keys, *common, *METHODS[method](budget)]  # the method's keys win
 
