@@ -151,8 +151,10 @@ def handle_truncated(run: "Run", batches: list[Completions], metrics: dict[str, 
     """Log the share of the step's samples cut at max_new_tokens (over all processes); with rollout.truncated=mask,
     take them out of the loss (penalise: objectives/penalties.py, truncation_loss)."""
     acc = run.accelerator
-    cut = global_sum(acc, sum(int(b.truncated.sum()) for b in batches))
-    metrics["rollout/truncated"] = cut / max(global_sum(acc, sum(len(b.truncated) for b in batches)), 1)
+    counts = torch.tensor([float(sum(int(b.truncated.sum()) for b in batches)), float(sum(len(b.truncated) for b in batches))],
+                          device=acc.device)
+    cut, samples = acc.reduce(counts, reduction="sum").tolist()  # one reduction for both counts
+    metrics["rollout/truncated"] = cut / max(samples, 1)
     if run.recipe.rollout.truncated == "mask":
         for batch in batches:
             batch.completion_mask = batch.completion_mask & ~batch.truncated.unsqueeze(1)
