@@ -284,8 +284,6 @@ def teacher_figure(initial: dict, key: str):
 
 
 def task_tables(task: str, records: list[dict]) -> list[str]:
-    from onpolicy_kd.evaluation.uncertainty import difference
-
     columns = COLUMNS[task]
     initial = next((r for r in records if r["method"] == "initial"), None)
     lines: list[str] = []
@@ -309,19 +307,13 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
         if initial is not None:
             lines.append("| teacher | - | - | " + " | ".join(
                 str(teacher_figure(initial, k) or "-") for k, _ in columns) + " | - | - |")
-        base = by_method.get("kd")
-        if base and len(by_method) > 1:
-            lines += ["", f"Differences from KD (paired on the prompts; * where the 95% interval excludes 0):", "",
-                      "| method | " + " | ".join(h for _, h in columns) + " |", "|---|" + "---|" * len(columns)]
-            for method, runs in by_method.items():
-                if method == "kd":
-                    continue
-                diffs = []
-                for key, _ in columns:
-                    (a, wa), (b, wb) = cells(runs, key), cells(base, key)
-                    d = difference(a, b, weights_a=wa, weights_b=wb)
-                    diffs.append(f"{d.mean:+.3f} ± {d.se:.3f}{' *' if d.excludes_zero else ''}")
-                lines.append(f"| {LABELS[method]} | " + " | ".join(diffs) + " |")
+        if "kd" in by_method and len(by_method) > 1:
+            lines += ["", "Differences from KD (paired on the prompts; * where the 95% interval excludes 0):", ""]
+            lines += difference_table(columns, by_method, "kd", [m for m in by_method if m != "kd"])
+        if "gkd_rkl" in by_method and "trl" in by_method:  # the same objective, models, prompts, lr and budget
+            lines += ["", "Ours minus TRL's trainer on the same on-policy reverse KL (paired on the prompts; * where the "
+                          "95% interval excludes 0):", ""]
+            lines += difference_table(columns, by_method, "trl", ["gkd_rkl"])
         lines += ["", "First held-out prompt (seed of the first run): the reference, the teacher's greedy answer, each "
                       "student's greedy and first sampled completion:", ""]
         first = next(iter(by_method.values()))[0]["samples"][0]
@@ -332,6 +324,21 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
             sample = runs[0]["samples"][0]
             lines.append(f"- {method}: greedy {sample['student']!r}; sampled {sample['student_sampled']!r}")
         lines.append("")
+    return lines
+
+
+def difference_table(columns, by_method: dict[str, list[dict]], base: str, methods: list[str]) -> list[str]:
+    """Each method's difference from `base` per column, paired on the prompts, ± its bootstrap standard error."""
+    from onpolicy_kd.evaluation.uncertainty import difference
+
+    lines = ["| method | " + " | ".join(h for _, h in columns) + " |", "|---|" + "---|" * len(columns)]
+    for method in methods:
+        diffs = []
+        for key, _ in columns:
+            (a, wa), (b, wb) = cells(by_method[method], key), cells(by_method[base], key)
+            d = difference(a, b, weights_a=wa, weights_b=wb)
+            diffs.append(f"{d.mean:+.3f} ± {d.se:.3f}{' *' if d.excludes_zero else ''}")
+        lines.append(f"| {LABELS[method]} | " + " | ".join(diffs) + " |")
     return lines
 
 
