@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import textwrap
 from pathlib import Path
 
@@ -107,6 +108,18 @@ def isolated_cache(tmp_path, monkeypatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("ONPOLICY_KD_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_left_as_found():
+    """Every test leaves SIGINT and SIGTERM as it found them: a handler left behind (a run's StopRequested, a
+    library's) would swallow a later test's Ctrl-C, and a notebook user's. The test that leaks fails, not a later one."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    leaked = {sig.name: signal.getsignal(sig) for sig in saved if signal.getsignal(sig) != saved[sig]}
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+    assert not leaked, f"the test left these signal handlers installed: {leaked}"
 
 
 def write_recipe(path: Path, body: str) -> Path:

@@ -91,9 +91,11 @@ def test_every_mode_trains(case, tmp_path, far_pair, isolated_cache):
     rows = metrics_of(out)
     steps = [r for r in rows if "train/loss" in r]
     assert len(steps) == 3 and all(torch.isfinite(torch.tensor(r["train/loss"])) for r in steps)
-    assert rows[0]["run"] == {"processes": 1, "backend": "single process", "device": "cpu", "mixed_precision": "no",
-                              "student_dtype": "float32", "teacher_dtype": "float32", "micro_batch": 4,
-                              "grad_accum": 1, "effective_batch": 4}  # how the run runs, first
+    run = dict(rows[0]["run"])
+    assert run.pop("step").startswith("each step: 4 prompts: ")  # what a step does (tests/test_step_console.py)
+    assert run == {"processes": 1, "backend": "single process", "device": "cpu", "mixed_precision": "no",
+                   "student_dtype": "float32", "teacher_dtype": "float32", "micro_batch": 4,
+                   "grad_accum": 1, "effective_batch": 4}  # how the run runs, first
     assert {"eval/reverse_kl", "step"} <= set(rows[1]) and "eval/reverse_kl" in rows[-1]
     trained = load_file(out / "final" / "model.safetensors")
     before = initial_student(tmp_path, far_pair)
