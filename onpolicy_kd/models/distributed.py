@@ -227,3 +227,11 @@ def _whole_while_accumulating(param: torch.nn.Parameter) -> None:
 def global_sum(accelerator: Accelerator, value: float | int) -> float:
     tensor = torch.tensor([float(value)], device=accelerator.device)
     return float(accelerator.reduce(tensor, reduction="sum").item())
+
+
+def global_sums(accelerator: Accelerator, values: list[float | int]) -> list[float]:
+    """Each value summed over all processes, in one reduction (every rank passes the same number of values)."""
+    if not values:
+        return []
+    tensor = torch.tensor([float(v) for v in values], device=accelerator.device)
+    return accelerator.reduce(tensor, reduction="sum").tolist()

@@ -28,7 +28,7 @@ import torch
 
 from onpolicy_kd.batch import Completions, Source, concatenate
 from onpolicy_kd.data.sampler import prompt_batch, reference_batch, stored_batch
-from onpolicy_kd.models.distributed import autocast_dtype, for_generation, global_sum, steps_inside_backward
+from onpolicy_kd.models.distributed import autocast_dtype, for_generation, global_sum, global_sums, steps_inside_backward
 from onpolicy_kd.models.forward import embedding_matrix, student_forward, teacher_forward
 from onpolicy_kd.objectives.loss import (
     ModelOutputs, StepContext, batch_returns, penalises_truncation, per_token_mean, step_loss,
@@ -79,10 +79,8 @@ class MetricSums:
     def global_means(self, accelerator) -> dict[str, float]:
         """One reduction for every key's sum and weight (every rank has the same keys)."""
         keys = sorted(self.sums)
-        local = torch.tensor([[self.sums[k] for k in keys], [float(self.weights[k]) for k in keys]],
-                             device=accelerator.device)
-        sums, weights = accelerator.reduce(local, reduction="sum").tolist() if keys else ([], [])
-        return {key: value / max(weight, 1) for key, value, weight in zip(keys, sums, weights)}
+        totals = global_sums(accelerator, [self.sums[k] for k in keys] + [self.weights[k] for k in keys])
+        return {key: value / max(weight, 1) for key, value, weight in zip(keys, totals, totals[len(keys):])}
 
 
 def draw_completions(run: "Run", source: Source, metrics: dict[str, float], timer: PhaseTimer) -> list[Completions]:
@@ -151,9 +149,8 @@ def handle_truncated(run: "Run", batches: list[Completions], metrics: dict[str, 
     """Log the share of the step's samples cut at max_new_tokens (over all processes); with rollout.truncated=mask,
     take them out of the loss (penalise: objectives/penalties.py, truncation_loss)."""
     acc = run.accelerator
-    counts = torch.tensor([float(sum(int(b.truncated.sum()) for b in batches)), float(sum(len(b.truncated) for b in batches))],
-                          device=acc.device)
-    cut, samples = acc.reduce(counts, reduction="sum").tolist()  # one reduction for both counts
+    cut, samples = global_sums(acc, [sum(int(b.truncated.sum()) for b in batches),
+                                     sum(len(b.truncated) for b in batches)])
     metrics["rollout/truncated"] = cut / max(samples, 1)
     if run.recipe.rollout.truncated == "mask":
         for batch in batches:
@@ -164,15 +161,11 @@ def length_metrics(run: "Run", batches: list[Completions]) -> dict[str, float]:
     """The mean length in tokens of the step's completions, over all processes: `rollout/mean_len` over decoded ones
     (the student's samples, fresh or replayed, or the teacher's text decoded at this step), `data/mean_len` over
     stored text (the data's references, the cached teacher text); each only when the step has such completions."""
-    metrics = {}
-    for key, group in (("rollout/mean_len", [b for b in batches if b.truncated is not None]),
-                       ("data/mean_len", [b for b in batches if b.truncated is None])):
-        counts = torch.tensor([float(sum(b.num_tokens for b in group)), float(sum(len(b.texts) for b in group))],
-                              device=run.accelerator.device)
-        tokens, rows = run.accelerator.reduce(counts, reduction="sum").tolist()
-        if rows:
-            metrics[key] = tokens / rows
-    return metrics
+    groups = {"rollout/mean_len": [b for b in batches if b.truncated is not None],
+              "data/mean_len": [b for b in batches if b.truncated is None]}
+    totals = global_sums(run.accelerator, [n for group in groups.values() for n in
+                                           (sum(b.num_tokens for b in group), sum(len(b.texts) for b in group))])
+    return {key: tokens / rows for key, tokens, rows in zip(groups, totals[0::2], totals[1::2]) if rows}
 
 
 def on_policy_share(batches: list[Completions]) -> float:
