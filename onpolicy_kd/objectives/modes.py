@@ -221,10 +221,15 @@ def describe_step(recipe: "Recipe", plan: ForwardPlan | None = None, processes: 
     return "each step: " + "; ".join(parts)
 
 
+def _sampling_words(section) -> str:
+    """'temperature 0.7, top-p 0.9, top-k 50' of a section with sampling keys (rollout, teacher_text)."""
+    return (f"temperature {section.temperature:g}" + (f", top-p {section.top_p:g}" if section.top_p < 1 else "")
+            + (f", top-k {section.top_k}" if section.top_k else ""))
+
+
 def _teacher_text_words(recipe: "Recipe") -> str:
     t, decode = recipe.teacher_text, recipe.teacher_text_decoding()
-    how = (f"sampled (temperature {t.temperature:g}" + (f", top-p {t.top_p:g}" if t.top_p < 1 else "")
-           + (f", top-k {t.top_k}" if t.top_k else "") + ")") if t.do_sample else "greedy"
+    how = f"sampled ({_sampling_words(t)})" if t.do_sample else "greedy"
     many = f", one of {t.samples_per_prompt} per prompt" if t.samples_per_prompt > 1 else ""
     where = "cached" if t.cache else "decoded at each step"
     return f"the teacher's {how} text ({where}{many}, at most {decode['max_new_tokens']} tokens)"
@@ -232,8 +237,7 @@ def _teacher_text_words(recipe: "Recipe") -> str:
 
 def _student_sample_words(recipe: "Recipe") -> str:
     r = recipe.rollout
-    how = ((f"samples (temperature {r.temperature:g}" + (f", top-p {r.top_p:g}" if r.top_p < 1 else "")
-            + (f", top-k {r.top_k}" if r.top_k else "") + ")") if r.do_sample else "greedy completions")
+    how = f"samples ({_sampling_words(r)})" if r.do_sample else "greedy completions"
     how += f" of at most {r.max_new_tokens} tokens"
     if r.alpha > 0:
         how += f", mixed token by token with the teacher's (alpha {r.alpha:g})"
