@@ -89,9 +89,17 @@ SEQKD_STAGE = ("objective: {mode: seqkd, lmbda: 1.0, seq_kd: false, divergence: 
                "teacher_text: {cache: true, do_sample: false}, optim: {lr: 5.0e-4, scheduler: cosine, warmup_steps: 5}")
 
 
-def staged(budget: float, heal_share: float, divergence: str, first: str = HEAL) -> list[str]:
+# DistiLLM-2 as a later stage: skew forward KL on the cached teacher text and skew reverse KL on the student's own
+# samples in every step (half of each step's completions are the student's), lr restarting lower than the first stage's
+DISTILLM2_STAGE = ("objective: {mode: distillm2, skew: 0.1, lmbda: 1.0, seq_kd: false, divergence: reverse_kl}, "
+                   "teacher_text: {cache: true, do_sample: false}, rollout: {do_sample: true, batch_size: null}, "
+                   "optim: {lr: 2.0e-4, scheduler: cosine, warmup_steps: 5}")
+
+
+def staged(budget: float, heal_share: float, divergence: str, first: str = HEAL, second: str | None = None) -> list[str]:
+    second = second or ON_POLICY_STAGE % divergence
     return ["train.max_time=null", "train.max_steps=null", f"stages=[{{name: heal, max_time: {budget * heal_share:g}, {first}}}, "
-            f"{{name: onpolicy, max_time: {budget * (1 - heal_share):g}, {ON_POLICY_STAGE % divergence}}}]"]
+            f"{{name: onpolicy, max_time: {budget * (1 - heal_share):g}, {second}}}]"]
 
 
 METHODS: dict[str, object] = {
@@ -107,6 +115,7 @@ METHODS: dict[str, object] = {
     "staged": lambda budget: staged(budget, 1 / 2, "reverse_kl"),
     "staged_fkl": lambda budget: staged(budget, 2 / 3, "forward_kl"),
     "seqkd_staged": lambda budget: staged(budget, 1 / 2, "reverse_kl", SEQKD_STAGE),
+    "seqkd_distillm2": lambda budget: staged(budget, 1 / 3, "reverse_kl", SEQKD_STAGE, DISTILLM2_STAGE),
     "trl": lambda budget: ON_POLICY,
     # the on-policy methods of the published work (issue "on-policy earns its place"); teacher text from the cache
     "gkd_mix": lambda budget: [*MIXED, "objective.lmbda=0.5", "objective.divergence=jsd", "objective.beta=0.5"],
@@ -124,6 +133,7 @@ LABELS = {"kd": "KD: forward KL on teacher text", "kd_freq": "KD + frequency pen
           "gkd_jsd": "on-policy GKD, JSD 0.5", "pg": "PG (MiniLLM-style)",
           "staged": "KD 1/2, then on-policy reverse KL", "staged_fkl": "KD 2/3, then on-policy forward KL",
           "seqkd_staged": "SeqKD 1/2, then on-policy reverse KL",
+          "seqkd_distillm2": "SeqKD 1/3, then the DistiLLM-2 loss",
           "trl": "TRL DistillationTrainer (on-policy reverse KL)",
           "gkd_mix": "GKD λ 0.5, JSD 0.5, teacher text from the cache",
           "distillm": "DistiLLM: skew KL, adaptive λ from 0, replay", "distillm2": "DistiLLM-2 loss",
