@@ -173,8 +173,21 @@ def record_of(evaluation) -> dict:
                          "student_sampled": p["student_samples"][0]} for p in predictions[:2]]}
 
 
-def run_one(task: str, method: str, seed: int, budget: float, out_json: Path) -> None:
-    """In a child process: train one method for the budget, evaluate, write a JSON record."""
+def learning_curve(rows: list[dict], task: str) -> list[dict]:
+    """The held-out figures of every evaluation during a run, each at the seconds of training steps before it."""
+    curve, seconds = [], 0.0
+    for row in rows:
+        seconds += row.get("time/step_s", 0.0)
+        if "eval/reverse_kl" in row:
+            figures = {key: row[f"eval/{'reverse_kl' if key == 'reverse_kl_samples' else key}"]
+                       for key, _ in COLUMNS[task] if f"eval/{'reverse_kl' if key == 'reverse_kl_samples' else key}" in row}
+            curve.append({"step": row["step"], "train_s": round(seconds, 1), **figures})
+    return curve
+
+
+def run_one(task: str, method: str, seed: int, budget: float, out_json: Path, curve_every: int = 0) -> None:
+    """In a child process: train one method for the budget, evaluate, write a JSON record (with the learning curve
+    when curve_every > 0: a held-out evaluation every that many steps, not counted in the budget)."""
     import torch
     from accelerate import Accelerator
 
@@ -188,7 +201,9 @@ def run_one(task: str, method: str, seed: int, budget: float, out_json: Path) ->
 
     recipe_path = TASKS[task]
     work = Path(tempfile.mkdtemp(prefix=f"methods-{task}-{method}-"))
-    recipe = load_recipe(recipe_path, overrides("gkd_rkl" if method == "initial" else method, seed, budget, work))
+    curve_keys = [f"eval.eval_steps={curve_every}"] if curve_every else []
+    recipe = load_recipe(recipe_path, overrides("gkd_rkl" if method == "initial" else method, seed, budget, work)
+                         + curve_keys)
     models = load_models(recipe, str(recipe_path))
     started = time.perf_counter()
     initial = initial_record(task)
@@ -209,10 +224,13 @@ def run_one(task: str, method: str, seed: int, budget: float, out_json: Path) ->
         rows = [json.loads(line) for line in open(work / "metrics.jsonl")]
         step_rows = [r for r in rows if "time/step_s" in r]
         evaluation, steps, train_s = result.evaluation, len(step_rows), sum(r["time/step_s"] for r in step_rows)
+        curve = learning_curve(rows, task) if curve_every else None
     record = record_of(evaluation) | {
         "task": task, "method": method, "seed": seed, "budget_s": budget, "steps": steps, "train_s": train_s,
         "wall_s": time.perf_counter() - started, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    if curve_every and method not in ("initial", "trl"):
+        record["curve"] = curve
     out_json.write_text(json.dumps(record))
     shutil.rmtree(work, ignore_errors=True)  # checkpoints and exports: 1.4-3 GB a run
 
@@ -334,6 +352,23 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
             sample = runs[0]["samples"][0]
             lines.append(f"- {method}: greedy {sample['student']!r}; sampled {sample['student_sampled']!r}")
         lines.append("")
+    lines += curve_tables(task, records)
+    return lines
+
+
+def curve_tables(task: str, records: list[dict]) -> list[str]:
+    """Runs with a learning curve (--curve-every): each held-out evaluation at its seconds of training steps. One seed
+    per run: the points carry no uncertainty here; compare them with the 3-seed tables' ± before reading a gap."""
+    columns = [(k, h) for k, h in COLUMNS[task] if k in {k for r in records for p in r.get("curve", []) for k in p}]
+    lines = []
+    for run in (r for r in records if r.get("curve")):
+        lines += [f"### {task}: learning curve of {LABELS[run['method']]}, seed {run['seed']}, budget {run['budget_s']:g} s",
+                  "", "| step | training s | " + " | ".join(h for _, h in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for point in run["curve"]:
+            lines.append(f"| {point['step']} | {point['train_s']:.0f} | "
+                         + " | ".join(f"{point[k]:.3f}" if k in point else "-" for k, _ in columns) + " |")
+        lines.append("")
     return lines
 
 
@@ -424,13 +459,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--methods", nargs="+", default=["kd", "seqkd", "gkd_rkl", "trl"], choices=list(METHODS))
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of methods.jsonl / .md / .png")
+    parser.add_argument("--curve-every", type=int, default=0, metavar="STEPS",
+                        help="also evaluate every STEPS steps and keep the learning curve in the record (for long "
+                             "budgets; the evaluations are not counted as training time)")
     parser.add_argument("--table-only", action="store_true", help="redraw methods.md and methods.png from the records")
     parser.add_argument("--run", choices=[*METHODS, "initial"], help=argparse.SUPPRESS)  # a child process: one run
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     RESULTS, RECORDS = args.results, args.results / "methods.jsonl"
     if args.run:
-        run_one(args.task, args.run, args.seeds[0], args.budget, args.json)
+        run_one(args.task, args.run, args.seeds[0], args.budget, args.json, args.curve_every)
         return
     if not args.table_only:
         first = [] if initial_record(args.task) is not None else [(args.seeds[0], "initial")]
@@ -438,7 +476,8 @@ def main() -> None:
             out = Path(tempfile.mkdtemp()) / "record.json"
             print(f"--- {args.task}: {method}, seed {seed}, {args.budget:g} s", flush=True)
             subprocess.run([sys.executable, __file__, "--task", args.task, "--run", method, "--seeds", str(seed),
-                            "--budget", str(args.budget), "--json", str(out)], check=True, cwd=ROOT)
+                            "--budget", str(args.budget), "--json", str(out), "--curve-every", str(args.curve_every)],
+                           check=True, cwd=ROOT)
             RESULTS.mkdir(parents=True, exist_ok=True)
             with open(RECORDS, "a") as f:
                 f.write(out.read_text() + "\n")

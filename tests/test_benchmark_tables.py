@@ -54,3 +54,18 @@ def test_method_table_marks_only_real_differences(methods, tmp_path):
     assert first.startswith("+0.100") and first.endswith("*")
     methods.plot(records, tmp_path / "methods.png")
     assert (tmp_path / "methods.png").stat().st_size > 10_000
+
+
+def test_learning_curve_puts_each_evaluation_at_the_training_seconds_before_it(methods):
+    rows = [{"step": 0, "eval/reverse_kl": 1.0, "eval/greedy/accuracy": 0.1},
+            {"step": 1, "time/step_s": 2.0, "train/loss": 1.0}, {"step": 2, "time/step_s": 2.5, "train/loss": 1.0},
+            {"step": 2, "eval/reverse_kl": 0.8, "eval/greedy/accuracy": 0.2, "eval/forward_kl_samples": 0.7},
+            {"step": 3, "time/step_s": 3.0, "train/loss": 1.0},
+            {"step": 3, "eval/reverse_kl": 0.7, "eval/greedy/accuracy": 0.3, "eval/forward_kl_samples": 0.6}]
+    curve = methods.learning_curve(rows, "arithmetic")
+    assert [(p["step"], p["train_s"], p["greedy/accuracy"]) for p in curve] == [(0, 0.0, 0.1), (2, 4.5, 0.2), (3, 7.5, 0.3)]
+    assert curve[1]["reverse_kl_samples"] == 0.8 and curve[2]["forward_kl_samples"] == 0.6
+    text = "\n".join(methods.curve_tables("arithmetic", [{"method": "seqkd", "seed": 1, "budget_s": 1800.0,
+                                                          "curve": curve}]))
+    assert "learning curve of SeqKD" in text and "| 2 | 4 | 0.200 | 0.800 | 0.700 |" in text
+    assert "| 0 | 0 | 0.100 | 1.000 | - |" in text  # the figure the first evaluation did not have

@@ -121,23 +121,40 @@ def worker_pids(launcher_pid: int) -> dict[int, int]:
     return found
 
 
-def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, far_pair, isolated_cache):
-    """The stop flag is agreed at each step: a signal to rank 1 alone makes both ranks checkpoint and exit
-    (not rank 1 waiting in the checkpoint barrier while rank 0 trains on), with a non-zero status."""
-    import signal
-    import time
-
-    recipe = recipe_for(tmp_path, far_pair, "gkd")
-    out = tmp_path / "out"
+def launch_background(recipe: Path, *overrides: str) -> subprocess.Popen:
+    """A 2-process CPU DDP run started, not waited for."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-           "-m", "onpolicy_kd.train", str(recipe), "train.max_steps=100000", "train.batch_size=2", "eval.max_samples=4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-    deadline = time.time() + 300
-    while not ((out / "metrics.jsonl").is_file() and "train/loss" in (out / "metrics.jsonl").read_text()):
+           "-m", "onpolicy_kd.train", str(recipe), *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def wait_for_step(proc: subprocess.Popen, metrics: Path, predicate, timeout: float = 300) -> None:
+    """Until a step record of metrics.jsonl satisfies predicate (the run still going)."""
+    import time
+
+    deadline = time.time() + timeout
+    while not (metrics.is_file() and any(predicate(json.loads(line)) for line in metrics.read_text().splitlines()
+                                         if line.strip().endswith("}") and "train/loss" in line)):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.5)
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["one_stage", "staged"])
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(staged, tmp_path, far_pair, isolated_cache):
+    """The stop flag is agreed at each step: a signal to rank 1 alone makes both ranks checkpoint and exit
+    (not rank 1 waiting in the checkpoint barrier while rank 0 trains on), with a non-zero status. In a staged run
+    the signal lands in the second stage: the message names the run's step and the stage's, and the checkpoint
+    is the stage's, from which the run resumes (still on 2 processes) into that stage."""
+    import signal
+
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    out = tmp_path / "out"
+    common = ["train.batch_size=2", "eval.max_samples=4"]
+    stages = ["train.max_steps=null", "stages=[{name: a, max_steps: 2}, {name: b, max_steps: 100000}]"] if staged else []
+    proc = launch_background(recipe, "train.max_steps=100000", *common, *stages)
+    wait_for_step(proc, out / "metrics.jsonl", (lambda r: r.get("stage") == "b") if staged else (lambda r: True))
     workers = worker_pids(proc.pid)
     assert set(workers) == {0, 1}, workers
     os.kill(workers[1], signal.SIGTERM)
@@ -147,11 +164,60 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, far_pa
         proc.kill()
         pytest.fail("the run did not stop after SIGTERM to rank 1 (deadlock)")
     assert proc.returncode != 0, "a signal-stopped run must not look finished"
-    assert "checkpoint saved; resume with train.resume_from=latest" in stdout.replace("\n", " "), stderr[-3000:]
-    (checkpoint,) = (out / "checkpoints").iterdir()
+    printed = " ".join(stdout.split())
+    assert "checkpoint saved; resume with train.resume_from=latest" in printed, stderr[-3000:]
+    checkpoints = out / "stages" / "2-b" / "checkpoints" if staged else out / "checkpoints"
+    (checkpoint,) = checkpoints.iterdir()
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and state["step"] >= 1
     assert not (out / "final").exists()
+    if not staged:
+        return
+    run_step = 2 + state["step"]
+    assert f"stopped by signal 15 at step {run_step} (step {state['step']} of stage 2/2 b)" in printed, printed[-2000:]
+    assert (out / "stages" / "1-a" / "final" / "model.safetensors").is_file()  # the first stage stays done
+    resumed = launch("cpu_2proc.yaml", 2, {"ACCELERATE_USE_CPU": "true"}, recipe, *common, "train.max_steps=null",
+                     f"stages=[{{name: a, max_steps: 2}}, {{name: b, max_steps: {state['step'] + 1}}}]",
+                     "train.resume_from=latest")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    steps = [(r.get("stage"), r["step"]) for r in map(json.loads, open(out / "metrics.jsonl")) if "train/loss" in r]
+    assert steps[-1] == ("b", run_step + 1) and [s for _, s in steps] == list(range(1, run_step + 2))
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_two_multi_process_runs_into_one_folder_one_trains_the_other_is_refused(tmp_path, far_pair, isolated_cache):
+    """The race of two runs into one new folder, each a 2-process launch: the lock is the main process's, so
+    exactly one launch trains and the other's rank 0 refuses naming the first's pid, and its rank 1 leaves too
+    (no rank waits forever for a partner that refused)."""
+    import time
+
+    recipe = recipe_for(tmp_path, far_pair, "gkd")
+    out = tmp_path / "out"
+    args = ("train.max_steps=100000", "train.batch_size=2", "eval.max_samples=4", "train.save_steps=1")
+    procs = [launch_background(recipe, *args)]
+    try:
+        time.sleep(1)
+        procs.append(launch_background(recipe, *args))
+        deadline = time.time() + 300
+        while all(p.poll() is None for p in procs):
+            assert time.time() < deadline, "neither launch was refused"
+            time.sleep(0.2)
+        (refused,) = [p for p in procs if p.poll() is not None]
+        (owner,) = [p for p in procs if p is not refused]
+        stdout, stderr = refused.communicate()
+        err = " ".join(stderr.split())
+        owner_ranks = worker_pids(owner.pid)
+        assert refused.returncode != 0 and "is in use by another run" in err, err[-3000:]
+        assert f"pid {owner_ranks[0]} " in err, (owner_ranks, err[-3000:])  # the owner's main process
+        wait_for_step(owner, out / "metrics.jsonl", lambda r: r["step"] >= 2)
+    finally:  # SIGKILL every worker, then the launchers (a killed launcher would leave its workers running)
+        for pid in [pid for proc in procs for pid in worker_pids(proc.pid).values()]:
+            os.kill(pid, 9)
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if "train/loss" in line]
+    assert steps == list(range(1, len(steps) + 1))  # one run's records
 
 
 @pytest.mark.parametrize("name", ["ddp_2proc", "zero2_2proc", "zero3_2proc"])
