@@ -38,6 +38,9 @@ def naive_divergence(s_logits, t_logits, mask, kind, beta=0.5, skew=0.1, tempera
                 v = kl(p, skew * p + (1 - skew) * q)
             elif kind == "skew_reverse_kl":
                 v = kl(q, skew * q + (1 - skew) * p)
+            elif kind == "logit_mse":  # the logits (at temperature) with each row's mean taken off
+                c_s, c_t = s_logits[b, t] - s_logits[b, t].mean(), t_logits[b, t] - t_logits[b, t].mean()
+                v = ((c_s - c_t) ** 2).mean()
             values.append(v)
     return torch.stack(values).sum() / max(len(values), 1)
 
@@ -293,3 +296,11 @@ def test_chunked_head_gradient_without_rows_and_a_second_backward():
     with pytest.raises(RuntimeError, match="backwarded twice"):
         loss.backward()
     assert first(w_s, V) is w_s and first(w_s, None) is w_s and first(w_s, 3).shape == (3, 8)
+
+
+def test_logit_mse_ignores_a_constant_added_to_a_row_of_logits():
+    """The softmax ignores a per-row offset; so does logit_mse (a raw-logit MSE would charge the student for it)."""
+    s, t, mask = _inputs(seed=11)
+    offset = torch.randn(B, T, 1) * 50
+    torch.testing.assert_close(divergence(s + offset, t, mask, kind="logit_mse"), divergence(s, t, mask, kind="logit_mse"))
+    assert divergence(s + offset, s, mask, kind="logit_mse").item() < 1e-6

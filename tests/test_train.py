@@ -309,3 +309,11 @@ def test_summary_line_of_a_student_that_starts_at_the_teacher():
     after = {"eval/reverse_kl": 0.7, "eval/greedy/distinct1": 0.6, "eval/greedy/accuracy": 0.9}
     line = summary_line(before, after, 12.0, Path("final"))
     assert "0.000 -> 0.700 nats/token;" in line and "accuracy 0.00 -> 0.90" in line and "%" not in line
+
+
+def test_logit_mse_trains_a_student_towards_the_teacher(tmp_path, far_pair, isolated_cache):
+    """objective.divergence=logit_mse end to end: logged under its name, and the loss falls over the run."""
+    recipe = recipe_for(tmp_path, far_pair, "kd")
+    assert main([str(recipe), "objective.divergence=logit_mse", "train.max_steps=12"]) == 0
+    losses = [r["train/logit_mse"] for r in metrics_of(tmp_path / "out") if "train/logit_mse" in r]
+    assert len(losses) == 12 and sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses

@@ -10,6 +10,10 @@ between the two). With p the teacher and q the student, per position over the fu
     tv               1/2 sum |p - q|
     skew_forward_kl  KL(p || skew p + (1 - skew) q)
     skew_reverse_kl  KL(q || skew q + (1 - skew) p)
+    logit_mse        (1/V) sum_v (c_s(v) - c_t(v))^2, c = z / tau - mean_v(z / tau): the squared error of the
+                     logits after removing each row's mean, the one part of the logits the softmax ignores
+                     (Distily's logit MSE compares raw logits, which also charges the student for a
+                     constant offset that changes no probability)
 
 Temperature divides both models' logits before the softmax; the loss is *not* rescaled by tau^2
 (as in TRL). All math is in log space (log_softmax; mixtures through logsumexp), in float32 for
@@ -81,6 +85,11 @@ def _skew_reverse_kl(s: Tensor, t: Tensor, beta: float, skew: float) -> Tensor:
     return _kl(s, _log_mix(s, t, skew))
 
 
+def _logit_mse(s: Tensor, t: Tensor, beta: float, skew: float) -> Tensor:
+    # log-probs are the logits / tau minus a per-row constant, which centring removes: no raw logits needed
+    return ((s - s.mean(-1, keepdim=True)) - (t - t.mean(-1, keepdim=True))).pow(2).mean(-1)
+
+
 # name -> f(student_logprobs, teacher_logprobs, beta, skew) -> per-row values (in the log-probs' precision)
 DIVERGENCES: dict[str, Callable[[Tensor, Tensor, float, float], Tensor]] = {
     "forward_kl": _forward_kl,
@@ -89,6 +98,7 @@ DIVERGENCES: dict[str, Callable[[Tensor, Tensor, float, float], Tensor]] = {
     "tv": _tv,
     "skew_forward_kl": _skew_forward_kl,
     "skew_reverse_kl": _skew_reverse_kl,
+    "logit_mse": _logit_mse,
 }
 
 

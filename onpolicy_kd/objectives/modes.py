@@ -176,7 +176,8 @@ def forward_plan(recipe: "Recipe", head: str, reuse_prompt: bool = False) -> For
 
 
 DIVERGENCE_NAMES = {"forward_kl": "forward KL(p‖q)", "reverse_kl": "reverse KL(q‖p)", "jsd": "generalized JSD",
-                    "tv": "total variation", "skew_forward_kl": "skew forward KL", "skew_reverse_kl": "skew reverse KL"}
+                    "tv": "total variation", "skew_forward_kl": "skew forward KL", "skew_reverse_kl": "skew reverse KL",
+                    "logit_mse": "centred-logit MSE"}
 
 
 def describe_step(recipe: "Recipe", plan: ForwardPlan | None = None, processes: int = 1) -> str:
