@@ -157,3 +157,17 @@ def test_a_run_saved_before_teacher_text_existed_still_evaluates(tmp_path):
     stage = migrated.stages[0]
     assert stage.teacher_text == {"cache": False, "do_sample": True, "temperature": 0.7}
     assert "do_sample" not in stage.rollout and "temperature" not in stage.rollout
+
+
+def test_the_cache_key_of_a_teacher_reached_through_a_symlink_is_the_folders(tmp_path, far_pair):
+    """A cache root moved behind a symlink (ONPOLICY_KD_CACHE_DIR=X with X/models linked to the old models) reads
+    the teacher's cached text instead of generating it again: the key holds the resolved folder."""
+    from transformers import AutoModelForCausalLM
+
+    from onpolicy_kd.rollout.teacher_cache import teacher_fingerprint
+
+    teacher_dir, _ = far_pair
+    (tmp_path / "models").symlink_to(Path(teacher_dir).parent)
+    direct = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    linked = AutoModelForCausalLM.from_pretrained(tmp_path / "models" / Path(teacher_dir).name)
+    assert teacher_fingerprint(linked) == teacher_fingerprint(direct)

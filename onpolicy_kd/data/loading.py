@@ -105,8 +105,9 @@ def load_split(cfg: DataConfig, split: str, key: str = "data.split") -> Dataset:
             check_text_file(path)
         try:
             return datasets.load_dataset(builder, data_files=files, split=split)
-        except (ValueError, KeyError) as err:
-            raise DataError(f"{key}={split!r} of {path}: {err}") from None
+        except (ValueError, KeyError) as err:  # a split that does not exist, or a slice with no rows in it
+            raise DataError(f"{key}={split!r} of {path}: {err}; choose rows the file has (a local file is one split, "
+                            f"'train'), e.g. {key}=train[:50]") from None
         except datasets.exceptions.DatasetGenerationError as err:
             cause = err.__cause__ or err.__context__ or err
             raise DataError(f"data.path={path} cannot be read as {path.suffix[1:]}: {cause}; fix or remove the "

@@ -46,6 +46,10 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
             if path.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
                 stat = path.stat()
                 files.append((path.name, stat.st_size, int(stat.st_mtime)))
+    if source.is_dir():  # the same teacher reached through a symlinked cache root keeps its key: the resolved
+        # folder, in the config's _name_or_path too (unchanged, and so is the key, for a folder named as it is)
+        resolved = str(source.resolve())
+        config, source = config.replace(json.dumps(str(source)), json.dumps(resolved)), resolved
     parts = [config, str(source), files]
     if not files:  # a teacher built in memory (the Python API, tests): its weights themselves tell it apart
         parts.append(_weights_digest(teacher))
