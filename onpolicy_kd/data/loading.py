@@ -95,6 +95,9 @@ def load_split(cfg: DataConfig, split: str, key: str = "data.split") -> Dataset:
         path = Path(expand_path(cfg.path))
         if not path.exists():
             raise DataError(f"data.path: local path does not exist: {path}")
+        # datasets keys its cache by the file's path: the resolved one, so a file reached through a symlinked
+        # cache root (ONPOLICY_KD_CACHE_DIR) reuses what the same file's earlier runs tokenised
+        path = path.resolve()
         if path.is_dir():
             builder, files = str(path), None
         else:
