@@ -16,11 +16,9 @@ expectation (a regex the output must match and the exit status it must have):
     python scripts/hostile_list.py --keep          # keep the temporary folder (each case's stdout/stderr)
 
 Not part of CI (tests/test_faults.py and tests/test_bad_inputs.py check the same guarantees on tiny models): every
-case starts the real CLI, which loads the real 135M teacher. Time on the 2-core CPU machine: the --fast cases (the
-dry runs and the refusals that come before any training: ids ending in -dry, 3a, 4b, 4f, 4g, 6, 8a-8f, 9b) took
-~2 min, measured with a CPU benchmark running beside them and this under nice -n 19. The whole list is ~10 min,
-an estimate (the training cases 1, 2a, 2c, 3c, 4a, 4c, 4d, 4e, 4h, 5, 7 and 9a were not run when this was
-written): about twelve tiny runs of 0.5-1 min each (case 4c's batch of 50 and the staged case 5 the longest).
+case starts the real CLI, which loads the real 135M teacher. Time on the 2-core CPU machine, alone: 5.8 min for the
+34 cases (the --fast ones, the dry runs and the refusals that come before any training: ids ending in -dry, 3a,
+4b, 4f, 4g, 6, 8a-8f, 9b, ~2 min); the training cases are tiny runs of 10-30 s, case 4c's batch of 50 ~80 s.
 
 Every run writes into a fresh temporary folder (train.output_dir=$TMP/<case>/...), never into outputs/. Real runs
 use the tiny run T (the TINY list below): 2 steps, 4-token rollouts, 4 training rows (data.split=train[:4]) and 2
