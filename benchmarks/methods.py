@@ -175,12 +175,14 @@ def record_of(evaluation) -> dict:
 
 def learning_curve(rows: list[dict], task: str) -> list[dict]:
     """The held-out figures of every evaluation during a run, each at the seconds of training steps before it."""
+    from onpolicy_kd.evaluation.heldout import logged_metrics  # how training names an evaluation's figures
+
+    names = {key: next(iter(logged_metrics({key: 0.0}))) for key, _ in COLUMNS[task]}
     curve, seconds = [], 0.0
     for row in rows:
         seconds += row.get("time/step_s", 0.0)
         if "eval/reverse_kl" in row:
-            figures = {key: row[f"eval/{'reverse_kl' if key == 'reverse_kl_samples' else key}"]
-                       for key, _ in COLUMNS[task] if f"eval/{'reverse_kl' if key == 'reverse_kl_samples' else key}" in row}
+            figures = {key: row[name] for key, name in names.items() if name in row}
             curve.append({"step": row["step"], "train_s": round(seconds, 1), **figures})
     return curve
 
@@ -208,6 +210,7 @@ def run_one(task: str, method: str, seed: int, budget: float, out_json: Path, cu
     started = time.perf_counter()
     initial = initial_record(task)
     before = logged_metrics(initial["summary"]) if initial else None
+    curve = None
     if method in ("initial", "trl"):
         data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed)
         answers = recipe_teacher_answers(recipe, models.teacher, models.tokenizer, data.eval)
@@ -229,7 +232,7 @@ def run_one(task: str, method: str, seed: int, budget: float, out_json: Path, cu
         "task": task, "method": method, "seed": seed, "budget_s": budget, "steps": steps, "train_s": train_s,
         "wall_s": time.perf_counter() - started, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    if curve_every and method not in ("initial", "trl"):
+    if curve:  # (only a run of the package's own trainer has one)
         record["curve"] = curve
     out_json.write_text(json.dumps(record))
     shutil.rmtree(work, ignore_errors=True)  # checkpoints and exports: 1.4-3 GB a run
@@ -357,15 +360,20 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
 
 
 def curve_tables(task: str, records: list[dict]) -> list[str]:
-    """Runs with a learning curve (--curve-every): each held-out evaluation at its seconds of training steps. One seed
-    per run: the points carry no uncertainty here; compare them with the 3-seed tables' ± before reading a gap."""
-    columns = [(k, h) for k, h in COLUMNS[task] if k in {k for r in records for p in r.get("curve", []) for k in p}]
+    """Runs with a learning curve (--curve-every): each held-out evaluation at its seconds of training steps, from the
+    untrained student's figures at 0 s. One seed per run: the points carry no uncertainty here; compare them with
+    the 3-seed tables' ± before reading a gap. A point of a long run is not a run with that budget: the learning-rate
+    schedule of every point is the whole run's."""
+    logged = {key for r in records for point in r.get("curve", []) for key in point}
+    columns = [(key, heading) for key, heading in COLUMNS[task] if key in logged]
+    initial = next((r for r in records if r["method"] == "initial"), None)
     lines = []
     for run in (r for r in records if r.get("curve")):
         lines += [f"### {task}: learning curve of {LABELS[run['method']]}, seed {run['seed']}, budget {run['budget_s']:g} s",
                   "", "| step | training s | " + " | ".join(h for _, h in columns) + " |",
                   "|---|---|" + "---|" * len(columns)]
-        for point in run["curve"]:
+        points = ([{"step": 0, "train_s": 0.0, **initial["summary"]}] if initial else []) + run["curve"]
+        for point in points:
             lines.append(f"| {point['step']} | {point['train_s']:.0f} | "
                          + " | ".join(f"{point[k]:.3f}" if k in point else "-" for k, _ in columns) + " |")
         lines.append("")
@@ -470,6 +478,9 @@ def main() -> None:
     if args.run:
         run_one(args.task, args.run, args.seeds[0], args.budget, args.json, args.curve_every)
         return
+    own_eval = [m for m in args.methods if any(k.startswith("eval.eval_steps=") for k in METHODS[m](args.budget))]
+    if args.curve_every and own_eval:  # distillm's adaptive λ reads every evaluation: more would change the method
+        parser.error(f"--curve-every would change the evaluation cadence {', '.join(own_eval)} set for itself")
     if not args.table_only:
         first = [] if initial_record(args.task) is not None else [(args.seeds[0], "initial")]
         for seed, method in first + [(seed, method) for seed in args.seeds for method in args.methods]:

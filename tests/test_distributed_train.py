@@ -2,8 +2,8 @@
 
 Each launch trains the tiny recipe for 2 steps with a checkpoint, then a second launch resumes from it and
 trains 2 more. The world size is read back from the checkpoint (a 2-process CPU config that silently ran
-one process would show 1). Launches run one at a time (2 processes fill the 2 cores), each on a free port,
-each with a timeout. DeepSpeed compiles its CPU communication op on first use (~30 s, cached afterwards).
+one process would show 1). Launches run one at a time (2 processes fill the 2 cores; the race test starts two at
+once by design), each on a free port, each with a timeout. DeepSpeed compiles its CPU communication op on first use (~30 s, cached afterwards).
 """
 
 from __future__ import annotations
@@ -109,25 +109,41 @@ def worker_pids(launcher_pid: int) -> dict[int, int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
+        try:  # (a process may end while the list is read)
             environ = (entry / "environ").read_bytes().split(b"\0")
             status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
         parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
         rank = next((v.split(b"=", 1)[1] for v in environ if v.startswith(b"LOCAL_RANK=")), None)
-        if rank is not None and parent != 0 and b"onpolicy_kd.train" in (entry / "cmdline").read_bytes():
+        if rank is not None and parent == launcher_pid and b"onpolicy_kd.train" in cmdline:
             found[int(rank)] = int(entry.name)
     return found
 
 
-def launch_background(recipe: Path, *overrides: str) -> subprocess.Popen:
-    """A 2-process CPU DDP run started, not waited for."""
+def stop_launches(*procs: subprocess.Popen) -> None:
+    """SIGKILL each launch's workers, then the launcher (a killed launcher would leave its workers running)."""
+    for proc in procs:
+        for pid in worker_pids(proc.pid).values():
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+        proc.communicate()
+
+
+def launch_background(recipe: Path, *overrides: str, log: Path | None = None) -> subprocess.Popen:
+    """A 2-process CPU DDP run started, not waited for (its stdout and stderr into `log` when given: nobody reads
+    pipes while it runs)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
            "-m", "onpolicy_kd.train", str(recipe), *overrides]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    out = open(log, "w") if log else subprocess.PIPE
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log else subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT)
 
 
 def wait_for_step(proc: subprocess.Popen, metrics: Path, predicate, timeout: float = 300) -> None:
@@ -154,15 +170,17 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(staged, tmp_path
     common = ["train.batch_size=2", "eval.max_samples=4"]
     stages = ["train.max_steps=null", "stages=[{name: a, max_steps: 2}, {name: b, max_steps: 100000}]"] if staged else []
     proc = launch_background(recipe, "train.max_steps=100000", *common, *stages)
-    wait_for_step(proc, out / "metrics.jsonl", (lambda r: r.get("stage") == "b") if staged else (lambda r: True))
-    workers = worker_pids(proc.pid)
-    assert set(workers) == {0, 1}, workers
-    os.kill(workers[1], signal.SIGTERM)
     try:
+        wait_for_step(proc, out / "metrics.jsonl", (lambda r: r.get("stage") == "b") if staged else (lambda r: True))
+        workers = worker_pids(proc.pid)
+        assert set(workers) == {0, 1}, workers
+        os.kill(workers[1], signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=180)
     except subprocess.TimeoutExpired:
-        proc.kill()
         pytest.fail("the run did not stop after SIGTERM to rank 1 (deadlock)")
+    finally:
+        if proc.poll() is None:
+            stop_launches(proc)
     assert proc.returncode != 0, "a signal-stopped run must not look finished"
     printed = " ".join(stdout.split())
     assert "checkpoint saved; resume with train.resume_from=latest" in printed, stderr[-3000:]
@@ -186,37 +204,35 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(staged, tmp_path
 
 
 def test_two_multi_process_runs_into_one_folder_one_trains_the_other_is_refused(tmp_path, far_pair, isolated_cache):
-    """The race of two runs into one new folder, each a 2-process launch: the lock is the main process's, so
-    exactly one launch trains and the other's rank 0 refuses naming the first's pid, and its rank 1 leaves too
-    (no rank waits forever for a partner that refused)."""
+    """The race of two runs into one new folder, each a 2-process launch (the one test that runs two launches at
+    once): the lock is the main process's, so exactly one launch trains and the other's rank 0 refuses naming the
+    first's rank-0 pid, and that launch ends (its launcher stops the rank that was not refused)."""
     import time
 
     recipe = recipe_for(tmp_path, far_pair, "gkd")
     out = tmp_path / "out"
     args = ("train.max_steps=100000", "train.batch_size=2", "eval.max_samples=4", "train.save_steps=1")
-    procs = [launch_background(recipe, *args)]
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    procs = [launch_background(recipe, *args, log=logs[0])]
     try:
         time.sleep(1)
-        procs.append(launch_background(recipe, *args))
+        procs.append(launch_background(recipe, *args, log=logs[1]))
         deadline = time.time() + 300
         while all(p.poll() is None for p in procs):
             assert time.time() < deadline, "neither launch was refused"
             time.sleep(0.2)
         (refused,) = [p for p in procs if p.poll() is not None]
         (owner,) = [p for p in procs if p is not refused]
-        stdout, stderr = refused.communicate()
-        err = " ".join(stderr.split())
+        refused.communicate()
+        err = " ".join(logs[procs.index(refused)].read_text().split())
         owner_ranks = worker_pids(owner.pid)
         assert refused.returncode != 0 and "is in use by another run" in err, err[-3000:]
         assert f"pid {owner_ranks[0]} " in err, (owner_ranks, err[-3000:])  # the owner's main process
         wait_for_step(owner, out / "metrics.jsonl", lambda r: r["step"] >= 2)
-    finally:  # SIGKILL every worker, then the launchers (a killed launcher would leave its workers running)
-        for pid in [pid for proc in procs for pid in worker_pids(proc.pid).values()]:
-            os.kill(pid, 9)
-        for proc in procs:
-            proc.kill()
-            proc.communicate()
-    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if "train/loss" in line]
+    finally:
+        stop_launches(*procs)
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")
+             if "train/loss" in line and line.strip().endswith("}")]  # (a line the kill cut short is skipped)
     assert steps == list(range(1, len(steps) + 1))  # one run's records
 
 

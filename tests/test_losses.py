@@ -304,3 +304,14 @@ def test_logit_mse_ignores_a_constant_added_to_a_row_of_logits():
     offset = torch.randn(B, T, 1) * 50
     torch.testing.assert_close(divergence(s + offset, t, mask, kind="logit_mse"), divergence(s, t, mask, kind="logit_mse"))
     assert divergence(s + offset, s, mask, kind="logit_mse").item() < 1e-6
+
+
+def test_logit_mse_compares_only_the_entries_both_models_leave_finite():
+    """A teacher that masks vocabulary entries to -inf: the loss is the one over the other entries, finite, with a
+    finite gradient (a plain mean over the row would make it NaN)."""
+    s, t, mask = _inputs(seed=12)
+    masked = t.detach().clone()
+    masked[..., :10] = float("-inf")
+    value = divergence(s, masked, mask, kind="logit_mse")
+    torch.testing.assert_close(value, divergence(s[..., 10:], t[..., 10:], mask, kind="logit_mse"))
+    assert torch.isfinite(_grads(value, s)[0]).all()

@@ -89,3 +89,10 @@ def test_distillm2_counts_half_its_completions_as_the_students(tmp_path, far_pai
     steps = step_records(tmp_path)
     assert [r["data/on_policy"] for r in steps] == [0.5, 0.5]
     assert all(r["rollout/mean_len"] > 0 and r["data/mean_len"] > 0 for r in steps)
+
+
+def test_every_divergence_has_its_words_for_the_runs_first_lines():
+    from onpolicy_kd.objectives.divergences import DIVERGENCES
+    from onpolicy_kd.objectives.modes import DIVERGENCE_NAMES
+
+    assert set(DIVERGENCE_NAMES) == set(DIVERGENCES)

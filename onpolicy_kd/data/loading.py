@@ -97,7 +97,7 @@ def load_split(cfg: DataConfig, split: str, key: str = "data.split") -> Dataset:
             raise DataError(f"data.path: local path does not exist: {path}")
         # datasets keys its cache by the file's path: the resolved one, so a file reached through a symlinked
         # cache root (ONPOLICY_KD_CACHE_DIR) reuses what the same file's earlier runs tokenised
-        path = path.resolve()
+        path = path.parent.resolve() / path.name  # (the file's own name kept: a blob store's target has no suffix)
         if path.is_dir():
             builder, files = str(path), None
         else:

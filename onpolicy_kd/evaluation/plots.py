@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 PANELS = {
     "loss terms": ("train/loss", "train/ce", "train/forward_kl", "train/jsd", "train/tv", "train/skew_forward_kl",
                    "train/skew_reverse_kl", "pg/loss", "pg/single_step_kl", "pg/lm_loss", "train/hidden_mse",
-                   "train/hidden_cosine"),
+                   "train/hidden_cosine", "train/logit_mse"),
     "hidden-state loss per layer pair (student -> teacher)": ("hidden/*",),
     "reverse KL to the teacher (nats/token)": ("train/reverse_kl", "eval/reverse_kl"),
     "greedy held-out text (collapse shows here)": ("eval/greedy/distinct1", "eval/greedy/repetition",

@@ -13,7 +13,8 @@ between the two). With p the teacher and q the student, per position over the fu
     logit_mse        (1/V) sum_v (c_s(v) - c_t(v))^2, c = z / tau - mean_v(z / tau): the squared error of the
                      logits after removing each row's mean, the one part of the logits the softmax ignores
                      (Distily's logit MSE compares raw logits, which also charges the student for a
-                     constant offset that changes no probability)
+                     constant offset that changes no probability); v and V over the entries finite in both
+                     (a logit masked to -inf has nothing to compare)
 
 Temperature divides both models' logits before the softmax; the loss is *not* rescaled by tau^2
 (as in TRL). All math is in log space (log_softmax; mixtures through logsumexp), in float32 for
@@ -86,8 +87,14 @@ def _skew_reverse_kl(s: Tensor, t: Tensor, beta: float, skew: float) -> Tensor:
 
 
 def _logit_mse(s: Tensor, t: Tensor, beta: float, skew: float) -> Tensor:
-    # log-probs are the logits / tau minus a per-row constant, which centring removes: no raw logits needed
-    return ((s - s.mean(-1, keepdim=True)) - (t - t.mean(-1, keepdim=True))).pow(2).mean(-1)
+    # log-probs are the logits / tau minus a per-row constant, which centring removes: no raw logits needed. Entries
+    # a model masks to -inf (probability 0) have no logit to compare: the means and the error run over the entries
+    # finite in both rows (else one -inf would make the row's mean -inf and the loss NaN); a NaN still propagates.
+    finite = ~(torch.isneginf(s) | torch.isneginf(t))
+    count = finite.sum(-1, keepdim=True).clamp_min(1)
+    s, t = torch.where(finite, s, 0.0), torch.where(finite, t, 0.0)
+    centred = (s - s.sum(-1, keepdim=True) / count) - (t - t.sum(-1, keepdim=True) / count)
+    return torch.where(finite, centred, 0.0).pow(2).sum(-1) / count.squeeze(-1)
 
 
 # name -> f(student_logprobs, teacher_logprobs, beta, skew) -> per-row values (in the log-probs' precision)

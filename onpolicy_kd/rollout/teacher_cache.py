@@ -39,18 +39,20 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
     """The teacher's config, its quantisation, and, when it was loaded from a folder, its weight files' names, sizes
     and times (else a digest of its weights)."""
     config = teacher.config.to_json_string(use_diff=False)
-    source = Path(str(getattr(teacher, "name_or_path", "") or getattr(teacher.config, "_name_or_path", "")))
+    name = str(getattr(teacher, "name_or_path", "") or getattr(teacher.config, "_name_or_path", ""))
+    source = Path(name) if name else None  # (a teacher built in memory has no name: not the working directory)
     files = []
-    if source.is_dir():
+    if source is not None and source.is_dir():
         for path in sorted(source.glob("*")):
             if path.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
                 stat = path.stat()
                 files.append((path.name, stat.st_size, int(stat.st_mtime)))
-    if source.is_dir():  # the same teacher reached through a symlinked cache root keeps its key: the resolved
-        # folder, in the config's _name_or_path too (unchanged, and so is the key, for a folder named as it is)
+        # the same teacher reached through a symlinked cache root keeps its key: the resolved folder, also as the
+        # config's _name_or_path (a folder named by its resolved path, as the recipes' ${cache:...} name it, keeps
+        # the key it had; a relative or symlinked name gets the resolved folder's key)
         resolved = str(source.resolve())
         config, source = config.replace(json.dumps(str(source)), json.dumps(resolved)), resolved
-    parts = [config, str(source), files]
+    parts = [config, str(source) if source is not None else ".", files]
     if not files:  # a teacher built in memory (the Python API, tests): its weights themselves tell it apart
         parts.append(_weights_digest(teacher))
     quantization = getattr(teacher, "kd_quantization", None)  # a quantised teacher writes other summaries
