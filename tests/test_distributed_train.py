@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from test_faults import race
 from test_train import recipe_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,22 +208,12 @@ def test_two_multi_process_runs_into_one_folder_one_trains_the_other_is_refused(
     """The race of two runs into one new folder, each a 2-process launch (the one test that runs two launches at
     once): the lock is the main process's, so exactly one launch trains and the other's rank 0 refuses naming the
     first's rank-0 pid, and that launch ends (its launcher stops the rank that was not refused)."""
-    import time
-
     recipe = recipe_for(tmp_path, far_pair, "gkd")
     out = tmp_path / "out"
     args = ("train.max_steps=100000", "train.batch_size=2", "eval.max_samples=4", "train.save_steps=1")
-    logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    procs = [launch_background(recipe, *args, log=logs[0])]
+    logs, procs = [tmp_path / "first.log", tmp_path / "second.log"], []
     try:
-        time.sleep(1)
-        procs.append(launch_background(recipe, *args, log=logs[1]))
-        deadline = time.time() + 300
-        while all(p.poll() is None for p in procs):
-            assert time.time() < deadline, "neither launch was refused"
-            time.sleep(0.2)
-        (refused,) = [p for p in procs if p.poll() is not None]
-        (owner,) = [p for p in procs if p is not refused]
+        refused, owner = race(lambda: launch_background(recipe, *args, log=logs[len(procs)]), procs, timeout=300)
         refused.communicate()
         err = " ".join(logs[procs.index(refused)].read_text().split())
         owner_ranks = worker_pids(owner.pid)

@@ -26,6 +26,21 @@ def steps_logged(out: Path) -> list[int]:
     return [r["step"] for r in metrics_of(out) if "train/loss" in r]
 
 
+def race(start, procs: list, timeout: float) -> tuple:
+    """Start a run, the same run again a second later (each appended to `procs`, for the caller's cleanup), and wait
+    until one of them exits: (the one that exited, the one still running)."""
+    procs.append(start())
+    time.sleep(1)
+    procs.append(start())
+    deadline = time.time() + timeout
+    while all(p.poll() is None for p in procs):
+        assert time.time() < deadline, "neither run was refused"
+        time.sleep(0.05)
+    (refused,) = [p for p in procs if p.poll() is not None]
+    (owner,) = [p for p in procs if p is not refused]
+    return refused, owner
+
+
 # --- 1. the output folder belongs to one run ---------------------------------------------------------------------
 
 def test_a_new_run_refuses_a_folder_that_holds_another(tmp_path, far_pair, isolated_cache, capsys):
@@ -51,16 +66,9 @@ def test_one_run_owns_its_folder_and_a_killed_runs_lock_is_taken_over(tmp_path, 
     recipe = recipe_for(tmp_path, far_pair, "gkd")
     out = tmp_path / "out"
     args = ("train.max_steps=100000", "train.save_steps=1")
-    procs = [_subprocess(recipe, *args)]
+    procs = []
     try:
-        time.sleep(1)
-        procs.append(_subprocess(recipe, *args))
-        deadline = time.time() + 120
-        while all(p.poll() is None for p in procs):
-            assert time.time() < deadline, "neither run was refused"
-            time.sleep(0.05)
-        (refused,) = [p for p in procs if p.poll() is not None]
-        (owner,) = [p for p in procs if p is not refused]
+        refused, owner = race(lambda: _subprocess(recipe, *args), procs, timeout=120)
         err = " ".join(refused.communicate()[1].split())
         assert refused.returncode == 2 and "is in use by another run" in err and f"pid {owner.pid} " in err, err[-2000:]
         assert "Traceback" not in err

@@ -225,8 +225,7 @@ def _whole_while_accumulating(param: torch.nn.Parameter) -> None:
 
 
 def global_sum(accelerator: Accelerator, value: float | int) -> float:
-    tensor = torch.tensor([float(value)], device=accelerator.device)
-    return float(accelerator.reduce(tensor, reduction="sum").item())
+    return global_sums(accelerator, [value])[0]
 
 
 def global_sums(accelerator: Accelerator, values: list[float | int]) -> list[float]:

@@ -41,7 +41,7 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
     config = teacher.config.to_json_string(use_diff=False)
     name = str(getattr(teacher, "name_or_path", "") or getattr(teacher.config, "_name_or_path", ""))
     source = Path(name) if name else None  # (a teacher built in memory has no name: not the working directory)
-    files = []
+    files, where = [], str(source) if source is not None else "."
     if source is not None and source.is_dir():
         for path in sorted(source.glob("*")):
             if path.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
@@ -50,9 +50,9 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
         # the same teacher reached through a symlinked cache root keeps its key: the resolved folder, also as the
         # config's _name_or_path (a folder named by its resolved path, as the recipes' ${cache:...} name it, keeps
         # the key it had; a relative or symlinked name gets the resolved folder's key)
-        resolved = str(source.resolve())
-        config, source = config.replace(json.dumps(str(source)), json.dumps(resolved)), resolved
-    parts = [config, str(source) if source is not None else ".", files]
+        where = str(source.resolve())
+        config = config.replace(json.dumps(str(source)), json.dumps(where))
+    parts = [config, where, files]
     if not files:  # a teacher built in memory (the Python API, tests): its weights themselves tell it apart
         parts.append(_weights_digest(teacher))
     quantization = getattr(teacher, "kd_quantization", None)  # a quantised teacher writes other summaries
