@@ -141,6 +141,10 @@ def test_per_token_variant_and_errors():
     per = per_token_divergence(s, t, kind="tv")
     assert per.shape == (B, T) and ((per >= 0) & (per <= 1 + 1e-6)).all()
     torch.testing.assert_close(per[mask].mean(), divergence(s, t, mask, kind="tv"))
+    for kind in KINDS:  # (B, T, V) in, the value at every position out: the rows' reductions run over V alone
+        per = per_token_divergence(s, t, kind=kind)
+        assert per.shape == (B, T), kind
+        torch.testing.assert_close(per[mask].mean(), divergence(s, t, mask, kind=kind), msg=kind)
     with pytest.raises(ValueError, match="unknown divergence 'kl'; valid: forward_kl, reverse_kl, jsd"):
         divergence(s, t, mask, kind="kl")
     with pytest.raises(ValueError, match="beta=1.5"):
@@ -181,6 +185,25 @@ def test_token_cross_entropy():
     labels = torch.randint(0, V, (B, T))
     ref = F.cross_entropy(s[mask], labels[mask])
     torch.testing.assert_close(token_cross_entropy(s, labels, mask), ref)
+    # divided by the step's count when given one (micro-batches and processes), not this batch's
+    torch.testing.assert_close(token_cross_entropy(s, labels, mask, num_tokens=2 * mask.sum()), ref / 2)
+
+
+def test_gather_logprobs_reads_the_distribution_at_temperature():
+    from onpolicy_kd.objectives.divergences import gather_logprobs
+
+    s, _, _ = _inputs(seed=13)
+    labels = torch.randint(0, V, (B, T))
+    expected = F.log_softmax(s.detach() / 2.0, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(gather_logprobs(s.detach(), labels, temperature=2.0), expected)
+
+
+def test_logit_mse_of_a_row_with_one_shared_finite_entry_is_zero():
+    """One entry finite in both rows: each centred logit is 0 (its own mean), so the rows agree."""
+    s, t, _ = _inputs(seed=14)
+    t = t.detach().clone()
+    t[..., 1:] = float("-inf")
+    assert divergence(s, t, kind="logit_mse").item() == 0.0
 
 
 @pytest.mark.parametrize("backend", ["torch", "chunked"])
@@ -315,3 +338,22 @@ def test_logit_mse_compares_only_the_entries_both_models_leave_finite():
     value = divergence(s, masked, mask, kind="logit_mse")
     torch.testing.assert_close(value, divergence(s[..., 10:], t[..., 10:], mask, kind="logit_mse"))
     assert torch.isfinite(_grads(value, s)[0]).all()
+
+
+def test_cross_entropy_loss_is_the_negative_log_likelihood_of_the_valid_tokens():
+    """sft / seqkd: -sum of log q(y_t) over the valid completion tokens / the step's token count; the metric is this
+    batch's per-token mean."""
+    from onpolicy_kd.batch import Completions, completion_mask
+    from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, cross_entropy_loss
+
+    mask = completion_mask(torch.tensor([3, 1]), 3)
+    logprob = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -50.0, -60.0]], requires_grad=True)
+    batch = Completions(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1), torch.zeros(2, 3, dtype=torch.long), mask,
+                        source="references", texts=["", ""])
+    metrics = {}
+    loss = cross_entropy_loss(batch, ModelOutputs(terms={"logprob": logprob}), None, None, StepContext(num_tokens=8),
+                              metrics)
+    torch.testing.assert_close(loss, torch.tensor((1 + 2 + 3 + 4) / 8))
+    assert metrics == {"train/ce": pytest.approx((1 + 2 + 3 + 4) / 4)}
+    loss.backward()
+    torch.testing.assert_close(logprob.grad, torch.where(mask, -1 / 8, 0.0))

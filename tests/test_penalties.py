@@ -172,3 +172,83 @@ def test_float64_inputs_keep_float64_math(batch):
     torch.testing.assert_close(loss, -naive_diversity(logits64, mask, embeddings.double()), rtol=1e-10, atol=1e-12)
     loss, _ = entropy_penalty(logits64, mask, weight=1.0, floor=2.2)
     torch.testing.assert_close(loss, naive_entropy(logits64, mask, 2.2), rtol=1e-12, atol=1e-14)
+
+
+# --- edge cases the tests above leave open (each found by mutation testing: scripts/mutation.py) ------------------
+
+
+def test_frequency_shaping_counts_only_valid_earlier_tokens():
+    """A masked position inside the completion is not a use of its token (the count reads the mask at s < t)."""
+    tokens = torch.tensor([[4, 4, 4]])
+    cost = frequency_shaping(tokens, torch.tensor([[True, False, True]]), weight=1.0)
+    assert cost[0].tolist() == pytest.approx([0.0, 0.0, 1 / 3])  # the masked middle 4 is neither counted nor charged
+    logits = torch.randn(1, 3, 6, generator=torch.Generator().manual_seed(1))  # the loss form reads the mask the same way
+    mask = torch.tensor([[True, False, True]])
+    q = torch.softmax(logits[0, 2].double(), -1)
+    torch.testing.assert_close(frequency_penalty(logits, tokens, mask, 1.0)[1].double(), q[4] / 3 / 2)
+
+
+def test_entropy_shaping_without_a_floor_is_a_bonus(batch):
+    """floor = +inf: the cost is -lambda_ent * H_t (a bonus once subtracted from the reward)."""
+    logits, _, mask, _ = batch
+    h = entropy(logits).detach()
+    cost = entropy_shaping(h, mask, weight=0.5)
+    torch.testing.assert_close(cost, torch.where(mask, -0.5 * h, torch.zeros_like(h)))
+    assert (cost[mask] < 0).all()
+
+
+def test_the_smallest_groups_divide_by_their_own_size():
+    """One sequence with exactly two valid tokens: its spread is the one distance (2 ordered pairs / 2), each token's
+    mean distance to the others is that same distance (1 other), and the batch mean is over that one sequence."""
+    embeddings = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0]])
+    tokens = torch.tensor([[0, 1, 2], [2, 2, 2]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    cost = diversity_shaping(tokens, embeddings, mask, weight=1.0)
+    assert cost.tolist() == [[-5.0, -5.0, 0.0], [0.0, 0.0, 0.0]]
+    logits = torch.full((2, 3, 3), -1e4)
+    logits[0, 0, 0] = logits[0, 1, 1] = logits[1, 0, 2] = 0.0  # each distribution on one token: e_t = E_{y_t}
+    for num_sequences in (None, 1):
+        loss, value = diversity_penalty(logits, embeddings, mask, weight=1.0, num_sequences=num_sequences)
+        torch.testing.assert_close(loss, torch.tensor(-5.0))
+        torch.testing.assert_close(value, torch.tensor(5.0))
+
+
+def test_distances_stay_exact_far_from_the_origin():
+    """Embeddings with a large common offset: ||a - b|| is computed from the differences, not |a|^2 + |b|^2 - 2ab
+    (which loses every digit of a small distance in float32)."""
+    g = torch.Generator().manual_seed(0)
+    embeddings = 1e4 + 1e-2 * torch.randn(6, 4, generator=g)
+    tokens, mask = torch.tensor([[0, 1, 2, 3, 4, 5]]), torch.ones(1, 6, dtype=torch.bool)
+    exact = torch.cdist(embeddings[None].double() - 1e4, embeddings[None].double() - 1e4)[0]
+    expected = -(exact.sum(-1) / 5)
+    torch.testing.assert_close(diversity_shaping(tokens, embeddings, mask, 1.0)[0].double(), expected, rtol=1e-2, atol=0)
+    logits = torch.where(torch.eye(6, dtype=torch.bool), 0.0, -1e4)[None]  # position t puts all its mass on token t
+    _, value = diversity_penalty(logits, embeddings, mask, weight=1.0)
+    torch.testing.assert_close(value.double(), exact.sum() / 30, rtol=1e-2, atol=0)
+
+
+def test_losses_divide_by_the_step_token_count_they_are_given(batch):
+    """With num_tokens (the step's count over micro-batches and processes) twice this batch's, each loss halves."""
+    logits, tokens, mask, _ = batch
+    n = int(mask.sum())
+    for penalty in (lambda k: frequency_penalty(logits, tokens, mask, 0.7, num_tokens=k),
+                    lambda k: entropy_penalty(logits, mask, 0.4, 2.2, num_tokens=k)):
+        torch.testing.assert_close(penalty(2 * n)[0], penalty(None)[0] / 2)
+        torch.testing.assert_close(penalty(2 * n)[1], penalty(None)[1] / 2)  # the logged value too (the loop rescales)
+
+
+def test_penalties_make_their_tensors_on_the_inputs_device(batch):
+    """Every helper tensor (positions, masks, identity, counts) is made on the inputs' device: the meta device stands
+    in for an accelerator here (a tensor made on the CPU beside it fails)."""
+    logits, tokens, mask, embeddings = (x.detach().to("meta") for x in batch)
+    outputs = [frequency_shaping(tokens, mask, 0.5), diversity_shaping(tokens, embeddings, mask, 0.2),
+               frequency_penalty(logits, tokens, mask, 0.7)[0], entropy_penalty(logits, mask, 0.4)[0],
+               diversity_penalty(logits, embeddings, mask, 0.3, num_sequences=2)[0]]
+    assert all(x.device.type == "meta" for x in outputs)
+
+
+def test_expected_embeddings_follow_the_logits_dtype(batch):
+    """float64 logits with float32 embeddings (a float64 reference run of a float32 model): float64 math."""
+    logits, _, mask, embeddings = batch
+    loss, _ = diversity_penalty(logits.detach().double(), embeddings.float(), mask, weight=1.0)
+    assert loss.dtype == torch.float64

@@ -134,3 +134,62 @@ def test_all_masked_pg_is_zero():
                                single_step_kl_BT=torch.randn(2, 5, requires_grad=True))
     assert out.loss.item() == 0.0
     assert torch.isfinite(torch.autograd.grad(out.loss, x)[0]).all()
+
+
+# --- where the rewards' teacher log-probs and costs come from (found by mutation testing: scripts/mutation.py) ----
+
+
+def _sampled_batch(temperature=2.0):
+    from onpolicy_kd.batch import Completions, completion_mask
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.tensor([[1, 1, 2, 1], [3, 3, 5, 6]])  # repeats: the frequency cost has something to count
+    return Completions(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1), ids, completion_mask(torch.tensor([4, 2]), 4),
+                       source="student", texts=["", ""], temperature=temperature,
+                       student_logprobs=-torch.rand(2, 4, generator=g), student_entropy=torch.rand(2, 4, generator=g))
+
+
+def test_teacher_token_logprobs_at_the_sampling_temperature_from_every_source():
+    """From the teacher's logits, from its last hidden state and head (made once per rollout and kept), or from the
+    lockstep decode's record; without any of them, an error that says so."""
+    from onpolicy_kd.objectives.loss import ModelOutputs, teacher_token_logprobs
+
+    batch = _sampled_batch(temperature=2.0)
+    g = torch.Generator().manual_seed(6)
+    hidden, head = torch.randn(2, 4, 3, generator=g), torch.randn(7, 3, generator=g)
+    logits = hidden @ head.T
+    expected = torch.log_softmax(logits / 2.0, -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(teacher_token_logprobs(batch, ModelOutputs(logits=logits)), expected)
+    bounded = ModelOutputs(hidden=(hidden,), head=head)
+    got = teacher_token_logprobs(batch, bounded, chunk_size=3)
+    torch.testing.assert_close(got[batch.completion_mask], expected[batch.completion_mask])
+    bounded.terms["logprob"] = sentinel = torch.full((2, 4), 7.0)  # kept: a second call reads it back
+    assert teacher_token_logprobs(batch, bounded) is sentinel
+    batch.teacher_logprobs = recorded = torch.full((2, 4), -1.0)
+    assert teacher_token_logprobs(batch, None) is recorded
+    batch.teacher_logprobs = None
+    with pytest.raises(ValueError, match="the PG rewards need the teacher's log-probs: run the teacher or sample with alpha > 0"):
+        teacher_token_logprobs(batch, None)
+
+
+def test_reward_shaping_adds_each_penalty_cost_only_when_asked():
+    from onpolicy_kd.objectives import penalties as pen
+    from onpolicy_kd.objectives.loss import reward_shaping
+    from onpolicy_kd.recipe import Recipe
+
+    def recipe(**penalties):
+        return Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
+                                      "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
+                                      "objective": {"mode": "pg"}, "penalties": penalties})
+
+    batch = _sampled_batch()
+    embeddings = torch.randn(7, 3, generator=torch.Generator().manual_seed(7))
+    mask = batch.completion_mask
+    assert reward_shaping(recipe(frequency=0.5), batch, embeddings) is None  # shape_reward off: the loss form
+    cost = reward_shaping(recipe(frequency=0.5, diversity=0.2, entropy=0.3, entropy_floor=0.4, shape_reward=True), batch,
+                          embeddings)
+    expected = (pen.frequency_shaping(batch.completion_ids, mask, 0.5)
+                + pen.diversity_shaping(batch.completion_ids, embeddings, mask, 0.2)
+                + pen.entropy_shaping(batch.student_entropy, mask, 0.3, 0.4))
+    torch.testing.assert_close(cost, expected)
+    assert (pen.frequency_shaping(batch.completion_ids, mask, 0.5) > 0).any()  # each term has something to add

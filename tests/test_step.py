@@ -3,6 +3,7 @@ the forward plan and head choice, and the step's loss being independent of how i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -174,6 +175,59 @@ def test_select_and_concatenate_keep_every_row_intact():
     assert part.student_logprobs[0].tolist() == [-103.0, -104.0, -105.0] and part.texts == ["1", "0"]
     short = both.select([2])
     assert short.completion_ids.shape == (1, 1) and short.sequences.tolist() == [[5, 6, 100]]
+
+
+
+def test_concatenate_pads_every_field_as_the_batch_type_says():
+    """Field by field against a hand-made expectation: prompts re-padded on the left with the pad id, completions
+    and their per-token tensors on the right (ids with the pad id, masks False, log-probs and entropies 0), each
+    tensor's dtype and device kept, the row lists joined, the longest decoding kept, what cannot be joined
+    (references, the prompt cache) dropped."""
+    pad = 9
+    a = _sampled([[1, 2, 3], [4]], [2, 3], 3)
+    b = _sampled([[5, 6]], [1], 2)
+    for batch, step, truncated in ((a, 4, [False, True]), (b, 7, [False])):
+        batch.teacher_logprobs = batch.student_logprobs * 2
+        batch.student_entropy = batch.student_entropy.to(torch.bfloat16)
+        batch.decode_steps, batch.truncated = step, torch.tensor(truncated)
+        batch.references, batch.prompt_cache = batch, []
+    b.rows = [7]
+    both = concatenate([a, b], pad_id=pad)
+    assert both.prompt_ids.tolist() == [[1, 2, 3], [0, 0, 4], [pad, 5, 6]]  # a's own padding (0) stays
+    assert both.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert both.completion_ids.tolist() == [[100, 101, 102], [103, 104, 105], [100, 101, pad]]
+    assert both.completion_mask.tolist() == [[True, True, False], [True] * 3, [True, False, False]]
+    for name, scale in (("student_logprobs", 1), ("sample_logprobs", 1), ("teacher_logprobs", 2), ("student_entropy", 1)):
+        values = getattr(both, name)
+        assert values.dtype == getattr(a, name).dtype, name
+        assert values.float().tolist() == [[-100 * scale, -101 * scale, 0], [-103 * scale, -104 * scale, -105 * scale],
+                                           [-100 * scale, 0, 0]], name
+    assert both.rows == [0, 1, 7] and both.texts == ["0", "1", "0"] and both.decode_steps == 7
+    assert both.truncated.tolist() == [False, True, False]
+    assert both.references is None and both.prompt_cache is None
+    assert both.source == "student" and both.alpha == 0.2
+    assert concatenate([a], pad_id=pad) is a  # one batch is returned as it is
+    a.teacher_logprobs = None  # a field the first batch lacks is absent from the result
+    assert concatenate([a, b], pad_id=pad).teacher_logprobs is None
+    # the padding is made on the batch's own device (meta stands in for an accelerator here)
+    on_meta = [replace(x, **{f: getattr(x, f).to("meta") for f in ("prompt_ids", "prompt_mask", "completion_ids",
+                                                                    "completion_mask", "student_logprobs")},
+                       sample_logprobs=None, student_entropy=None, teacher_logprobs=None) for x in (a, b)]
+    assert concatenate(on_meta, pad_id=pad).completion_ids.device.type == "meta"
+
+
+def test_select_keeps_every_field_of_the_rows_it_takes():
+    """select() field by field: the per-token tensors of the chosen rows, cut to the longest chosen completion (not to
+    the chosen rows' total), their rows and cut flags."""
+    a = _sampled([[1, 2, 3], [4], [5, 6]], [1, 3, 1], 3)
+    a.teacher_logprobs, a.truncated, a.rows = a.student_logprobs * 2, torch.tensor([False, True, False]), [10, 11, 12]
+    part = a.select([2, 0])
+    assert part.completion_ids.tolist() == [[106], [100]]  # width 1: each chosen row has one token
+    assert part.teacher_logprobs.tolist() == [[-212.0], [-200.0]] and part.student_logprobs.tolist() == [[-106.0], [-100.0]]
+    assert part.rows == [12, 10] and part.truncated.tolist() == [False, False] and part.texts == ["2", "0"]
+    assert a.select([1]).truncated.tolist() == [True]
+    a.rows = []  # a batch without dataset rows (a custom model's) keeps none
+    assert a.select([1]).rows == []
 
 
 # --- a step does not depend on how its samples are split -----------------------------------------------------
