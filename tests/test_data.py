@@ -236,3 +236,84 @@ def test_conversational_data_needs_a_chat_template(tmp_path, tiny_tokenizer, iso
     path = _jsonl(tmp_path / "conv.jsonl", [TRL_ROWS["conversational_prompt_only"](i) for i in range(6)])
     with pytest.raises(DataError, match="rendered with the tokenizer's chat template.*has none"):
         load_prompt_data(DataConfig(path=str(path), eval_size=2), plain)
+
+
+# --- the prompt builder's formats, exactly (found by mutation testing: scripts/mutation.py) -----------------------
+
+
+def _render(*messages: tuple[str, str]) -> str:
+    """The tiny tokenizer's chat template by hand (tests/conftest.py), with the generation prompt."""
+    return "".join(f"<|{role}|>{content}<|endoftext|>" for role, content in messages) + "<|assistant|>"
+
+
+def test_a_conversation_that_fits_is_rendered_whole_with_its_system_message(tiny_tokenizer):
+    conversation = [("system", "Be brief."), ("user", "Hello world!"), ("assistant", "I am fine."),
+                    ("user", "How are you today?")]
+    expected = _render(*conversation)
+    length = len(tiny_tokenizer(expected, add_special_tokens=False).input_ids)
+    builder = PromptBuilder(tiny_tokenizer, detect_format(["messages"]), max_prompt_tokens=length)  # exactly fits
+    row = builder({"messages": [{"role": r, "content": c} for r, c in conversation]
+                   + [{"role": "assistant", "content": "Thank you."}]})
+    assert row["prompt"] == expected and not row["truncated"]
+    assert row["reference"] == "Thank you." and row["references"] == ["Thank you."]
+    unanswered = builder({"messages": [{"role": r, "content": c} for r, c in conversation]})
+    assert unanswered["prompt"] == expected and unanswered["references"] == [] and unanswered["reference"] == ""
+
+
+def test_a_long_conversation_loses_its_oldest_turns_but_not_its_system_message(tiny_tokenizer):
+    conversation = [("system", "Be brief."), ("user", "Hello world! " * 4), ("assistant", "I am fine. " * 4),
+                    ("user", "How are you today?")]
+    kept = _render(("system", "Be brief."), ("user", "How are you today?"))
+    builder = PromptBuilder(tiny_tokenizer, detect_format(["messages"]),
+                            max_prompt_tokens=len(tiny_tokenizer(kept, add_special_tokens=False).input_ids))
+    row = builder({"messages": [{"role": r, "content": c} for r, c in conversation]})
+    assert row["prompt"] == kept and row["truncated"]
+
+
+def test_one_long_message_keeps_its_start(tiny_tokenizer):
+    conversational = {"prompt": [{"role": "user", "content": "Hello world! How are you today? " * 5}],
+                      "completion": [{"role": "assistant", "content": "Fine."}]}
+    builder = PromptBuilder(tiny_tokenizer, detect_format(["prompt", "completion"], example=conversational),
+                            max_prompt_tokens=12)
+    row = builder(conversational)
+    assert row["truncated"] and len(row["prompt_ids"]) == 12
+    assert row["prompt"].startswith("<|user|>Hello world") and row["prompt"].endswith("<|endoftext|><|assistant|>")
+    assert row["reference"] == "Fine."
+
+
+def test_a_chat_row_that_is_not_a_conversation_says_what_is_wrong(tiny_tokenizer):
+    builder = PromptBuilder(tiny_tokenizer, detect_format(["messages"]))
+    with pytest.raises(DataError, match="^a chat row has no message before the assistant's answer$"):
+        builder({"messages": [{"role": "assistant", "content": "Hi."}]})
+    bad = [{"role": "user", "content": "a"}, {"role": "assistant", "content": 3}, {"role": "user", "content": "third"}]
+    with pytest.raises(DataError, match="need string 'role' and 'content' \\(or 'from' and 'value'\\); got") as error:
+        builder({"messages": bad})
+    assert "'content': 3" in str(error.value) and "third" not in str(error.value)  # the first two messages shown
+
+
+def test_a_system_prompt_comes_first_in_a_templated_chat_prompt(tiny_tokenizer):
+    builder = PromptBuilder(tiny_tokenizer, detect_format(["article", "highlights"]), template="Sum up: {document}",
+                            chat_template=True, system_prompt="Be brief.")
+    row = builder({"article": "Fire.", "highlights": "A fire."})
+    assert row["prompt"] == _render(("system", "Be brief."), ("user", "Sum up: Fire."))
+
+
+def test_plain_text_rows_split_into_a_prompt_and_its_continuation(tiny_tokenizer):
+    """The text format: the first text_prompt_tokens tokens (within max_prompt_tokens, counting the BOS the
+    tokenizer adds) are the prompt, the rest the reference; never 'truncated'."""
+    from tokenizers import processors
+
+    from conftest import CORPUS, train_tokenizer
+
+    with_bos = train_tokenizer(CORPUS)
+    bos = with_bos.bos_token_id
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    text = "Hello world! How are you today? I am fine, thank you."
+    ids = with_bos(text, add_special_tokens=False).input_ids
+    builder = PromptBuilder(with_bos, detect_format(["text"]), text_prompt_tokens=64, max_prompt_tokens=6)
+    row = builder({"text": text})
+    assert row["prompt_ids"] == [bos] + ids[:5] and not row["truncated"]
+    assert row["reference"] == with_bos.decode(ids[5:])
+    whole = PromptBuilder(with_bos, detect_format(["text"]), text_prompt_tokens=64, max_prompt_tokens=100)({"text": text})
+    assert whole["prompt_ids"] == [bos] + ids and whole["references"] == [] and whole["reference"] == ""

@@ -219,3 +219,48 @@ def test_float64_hidden_states_keep_float64_math():
     reference = naive_hidden_loss(student, [torch.eye(8, dtype=torch.float64)], [(0, 0)], teacher, mask, "mse",
                                   float(mask.sum()))
     torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-14)
+
+
+# --- the exported stitching file and the projected head (found by mutation testing: scripts/mutation.py) ---------
+
+
+def test_a_stitching_file_reads_back_as_the_module_that_wrote_it(tmp_path):
+    """stitching_file -> safetensors -> read_stitching_file / stitching_from_file: the same pairs and weights, and a
+    later stage's module takes over exactly the pairs whose shapes fit."""
+    from safetensors.torch import save_file
+
+    from onpolicy_kd.objectives.hidden import read_stitching_file, stitching_file, stitching_from_file
+
+    g = torch.Generator().manual_seed(0)
+    weights = {(1, 2): torch.randn(6, 4, generator=g), (2, 4): torch.randn(6, 4, generator=g)}
+    tensors, metadata = stitching_file(weights)
+    save_file(tensors, tmp_path / "stitching.safetensors", metadata=metadata)
+    read = read_stitching_file(tmp_path / "stitching.safetensors")
+    assert list(read) == [(1, 2), (2, 4)] and all(torch.equal(read[p], weights[p]) for p in weights)
+    module = stitching_from_file(tmp_path / "stitching.safetensors")
+    assert module.pairs == [(1, 2), (2, 4)]
+    assert all(torch.equal(proj.weight, weights[p]) for p, proj in zip(module.pairs, module.projections))
+    later = Stitching([(1, 2), (2, 3), (2, 4)], student_width=4, teacher_width=6)
+    narrower = Stitching([(1, 2)], student_width=3, teacher_width=6)
+    assert later.start_from(read) == [(1, 2), (2, 4)]  # (2, 3) is new: it keeps its own start
+    assert torch.equal(later.projections[2].weight, weights[(2, 4)])
+    assert narrower.start_from(read) == [] and not torch.equal(narrower.projections[0].weight[:, :3], weights[(1, 2)][:, :3])
+
+
+def test_the_projected_teacher_head_is_w_t_p_in_at_least_float32():
+    from onpolicy_kd.objectives.hidden import projected_teacher_head
+
+    g = torch.Generator().manual_seed(1)
+    head, projection = torch.randn(7, 6, generator=g), torch.randn(6, 4, generator=g)
+    got = projected_teacher_head(head.to(torch.bfloat16), projection)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, head.to(torch.bfloat16).float() @ projection)
+    assert projected_teacher_head(head.double(), projection).dtype == torch.float64
+
+
+def test_the_hidden_mode_has_no_distribution_loss():
+    from onpolicy_kd.objectives.loss import no_loss
+
+    batch = type("Batch", (), {"completion_mask": torch.ones(2, 3, dtype=torch.bool).to("meta")})()
+    loss = no_loss(batch, None, None, None, None, {})
+    assert loss.shape == () and loss.device.type == "meta"

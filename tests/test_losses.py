@@ -357,3 +357,19 @@ def test_cross_entropy_loss_is_the_negative_log_likelihood_of_the_valid_tokens()
     assert metrics == {"train/ce": pytest.approx((1 + 2 + 3 + 4) / 4)}
     loss.backward()
     torch.testing.assert_close(logprob.grad, torch.where(mask, -1 / 8, 0.0))
+
+
+def test_liger_is_available_exactly_when_its_transformers_module_imports(monkeypatch):
+    import sys
+    import types
+
+    from onpolicy_kd.objectives.divergences import liger_available
+
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # an import of it fails
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    assert liger_available() is False
+    package = types.ModuleType("liger_kernel")
+    package.__path__ = []
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", types.ModuleType("liger_kernel.transformers"))
+    assert liger_available() is True

@@ -217,14 +217,15 @@ def test_distances_stay_exact_far_from_the_origin():
     """Embeddings with a large common offset: ||a - b|| is computed from the differences, not |a|^2 + |b|^2 - 2ab
     (which loses every digit of a small distance in float32)."""
     g = torch.Generator().manual_seed(0)
-    embeddings = 1e4 + 1e-2 * torch.randn(6, 4, generator=g)
-    tokens, mask = torch.tensor([[0, 1, 2, 3, 4, 5]]), torch.ones(1, 6, dtype=torch.bool)
+    n = 30  # torch.cdist's default takes the matrix-product route above 25 points
+    embeddings = 1e4 + 1e-2 * torch.randn(n, 4, generator=g)
+    tokens, mask = torch.arange(n)[None], torch.ones(1, n, dtype=torch.bool)
     exact = torch.cdist(embeddings[None].double() - 1e4, embeddings[None].double() - 1e4)[0]
-    expected = -(exact.sum(-1) / 5)
+    expected = -(exact.sum(-1) / (n - 1))
     torch.testing.assert_close(diversity_shaping(tokens, embeddings, mask, 1.0)[0].double(), expected, rtol=1e-2, atol=0)
-    logits = torch.where(torch.eye(6, dtype=torch.bool), 0.0, -1e4)[None]  # position t puts all its mass on token t
+    logits = torch.where(torch.eye(n, dtype=torch.bool), 0.0, -1e4)[None]  # position t puts all its mass on token t
     _, value = diversity_penalty(logits, embeddings, mask, weight=1.0)
-    torch.testing.assert_close(value.double(), exact.sum() / 30, rtol=1e-2, atol=0)
+    torch.testing.assert_close(value.double(), exact.sum() / (n * (n - 1)), rtol=1e-2, atol=0)
 
 
 def test_losses_divide_by_the_step_token_count_they_are_given(batch):

@@ -168,7 +168,7 @@ def test_teacher_token_logprobs_at_the_sampling_temperature_from_every_source():
     batch.teacher_logprobs = recorded = torch.full((2, 4), -1.0)
     assert teacher_token_logprobs(batch, None) is recorded
     batch.teacher_logprobs = None
-    with pytest.raises(ValueError, match="the PG rewards need the teacher's log-probs: run the teacher or sample with alpha > 0"):
+    with pytest.raises(ValueError, match="^the PG rewards need the teacher's log-probs: run the teacher or sample with alpha > 0$"):
         teacher_token_logprobs(batch, None)
 
 
@@ -193,3 +193,43 @@ def test_reward_shaping_adds_each_penalty_cost_only_when_asked():
                 + pen.entropy_shaping(batch.student_entropy, mask, 0.3, 0.4))
     torch.testing.assert_close(cost, expected)
     assert (pen.frequency_shaping(batch.completion_ids, mask, 0.5) > 0).any()  # each term has something to add
+
+
+@pytest.mark.parametrize("setting", [{}, {"discount": 0.5}, {"length_norm": False}, {"single_step": False},
+                                     {"importance": "sequence"}, {"is_clip": 1.01}])
+def test_batch_returns_pass_every_pg_setting_of_the_recipe(setting):
+    """batch_returns = pg_returns with the recipe's settings, the rollout's importance weights (alpha > 0) and the
+    reward shaping; each setting changes the returns (so none can be dropped on the way)."""
+    from dataclasses import astuple
+
+    from onpolicy_kd.objectives.loss import ModelOutputs, batch_returns, reward_shaping
+    from onpolicy_kd.recipe import Recipe
+
+    recipe = Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
+                                    "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
+                                    "objective": {"mode": "pg", **setting}, "rollout": {"alpha": 0.3},
+                                    "penalties": {"frequency": 0.5, "shape_reward": True}})
+    batch = _sampled_batch(temperature=1.0)
+    batch.alpha, batch.sample_logprobs = 0.3, batch.student_logprobs - torch.linspace(0.5, -0.5, 4)
+    logits = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(8))
+    teacher_lp = torch.log_softmax(logits, -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    got = batch_returns(batch, ModelOutputs(logits=logits), recipe, None)
+    obj = recipe.objective
+    args = (batch.student_logprobs, teacher_lp, batch.completion_mask)
+    expected = pg_returns(*args, sample_logprobs_BT=batch.sample_logprobs,
+                          reward_shaping_BT=reward_shaping(recipe, batch, None), single_step=obj.single_step,
+                          discount=obj.discount, length_norm=obj.length_norm, importance=obj.importance,
+                          is_clip=obj.is_clip)
+    for a, b in zip(astuple(got), astuple(expected)):
+        torch.testing.assert_close(a, b)
+    if setting:  # the setting matters: the defaults give other returns
+        default = pg_returns(*args, sample_logprobs_BT=batch.sample_logprobs,
+                             reward_shaping_BT=reward_shaping(recipe, batch, None))
+        assert any(not torch.allclose(a, b) for a, b in zip(astuple(got), astuple(default)))
+    else:  # and the pieces matter: without the importance weights or the shaping, other returns
+        assert not torch.allclose(got.advantage_weight, pg_returns(*args).advantage_weight)
+        plain = pg_returns(*args, sample_logprobs_BT=batch.sample_logprobs)
+        assert not torch.allclose(got.rewards, plain.rewards)
+        batch.alpha = 0.0  # sampled from the student alone: no importance weights
+        torch.testing.assert_close(batch_returns(batch, ModelOutputs(logits=logits), recipe, None).advantage_weight,
+                                   torch.ones(2, 4))

@@ -187,3 +187,17 @@ def test_student_left_in_train_mode(setup):
     rollout(student, teacher, ids, mask, tokenizer=tok, max_new_tokens=2)
     assert student.training  # eval mode only while sampling
     student.eval()
+
+
+def test_stop_strings_watch_only_open_rows_and_see_special_tokens(tiny_tokenizer):
+    """A row that ended this step (EOS) or earlier is not reported again; a stop string that is a special token
+    (a chat template's turn marker) is seen in the decoded tail."""
+    from onpolicy_kd.rollout.engine import _StopStrings
+
+    user = tiny_tokenizer.convert_tokens_to_ids("<|user|>")
+    stops = _StopStrings(tiny_tokenizer, ["<|user|>"], batch_size=3)
+    step = torch.tensor([user, user, user])
+    finished = torch.tensor([False, False, True])  # row 2 ended before this step
+    ended = torch.tensor([False, True, True])  # row 1 wrote its EOS-like end this step
+    assert stops.update(step, finished, ended).tolist() == [True, False, False]
+    assert stops.rows == [[user], [user], []]

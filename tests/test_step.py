@@ -184,7 +184,7 @@ def test_concatenate_pads_every_field_as_the_batch_type_says():
     tensor's dtype and device kept, the row lists joined, the longest decoding kept, what cannot be joined
     (references, the prompt cache) dropped."""
     pad = 9
-    a = _sampled([[1, 2, 3], [4]], [2, 3], 3)
+    a = _sampled([[1, 2, 3], [4]], [2, 3], 4)  # prompt width 3, completion width 4
     b = _sampled([[5, 6]], [1], 2)
     for batch, step, truncated in ((a, 4, [False, True]), (b, 7, [False])):
         batch.teacher_logprobs = batch.student_logprobs * 2
@@ -195,13 +195,14 @@ def test_concatenate_pads_every_field_as_the_batch_type_says():
     both = concatenate([a, b], pad_id=pad)
     assert both.prompt_ids.tolist() == [[1, 2, 3], [0, 0, 4], [pad, 5, 6]]  # a's own padding (0) stays
     assert both.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
-    assert both.completion_ids.tolist() == [[100, 101, 102], [103, 104, 105], [100, 101, pad]]
-    assert both.completion_mask.tolist() == [[True, True, False], [True] * 3, [True, False, False]]
+    assert both.completion_ids.tolist() == [[100, 101, 102, 103], [104, 105, 106, 107], [100, 101, pad, pad]]
+    assert both.completion_mask.tolist() == [[True, True, False, False], [True, True, True, False],
+                                             [True, False, False, False]]
     for name, scale in (("student_logprobs", 1), ("sample_logprobs", 1), ("teacher_logprobs", 2), ("student_entropy", 1)):
         values = getattr(both, name)
         assert values.dtype == getattr(a, name).dtype, name
-        assert values.float().tolist() == [[-100 * scale, -101 * scale, 0], [-103 * scale, -104 * scale, -105 * scale],
-                                           [-100 * scale, 0, 0]], name
+        assert values.float().tolist() == [[-100 * scale, -101 * scale, 0, 0], [-104 * scale, -105 * scale, -106 * scale, 0],
+                                           [-100 * scale, 0, 0, 0]], name
     assert both.rows == [0, 1, 7] and both.texts == ["0", "1", "0"] and both.decode_steps == 7
     assert both.truncated.tolist() == [False, True, False]
     assert both.references is None and both.prompt_cache is None
@@ -221,7 +222,9 @@ def test_select_keeps_every_field_of_the_rows_it_takes():
     the chosen rows' total), their rows and cut flags."""
     a = _sampled([[1, 2, 3], [4], [5, 6]], [1, 3, 1], 3)
     a.teacher_logprobs, a.truncated, a.rows = a.student_logprobs * 2, torch.tensor([False, True, False]), [10, 11, 12]
+    a.references, a.prompt_cache = a, []  # what belongs to all the rows together is not kept
     part = a.select([2, 0])
+    assert part.references is None and part.prompt_cache is None
     assert part.completion_ids.tolist() == [[106], [100]]  # width 1: each chosen row has one token
     assert part.teacher_logprobs.tolist() == [[-212.0], [-200.0]] and part.student_logprobs.tolist() == [[-106.0], [-100.0]]
     assert part.rows == [12, 10] and part.truncated.tolist() == [False, False] and part.texts == ["2", "0"]
