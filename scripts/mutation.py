@@ -30,7 +30,75 @@ REPORT = ROOT / "benchmarks" / "results" / "mutation.md"
 MUTMUT = [sys.executable, "-m", "mutmut"]
 
 # mutant name -> why it behaves exactly as the original (the reason a test cannot kill it).
+_CPU_INDEX = ("an index tensor made on the CPU: PyTorch moves CPU indices to the indexed tensor's device, so the "
+              "values are the same on any device (at the cost of a copy)")
+_CPU_SCALAR = "a 0-dim CPU tensor combines with a tensor on any device: the same value"
+_INT_POSITIONS = ("positions 1..T as int64 instead of floats: true division gives the same values (T is far below "
+                  "2^24, so the float positions are exact too)")
+_TWO_D = "the rows are (N, V): dim +1 is dim -1"
+_FALSY = "None is falsy where the code only tests the value's truth"
+_SENTINEL = "the rendered text holds the sentinel exactly once, so any split at it gives the same two parts"
+_CHUNKS = "the chunk size decides how many rows one pass holds, not the values"
 EQUIVALENT: dict[str, str] = {
+    "onpolicy_kd.batch.x_concatenate__mutmut_5": "the batches are made the same way (the function's precondition: one "
+    "rollout's pieces), so the fields taken from the first (source, temperature, alpha) are equal in all of them",
+    "onpolicy_kd.batch.x_concatenate__mutmut_46": "torch.cat's dim defaults to 0",
+    "onpolicy_kd.batch.x_concatenate__mutmut_77": _FALSY + " (right=None pads on the left, as False does)",
+    "onpolicy_kd.batch.x_concatenate__mutmut_86": _FALSY + " (right=None pads on the left, as False does)",
+    "onpolicy_kd.batch.xǁCompletionsǁselect__mutmut_3": "torch.as_tensor of a list of ints is int64 anyway (an empty "
+    "index never reaches it: select of no rows fails earlier, at the width of no rows)",
+    "onpolicy_kd.batch.xǁCompletionsǁselect__mutmut_6": "torch.as_tensor of a list of ints is int64 anyway",
+    "onpolicy_kd.batch.xǁCompletionsǁselect__mutmut_4": _CPU_INDEX,
+    "onpolicy_kd.batch.xǁCompletionsǁselect__mutmut_7": _CPU_INDEX,
+    "onpolicy_kd.objectives.divergences.x_divergence__mutmut_39": _CPU_INDEX,
+    "onpolicy_kd.objectives.divergences.x_divergence__mutmut_42": _CPU_INDEX,
+    "onpolicy_kd.objectives.divergences.x_divergence__mutmut_71": "without num_tokens reduce_tokens divides by the "
+    "number of values, which are the valid rows: valid_N.sum() itself",
+    "onpolicy_kd.objectives.penalties.x__at_every_position__mutmut_15": _CPU_INDEX,
+    "onpolicy_kd.objectives.penalties.x__at_every_position__mutmut_17": _CPU_INDEX,
+    "onpolicy_kd.objectives.penalties.x__mean_pairwise_distance__mutmut_44": "ordered pairs i != j come in twos: "
+    "the count is 0 (total 0 either way) or at least 2",
+    "onpolicy_kd.objectives.penalties.x__mean_pairwise_distance__mutmut_46": "ordered pairs i != j come in twos: "
+    "> 0 and > 1 select the same sequences",
+    "onpolicy_kd.objectives.penalties.x__positions__mutmut_5": _INT_POSITIONS,
+    "onpolicy_kd.objectives.penalties.x__positions__mutmut_9": _INT_POSITIONS,
+    "onpolicy_kd.objectives.penalties.x_frequency_loss__mutmut_4": _INT_POSITIONS,
+    "onpolicy_kd.objectives.penalties.x_frequency_loss__mutmut_6": _INT_POSITIONS,
+    "onpolicy_kd.objectives.penalties.x_diversity_loss__mutmut_23": _CPU_SCALAR,
+    "onpolicy_kd.objectives.penalties.x_diversity_loss__mutmut_25": _CPU_SCALAR,
+    "onpolicy_kd.objectives.token_terms.x_expected_embedding__mutmut_3": _TWO_D,
+    "onpolicy_kd.objectives.token_terms.x_expected_embedding__mutmut_9": "embeddings are (V, H): dim +1 is dim -1",
+    "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_13": "unsqueeze of a 1-D tensor: +1 and -1 "
+    "are the same new last dimension",
+    "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_3": "the message of an internal assertion "
+    "(token_terms is called with a teacher whenever this term is asked for); no user input reaches it",
+    "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_5": "the message of an internal assertion "
+    "(token_terms is called with a teacher whenever this term is asked for); no user input reaches it",
+    "onpolicy_kd.objectives.loss.x_teacher_token_logprobs__mutmut_1": _CHUNKS + " (a default chunk size)",
+    "onpolicy_kd.objectives.loss.x_teacher_token_logprobs__mutmut_26": _CHUNKS,
+    "onpolicy_kd.objectives.loss.x_batch_returns__mutmut_27": _CHUNKS,
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_wrap_chat__mutmut_18": _FALSY + " (apply_chat_template's tokenize)",
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_chat__mutmut_24": _FALSY + " (apply_chat_template's tokenize)",
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_chat__mutmut_3": _FALSY + " (no answer: no reference either way)",
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_chat__mutmut_19": _FALSY + " (None or cut_body is cut_body)",
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_chat__mutmut_63": _SENTINEL,
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_chat__mutmut_64": _SENTINEL,
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_chat__mutmut_65": _SENTINEL,
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_messages__mutmut_20": "a row without a completion column: row.get of "
+    "None, '' or any other absent name is None",
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_messages__mutmut_22": "a row without a completion column: row.get of "
+    "None, '' or any other absent name is None",
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_messages__mutmut_25": "a row without a completion column: row.get of "
+    "None, '' or any other absent name is None",
+    "onpolicy_kd.rollout.engine.xǁ_StopStringsǁupdate__mutmut_15": "batch_decode's skip_special_tokens defaults to "
+    "False",
+    "onpolicy_kd.objectives.penalties.x_truncation_loss__mutmut_10": "log-probs are (B, T): dim +1 is dim -1",
+    "onpolicy_kd.objectives.penalties.x_truncation_loss__mutmut_19": "a bool tensor times a float tensor is that float "
+    "tensor's dtype: the cast changes nothing",
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_chat__mutmut_70": _FALSY + " (keep_end=None keeps the start, as False "
+    "does)",
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_text__mutmut_18": "decoding no tokens gives '', which is no reference, "
+    "as None is",
 }
 
 

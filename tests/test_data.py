@@ -281,6 +281,15 @@ def test_one_long_message_keeps_its_start(tiny_tokenizer):
     assert row["reference"] == "Fine."
 
 
+def test_a_system_message_and_one_long_question_keep_both(tiny_tokenizer):
+    """Only older turns are dropped: with a system message and one question, the question's own text is cut."""
+    builder = PromptBuilder(tiny_tokenizer, detect_format(["messages"]), max_prompt_tokens=30)
+    row = builder({"messages": [{"role": "system", "content": "Be brief."},
+                                {"role": "user", "content": "Hello world! How are you today? " * 5}]})
+    assert row["truncated"] and len(row["prompt_ids"]) == 30
+    assert row["prompt"].startswith("<|system|>Be brief.<|endoftext|><|user|>Hello")
+
+
 def test_a_chat_row_that_is_not_a_conversation_says_what_is_wrong(tiny_tokenizer):
     builder = PromptBuilder(tiny_tokenizer, detect_format(["messages"]))
     with pytest.raises(DataError, match="^a chat row has no message before the assistant's answer$"):
@@ -317,3 +326,9 @@ def test_plain_text_rows_split_into_a_prompt_and_its_continuation(tiny_tokenizer
     assert row["reference"] == with_bos.decode(ids[5:])
     whole = PromptBuilder(with_bos, detect_format(["text"]), text_prompt_tokens=64, max_prompt_tokens=100)({"text": text})
     assert whole["prompt_ids"] == [bos] + ids and whole["references"] == [] and whole["reference"] == ""
+    # an encoder's input keeps the special tokens on both sides, within the same limit
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A <|endoftext|>", special_tokens=[("<|endoftext|>", bos)])
+    encoder = PromptBuilder(with_bos, detect_format(["text"]), text_prompt_tokens=64, max_prompt_tokens=6,
+                            encoder_decoder=True)({"text": text})
+    assert encoder["prompt_ids"] == [bos] + ids[:4] + [bos]

@@ -196,6 +196,8 @@ def test_gather_logprobs_reads_the_distribution_at_temperature():
     labels = torch.randint(0, V, (B, T))
     expected = F.log_softmax(s.detach() / 2.0, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(gather_logprobs(s.detach(), labels, temperature=2.0), expected)
+    plain = F.log_softmax(s.detach(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(gather_logprobs(s.detach(), labels), plain)  # temperature 1 unless told
 
 
 def test_logit_mse_of_a_row_with_one_shared_finite_entry_is_zero():

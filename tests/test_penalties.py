@@ -253,3 +253,55 @@ def test_expected_embeddings_follow_the_logits_dtype(batch):
     logits, _, mask, embeddings = batch
     loss, _ = diversity_penalty(logits.detach().double(), embeddings.float(), mask, weight=1.0)
     assert loss.dtype == torch.float64
+
+
+def test_the_step_adds_each_penalty_with_its_sign_and_the_steps_counts(batch):
+    """loss.penalty_loss: frequency + diversity + entropy losses (each from its own function, with the step's token
+    and sequence counts), logged as this batch's per-token means."""
+    from onpolicy_kd.batch import Completions
+    from onpolicy_kd.objectives import token_terms as tt
+    from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, penalty_loss, penalty_terms
+    from onpolicy_kd.objectives.penalties import diversity_loss, entropy_loss, frequency_loss
+    from onpolicy_kd.recipe import Recipe
+
+    logits, tokens, mask, embeddings = batch
+    recipe = Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
+                                    "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
+                                    "penalties": {"frequency": 0.7, "diversity": 0.3, "entropy": 0.4,
+                                                  "entropy_floor": 2.2}})
+    completions = Completions(torch.ones(B, 1, dtype=torch.long), torch.ones(B, 1), tokens, mask, source="student",
+                              texts=[""] * B)
+    terms = tt.token_terms(ModelOutputs(logits=logits), None, mask, penalty_terms(recipe, completions, embeddings))
+    ctx = StepContext(num_tokens=2.0 * int(mask.sum()), num_sequences=3.0)
+    metrics = {}
+    total = penalty_loss(recipe, completions, ModelOutputs(terms=terms), ctx, metrics)
+    parts = [frequency_loss(terms["previous_probability"], mask, 0.7, ctx.num_tokens),
+             diversity_loss(terms["expected_embedding"], mask, 0.3, ctx.num_sequences),
+             entropy_loss(terms["entropy"], mask, 0.4, 2.2, ctx.num_tokens)]
+    torch.testing.assert_close(total, sum(loss for loss, _ in parts))
+    assert all(loss.abs() > 1e-3 for loss, _ in parts)  # each term counts
+    assert metrics["penalty/frequency"] == pytest.approx(2 * parts[0][1].item())  # per-token mean of this batch
+    assert metrics["penalty/entropy"] == pytest.approx(2 * parts[2][1].item())
+    assert metrics["penalty/diversity"] == pytest.approx(parts[1][1].item())
+
+
+def test_any_penalty_is_on_when_any_one_weight_is():
+    from types import SimpleNamespace
+
+    from onpolicy_kd.objectives.penalties import any_penalty
+
+    for on in ("frequency", "diversity", "entropy"):
+        weights = {"frequency": 0.0, "diversity": 0.0, "entropy": 0.0, on: 0.1}
+        assert any_penalty(SimpleNamespace(**weights)), on
+    assert not any_penalty(SimpleNamespace(frequency=0.0, diversity=0.0, entropy=0.0))
+
+
+def test_the_truncation_penalty_divides_by_the_batch_size_unless_told_the_steps():
+    from onpolicy_kd.objectives.penalties import truncation_loss
+
+    logprob = torch.tensor([[-1.0, -2.0, -4.0], [-8.0, -16.0, -32.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    cut = torch.tensor([False, True])
+    torch.testing.assert_close(truncation_loss(logprob, mask, cut, weight=0.5), torch.tensor(0.5 * -56.0 / 2))
+    torch.testing.assert_close(truncation_loss(logprob, mask, cut, weight=0.5, num_completions=8),
+                               torch.tensor(0.5 * -56.0 / 8))

@@ -233,3 +233,85 @@ def test_batch_returns_pass_every_pg_setting_of_the_recipe(setting):
         batch.alpha = 0.0  # sampled from the student alone: no importance weights
         torch.testing.assert_close(batch_returns(batch, ModelOutputs(logits=logits), recipe, None).advantage_weight,
                                    torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("setting", [{}, {"discount": 0.5}, {"length_norm": False}, {"single_step": False},
+                                     {"importance": "sequence"}, {"is_clip": 1.01}, {"ppo_clip": 0.01},
+                                     {"pg_baseline": "none"}])
+def test_the_pg_step_loss_passes_every_setting_and_the_steps_normalisers(setting):
+    """policy_gradient_step_loss = policy_gradient_loss with the recipe's settings, the rollout's importance weights,
+    the reward shaping, the single-step KL term, the step's baseline and token count; values and gradients, and
+    each setting changes one of them. Its logged loss terms are this batch's per-token means."""
+    from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, policy_gradient_step_loss, reward_shaping
+    from onpolicy_kd.objectives.pg import policy_gradient_loss
+    from onpolicy_kd.recipe import Recipe
+
+    baseline = setting.pop("pg_baseline", "mean")
+    recipe = Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
+                                    "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
+                                    "objective": {"mode": "pg", "pg_baseline": baseline, **setting},
+                                    "rollout": {"alpha": 0.3}, "penalties": {"frequency": 0.5, "shape_reward": True}})
+    batch = _sampled_batch(temperature=1.0)
+    batch.alpha, batch.sample_logprobs = 0.3, batch.student_logprobs - torch.linspace(0.5, -0.5, 4)
+    logits = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(8))
+    teacher_lp = torch.log_softmax(logits, -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    mask = batch.completion_mask
+    ctx = StepContext(num_tokens=12.0, pg_baseline=-0.4 if baseline == "mean" else 0.0)
+
+    def run(fn):
+        logprob = (batch.student_logprobs + torch.linspace(-0.3, 0.3, 4)).requires_grad_()  # ratios away from 1
+        kl = torch.rand(2, 4, generator=torch.Generator().manual_seed(9)).requires_grad_()
+        loss, metrics = fn(logprob, kl)
+        return loss, torch.autograd.grad(loss, (logprob, kl), allow_unused=True), metrics
+
+    def ours(logprob, kl):
+        metrics = {}
+        student = ModelOutputs(terms={"logprob": logprob, "single_step_kl": kl} if recipe.objective.single_step
+                               else {"logprob": logprob})
+        return policy_gradient_step_loss(batch, student, ModelOutputs(logits=logits), recipe, ctx, metrics), metrics
+
+    def explicit(obj=recipe.objective, defaults=False):
+        def fn(logprob, kl):
+            settings = {} if defaults else dict(discount=obj.discount, length_norm=obj.length_norm,
+                                                importance=obj.importance, is_clip=obj.is_clip, ppo_clip=obj.ppo_clip)
+            out = policy_gradient_loss(
+                logprob, batch.student_logprobs, teacher_lp, mask, sample_logprobs_BT=batch.sample_logprobs,
+                single_step_kl_BT=kl if obj.single_step or defaults else None,
+                reward_shaping_BT=reward_shaping(recipe, batch, None), baseline=0.0 if defaults else ctx.pg_baseline,
+                num_tokens=ctx.num_tokens, **settings)
+            return out.loss, out.metrics
+        return fn
+
+    loss, grads, metrics = run(ours)
+    want_loss, want_grads, want_metrics = run(explicit())
+    torch.testing.assert_close(loss, want_loss)
+    for a, b in zip(grads, want_grads):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b))
+    scale = 12.0 / int(mask.sum())  # the step's count over this batch's
+    assert metrics["pg/loss"] == pytest.approx(want_metrics["pg/loss"] * scale)
+    assert metrics["pg/single_step_kl"] == pytest.approx(want_metrics["pg/single_step_kl"] * scale)
+    if setting or baseline == "mean":  # against the defaults (and no baseline): each setting changes something
+        other_loss, other_grads, _ = run(explicit(defaults=True))
+        differs = not torch.allclose(loss, other_loss) or any(
+            (a is None) != (b is None) or (a is not None and not torch.allclose(a, b)) for a, b in zip(grads, other_grads))
+        assert differs, setting
+
+
+def test_the_pg_terms_are_read_at_the_sampling_temperature():
+    from onpolicy_kd.objectives import token_terms as tt
+    from onpolicy_kd.objectives.loss import ModelOutputs, policy_gradient_terms
+    from onpolicy_kd.recipe import Recipe
+
+    recipe = Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
+                                    "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
+                                    "objective": {"mode": "pg"}})
+    batch = _sampled_batch(temperature=2.0)
+    g = torch.Generator().manual_seed(10)
+    s, t = torch.randn(2, 4, 7, generator=g), torch.randn(2, 4, 7, generator=g)
+    got = tt.token_terms(ModelOutputs(logits=s), ModelOutputs(logits=t), batch.completion_mask,
+                         policy_gradient_terms(recipe, batch))
+    q, p = torch.log_softmax(s / 2, -1), torch.log_softmax(t / 2, -1)
+    mask = batch.completion_mask
+    expected_lp = q.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got["logprob"], torch.where(mask, expected_lp, torch.zeros(())))
+    torch.testing.assert_close(got["single_step_kl"], torch.where(mask, (q.exp() * (q - p)).sum(-1), torch.zeros(())))

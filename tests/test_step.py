@@ -560,3 +560,23 @@ def test_a_bf16_rollout_decodes_in_one_autocast_region_with_the_prompt_graph(tin
     cut = sampled(torch.bfloat16)
     cut.prompt_cache = [(k.detach(), v.detach()) for k, v in cut.prompt_cache]
     assert kept_error < 0.01 and _relative_error(gradients(cut), whole) > 50 * kept_error  # 0.001 and 0.19 here
+
+
+def test_the_prompt_divergence_of_one_prompt_token_is_logged_as_its_value():
+    """The logged prompt divergence is this batch's per-token mean, also when one prompt position is predicted."""
+    from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, prompt_divergence_loss
+
+    r = recipe(objective={"mode": "gkd", "divergence": "forward_kl", "prompt_weight": 0.5})
+    batch = Completions(torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]]), torch.tensor([[7]]),
+                        torch.tensor([[True]]), source="references", texts=[""])
+    assert batch.num_prompt_tokens == 1
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(1, 2, 11, generator=g), torch.randn(1, 2, 11, generator=g)
+    metrics = {}
+    loss = prompt_divergence_loss(batch, ModelOutputs(prompt=ModelOutputs(logits=s)),
+                                  ModelOutputs(prompt=ModelOutputs(logits=t)), r, StepContext(num_tokens=1, prompt_tokens=4),
+                                  metrics)
+    p, q = torch.log_softmax(t[0, 1], -1), torch.log_softmax(s[0, 1], -1)
+    value = (p.exp() * (p - q)).sum()
+    torch.testing.assert_close(loss, 0.5 * value / 4)
+    assert metrics["train/prompt_forward_kl"] == pytest.approx(value.item(), rel=1e-5)

@@ -73,3 +73,12 @@ def test_sampled_logprob_is_the_log_softmax_at_the_token():
         for t in range(T):
             expected = torch.log_softmax(logits[b, t] / 2.0, -1)[tokens[b, t]] if mask[b, t] else torch.tensor(0.0)
             assert got[b, t].item() == pytest.approx(expected.item(), abs=1e-12)
+
+
+def test_the_single_step_kl_is_at_temperature_one_unless_told():
+    h_s, w_s, h_t, w_t, tokens, mask, embeddings = _inputs()
+    s, t = h_s.detach() @ w_s.detach().T, h_t @ w_t.T
+    got = tt.token_terms(ModelOutputs(logits=s), ModelOutputs(logits=t), mask, {"kl": tt.reverse_kl_to_teacher()})["kl"]
+    q, p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    expected = torch.where(mask, (q.exp() * (q - p)).sum(-1), torch.zeros(()))
+    torch.testing.assert_close(got, expected)
