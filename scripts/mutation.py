@@ -90,6 +90,9 @@ EQUIVALENT: dict[str, str] = {
     "None, '' or any other absent name is None",
     "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_messages__mutmut_25": "a row without a completion column: row.get of "
     "None, '' or any other absent name is None",
+    **{f"onpolicy_kd.objectives.pg.x_policy_gradient_loss__mutmut_{n}": "the zero single-step term is only logged "
+       "(.item()) when there is no single-step KL, never added to the loss: its dtype and device do not show"
+       for n in (99, 100, 102, 103)},
     "onpolicy_kd.rollout.engine.xǁ_StopStringsǁupdate__mutmut_15": "batch_decode's skip_special_tokens defaults to "
     "False",
     "onpolicy_kd.objectives.penalties.x_truncation_loss__mutmut_10": "log-probs are (B, T): dim +1 is dim -1",

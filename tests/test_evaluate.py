@@ -25,6 +25,7 @@ def test_rouge_equals_rouge_score():
     assert M.rouge(candidate, target) == {k: direct[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")}
     # by hand: 5 shared words (the, forced, hundreds, from, homes) of 7 and of 8: P 5/7, R 5/8, F 2/3
     assert M.rouge(candidate, target)["rouge1"] == pytest.approx(2 / 3)
+    assert M.rouge("fires forced", "fire forcing")["rouge1"] == 1.0  # with stemming (Porter: fire, forc), as published
 
 
 def test_distinct_and_repetition():

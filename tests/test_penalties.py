@@ -305,3 +305,24 @@ def test_the_truncation_penalty_divides_by_the_batch_size_unless_told_the_steps(
     torch.testing.assert_close(truncation_loss(logprob, mask, cut, weight=0.5), torch.tensor(0.5 * -56.0 / 2))
     torch.testing.assert_close(truncation_loss(logprob, mask, cut, weight=0.5, num_completions=8),
                                torch.tensor(0.5 * -56.0 / 8))
+
+
+def test_the_step_penalises_cut_samples_with_the_recipes_weight_over_the_steps_completions(batch):
+    from onpolicy_kd.batch import Completions
+    from onpolicy_kd.objectives import token_terms as tt
+    from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, penalty_loss, penalty_terms
+    from onpolicy_kd.objectives.penalties import truncation_loss
+    from onpolicy_kd.recipe import Recipe
+
+    logits, tokens, mask, _ = batch
+    recipe = Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
+                                    "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
+                                    "objective": {"mode": "gkd", "lmbda": 1.0},
+                                    "rollout": {"truncated": "penalise", "truncation_penalty": 0.5}})
+    completions = Completions(torch.ones(B, 1, dtype=torch.long), torch.ones(B, 1), tokens, mask, source="student",
+                              texts=[""] * B, truncated=torch.tensor([True, False, True]))
+    terms = tt.token_terms(ModelOutputs(logits=logits), None, mask, penalty_terms(recipe, completions, None))
+    total = penalty_loss(recipe, completions, ModelOutputs(terms=terms), StepContext(num_tokens=1.0, num_completions=6.0),
+                         {})
+    torch.testing.assert_close(total, truncation_loss(terms["logprob"], mask, completions.truncated, 0.5, 6.0))
+    assert total.item() < 0 and not torch.isclose(total, truncation_loss(terms["logprob"], mask, completions.truncated, 0.5))

@@ -315,3 +315,77 @@ def test_the_pg_terms_are_read_at_the_sampling_temperature():
     expected_lp = q.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(got["logprob"], torch.where(mask, expected_lp, torch.zeros(())))
     torch.testing.assert_close(got["single_step_kl"], torch.where(mask, (q.exp() * (q - p)).sum(-1), torch.zeros(())))
+
+
+def naive_pg_loss(lp, old, teacher, mask, *, sample=None, kl=None, shaping=None, discount=1.0, length_norm=True,
+                  importance="token", is_clip=None, ppo_clip=0.2, lm_loss=None, lm_coef=0.0, baseline="none",
+                  num_tokens=None):
+    """policy_gradient_loss from its docstring, one position at a time in float64 (the returns from pg_returns,
+    whose own formulas the tests above check)."""
+    r = pg_returns(old, teacher, mask, sample_logprobs_BT=sample, reward_shaping_BT=shaping, single_step=kl is not None,
+                   discount=discount, length_norm=length_norm, importance=importance, is_clip=is_clip)
+    cells = [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+    n = num_tokens if num_tokens is not None else len(cells)
+    b_value = {"none": 0.0, "mean": sum(r.future[c].item() for c in cells) / max(len(cells), 1)}.get(baseline, baseline)
+    pg = single = 0.0
+    reward = ret = ratio_sum = clipped = weight = 0.0
+    for c in cells:
+        advantage = r.advantage_weight[c].item() * (r.future[c].item() - b_value)
+        ratio = torch.exp(lp[c] - old[c])
+        pg = pg - torch.minimum(ratio * advantage, ratio.clamp(1 - ppo_clip, 1 + ppo_clip) * advantage)
+        if kl is not None:
+            single = single + r.single_step_weight[c].item() * kl[c]
+        reward, ret, ratio_sum = reward + r.rewards[c].item(), ret + r.future[c].item() - b_value, ratio_sum + ratio.item()
+        clipped += abs(ratio.item() - 1) > ppo_clip
+        weight += (r.advantage_weight[c] * r.single_step_weight[c]).item()
+    loss = pg / n + single / n + (lm_coef * lm_loss if lm_loss is not None and lm_coef else 0.0)
+    k = max(len(cells), 1)
+    metrics = {"pg/loss": float(pg / n), "pg/single_step_kl": float(single / n), "pg/reward": reward / k,
+               "pg/return": ret / k, "pg/ratio": ratio_sum / k, "pg/clip_frac": clipped / k, "pg/is_weight": weight / k}
+    return loss, metrics
+
+
+PG_CASES = [
+    {},
+    {"baseline": "mean", "discount": 0.7, "ppo_clip": 0.05},
+    {"baseline": 0.3, "importance": "sequence", "is_clip": 1.5, "length_norm": False},
+    {"baseline": "mean", "num_tokens": 20, "lm_coef": 0.5},
+    {"ppo_clip": 0.0},  # ratios of exactly 1 are not clipped
+]
+
+
+@pytest.mark.parametrize("case", PG_CASES)
+def test_policy_gradient_loss_against_its_formula(case):
+    g = torch.Generator().manual_seed(11)
+    B, T = 3, 5
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    teacher = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    sample = old - 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    shaping = torch.rand(B, T, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    shift = 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    shift[0, :2] = 0.0  # ratios of exactly 1 beside ones past the clip
+    lp = (old + shift).requires_grad_()
+    kl = torch.rand(B, T, generator=g, dtype=torch.float64).requires_grad_()
+    lm = torch.tensor(2.5, dtype=torch.float64)
+    kwargs = dict(sample_logprobs_BT=sample, single_step_kl_BT=kl, reward_shaping_BT=shaping,
+                  lm_loss=lm if "lm_coef" in case else None, **case)
+    ours = policy_gradient_loss(lp, old, teacher, mask, **kwargs)
+    expected, metrics = naive_pg_loss(lp, old, teacher, mask, sample=sample, kl=kl, shaping=shaping,
+                                      lm_loss=kwargs["lm_loss"], **case)
+    torch.testing.assert_close(ours.loss, expected)
+    for got, want in zip(torch.autograd.grad(ours.loss, (lp, kl)), torch.autograd.grad(expected, (lp, kl))):
+        torch.testing.assert_close(got, want)
+    assert ours.metrics == pytest.approx({**metrics, **({"pg/lm_loss": 2.5} if "lm_coef" in case else {})})
+
+
+def test_policy_gradient_loss_edges():
+    """One valid token with the mean baseline (its advantage is 0); an lm coefficient without an lm loss adds
+    nothing; a misspelt baseline is refused."""
+    old = torch.tensor([[-1.0, -2.0]])
+    mask = torch.tensor([[True, False]])
+    out = policy_gradient_loss(old.clone().requires_grad_(), old, torch.tensor([[-3.0, -1.0]]), mask, baseline="mean",
+                               lm_coef=0.5)
+    assert out.loss.item() == 0.0 and out.metrics["pg/return"] == 0.0
+    with pytest.raises(ValueError, match="^baseline='avg': use 'none', 'mean' or a number$"):
+        policy_gradient_loss(old, old, old, mask, baseline="avg")
