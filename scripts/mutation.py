@@ -93,6 +93,8 @@ EQUIVALENT: dict[str, str] = {
     **{f"onpolicy_kd.objectives.pg.x_policy_gradient_loss__mutmut_{n}": "the zero single-step term is only logged "
        "(.item()) when there is no single-step KL, never added to the loss: its dtype and device do not show"
        for n in (99, 100, 102, 103)},
+    "onpolicy_kd.objectives.pg.x_pg_returns__mutmut_104": "a bool mask's cumsum counts in int64, and the division "
+    "by it is a true division: the same numbers of terms",
     "onpolicy_kd.rollout.engine.xǁ_StopStringsǁupdate__mutmut_15": "batch_decode's skip_special_tokens defaults to "
     "False",
     "onpolicy_kd.objectives.penalties.x_truncation_loss__mutmut_10": "log-probs are (B, T): dim +1 is dim -1",

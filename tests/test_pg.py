@@ -89,7 +89,8 @@ def test_is_clip_caps_weights():
         capped = getattr(pg_returns(old, teacher, mask, sample_logprobs_BT=mix, importance=importance, is_clip=cap),
                          weight)
         assert (free > cap).float().mean() > 0.05  # the cap has something to do
-        torch.testing.assert_close(capped, free.clamp(max=cap))
+        assert capped.dtype == torch.float64  # and it is applied in the weights' precision, to the last digits
+        torch.testing.assert_close(capped, free.clamp(max=cap), rtol=1e-13, atol=0)
     # and the loss reads the capped weights: its metric is their mean
     logprobs = torch.log_softmax(model.student[rows], -1).gather(-1, seqs.unsqueeze(-1)).squeeze(-1)
     out = policy_gradient_loss(logprobs, old, teacher, mask, sample_logprobs_BT=mix, importance="token", is_clip=cap)
@@ -389,3 +390,15 @@ def test_policy_gradient_loss_edges():
     assert out.loss.item() == 0.0 and out.metrics["pg/return"] == 0.0
     with pytest.raises(ValueError, match="^baseline='avg': use 'none', 'mean' or a number$"):
         policy_gradient_loss(old, old, old, mask, baseline="avg")
+
+
+def test_pg_returns_subtract_the_shaping_cost_and_check_their_arguments():
+    old, teacher = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -0.5]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    shaped = pg_returns(old, teacher, mask, reward_shaping_BT=torch.tensor([[0.25, 1.0]]))
+    torch.testing.assert_close(shaped.rewards, torch.tensor([[-0.5 - 0.25, 1.5 - 1.0]]))
+    with pytest.raises(ValueError, match="^importance='tokens': use 'token' or 'sequence'$"):
+        pg_returns(old, teacher, mask, importance="tokens")
+    # a single position: its return is its reward
+    one = pg_returns(old[:, :1], teacher[:, :1], mask[:, :1], single_step=False, length_norm=False)
+    torch.testing.assert_close(one.future, torch.tensor([[-0.5]]))
