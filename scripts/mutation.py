@@ -95,6 +95,18 @@ EQUIVALENT: dict[str, str] = {
        for n in (99, 100, 102, 103)},
     "onpolicy_kd.objectives.pg.x_pg_returns__mutmut_104": "a bool mask's cumsum counts in int64, and the division "
     "by it is a true division: the same numbers of terms",
+    "onpolicy_kd.objectives.token_terms.x_sampled_logprob__mutmut_11": _TWO_D,
+    "onpolicy_kd.objectives.token_terms.x_sampled_logprob__mutmut_14": "unsqueeze of a 1-D tensor: +1 and -1 are the "
+    "same new last dimension",
+    "onpolicy_kd.objectives.token_terms.x__apply__mutmut_17": "the row values are (N, k): dim +1 is dim -1",
+    "onpolicy_kd.objectives.token_terms.x__apply__mutmut_3": "Rows(None) only stores None; only a term that reads the "
+    "teacher would touch it, and token_terms is given a teacher whenever such a term is asked for",
+    "onpolicy_kd.objectives.token_terms.xǁ_ChunkedRowsǁbackward__mutmut_7": "a zero gradient for hidden states that "
+    "need none is dropped by autograd: memory, not values",
+    "onpolicy_kd.objectives.token_terms.xǁ_ChunkedRowsǁbackward__mutmut_39": "backward runs only when some input needs "
+    "a gradient, so the list of inputs is never empty",
+    "onpolicy_kd.objectives.token_terms.xǁ_ChunkedRowsǁbackward__mutmut_47": "forward returns the values in their own "
+    "(math) dtype, so the incoming gradient already has it",
     "onpolicy_kd.rollout.engine.xǁ_StopStringsǁupdate__mutmut_15": "batch_decode's skip_special_tokens defaults to "
     "False",
     "onpolicy_kd.objectives.penalties.x_truncation_loss__mutmut_10": "log-probs are (B, T): dim +1 is dim -1",

@@ -82,3 +82,36 @@ def test_the_single_step_kl_is_at_temperature_one_unless_told():
     q, p = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
     expected = torch.where(mask, (q.exp() * (q - p)).sum(-1), torch.zeros(()))
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("frozen", ["head", "hidden"])
+def test_the_bounded_head_gives_the_gradient_of_whichever_input_needs_one(frozen):
+    """A frozen head (LoRA, or a student whose head is not trained) or hidden states without gradient: the other's
+    gradient is still the full-logit one."""
+    h_s, w_s, h_t, w_t, tokens, mask, embeddings = _inputs()
+    h_s, w_s = (h_s.detach(), w_s) if frozen == "hidden" else (h_s, w_s.detach())
+    wanted = {"logprob": tt.sampled_logprob(tokens), "entropy": tt.entropy()}
+    weights = torch.randn(B, T, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    trained = w_s if frozen == "hidden" else h_s
+
+    def grad(student):
+        values = tt.token_terms(student, None, mask, wanted, chunk_size=2)
+        total = (values["logprob"] * weights[..., 0]).sum() + (values["entropy"] * weights[..., 1]).sum()
+        return torch.autograd.grad(total, trained)[0]
+
+    torch.testing.assert_close(grad(ModelOutputs(hidden=(h_s,), head=w_s)), grad(ModelOutputs(logits=h_s @ w_s.T)))
+
+
+def test_the_bounded_head_returns_gradients_in_the_models_precision():
+    """bfloat16 hidden states and head: the math runs in float32, the gradients come back in bfloat16."""
+    h_s, w_s, h_t, w_t, tokens, mask, embeddings = _inputs()
+    h16, w16 = h_s.detach().to(torch.bfloat16).requires_grad_(), w_s.detach().to(torch.bfloat16).requires_grad_()
+    values = tt.token_terms(ModelOutputs(hidden=(h16,), head=w16), None, mask, {"logprob": tt.sampled_logprob(tokens)},
+                            chunk_size=2)
+    values["logprob"].sum().backward()
+    assert h16.grad.dtype == w16.grad.dtype == torch.bfloat16 and w16.grad.abs().sum() > 0
+    # and the sampled log-prob is read at temperature 1 unless told
+    logits = h_s.detach() @ w_s.detach().T
+    expected = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    got = tt.token_terms(ModelOutputs(logits=logits), None, mask, {"logprob": tt.sampled_logprob(tokens)})["logprob"]
+    torch.testing.assert_close(got, torch.where(mask, expected, torch.zeros(())))
