@@ -388,6 +388,8 @@ def test_policy_gradient_loss_edges():
     out = policy_gradient_loss(old.clone().requires_grad_(), old, torch.tensor([[-3.0, -1.0]]), mask, baseline="mean",
                                lm_coef=0.5)
     assert out.loss.item() == 0.0 and out.metrics["pg/return"] == 0.0
+    without_coef = policy_gradient_loss(old, old, torch.tensor([[-3.0, -1.0]]), mask, lm_loss=torch.tensor(5.0))
+    assert without_coef.loss.item() == policy_gradient_loss(old, old, torch.tensor([[-3.0, -1.0]]), mask).loss.item()
     with pytest.raises(ValueError, match="^baseline='avg': use 'none', 'mean' or a number$"):
         policy_gradient_loss(old, old, old, mask, baseline="avg")
 
@@ -402,3 +404,28 @@ def test_pg_returns_subtract_the_shaping_cost_and_check_their_arguments():
     # a single position: its return is its reward
     one = pg_returns(old[:, :1], teacher[:, :1], mask[:, :1], single_step=False, length_norm=False)
     torch.testing.assert_close(one.future, torch.tensor([[-0.5]]))
+
+
+def test_the_pg_step_loss_reads_a_bounded_teacher_and_weights_only_mixed_samples():
+    """The teacher's log-probs from its hidden states and head (chunk by chunk, objective.chunk_size) give the loss
+    its logits give; a batch sampled from the student alone (alpha 0) gets no importance weights even when its
+    sampling distribution was filtered (top-p): its recorded sample log-probs are not read."""
+    from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, policy_gradient_step_loss
+    from onpolicy_kd.recipe import Recipe
+
+    recipe = Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
+                                    "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
+                                    "objective": {"mode": "pg", "single_step": False, "chunk_size": 3}})
+    batch = _sampled_batch(temperature=1.0)
+    g = torch.Generator().manual_seed(12)
+    hidden, head = torch.randn(2, 4, 3, generator=g), torch.randn(7, 3, generator=g)
+
+    def loss(teacher):
+        logprob = (batch.student_logprobs + 0.1).requires_grad_()
+        return policy_gradient_step_loss(batch, ModelOutputs(terms={"logprob": logprob}), teacher, recipe,
+                                         StepContext(num_tokens=6.0), {})
+
+    by_logits = loss(ModelOutputs(logits=hidden @ head.T))
+    torch.testing.assert_close(loss(ModelOutputs(hidden=(hidden,), head=head)), by_logits)
+    batch.sample_logprobs = batch.student_logprobs - 1.0  # as if filtered: the weights would be e^1
+    torch.testing.assert_close(loss(ModelOutputs(logits=hidden @ head.T)), by_logits)
