@@ -246,10 +246,15 @@ def test_a_staged_run_stopped_by_a_signal_names_the_run_step_and_the_stage_step(
 
 @pytest.mark.parametrize("when", ["generating", "writing"])
 def test_ctrl_c_while_the_teacher_cache_is_made_ends_like_one_in_training(when, tmp_path, far_pair, isolated_cache,
-                                                                         capsys, monkeypatch):
+                                                                         capsys, monkeypatch, request):
     """A real SIGINT to the process while the teacher's completions are generated, or while they are written: one
     line, exit status 130, and no half-written cache entry."""
     import onpolicy_kd.rollout.teacher_cache as teacher_cache
+
+    # Python's own Ctrl-C handler, whatever pytest was started with (a job started with & from a script without job
+    # control starts with SIGINT ignored, and then the signal below would do nothing)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
 
     def then_ctrl_c(real):
         def call(*args, **kwargs):
