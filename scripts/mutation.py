@@ -40,6 +40,10 @@ _TWO_D = "the rows are (N, V): dim +1 is dim -1"
 _FALSY = "None is falsy where the code only tests the value's truth"
 _SENTINEL = "the rendered text holds the sentinel exactly once, so any split at it gives the same two parts"
 _CHUNKS = "the chunk size decides how many rows one pass holds, not the values"
+_UNSQUEEZE_1D = "unsqueeze of a 1-D tensor: +1 and -1 are the same new last dimension"
+_ASSERT_MESSAGE = ("the message of an internal assertion (token_terms is called with a teacher whenever this term is "
+                   "asked for); no user input reaches it")
+_NO_COMPLETION_COLUMN = "a row without a completion column: row.get of None, '' or any other absent name is None"
 EQUIVALENT: dict[str, str] = {
     "onpolicy_kd.batch.x_concatenate__mutmut_5": "the batches are made the same way (the function's precondition: one "
     "rollout's pieces), so the fields taken from the first (source, temperature, alpha) are equal in all of them",
@@ -69,12 +73,9 @@ EQUIVALENT: dict[str, str] = {
     "onpolicy_kd.objectives.penalties.x_diversity_loss__mutmut_25": _CPU_SCALAR,
     "onpolicy_kd.objectives.token_terms.x_expected_embedding__mutmut_3": _TWO_D,
     "onpolicy_kd.objectives.token_terms.x_expected_embedding__mutmut_9": "embeddings are (V, H): dim +1 is dim -1",
-    "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_13": "unsqueeze of a 1-D tensor: +1 and -1 "
-    "are the same new last dimension",
-    "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_3": "the message of an internal assertion "
-    "(token_terms is called with a teacher whenever this term is asked for); no user input reaches it",
-    "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_5": "the message of an internal assertion "
-    "(token_terms is called with a teacher whenever this term is asked for); no user input reaches it",
+    "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_13": _UNSQUEEZE_1D,
+    "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_3": _ASSERT_MESSAGE,
+    "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_5": _ASSERT_MESSAGE,
     "onpolicy_kd.objectives.loss.x_teacher_token_logprobs__mutmut_1": _CHUNKS + " (a default chunk size)",
     "onpolicy_kd.objectives.loss.x_teacher_token_logprobs__mutmut_26": _CHUNKS,
     "onpolicy_kd.objectives.loss.x_batch_returns__mutmut_27": _CHUNKS,
@@ -86,20 +87,16 @@ EQUIVALENT: dict[str, str] = {
     "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_chat__mutmut_63": _SENTINEL,
     "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_chat__mutmut_64": _SENTINEL,
     "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_chat__mutmut_65": _SENTINEL,
-    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_messages__mutmut_20": "a row without a completion column: row.get of "
-    "None, '' or any other absent name is None",
-    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_messages__mutmut_22": "a row without a completion column: row.get of "
-    "None, '' or any other absent name is None",
-    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_messages__mutmut_25": "a row without a completion column: row.get of "
-    "None, '' or any other absent name is None",
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_messages__mutmut_20": _NO_COMPLETION_COLUMN,
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_messages__mutmut_22": _NO_COMPLETION_COLUMN,
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_messages__mutmut_25": _NO_COMPLETION_COLUMN,
     **{f"onpolicy_kd.objectives.pg.x_policy_gradient_loss__mutmut_{n}": "the zero single-step term is only logged "
        "(.item()) when there is no single-step KL, never added to the loss: its dtype and device do not show"
        for n in (99, 100, 102, 103)},
     "onpolicy_kd.objectives.pg.x_pg_returns__mutmut_104": "a bool mask's cumsum counts in int64, and the division "
     "by it is a true division: the same numbers of terms",
     "onpolicy_kd.objectives.token_terms.x_sampled_logprob__mutmut_11": _TWO_D,
-    "onpolicy_kd.objectives.token_terms.x_sampled_logprob__mutmut_14": "unsqueeze of a 1-D tensor: +1 and -1 are the "
-    "same new last dimension",
+    "onpolicy_kd.objectives.token_terms.x_sampled_logprob__mutmut_14": _UNSQUEEZE_1D,
     "onpolicy_kd.objectives.token_terms.x__apply__mutmut_17": "the row values are (N, k): dim +1 is dim -1",
     "onpolicy_kd.objectives.token_terms.x__apply__mutmut_3": "Rows(None) only stores None; only a term that reads the "
     "teacher would touch it, and token_terms is given a teacher whenever such a term is asked for",

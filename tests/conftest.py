@@ -48,6 +48,15 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 300, chat_template: boo
     return fast
 
 
+
+def recipe(**sections):
+    """A recipe for the loss functions' tests: a stand-in teacher and data (never loaded), the given sections."""
+    from onpolicy_kd.recipe import Recipe
+
+    base = {"teacher": {"name_or_path": "t"}, "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
+            "data": {"path": "d.jsonl"}}
+    return Recipe.model_validate({**base, **sections})
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return train_tokenizer(CORPUS, chat_template=True)

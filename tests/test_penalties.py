@@ -13,6 +13,8 @@ from onpolicy_kd.objectives.penalties import (
     diversity_penalty, diversity_shaping, entropy_penalty, entropy_shaping, frequency_penalty, frequency_shaping,
 )
 
+from conftest import recipe as make_recipe
+
 B, T, V, H = 3, 11, 17, 5
 
 
@@ -262,13 +264,9 @@ def test_the_step_adds_each_penalty_with_its_sign_and_the_steps_counts(batch):
     from onpolicy_kd.objectives import token_terms as tt
     from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, penalty_loss, penalty_terms
     from onpolicy_kd.objectives.penalties import diversity_loss, entropy_loss, frequency_loss
-    from onpolicy_kd.recipe import Recipe
 
     logits, tokens, mask, embeddings = batch
-    recipe = Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
-                                    "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
-                                    "penalties": {"frequency": 0.7, "diversity": 0.3, "entropy": 0.4,
-                                                  "entropy_floor": 2.2}})
+    recipe = make_recipe(penalties={"frequency": 0.7, "diversity": 0.3, "entropy": 0.4, "entropy_floor": 2.2})
     completions = Completions(torch.ones(B, 1, dtype=torch.long), torch.ones(B, 1), tokens, mask, source="student",
                               texts=[""] * B)
     terms = tt.token_terms(ModelOutputs(logits=logits), None, mask, penalty_terms(recipe, completions, embeddings))
@@ -312,13 +310,10 @@ def test_the_step_penalises_cut_samples_with_the_recipes_weight_over_the_steps_c
     from onpolicy_kd.objectives import token_terms as tt
     from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, penalty_loss, penalty_terms
     from onpolicy_kd.objectives.penalties import truncation_loss
-    from onpolicy_kd.recipe import Recipe
 
     logits, tokens, mask, _ = batch
-    recipe = Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
-                                    "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
-                                    "objective": {"mode": "gkd", "lmbda": 1.0},
-                                    "rollout": {"truncated": "penalise", "truncation_penalty": 0.5}})
+    recipe = make_recipe(objective={"mode": "gkd", "lmbda": 1.0},
+                         rollout={"truncated": "penalise", "truncation_penalty": 0.5})
     completions = Completions(torch.ones(B, 1, dtype=torch.long), torch.ones(B, 1), tokens, mask, source="student",
                               texts=[""] * B, truncated=torch.tensor([True, False, True]))
     terms = tt.token_terms(ModelOutputs(logits=logits), None, mask, penalty_terms(recipe, completions, None))

@@ -19,6 +19,7 @@ import torch
 from onpolicy_kd.objectives.divergences import per_token_divergence
 from onpolicy_kd.objectives.pg import discounted_returns, pg_returns, policy_gradient_loss
 
+from conftest import recipe as make_recipe
 from tabular import Tabular
 
 N_SAMPLES = 200_000
@@ -150,6 +151,15 @@ def _sampled_batch(temperature=2.0):
                        student_logprobs=-torch.rand(2, 4, generator=g), student_entropy=torch.rand(2, 4, generator=g))
 
 
+def _mixed_batch():
+    """A teacher-mixed batch (alpha 0.3, sample log-probs apart from the student's), the teacher's logits over it and
+    its log-probs of the sampled tokens."""
+    batch = _sampled_batch(temperature=1.0)
+    batch.alpha, batch.sample_logprobs = 0.3, batch.student_logprobs - torch.linspace(0.5, -0.5, 4)
+    logits = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(8))
+    return batch, logits, torch.log_softmax(logits, -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+
+
 def test_teacher_token_logprobs_at_the_sampling_temperature_from_every_source():
     """From the teacher's logits, from its last hidden state and head (made once per rollout and kept), or from the
     lockstep decode's record; without any of them, an error that says so."""
@@ -176,12 +186,9 @@ def test_teacher_token_logprobs_at_the_sampling_temperature_from_every_source():
 def test_reward_shaping_adds_each_penalty_cost_only_when_asked():
     from onpolicy_kd.objectives import penalties as pen
     from onpolicy_kd.objectives.loss import reward_shaping
-    from onpolicy_kd.recipe import Recipe
 
     def recipe(**penalties):
-        return Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
-                                      "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
-                                      "objective": {"mode": "pg"}, "penalties": penalties})
+        return make_recipe(objective={"mode": "pg"}, penalties=penalties)
 
     batch = _sampled_batch()
     embeddings = torch.randn(7, 3, generator=torch.Generator().manual_seed(7))
@@ -204,16 +211,10 @@ def test_batch_returns_pass_every_pg_setting_of_the_recipe(setting):
     from dataclasses import astuple
 
     from onpolicy_kd.objectives.loss import ModelOutputs, batch_returns, reward_shaping
-    from onpolicy_kd.recipe import Recipe
 
-    recipe = Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
-                                    "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
-                                    "objective": {"mode": "pg", **setting}, "rollout": {"alpha": 0.3},
-                                    "penalties": {"frequency": 0.5, "shape_reward": True}})
-    batch = _sampled_batch(temperature=1.0)
-    batch.alpha, batch.sample_logprobs = 0.3, batch.student_logprobs - torch.linspace(0.5, -0.5, 4)
-    logits = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(8))
-    teacher_lp = torch.log_softmax(logits, -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    recipe = make_recipe(objective={"mode": "pg", **setting}, rollout={"alpha": 0.3},
+                         penalties={"frequency": 0.5, "shape_reward": True})
+    batch, logits, teacher_lp = _mixed_batch()
     got = batch_returns(batch, ModelOutputs(logits=logits), recipe, None)
     obj = recipe.objective
     args = (batch.student_logprobs, teacher_lp, batch.completion_mask)
@@ -245,17 +246,11 @@ def test_the_pg_step_loss_passes_every_setting_and_the_steps_normalisers(setting
     each setting changes one of them. Its logged loss terms are this batch's per-token means."""
     from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, policy_gradient_step_loss, reward_shaping
     from onpolicy_kd.objectives.pg import policy_gradient_loss
-    from onpolicy_kd.recipe import Recipe
 
     baseline = setting.pop("pg_baseline", "mean")
-    recipe = Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
-                                    "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
-                                    "objective": {"mode": "pg", "pg_baseline": baseline, **setting},
-                                    "rollout": {"alpha": 0.3}, "penalties": {"frequency": 0.5, "shape_reward": True}})
-    batch = _sampled_batch(temperature=1.0)
-    batch.alpha, batch.sample_logprobs = 0.3, batch.student_logprobs - torch.linspace(0.5, -0.5, 4)
-    logits = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(8))
-    teacher_lp = torch.log_softmax(logits, -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    recipe = make_recipe(objective={"mode": "pg", "pg_baseline": baseline, **setting}, rollout={"alpha": 0.3},
+                         penalties={"frequency": 0.5, "shape_reward": True})
+    batch, logits, teacher_lp = _mixed_batch()
     mask = batch.completion_mask
     ctx = StepContext(num_tokens=12.0, pg_baseline=-0.4 if baseline == "mean" else 0.0)
 
@@ -301,11 +296,8 @@ def test_the_pg_step_loss_passes_every_setting_and_the_steps_normalisers(setting
 def test_the_pg_terms_are_read_at_the_sampling_temperature():
     from onpolicy_kd.objectives import token_terms as tt
     from onpolicy_kd.objectives.loss import ModelOutputs, policy_gradient_terms
-    from onpolicy_kd.recipe import Recipe
 
-    recipe = Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
-                                    "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
-                                    "objective": {"mode": "pg"}})
+    recipe = make_recipe(objective={"mode": "pg"})
     batch = _sampled_batch(temperature=2.0)
     g = torch.Generator().manual_seed(10)
     s, t = torch.randn(2, 4, 7, generator=g), torch.randn(2, 4, 7, generator=g)
@@ -411,11 +403,8 @@ def test_the_pg_step_loss_reads_a_bounded_teacher_and_weights_only_mixed_samples
     its logits give; a batch sampled from the student alone (alpha 0) gets no importance weights even when its
     sampling distribution was filtered (top-p): its recorded sample log-probs are not read."""
     from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, policy_gradient_step_loss
-    from onpolicy_kd.recipe import Recipe
 
-    recipe = Recipe.model_validate({"teacher": {"name_or_path": "t"}, "data": {"path": "d.jsonl"},
-                                    "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
-                                    "objective": {"mode": "pg", "single_step": False, "chunk_size": 3}})
+    recipe = make_recipe(objective={"mode": "pg", "single_step": False, "chunk_size": 3})
     batch = _sampled_batch(temperature=1.0)
     g = torch.Generator().manual_seed(12)
     hidden, head = torch.randn(2, 4, 3, generator=g), torch.randn(7, 3, generator=g)

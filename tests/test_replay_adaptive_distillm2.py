@@ -17,7 +17,7 @@ from onpolicy_kd.recipe import load_recipe
 from onpolicy_kd.rollout.replay import ReplayBuffer, replay_coin
 from onpolicy_kd.train import main
 
-from test_step import recipe
+from conftest import recipe
 from test_train import metrics_of, recipe_for
 
 ON_POLICY = ["objective.mode=gkd", "objective.lmbda=1.0", "train.batch_size=2", "eval.max_samples=2"]

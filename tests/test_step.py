@@ -13,17 +13,8 @@ from onpolicy_kd.batch import Completions, completion_mask, concatenate, left_pa
 from onpolicy_kd.models.forward import teacher_forward
 from onpolicy_kd.objectives.divergences import log_probs
 from onpolicy_kd.objectives.modes import MODES, completion_source, forward_plan, lambda_coin
-from onpolicy_kd.recipe import Recipe
 
-from conftest import llama_config
-
-
-def recipe(**sections) -> Recipe:
-    base = {"teacher": {"name_or_path": "t"}, "student": {"init": "config", "config_overrides": {"num_hidden_layers": 1}},
-            "data": {"path": "d.jsonl"}}
-    for name, values in sections.items():
-        base[name] = values
-    return Recipe.model_validate(base)
+from conftest import llama_config, recipe
 
 
 # --- the mode table -------------------------------------------------------------------------------------------
