@@ -280,6 +280,36 @@ def test_ctrl_c_while_the_teacher_cache_is_made_ends_like_one_in_training(when, 
 
 
 
+def test_a_signal_that_lands_during_the_agreement_stops_the_run_at_the_next_step():
+    """On 2 processes rank 1 often waits in the step's gather for rank 0; a SIGTERM there runs its handler when the
+    gather returns, after the flags were sent. The next step's agreement must carry it (it once overwrote the flag
+    with the gathered "no", and the run trained on: the 2-process SIGTERM test hung on a loaded CI machine)."""
+    from types import SimpleNamespace
+
+    from onpolicy_kd.training.loop import StopRequested, agree_on_stop
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = StopRequested()
+        land_signal = [True]
+
+        def gather(flags):  # the other rank's flags beside ours; the signal arrives while we wait for them
+            if land_signal.pop() if land_signal else False:
+                signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+            return torch.cat([flags, torch.zeros_like(flags)])
+
+        run = SimpleNamespace(stop=stop, out_of_time=False, recipe=SimpleNamespace(train=SimpleNamespace(max_time=None)),
+                              state=SimpleNamespace(train_seconds=0.0),
+                              accelerator=SimpleNamespace(device="cpu", num_processes=2, gather=gather))
+        agree_on_stop(run)
+        assert run.stop.signal is None  # the flags had been sent: this step's agreement is "go on" on every rank
+        agree_on_stop(run)
+        assert run.stop.signal == signal.SIGTERM and not run.out_of_time
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_a_second_signal_ends_the_process_at_once():
     """The first SIGINT/SIGTERM asks for a checkpoint at the end of the step; the handler then gives the signal
     back its default action, so a second one (an impatient Ctrl-C) ends the process without waiting."""
@@ -292,7 +322,7 @@ def test_a_second_signal_ends_the_process_at_once():
         stop = StopRequested()
         assert signal.getsignal(signal.SIGINT) == stop._handle
         signal.getsignal(signal.SIGINT)(signal.SIGINT, None)  # what the first Ctrl-C runs
-        assert stop.signal == signal.SIGINT and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+        assert stop.received == signal.SIGINT and signal.getsignal(signal.SIGINT) == signal.SIG_DFL
         assert signal.getsignal(signal.SIGTERM) == stop._handle  # the other signal still asks for a checkpoint
     finally:
         for sig, handler in saved.items():

@@ -86,16 +86,22 @@ class Stage:
 class StopRequested:
     """SIGINT / SIGTERM ask the loop to save a checkpoint and stop after the current step. Leaving the `with` block
     gives the signals back their earlier handlers: a Ctrl-C after the run (between two stages, in a notebook that
-    called `distill`) interrupts again instead of setting the flag of a run that has ended."""
+    called `distill`) interrupts again instead of setting the flag of a run that has ended.
+
+    Two flags, because in a multi-process run a signal can land on one rank while it waits in the step's agreement:
+    `received` is what this process was sent (set by the handler, never cleared), `signal` what every process agreed
+    to stop on (set by `agree_on_stop` only), so a signal that arrives during one agreement is carried into the next
+    instead of being overwritten by it."""
 
     def __init__(self) -> None:
+        self.received: int | None = None
         self.signal: int | None = None
         self._saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         for sig in self._saved:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001
-        self.signal = signum
+        self.received = signum
         signal.signal(signum, signal.SIG_DFL)  # a second Ctrl-C (or SIGTERM) ends the process at once
 
     def __enter__(self) -> "StopRequested":
@@ -539,7 +545,7 @@ def agree_on_stop(run: Run) -> None:
     """Whether to stop after this step, agreed by every process (one tiny gather per step): a signal to any one
     rank, or the time budget as any rank measures it, stops them all at the same step."""
     cfg = run.recipe.train
-    flags = torch.tensor([run.stop.signal or 0, int(cfg.max_time is not None and run.state.train_seconds >= cfg.max_time)],
+    flags = torch.tensor([run.stop.received or 0, int(cfg.max_time is not None and run.state.train_seconds >= cfg.max_time)],
                          device=run.accelerator.device)
     if run.accelerator.num_processes > 1:
         flags = run.accelerator.gather(flags).view(-1, 2).max(dim=0).values
