@@ -26,6 +26,7 @@ from onpolicy_kd.data.sampler import repeated_rows, rows_with_references
 from onpolicy_kd.errors import UserError
 from onpolicy_kd.models.loading import Models, check_recipe_fits, count_parameters, load_models
 from onpolicy_kd.models.seq2seq import is_encoder_decoder
+from onpolicy_kd.models.attention import relation_setup
 from onpolicy_kd.objectives.hidden import attach_stitching
 from onpolicy_kd.objectives.modes import MODES, describe_step
 from onpolicy_kd.recipe import Recipe, load_recipe, recipe_to_yaml
@@ -137,11 +138,15 @@ def dry_run(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_
             "truncated": stats["truncated"], "with reference": sum(1 for r in split["reference"] if r),
             "cache": "hit" if data.cache_hits[name] else "written",
         }))
-    if recipe.hidden.weight:  # attached after the model table, which counts the student's own parameters
+    if recipe.hidden.stitched:  # attached after the model table, which counts the student's own parameters
         stitching = attach_stitching(models.student, models.teacher, recipe.hidden.layers)
         console.print(f"hidden-state distillation ({recipe.hidden.loss}, weight {recipe.hidden.weight}): "
-                      f"[student, teacher] layer pairs {[list(p) for p in stitching.pairs]}, "
+                      f"\\[student, teacher] layer pairs {[list(p) for p in stitching.pairs]}, "
                       f"{count_parameters(stitching):,} stitching parameters")
+    elif recipe.hidden.weight:  # attention relations: no parameters of their own
+        pairs, heads = relation_setup(recipe.hidden, models.student, models.teacher)
+        console.print(f"attention-relation distillation (weight {recipe.hidden.weight}): \\[student, teacher] layer "
+                      f"pairs {[list(p) for p in pairs]}, {heads} relation heads")
     console.print(summary_table(rows, title=f"data: {recipe.data.path} (format {data.task.name}, columns {data.task.columns})"))
     if not recipe.stages:
         console.print(f"budget: {budget_text(recipe.train, recipe.train.total_steps(len(data.train), world_size()))}")

@@ -46,8 +46,9 @@ SECTIONS = {
                  "reads the student. Guide: [algorithms.md](algorithms.md).",
     "penalties": "Frequency, diversity and entropy penalties, added in every mode that reads the student's "
                  "distribution. Guide: [algorithms.md](algorithms.md#penalties-penalties-all-0--off).",
-    "hidden": "Hidden-state distillation through learned stitching projections. "
-              "Guide: [algorithms.md](algorithms.md#hidden-state-distillation-hidden).",
+    "hidden": "Hidden-state distillation through learned stitching projections, or the paired layers' "
+              "self-attention relations (MiniLMv2). Guides: [hidden states](algorithms.md#hidden-state-distillation-hidden), "
+              "[attention relations](algorithms.md#attention-relations-hiddenloss-attention_relation-after-minilmv2).",
     "optim": "Optimizer and learning-rate schedule. Guide: [training.md](training.md).",
     "train": "Budget, batch, seed, output folder, checkpoints and resume, precision, what trains, the Hub. "
              "Guide: [training.md](training.md).",

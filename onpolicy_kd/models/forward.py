@@ -10,11 +10,14 @@ the completion with its decoder (models/seq2seq.py); the outputs have the same s
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from onpolicy_kd.batch import Completions
+from onpolicy_kd.models.attention import captured_projections
 from onpolicy_kd.models.module_lm import CACHE
 from onpolicy_kd.models.distributed import innermost, whole
 from onpolicy_kd.models.seq2seq import is_encoder_decoder, teacher_forced
@@ -27,7 +30,26 @@ Tensor = torch.Tensor
 
 def forward_completions(model: nn.Module, batch: Completions, *, vocab: int | None = None, logits: bool = True,
                         hidden: bool = False, head: bool = False, prompt: bool = False,
-                        prompt_cache: list[tuple[Tensor, Tensor]] | None = None) -> ModelOutputs:
+                        prompt_cache: list[tuple[Tensor, Tensor]] | None = None,
+                        relation_layers: Sequence[int] = ()) -> ModelOutputs:
+    """`forward_pass` with, for `relation_layers` (decoder layers, 1-based), those layers' query, key and value
+    projections at the same positions as `.relations` (attention-relation distillation, models/attention.py)."""
+    if not relation_layers:
+        return forward_pass(model, batch, vocab=vocab, logits=logits, hidden=hidden, head=head, prompt=prompt,
+                            prompt_cache=prompt_cache)
+    T = batch.completion_ids.shape[1]
+    with captured_projections(innermost(model), relation_layers) as captured:
+        out = forward_pass(model, batch, vocab=vocab, logits=logits, hidden=hidden, head=head, prompt=prompt,
+                           prompt_cache=prompt_cache)
+    # the forward ran over the whole sequence (positions P-1..P+T-2 are its last T+1 but one) or, on the prompt
+    # cache, over those T positions alone
+    out.relations = [tuple(a[:, -T - 1 : -1] if prompt_cache is None else a for a in captured[layer])
+                     for layer in relation_layers]
+    return out
+
+
+def forward_pass(model: nn.Module, batch: Completions, *, vocab: int | None, logits: bool, hidden: bool, head: bool,
+                 prompt: bool, prompt_cache: list[tuple[Tensor, Tensor]] | None) -> ModelOutputs:
     """logits (B, T, V) predicting each completion token (or None), every layer's (B, T, H) hidden states at those
     positions with `hidden` (as `output_hidden_states` numbers them; the last is post-norm, what the lm_head
     reads), and with `head` the lm_head weight. With `prompt`, also the outputs at the (B, P - 1) positions that
@@ -62,13 +84,15 @@ def forward_completions(model: nn.Module, batch: Completions, *, vocab: int | No
 
 def student_forward(student: nn.Module, batch: Completions, *, vocab: int, logits: bool, hidden: bool,
                     lm_batch: Completions | None = None, input_embeddings: bool = False,
-                    prompt: bool = False) -> ModelOutputs:
+                    prompt: bool = False, relation_pairs: Sequence[tuple[int, int]] = ()) -> ModelOutputs:
     """The student's outputs for the loss: logits or (memory-bounded) the last hidden state and head, the stitched
     hidden states for hidden-state distillation, the same outputs over `lm_batch` for pg's language-modelling term,
     and with `prompt` the outputs predicting the prompt's own tokens."""
     cache, batch.prompt_cache = batch.prompt_cache, None  # its graph is backwarded once
     out = forward_completions(student, batch, vocab=vocab, logits=logits, hidden=hidden or not logits,
-                              head=not logits, prompt=prompt, prompt_cache=cache)
+                              head=not logits, prompt=prompt, prompt_cache=cache,
+                              relation_layers=[s for s, _ in relation_pairs])
+    out.pairs = tuple(relation_pairs)
     if hidden:
         stitching = getattr(innermost(student), STITCHING)  # called as a module: ZeRO-3 gathers its weights
         out.projected, out.pairs = stitching(out.hidden), stitching.pairs
@@ -87,8 +111,9 @@ def embedding_matrix(student: nn.Module) -> Tensor:
 
 @torch.no_grad()
 def teacher_forward(teacher: nn.Module, batch: Completions, *, vocab: int, logits: bool,
-                    hidden: bool, prompt: bool = False) -> ModelOutputs:
+                    hidden: bool, prompt: bool = False, relation_layers: Sequence[int] = ()) -> ModelOutputs:
     """The frozen teacher's outputs: logits, or (memory-bounded) the last hidden state and head; every layer's
-    hidden states for hidden-state distillation; with `prompt` also at the positions predicting the prompt."""
+    hidden states for hidden-state distillation; with `prompt` also at the positions predicting the prompt; the
+    query, key and value projections of `relation_layers` for attention relations."""
     return forward_completions(teacher, batch, vocab=vocab, logits=logits, hidden=hidden or not logits,
-                               head=not logits, prompt=prompt)
+                               head=not logits, prompt=prompt, relation_layers=relation_layers)

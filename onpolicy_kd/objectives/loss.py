@@ -31,6 +31,7 @@ from onpolicy_kd.objectives.divergences import (
     divergence, gather_logprobs, linear_divergence, per_token_divergence, reduce_tokens,
 )
 from onpolicy_kd.objectives.hidden import hidden_state_loss
+from onpolicy_kd.objectives.relations import attention_relation_loss
 from onpolicy_kd.objectives.pg import pg_returns, policy_gradient_loss
 
 if TYPE_CHECKING:
@@ -49,7 +50,10 @@ class ModelOutputs:
     hidden: Sequence[Tensor] | None = None  # every layer's (B, T, H) states at those positions (last = post-norm)
     head: Tensor | None = None  # the lm_head weight (V, H), for the memory-bounded divergence
     projected: Sequence[Tensor] | None = None  # student only: its paired hidden states through the stitching
-    pairs: Sequence[tuple[int, int]] = ()  # student only: the (student, teacher) layer pairs of `projected`
+    pairs: Sequence[tuple[int, int]] = ()  # student only: the (student, teacher) layer pairs of `projected` or
+    #                                        `relations`
+    relations: Sequence[Sequence[Tensor]] | None = None  # the paired layers' (query, key, value) projections,
+    #                                                      each (B, T, W) at those positions (attention_relation)
     input_embeddings: Tensor | None = None  # student only: (V, H), for the diversity penalty
     lm: "ModelOutputs | None" = None  # student only: its outputs over `lm_batch` (pg's language-modelling term)
     lm_batch: Completions | None = None
@@ -71,6 +75,7 @@ class StepContext:
     pg_baseline: float = 0.0  # the mean PG return over the step (0 when pg_baseline is none)
     num_completions: float = 0.0  # the student's sampled completions of the step (the truncation penalty)
     head: str = "torch"  # divergence implementation on the memory-bounded path: chunked or liger
+    relation_heads: int = 0  # attention_relation: relation heads the projections are split into
 
 
 LossFn = Callable[[Completions, ModelOutputs, "ModelOutputs | None", "Recipe", StepContext, dict], Tensor]
@@ -285,10 +290,15 @@ def step_loss(recipe: "Recipe", mode: "Mode", batch: Completions, student: Model
         lm_loss = reduce_tokens(-logprob, lm.completion_mask, ctx.lm_tokens)
         loss = loss + recipe.objective.lm_coef * lm_loss
         metrics["pg/lm_loss"] = lm_loss.item() * ctx.lm_tokens / max(lm.num_tokens, 1)
-    if student.projected is not None:
+    if recipe.hidden.weight:
         kind = recipe.hidden.loss
-        pairs = hidden_state_loss(student.projected, [teacher.hidden[t] for _, t in student.pairs],
-                                  batch.completion_mask, kind=kind, num_tokens=ctx.num_tokens, per_pair=True)
+        if kind == "attention_relation":
+            assert student.relations is not None, "the forward plan reads no attention relations (forward_plan)"
+            pairs = attention_relation_loss(student.relations, teacher.relations, batch.completion_mask,
+                                            heads=ctx.relation_heads, num_tokens=ctx.num_tokens, per_pair=True)
+        else:
+            pairs = hidden_state_loss(student.projected, [teacher.hidden[t] for _, t in student.pairs],
+                                      batch.completion_mask, kind=kind, num_tokens=ctx.num_tokens, per_pair=True)
         loss = loss + recipe.hidden.weight * pairs.mean()
         scale = token_scale(batch, ctx)
         metrics[f"train/hidden_{kind}"] = pairs.mean().item() * scale

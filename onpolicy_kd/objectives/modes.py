@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from onpolicy_kd.batch import Source
 from onpolicy_kd.objectives.loss import (
@@ -155,24 +155,30 @@ class ForwardPlan:
     head: str  # the head implementation: torch (full logits), chunked, liger (the divergence only)
     prompt: bool = False  # also the outputs predicting the prompt's own tokens (objective.prompt_weight)
     reuse_prompt: bool = False  # rollouts keep the student's prompt keys and values with gradient for the loss
+    relation_pairs: tuple[tuple[int, int], ...] = ()  # [student, teacher] layers whose attention relations are read
+    relation_heads: int = 0  # ... split into this many relation heads (hidden.loss=attention_relation)
 
     @property
     def chunked(self) -> bool:
         return not self.student_logits
 
 
-def forward_plan(recipe: "Recipe", head: str, reuse_prompt: bool = False) -> ForwardPlan:
-    """The forward passes for this recipe, with `head` the backend chosen at set-up (torch, chunked or liger) and
-    `reuse_prompt` whether the loss continues from the rollout's prompt keys and values (training/loop.py)."""
+def forward_plan(recipe: "Recipe", head: str, reuse_prompt: bool = False,
+                 relations: tuple[Sequence[tuple[int, int]], int] = ((), 0)) -> ForwardPlan:
+    """The forward passes for this recipe, with `head` the backend chosen at set-up (torch, chunked or liger),
+    `reuse_prompt` whether the loss continues from the rollout's prompt keys and values (training/loop.py) and
+    `relations` the attention-relation layer pairs and heads checked against the models (models/attention.py)."""
     mode = MODES[recipe.objective.mode]
-    hidden = recipe.hidden.weight > 0
+    hidden = recipe.hidden.stitched
+    pairs, heads = relations
     chunked = head != "torch"
     reads_teacher = mode.reads_teacher
     if recipe.objective.mode == "pg" and not recipe.objective.single_step and recipe.rollout.alpha > 0:
         reads_teacher = False  # the rewards' log p(y_t) come from the teacher's lockstep decode
-    return ForwardPlan(student_logits=not chunked, teacher=reads_teacher or hidden,
+    return ForwardPlan(student_logits=not chunked, teacher=reads_teacher or hidden or bool(pairs),
                        teacher_logits=reads_teacher and not chunked, hidden_states=hidden, head=head,
-                       prompt=recipe.objective.prompt_weight > 0, reuse_prompt=reuse_prompt)
+                       prompt=recipe.objective.prompt_weight > 0, reuse_prompt=reuse_prompt,
+                       relation_pairs=tuple(tuple(p) for p in pairs), relation_heads=heads)
 
 
 DIVERGENCE_NAMES = {"forward_kl": "forward KL(p‖q)", "reverse_kl": "reverse KL(q‖p)", "jsd": "generalized JSD",
@@ -270,8 +276,12 @@ def _loss_words(recipe: "Recipe", plan: ForwardPlan) -> str:
         loss += f" at temperature {obj.temperature:g}"
     added = [f"{name} penalty {weight:g}" for name, weight in
              (("frequency", pen.frequency), ("diversity", pen.diversity), ("entropy", pen.entropy)) if weight]
-    if recipe.hidden.weight:
+    if recipe.hidden.stitched:
         added.append(f"hidden-state {recipe.hidden.loss} {recipe.hidden.weight:g}")
+    elif recipe.hidden.weight:  # (the pairs and heads are known once the models are: plan.relation_pairs)
+        added.append(f"attention relations {recipe.hidden.weight:g}" + (
+            f" (layer pairs {[list(p) for p in plan.relation_pairs]}, {plan.relation_heads} relation heads)"
+            if plan.relation_pairs else ""))
     if obj.lm_coef:
         added.append(f"language modelling on references {obj.lm_coef:g}")
     if obj.prompt_weight:

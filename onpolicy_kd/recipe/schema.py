@@ -419,16 +419,27 @@ class PenaltiesConfig(Section):
 
 
 class HiddenConfig(Section):
-    """Hidden-state distillation, an auxiliary loss added in every mode (onpolicy_kd/objectives/hidden.py)."""
+    """Hidden-state distillation, an auxiliary loss added in every mode (onpolicy_kd/objectives/hidden.py), or the
+    attention relations of the paired layers (onpolicy_kd/objectives/relations.py)."""
 
     weight: float = Field(0.0, ge=0, description="weight of the hidden-state loss; 0 = off")
-    loss: Literal["mse", "cosine"] = Field(
-        "mse", description="mse or cosine between projected student and teacher hidden states")
+    loss: Literal["mse", "cosine", "attention_relation"] = Field(
+        "mse", description="mse or cosine between projected student and teacher hidden states; attention_relation: "
+                           "MiniLMv2's query/key/value self-attention relations of the paired layers (no projection)")
     layers: Literal["auto"] | list[list[int]] = Field(
         "auto",
         description="'auto' (student layer i -> teacher layer i * L_teacher / L_student, nearest) or "
-                    "[[student_layer, teacher_layer], ...]; 0 is the embedding output, i the output of layer i",
+                    "[[student_layer, teacher_layer], ...]; 0 is the embedding output, i the output of layer i "
+                    "(attention_relation: the attention of decoder layer i, so i >= 1)",
     )
+    relation_heads: int | None = Field(
+        None, ge=1, description="attention_relation: relation heads R, dividing both models' query and key/value "
+                                "widths; null = the greatest common divisor of both models' query and key/value head counts")
+
+    @property
+    def stitched(self) -> bool:
+        """Whether the loss trains stitching projections on the student (mse, cosine; relations need none)."""
+        return self.weight > 0 and self.loss != "attention_relation"
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -440,6 +451,13 @@ class HiddenConfig(Section):
             raise ValueError("expected 'auto' or a non-empty list of [student_layer, teacher_layer] pairs of "
                              "non-negative ints, e.g. [[2, 6], [4, 12]]")
         return value
+
+    @model_validator(mode="after")
+    def _relation_layers(self) -> "HiddenConfig":
+        if self.loss == "attention_relation" and self.layers != "auto" and any(0 in pair for pair in self.layers):
+            raise ValueError(f"hidden.layers={self.layers}: attention_relation reads the attention of decoder layers "
+                             f"1..L; layer 0 (the embedding output) has none")
+        return self
 
 
 class OptimConfig(Section):
@@ -687,6 +705,10 @@ class Recipe(Section):
     def _consistent(self) -> "Recipe":
         mode_name = self.objective.mode
         mode = MODES[mode_name]
+        if self.hidden.weight and self.hidden.loss == "attention_relation" and self.student.gradient_checkpointing:
+            raise ValueError("hidden.loss=attention_relation reads the query/key/value projections inside the "
+                             "student's decoder layers, which gradient checkpointing runs without gradient (it "
+                             "recomputes them in the backward pass): set student.gradient_checkpointing=false")
         if not mode.samples_student and self.rollout.alpha > 0:
             raise ValueError(
                 f"rollout.alpha={self.rollout.alpha} mixes the teacher into student rollouts, "
@@ -761,7 +783,7 @@ class Recipe(Section):
         for k, stage in enumerate(self.stages):
             if stage.head_init is None:
                 continue
-            earlier = [s for s in self.stages[:k] if s.hidden.get("weight", self.hidden.weight)]
+            earlier = [s for s in self.stages[:k] if HiddenConfig(**{**self.hidden.model_dump(), **s.hidden}).stitched]
             if not earlier:
                 raise ValueError(f"stages[{k}] ({stage.name}): head_init={stage.head_init} starts the head from the "
                                  f"teacher's through a stitching projection, and no earlier stage trains one (set "
@@ -816,6 +838,8 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
         ("logging.num_samples", r.logging.sample_steps > 0, "with logging.sample_steps > 0"),
         ("hidden.loss", r.hidden.weight > 0, "with hidden.weight > 0"),
         ("hidden.layers", r.hidden.weight > 0, "with hidden.weight > 0"),
+        ("hidden.relation_heads", r.hidden.weight > 0 and r.hidden.loss == "attention_relation",
+         "with hidden.weight > 0 and hidden.loss=attention_relation"),
         ("data.eval_size", r.data.eval_split is None and r.data.eval_path is None,
          "when neither data.eval_split nor data.eval_path is set"),
         ("data.eval_columns", r.data.eval_path is not None, "with data.eval_path"),

@@ -273,7 +273,10 @@ def resume_changes(checkpoint: Path, recipe, check_processes: bool = True) -> li
     current = _leaves(recipe.model_dump(mode="json"))
     changes = [(key, saved.get(key), value) for key, value in current.items() if saved.get(key) != value
                and not key.startswith(NOT_COMPARED) and not _same_file(saved.get(key), value)]
-    fixed = [c for c in changes if c[0] == "hidden.weight" and (c[1] == 0) != (c[2] == 0)]  # stitching on/off
+    stitched = [bool(weight) and loss != "attention_relation"  # the student carries stitching projections or not
+                for weight, loss in ((saved.get("hidden.weight"), saved.get("hidden.loss")),
+                                     (current.get("hidden.weight"), current.get("hidden.loss")))]
+    fixed = [c for c in changes if c[0] in ("hidden.weight", "hidden.loss") and stitched[0] != stitched[1]][:1]
     fixed += [c for c in changes if any(c[0] == key or c[0].startswith(key + ".") for key in FIXED_ON_RESUME)]
     if fixed:
         listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in fixed)

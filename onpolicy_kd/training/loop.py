@@ -34,6 +34,7 @@ from onpolicy_kd.models.module_lm import ModuleLM
 from onpolicy_kd.models.loading import Models, base_model, load_models, logits_are_linear, with_lora
 from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
+from onpolicy_kd.models.attention import relation_setup
 from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
 from onpolicy_kd.objectives.modes import (
     MODES, ForwardPlan, Mode, completion_source, describe_step, forward_plan, samples_student,
@@ -200,7 +201,7 @@ def student_parts(recipe: Recipe, models: Models, stage: Stage | None) -> str:
     """The hidden-state projections attached to the student (taking over those an earlier stage trained for the
     same layer pairs) and the weights that train (`train.trainable`); what to say about them, if anything."""
     student, said = base_model(models.student), []
-    if recipe.hidden.weight:  # the projections train with the student
+    if recipe.hidden.stitched:  # the projections train with the student
         stitching = attach_stitching(student, models.teacher, recipe.hidden.layers)
         carried = stitching.start_from(stage.stitching) if stage is not None else []
         if carried:
@@ -274,7 +275,9 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     monitor = Monitor(cfg.output_dir, cfg.max_time or max_steps, state.train_seconds if cfg.max_time else state.step,
                       enabled=accelerator.is_main_process, live=recipe.logging.live, accelerator=accelerator,
                       trackers=bool(recipe.logging.report_to), stage=stage, by_time=cfg.max_time is not None)
-    plan = forward_plan(recipe, head, reuse_prompt)
+    relations = relation_setup(recipe.hidden, models.student, models.teacher) if (
+        recipe.hidden.weight and not recipe.hidden.stitched) else ((), 0)
+    plan = forward_plan(recipe, head, reuse_prompt, relations)
     description = describe_run(accelerator, recipe, models.student, models.teacher)
     description["step"] = describe_step(recipe, plan, accelerator.num_processes)
     monitor.record(state.step, {"run": description})

@@ -189,7 +189,7 @@ def teacher_outputs(run: "Run", batch: Completions) -> ModelOutputs | None:
     if not plan.teacher:
         return None
     return teacher_forward(run.teacher, batch, vocab=run.vocab, logits=plan.teacher_logits, hidden=plan.hidden_states,
-                           prompt=plan.prompt)
+                           prompt=plan.prompt, relation_layers=[t for _, t in plan.relation_pairs])
 
 
 def step_context(run: "Run", batches: list[Completions], teachers: list[ModelOutputs | None]) -> StepContext:
@@ -198,7 +198,7 @@ def step_context(run: "Run", batches: list[Completions], teachers: list[ModelOut
     ctx = StepContext(
         num_tokens=global_sum(acc, sum(b.num_tokens for b in batches)),
         num_sequences=global_sum(acc, sum(sequences_with_pairs(b.completion_mask) for b in batches)),
-        head=run.plan.head,
+        head=run.plan.head, relation_heads=run.plan.relation_heads,
     )
     if run.plan.prompt:
         ctx.prompt_tokens = global_sum(acc, sum(b.num_prompt_tokens for b in batches))
@@ -220,7 +220,8 @@ def backward_micro_batch(run: "Run", batch: Completions, teacher: ModelOutputs |
     with acc.accumulate(run.student):
         student = student_forward(run.student, batch, vocab=run.vocab, logits=plan.student_logits,
                                   hidden=plan.hidden_states, lm_batch=batch.references,
-                                  input_embeddings=bool(run.recipe.penalties.diversity), prompt=plan.prompt)
+                                  input_embeddings=bool(run.recipe.penalties.diversity), prompt=plan.prompt,
+                                  relation_pairs=plan.relation_pairs)
         loss, metrics = step_loss(run.recipe, run.mode, batch, student, teacher, ctx)
         bad = not torch.isfinite(loss)
         if bad:  # a stand-in loss, so that every rank's gradient hooks still fire (module docstring: skipping)

@@ -89,7 +89,7 @@ def check_stage_parts(recipe: Recipe, stages: list[Recipe], models: Models) -> N
                 f"hidden.layers")
         if spec.head_init is not None:
             head_to_write(student, where)
-        if stage.hidden.weight:
+        if stage.hidden.stitched:
             matched |= set(layer_pairs(stage.hidden.layers, pair[0], pair[1]))
 
 
