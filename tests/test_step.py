@@ -241,17 +241,14 @@ def _models():
 
 
 def _step_gradients(run, batches, student, with_loss=False):
-    from onpolicy_kd.models.forward import student_forward
     from onpolicy_kd.objectives.loss import step_loss
-    from onpolicy_kd.training.phases import step_context, teacher_outputs
+    from onpolicy_kd.training.phases import step_context, student_outputs, teacher_outputs
 
     student.zero_grad()
     teachers = [teacher_outputs(run, b) for b in batches]
     ctx = step_context(run, batches, teachers)
     for batch, teacher in zip(batches, teachers):
-        out = student_forward(student, batch, vocab=run.vocab, logits=run.plan.student_logits,
-                              hidden=run.plan.hidden_states, lm_batch=batch.references, input_embeddings=True,
-                              prompt=run.plan.prompt)
+        out = student_outputs(SimpleNamespace(**{**vars(run), "student": student}), batch)
         loss, metrics = step_loss(run.recipe, run.mode, batch, out, teacher, ctx)
         loss.backward()
     grads = {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
@@ -292,13 +289,17 @@ def test_the_step_gradient_does_not_depend_on_the_split(sections, tiny_tokenizer
 def _step_setup(r, tok, dtype=torch.float32):
     """A run-like namespace, 8 fixed sampled completions (with references for the LM term) and the student."""
     from onpolicy_kd.data.sampler import reference_batch
+    from onpolicy_kd.models.attention import relation_setup
     from onpolicy_kd.objectives.hidden import attach_stitching
     from onpolicy_kd.objectives.modes import MODES, forward_plan
     from onpolicy_kd.rollout import rollout
 
     teacher, student = _models()
-    if r.hidden.weight:
+    relations = ((), 0)
+    if r.hidden.stitched:
         attach_stitching(student, teacher, r.hidden.layers)
+    elif r.hidden.weight:
+        relations = relation_setup(r.hidden, student, teacher)
     prompts = [tok(text).input_ids[: 3 + i] for i, text in enumerate(["The quick brown fox jumps"] * 4 +
                                                                         ["Hello world! How are you"] * 4)]
     ids, mask = left_pad(prompts, tok.pad_token_id or tok.eos_token_id)
@@ -313,7 +314,7 @@ def _step_setup(r, tok, dtype=torch.float32):
     teacher.to(dtype), student.to(dtype)
     accelerator = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, reduction: t, num_processes=1)
     run = SimpleNamespace(recipe=r, accelerator=accelerator, teacher=teacher, vocab=VOCAB, mode=MODES[r.objective.mode],
-                          plan=forward_plan(r, "chunked"), student=student)
+                          plan=forward_plan(r, "chunked", relations=relations), student=student, relations=relations)
     return run, batch, student, dataset
 
 
@@ -455,7 +456,9 @@ def test_prompt_weight_is_a_divergence_key():
     ({"objective": {"mode": "gkd", "divergence": "reverse_kl"}, "rollout": {"alpha": 0.3}}, "torch"),
     ({"objective": {"mode": "pg", "lm_coef": 0.3}, "penalties": {"frequency": 0.1, "entropy": 0.05}}, "chunked"),
     ({"objective": {"mode": "gkd", "divergence": "forward_kl"}, "hidden": {"weight": 0.5}}, "chunked"),
-], ids=["gkd-penalties-chunked", "gkd-mixed-torch", "pg-lm-chunked", "gkd-hidden"])
+    ({"objective": {"mode": "gkd", "divergence": "reverse_kl"}, "hidden": {"weight": 2.0, "loss": "attention_relation"}},
+     "chunked"),
+], ids=["gkd-penalties-chunked", "gkd-mixed-torch", "pg-lm-chunked", "gkd-hidden", "gkd-attention-relations"])
 def test_the_prompt_kept_from_the_rollout_gives_the_same_step(sections, head, tiny_tokenizer):
     """The loss continuing from the rollout's prompt keys and values (kept with gradient) gives the loss, metrics
     and gradient of the forward over prompt + completion, in float64 to 1e-9; the parameters reach the completion
@@ -482,7 +485,7 @@ def test_the_prompt_kept_from_the_rollout_gives_the_same_step(sections, head, ti
         assert batch.prompt_cache is not None and batch.prompt_cache[0][0].requires_grad
         return batch
 
-    run.plan = forward_plan(r, head, reuse_prompt=True)
+    run.plan = forward_plan(r, head, reuse_prompt=True, relations=run.relations)
     batch = sampled()
     whole = replace(batch, prompt_cache=None)  # the same completions, through the forward over prompt + completion
     reused, _, loss, metrics = _step_gradients(run, [batch], student, with_loss=True)
@@ -494,6 +497,8 @@ def test_the_prompt_kept_from_the_rollout_gives_the_same_step(sections, head, ti
         torch.testing.assert_close(reused[name], full[name], rtol=1e-9, atol=1e-12, msg=name)
     for key, value in metrics.items():
         assert value == pytest.approx(full_metrics[key], rel=1e-9, abs=1e-12), key
+    if r.hidden.weight:  # (the relations read the projections of the T positions on top of the kept prompt)
+        assert metrics[f"train/hidden_{r.hidden.loss}"] > 0
 
     cut = sampled()
     cut.prompt_cache = [(k.detach(), v.detach()) for k, v in cut.prompt_cache]

@@ -192,6 +192,14 @@ def teacher_outputs(run: "Run", batch: Completions) -> ModelOutputs | None:
                            prompt=plan.prompt, relation_layers=[t for _, t in plan.relation_pairs])
 
 
+def student_outputs(run: "Run", batch: Completions) -> ModelOutputs:
+    """The student's forward over a micro-batch's completions, with everything its loss reads."""
+    plan = run.plan
+    return student_forward(run.student, batch, vocab=run.vocab, logits=plan.student_logits, hidden=plan.hidden_states,
+                           lm_batch=batch.references, input_embeddings=bool(run.recipe.penalties.diversity),
+                           prompt=plan.prompt, relation_pairs=plan.relation_pairs)
+
+
 def step_context(run: "Run", batches: list[Completions], teachers: list[ModelOutputs | None]) -> StepContext:
     """The step's normalisers, summed over all micro-batches and processes, and the PG mean baseline."""
     acc, recipe = run.accelerator, run.recipe
@@ -218,10 +226,7 @@ def backward_micro_batch(run: "Run", batch: Completions, teacher: ModelOutputs |
     """The student's forward, the loss and its backward for one micro-batch; True when the loss was not finite."""
     acc, plan = run.accelerator, run.plan
     with acc.accumulate(run.student):
-        student = student_forward(run.student, batch, vocab=run.vocab, logits=plan.student_logits,
-                                  hidden=plan.hidden_states, lm_batch=batch.references,
-                                  input_embeddings=bool(run.recipe.penalties.diversity), prompt=plan.prompt,
-                                  relation_pairs=plan.relation_pairs)
+        student = student_outputs(run, batch)
         loss, metrics = step_loss(run.recipe, run.mode, batch, student, teacher, ctx)
         bad = not torch.isfinite(loss)
         if bad:  # a stand-in loss, so that every rank's gradient hooks still fire (module docstring: skipping)
