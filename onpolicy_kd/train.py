@@ -146,7 +146,7 @@ def dry_run(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_
     elif recipe.hidden.weight:  # attention relations: no parameters of their own
         pairs, heads = relation_setup(recipe.hidden, models.student, models.teacher)
         console.print(f"attention-relation distillation (weight {recipe.hidden.weight}): \\[student, teacher] layer "
-                      f"pairs {[list(p) for p in pairs]}, {heads} relation heads")
+                      f"pairs {[list(p) for p in pairs]}, {heads} relation head{'s' * (heads != 1)}")
     console.print(summary_table(rows, title=f"data: {recipe.data.path} (format {data.task.name}, columns {data.task.columns})"))
     if not recipe.stages:
         console.print(f"budget: {budget_text(recipe.train, recipe.train.total_steps(len(data.train), world_size()))}")

@@ -344,16 +344,20 @@ def test_the_prompt_kept_from_the_rollout_under_ddp_moves_the_student_as_the_who
 
 
 def test_attention_relations_under_ddp_with_lora(tmp_path, far_pair, isolated_cache):
-    """hidden.loss=attention_relation on 2 DDP processes, the student narrower than the teacher and LoRA-wrapped
-    (the hooks read q_proj and v_proj through their adapters): each step logs the relation loss of both layer pairs,
-    the adapters move, and the export is a plain model with no stitching."""
+    """hidden.loss=attention_relation alone (mode hidden: no next-token loss) on 2 DDP processes, the student
+    narrower than the teacher and LoRA-wrapped: the hooks read q_proj and v_proj through their adapters, so the
+    relation loss is all that gives the adapters a gradient (a non-zero gradient norm after DDP's all-reduce); each
+    step logs the relation loss of both layer pairs, and the export is a plain model with no stitching."""
     recipe = recipe_for(tmp_path, far_pair, "gkd")
     out = tmp_path / "out"
     run = launch("cpu_2proc.yaml", 2, {"ACCELERATE_USE_CPU": "true"}, recipe, "train.max_steps=2", "train.batch_size=2",
-                 "eval.max_samples=4", HIDDEN[1], "hidden.weight=1.0", "hidden.loss=attention_relation", *LORA)
+                 "eval.max_samples=4", HIDDEN[1], "hidden.weight=1.0", "hidden.loss=attention_relation",
+                 "objective.mode=hidden", *LORA)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl") if "train/hidden_attention_relation" in line]
     assert len(rows) == 2 and all(r["train/hidden_attention_relation"] > 0 for r in rows)
+    assert all(r["train/loss"] == pytest.approx(r["train/hidden_attention_relation"], rel=1e-5) for r in rows)
+    assert all(r["optim/grad_norm"] > 0 for r in rows)
     assert all(r["hidden/attention_relation_layer_1_to_2"] > 0 and r["hidden/attention_relation_layer_2_to_3"] > 0
                for r in rows)
     final = out / "final"

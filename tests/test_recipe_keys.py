@@ -136,7 +136,7 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "hidden.weight": ([], ["hidden.weight=0.5"]),
     "hidden.loss": (["hidden.weight=0.5"], ["hidden.loss=cosine"]),
     "hidden.layers": (["hidden.weight=0.5"], ["hidden.layers=[[1, 1]]"]),
-    "hidden.relation_heads": (["hidden.weight=0.5", "hidden.loss=attention_relation"], ["hidden.relation_heads=1"]),
+    "hidden.relation_heads": (["hidden.weight=0.5", "hidden.loss=attention_relation"], ["hidden.relation_heads=2"]),
     "optim.name": ([], ["optim.name=sgd"]),
     "optim.lr": ([], ["optim.lr=0.01"]),
     "optim.weight_decay": ([], ["optim.weight_decay=0.5"]),

@@ -49,13 +49,11 @@ def random_qkv(B, T, widths, generator, requires_grad=False):
 @pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("num_tokens", [None, 23.0])
 def test_loss_and_gradient_match_a_float64_loop(heads, num_tokens):
-    """Two layer pairs, a narrower student with grouped-query widths, padding at the start and the end of rows."""
+    """Two layer pairs, a narrower student with grouped-query widths, completions of different lengths."""
     g = torch.Generator().manual_seed(0)
     B, T = 3, 6
-    mask = torch.ones(B, T, dtype=torch.bool)
-    mask[0, 4:] = False  # a short completion
-    mask[1, 0] = False  # a row whose first position is not read
-    mask[2, 2] = False
+    lengths = torch.tensor([4, 6, 1])  # completions end at different places; one has a single token
+    mask = torch.arange(T)[None] < lengths[:, None]
     student = [random_qkv(B, T, (8, 4, 4), g, requires_grad=True) for _ in range(2)]
     teacher = [random_qkv(B, T, (16, 8, 8), g) for _ in range(2)]
     got = attention_relation_loss(student, teacher, mask, heads=heads, num_tokens=num_tokens)
@@ -151,13 +149,30 @@ def test_gpt2_fused_projection_is_split_into_q_k_v(tiny_gpt2_dir, tiny_tokenizer
         torch.testing.assert_close(got, expected)
 
 
-def test_hooks_are_removed_and_an_unknown_layout_is_named(tiny_tokenizer):
+def test_hooks_are_removed_and_a_projection_that_runs_zero_or_two_times_is_an_error(tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(llama_config(len(tiny_tokenizer), layers=2))
-    with captured_projections(model, [1]):
-        pass
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ConfigError, match=r"never ran the projection modules of layer 1 query, layer 1 key"):
+        with captured_projections(model, [1]):
+            pass  # no forward
     assert not any(m._forward_hooks for m in model.modules())
+    with pytest.raises(ConfigError, match=r"query projection of decoder layer 2 ran twice in one forward pass"):
+        with captured_projections(model, [2]):
+            model(input_ids=ids)
+            model(input_ids=ids)
+    assert not any(m._forward_hooks for m in model.modules())
+    with pytest.raises(RuntimeError, match="boom"):  # an error inside the forward
+        with captured_projections(model, [1, 2]):
+            raise RuntimeError("boom")
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_an_unknown_layout_is_named(tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(llama_config(len(tiny_tokenizer), layers=2))
     for block in model.model.layers:
         block.self_attn.query = block.self_attn.q_proj
         del block.self_attn.q_proj
@@ -166,17 +181,40 @@ def test_hooks_are_removed_and_an_unknown_layout_is_named(tiny_tokenizer):
         relation_setup(HiddenConfig(weight=1.0, loss="attention_relation"), model, model)
 
 
-def test_relation_heads_default_to_the_shared_head_count_and_must_divide_every_width(tiny_tokenizer):
+def test_relation_heads_default_to_the_most_heads_16_wide_and_must_divide_every_width(tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    student = AutoModelForCausalLM.from_config(llama_config(len(tiny_tokenizer), layers=2, hidden=16))  # 4 heads, 2 kv
-    teacher = AutoModelForCausalLM.from_config(llama_config(len(tiny_tokenizer), layers=3, hidden=32))
-    pairs, heads = relation_setup(HiddenConfig(weight=1.0, loss="attention_relation"), student, teacher)
-    assert pairs == [(1, 2), (2, 3)] and heads == 2  # gcd(4, 2, 4, 2)
+    def llama(hidden, layers, heads=4, kv=2):
+        config = llama_config(len(tiny_tokenizer), layers=layers, hidden=hidden)
+        config.num_attention_heads, config.num_key_value_heads, config.head_dim = heads, kv, hidden // heads
+        return AutoModelForCausalLM.from_config(config)
+
+    relations = HiddenConfig(weight=1.0, loss="attention_relation")
+    student, teacher = llama(16, 2), llama(32, 3)  # widths: query 16 / 32, key and value 8 / 16
+    pairs, heads = relation_setup(relations, student, teacher)
+    assert pairs == [(1, 2), (2, 3)] and heads == 1  # the narrowest projection (8) is under 16 wide
     assert relation_setup(HiddenConfig(weight=1.0, loss="attention_relation", relation_heads=4, layers=[[2, 3]]),
                           student, teacher) == ([(2, 3)], 4)  # 4 divides 16, 8, 32, 16
-    with pytest.raises(ConfigError, match=r"relation_heads=3 does not divide the projection widths student query 16"):
+    with pytest.raises(ConfigError, match=r"relation_heads=3 does not divide the projection widths student layer 1 "
+                                          r"query 16.*choose a divisor of 8"):
         relation_setup(HiddenConfig(weight=1.0, loss="attention_relation", relation_heads=3), student, teacher)
+    # SmolLM2-135M's shape (9 heads, 3 for keys and values, 64 wide): widths 576 and 192 -> 12 heads of 48 and 16
+    smol = llama(576, 1, heads=9, kv=3)
+    assert relation_setup(relations, smol, smol) == ([(1, 1)], 12)
+
+
+def test_the_widths_come_from_the_modules_and_a_fused_projection_must_be_equal_thirds(tiny_gpt2_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from onpolicy_kd.models.attention import projection_widths
+
+    gpt2 = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    assert projection_widths(gpt2, 1) == (32, 32, 32)
+    llama = AutoModelForCausalLM.from_config(llama_config(len(tiny_tokenizer), layers=1))
+    assert projection_widths(llama, 1) == (32, 16, 16)
+    gpt2.config.hidden_size = 40  # as if c_attn were hidden + 2 x head size (multi-query): not thirds of 3 x 40
+    with pytest.raises(ConfigError, match=r"fused c_attn of decoder layer 1 .* is 96 wide, not 3 x hidden_size = 120"):
+        relation_setup(HiddenConfig(weight=1.0, loss="attention_relation"), gpt2, gpt2)
 
 
 NARROW_STUDENT = ["student.config_overrides={num_hidden_layers: 2, hidden_size: 16, intermediate_size: 32}",
@@ -195,8 +233,8 @@ def test_recipe_checks(tmp_path, far_pair, isolated_cache, capsys):
     assert main([str(recipe), "hidden.weight=1.0", "hidden.relation_heads=2", "--dry-run"]) != 0
     assert "hidden.relation_heads" in " ".join(capsys.readouterr().err.split())
     assert main([str(recipe), *NARROW_STUDENT, "--dry-run"]) == 0
-    assert "attention-relation distillation (weight 1.0): [student, teacher] layer pairs [[1, 2], [2, 3]], 2 relation " \
-           "heads" in " ".join(capsys.readouterr().out.split())
+    assert "attention-relation distillation (weight 1.0): [student, teacher] layer pairs [[1, 2], [2, 3]], 1 relation " \
+           "head" in " ".join(capsys.readouterr().out.split())
 
 
 def test_training_pulls_the_relations_together_with_no_stitching(tmp_path, far_pair, isolated_cache, capsys):
@@ -208,7 +246,7 @@ def test_training_pulls_the_relations_together_with_no_stitching(tmp_path, far_p
     assert main([str(recipe), *NARROW_STUDENT, "objective.mode=hidden", "train.max_steps=20", "optim.lr=1.0e-2",
                  "train.batch_size=8"]) == 0
     printed = " ".join(capsys.readouterr().out.split())
-    assert "loss: no next-token loss + attention relations 1 (layer pairs [[1, 2], [2, 3]], 2 relation heads)" \
+    assert "loss: no next-token loss + attention relations 1 (layer pairs [[1, 2], [2, 3]], 1 relation head)" \
         in printed
     rows = [r for r in metrics_of(tmp_path / "out") if "train/hidden_attention_relation" in r]
     kl = [r["train/hidden_attention_relation"] for r in rows]

@@ -22,6 +22,7 @@ from onpolicy_kd.objectives.hidden import layer_pairs
 Tensor = torch.Tensor
 
 SEPARATE = ("q_proj", "k_proj", "v_proj")
+KINDS = ("query", "key", "value")
 FUSED = "c_attn"  # GPT-2: Conv1D to 3 * hidden, queries then keys then values
 
 
@@ -48,37 +49,60 @@ def projections(model: nn.Module, layer: int) -> tuple[nn.Module, ...]:
         f"through stitching) instead")
 
 
-def head_counts(model: nn.Module) -> tuple[int, int, int]:
-    """(query heads, key/value heads, head size) of the model's attention (fewer key/value heads with grouped-query
-    attention)."""
-    config = model.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads, getattr(config, "num_key_value_heads", None) or heads, head_dim
+def output_width(module: nn.Module) -> int:
+    """The width of a projection's output: a Linear's (LoRA and quantised wrappers keep `out_features`) or a
+    transformers Conv1D's `nf`."""
+    width = getattr(module, "out_features", None) or getattr(module, "nf", None)
+    if width is None:
+        raise ConfigError(f"attention_relation: cannot tell the output width of {type(module).__name__}")
+    return int(width)
+
+
+def projection_widths(model: nn.Module, layer: int) -> tuple[int, int, int]:
+    """(query, key, value) widths of decoder layer `layer`, read from its modules. A fused projection is split into
+    equal thirds only where the model says it is [Q | K | V] of its hidden size each (GPT-2): another fused layout
+    (multi-query GPT-BigCode's hidden + 2 x head size) is refused rather than split wrongly."""
+    modules = projections(model, layer)
+    if len(modules) == 3:
+        return tuple(output_width(m) for m in modules)
+    width, hidden = output_width(modules[0]), model.config.hidden_size
+    if width != 3 * hidden:
+        raise ConfigError(f"attention_relation: the fused {FUSED} of decoder layer {layer} of {type(model).__name__} "
+                          f"is {width} wide, not 3 x hidden_size = {3 * hidden}: its queries, keys and values are not "
+                          f"equal thirds; use hidden.loss=mse or cosine for this model")
+    return hidden, hidden, hidden
+
+
+MIN_RELATION_HEAD = 16  # the narrowest relation head the default R allows (MiniLMv2's are 16 to 64 wide)
 
 
 def relation_setup(hidden, student: nn.Module, teacher: nn.Module) -> tuple[list[tuple[int, int]], int]:
     """The [student, teacher] decoder-layer pairs and the relation heads R of `hidden` (the recipe's HiddenConfig,
     loss attention_relation), checked against both models: every paired layer has findable projections and R
-    divides every projection width."""
+    divides every projection width. The default R is the largest that divides every width and keeps the narrowest
+    projection's relation heads at least MIN_RELATION_HEAD wide (1 when a projection is narrower than that)."""
     pairs = layer_pairs(hidden.layers, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+    widths = {}
     for s, t in pairs:
-        projections(student, s), projections(teacher, t)  # (raise when a layout is unknown)
-    counts = {name: head_counts(model) for name, model in (("student", student), ("teacher", teacher))}
-    widths = {f"{name} {kind}": n * dim for name, (q, kv, dim) in counts.items()
-              for kind, n in (("query", q), ("key/value", kv))}
-    heads = hidden.relation_heads or math.gcd(*(n for q, kv, _ in counts.values() for n in (q, kv)))
+        for name, model, layer in (("student", student, s), ("teacher", teacher, t)):
+            for kind, width in zip(("query", "key", "value"), projection_widths(model, layer)):
+                widths[f"{name} layer {layer} {kind}"] = width
+    common = math.gcd(*widths.values())
+    narrowest = min(widths.values())
+    heads = hidden.relation_heads or max(
+        [r for r in range(1, common + 1) if common % r == 0 and narrowest // r >= MIN_RELATION_HEAD], default=1)
     uneven = [f"{name} {width}" for name, width in widths.items() if width % heads]
     if uneven:
         raise ConfigError(f"hidden.relation_heads={heads} does not divide the projection widths "
-                          f"{', '.join(uneven)} (all widths: {widths}); choose a common divisor of them")
+                          f"{', '.join(uneven)}; choose a divisor of {common} (all widths: {widths})")
     return pairs, heads
 
 
 @contextlib.contextmanager
 def captured_projections(model: nn.Module, layers: Sequence[int]) -> Iterator[dict[int, list[Tensor | None]]]:
     """{layer: [Q, K, V]} filled by the forward run inside the block, each (B, T_in, W) over the forward's input
-    positions. A recomputation (gradient checkpointing) would call the hooks again: the first outputs are kept."""
+    positions. A projection that did not run, or ran twice, is an error when the block ends (gradient checkpointing,
+    which would run them again in the backward pass, is refused with this loss by the recipe)."""
     slots: dict[int, list[Tensor | None]] = {layer: [None, None, None] for layer in layers}
     handles = []
 
@@ -86,8 +110,10 @@ def captured_projections(model: nn.Module, layers: Sequence[int]) -> Iterator[di
         def hook(module, args, output) -> None:  # noqa: ANN001
             outputs = output.chunk(3, dim=-1) if kind is None else [output]
             for k, tensor in zip([0, 1, 2] if kind is None else [kind], outputs):
-                if slots[layer][k] is None:
-                    slots[layer][k] = tensor
+                if slots[layer][k] is not None:  # a layer run twice in one forward: which call is "the" one?
+                    raise ConfigError(f"attention_relation: the {KINDS[k]} projection of decoder layer {layer} ran "
+                                      f"twice in one forward pass (a shared or looped layer); pair other layers")
+                slots[layer][k] = tensor
         return hook
 
     try:
@@ -96,6 +122,11 @@ def captured_projections(model: nn.Module, layers: Sequence[int]) -> Iterator[di
             for kind, module in enumerate(modules):
                 handles.append(module.register_forward_hook(keep(layer, kind if len(modules) == 3 else None)))
         yield slots
+        missing = [f"layer {layer} {KINDS[k]}" for layer, found in slots.items() for k in range(3) if found[k] is None]
+        if missing:  # (a fused kernel or a wrapper that calls around the module's forward)
+            raise ConfigError(f"attention_relation: the forward pass never ran the projection modules of "
+                              f"{', '.join(missing)}; this model computes its attention around them: use "
+                              f"hidden.loss=mse or cosine")
     finally:
         for handle in handles:
             handle.remove()

@@ -43,8 +43,9 @@ def forward_completions(model: nn.Module, batch: Completions, *, vocab: int | No
                            prompt_cache=prompt_cache)
     # the forward ran over the whole sequence (positions P-1..P+T-2 are its last T+1 but one) or, on the prompt
     # cache, over those T positions alone
-    out.relations = [tuple(a[:, -T - 1 : -1] if prompt_cache is None else a for a in captured[layer])
-                     for layer in relation_layers]
+    window = [[a[:, -T - 1 : -1] if prompt_cache is None else a for a in captured[layer]] for layer in relation_layers]
+    # without gradient (the teacher), copies: a view would keep the whole (B, P + T, W) output for the step
+    out.relations = [tuple(a if a.requires_grad else a.clone() for a in qkv) for qkv in window]
     return out
 
 
@@ -111,9 +112,12 @@ def embedding_matrix(student: nn.Module) -> Tensor:
 
 @torch.no_grad()
 def teacher_forward(teacher: nn.Module, batch: Completions, *, vocab: int, logits: bool,
-                    hidden: bool, prompt: bool = False, relation_layers: Sequence[int] = ()) -> ModelOutputs:
-    """The frozen teacher's outputs: logits, or (memory-bounded) the last hidden state and head; every layer's
-    hidden states for hidden-state distillation; with `prompt` also at the positions predicting the prompt; the
-    query, key and value projections of `relation_layers` for attention relations."""
-    return forward_completions(teacher, batch, vocab=vocab, logits=logits, hidden=hidden or not logits,
-                               head=not logits, prompt=prompt, relation_layers=relation_layers)
+                    hidden: bool, prompt: bool = False, relation_layers: Sequence[int] = (),
+                    distribution: bool = True) -> ModelOutputs:
+    """The frozen teacher's outputs: its distribution as logits, or (memory-bounded) the last hidden state and head;
+    every layer's hidden states for hidden-state distillation; with `prompt` also at the positions predicting the
+    prompt; the query, key and value projections of `relation_layers` for attention relations. Without
+    `distribution` (the loss reads only hidden states or relations) neither logits nor the head."""
+    bounded = distribution and not logits
+    return forward_completions(teacher, batch, vocab=vocab, logits=logits and distribution, hidden=hidden or bounded,
+                               head=bounded, prompt=prompt, relation_layers=relation_layers)

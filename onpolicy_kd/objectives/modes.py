@@ -151,6 +151,7 @@ class ForwardPlan:
     student_logits: bool  # full (B, T, V) logits; else the last hidden state and head (memory-bounded)
     teacher: bool  # the teacher runs at all
     teacher_logits: bool
+    teacher_distribution: bool  # the loss reads the teacher's next-token distribution (not only hidden states)
     hidden_states: bool  # every layer's hidden states of both models (hidden-state distillation)
     head: str  # the head implementation: torch (full logits), chunked, liger (the divergence only)
     prompt: bool = False  # also the outputs predicting the prompt's own tokens (objective.prompt_weight)
@@ -176,7 +177,8 @@ def forward_plan(recipe: "Recipe", head: str, reuse_prompt: bool = False,
     if recipe.objective.mode == "pg" and not recipe.objective.single_step and recipe.rollout.alpha > 0:
         reads_teacher = False  # the rewards' log p(y_t) come from the teacher's lockstep decode
     return ForwardPlan(student_logits=not chunked, teacher=reads_teacher or hidden or bool(pairs),
-                       teacher_logits=reads_teacher and not chunked, hidden_states=hidden, head=head,
+                       teacher_logits=reads_teacher and not chunked, teacher_distribution=reads_teacher,
+                       hidden_states=hidden, head=head,
                        prompt=recipe.objective.prompt_weight > 0, reuse_prompt=reuse_prompt,
                        relation_pairs=tuple(tuple(p) for p in pairs), relation_heads=heads)
 
@@ -280,7 +282,7 @@ def _loss_words(recipe: "Recipe", plan: ForwardPlan) -> str:
         added.append(f"hidden-state {recipe.hidden.loss} {recipe.hidden.weight:g}")
     elif recipe.hidden.weight:  # (the pairs and heads are known once the models are: plan.relation_pairs)
         added.append(f"attention relations {recipe.hidden.weight:g}" + (
-            f" (layer pairs {[list(p) for p in plan.relation_pairs]}, {plan.relation_heads} relation heads)"
+            f" (layer pairs {[list(p) for p in plan.relation_pairs]}, {plan.relation_heads} relation head{'s' * (plan.relation_heads != 1)})"
             if plan.relation_pairs else ""))
     if obj.lm_coef:
         added.append(f"language modelling on references {obj.lm_coef:g}")

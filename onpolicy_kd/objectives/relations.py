@@ -5,7 +5,7 @@ pulled towards the teacher's, an auxiliary loss added in every mode (`attention_
 key and value projections at the positions that predict completion tokens (those the divergences use), A in
 {Q, K, V} of shape (T, W). Concatenate the heads (they already are, as the projections return them) and split
 the width again into R *relation heads* of W / R each, A_r (T, d_r). The relation of head r is the row-wise
-softmax over the positions a causal model's attention may read (j <= i, not padding):
+softmax over the positions of that window a causal model's attention may read (j <= i, not padding):
 
     Rel_r(A)[i, :] = softmax_j( A_r[i] . A_r[j] / sqrt(d_r) )
 
@@ -13,6 +13,11 @@ and the loss of a layer pair is the teacher-to-student KL of the relations, aver
 heads, summed over valid rows and divided by the global valid-token count (as the other token losses are):
 
     (1 / 3R) sum_{A in Q,K,V} sum_r sum_i KL( Rel_r(A_teacher)[i] || Rel_r(A_student)[i] )
+
+Two departures from MiniLMv2, both deliberate: the relations span the completion window, not the prompt (the
+loss continues from the rollout's prompt keys and values without running the prompt's queries again, and the
+window is what the other losses read; its first row reads one position, so its KL is 0), and the three kinds
+are averaged where MiniLMv2 sums them (so `hidden.weight` is a third of the paper's weight).
 
 The relations are (T, T) whatever the widths, so a student with fewer heads or a narrower model needs no
 projection: R must divide every width (both models' query and key/value widths; with grouped-query attention the

@@ -434,7 +434,7 @@ class HiddenConfig(Section):
     )
     relation_heads: int | None = Field(
         None, ge=1, description="attention_relation: relation heads R, dividing both models' query and key/value "
-                                "widths; null = the greatest common divisor of both models' query and key/value head counts")
+                                "widths; null = the largest such R keeping every relation head at least 16 wide")
 
     @property
     def stitched(self) -> bool:

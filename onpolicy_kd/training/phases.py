@@ -189,7 +189,8 @@ def teacher_outputs(run: "Run", batch: Completions) -> ModelOutputs | None:
     if not plan.teacher:
         return None
     return teacher_forward(run.teacher, batch, vocab=run.vocab, logits=plan.teacher_logits, hidden=plan.hidden_states,
-                           prompt=plan.prompt, relation_layers=[t for _, t in plan.relation_pairs])
+                           prompt=plan.prompt, relation_layers=[t for _, t in plan.relation_pairs],
+                           distribution=plan.teacher_distribution)
 
 
 def student_outputs(run: "Run", batch: Completions) -> ModelOutputs:
