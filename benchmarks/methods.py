@@ -41,12 +41,14 @@ Figures: the mean over seeds and prompts, ± the standard error of a bootstrap t
 seeds and the prompts (evaluation/uncertainty.py; KLs are token-level means, resampled by prompt). The
 "differences from kd" table pairs each method with kd on the same prompts and marks with * a difference whose
 95% interval excludes 0: only those are differences. Each (task, method, seed) appends one JSON record with its
-per-prompt figures to benchmarks/results/methods.jsonl; methods.md and methods.png are drawn from all records.
+per-prompt figures to benchmarks/results/methods.jsonl.gz (gzip: the records with their per-prompt figures and texts
+run to megabytes); methods.md and methods.png are drawn from all records.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import resource
 import shutil
@@ -63,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 TASKS = {"news": ROOT / "recipes" / "smollm2_news.yaml", "arithmetic": ROOT / "recipes" / "smollm2_arithmetic.yaml"}
 DEFAULT_METHOD = {"news": "kd_freq", "arithmetic": "kd"}  # each recipe's own pipeline
 RESULTS = ROOT / "benchmarks" / "results"
-RECORDS = RESULTS / "methods.jsonl"
+RECORDS = RESULTS / "methods.jsonl.gz"
 
 TEACHER_TEXT = ["teacher_text.cache=true", "teacher_text.do_sample=false", "optim.lr=5.0e-4", "optim.scheduler=cosine",
                 "optim.warmup_steps=5", "objective.lmbda=0.0", "objective.seq_kd=true"]
@@ -289,7 +291,10 @@ def run_trl(recipe, models, budget: float, data) -> tuple[object, int, float]:
 # --- the tables and the plot --------------------------------------------------------------------------------------
 
 def read_records() -> list[dict]:
-    return [json.loads(line) for line in open(RECORDS)] if RECORDS.is_file() else []
+    if not RECORDS.is_file():
+        return []
+    with gzip.open(RECORDS, "rt") as f:  # (appended records are gzip members one after another)
+        return [json.loads(line) for line in f]
 
 
 def initial_record(task: str) -> dict | None:
@@ -415,7 +420,7 @@ def table(records: list[dict]) -> str:
         if runs:
             lines += [f"## Task: {task} (`{TASKS[task].relative_to(ROOT)}`)", "", *task_tables(task, runs)]
     dates = sorted({r["date"] for r in records})
-    lines.append(f"Records: benchmarks/results/methods.jsonl ({len(records)} runs, {', '.join(dates)}; torch "
+    lines.append(f"Records: benchmarks/results/methods.jsonl.gz ({len(records)} runs, {', '.join(dates)}; torch "
                  f"{records[0]['torch']}). Command: `python benchmarks/methods.py --task T --budget B --seeds ... "
                  f"--methods ...`. The figures of the 12-prompt judge before these (greedy text against the teacher "
                  f"only): methods_lee12.md.")
@@ -473,7 +478,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=300.0, help="seconds of training steps per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--methods", nargs="+", default=["kd", "seqkd", "gkd_rkl", "trl"], choices=list(METHODS))
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of methods.jsonl / .md / .png")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of methods.jsonl.gz / .md / .png")
     parser.add_argument("--curve-every", type=int, default=0, metavar="STEPS",
                         help="also evaluate every STEPS steps and keep the learning curve in the record (for long "
                              "budgets; the evaluations are not counted as training time)")
@@ -481,7 +486,7 @@ def main() -> None:
     parser.add_argument("--run", choices=[*METHODS, "initial"], help=argparse.SUPPRESS)  # a child process: one run
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    RESULTS, RECORDS = args.results, args.results / "methods.jsonl"
+    RESULTS, RECORDS = args.results, args.results / "methods.jsonl.gz"
     if args.run:
         run_one(args.task, args.run, args.seeds[0], args.budget, args.json, args.curve_every)
         return
@@ -497,7 +502,7 @@ def main() -> None:
                             "--budget", str(args.budget), "--json", str(out), "--curve-every", str(args.curve_every)],
                            check=True, cwd=ROOT)
             RESULTS.mkdir(parents=True, exist_ok=True)
-            with open(RECORDS, "a") as f:
+            with gzip.open(RECORDS, "at") as f:
                 f.write(out.read_text() + "\n")
             publish()
     publish()
