@@ -143,7 +143,7 @@ def dry_run(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_
         console.print(f"hidden-state distillation ({recipe.hidden.loss}, weight {recipe.hidden.weight}): "
                       f"\\[student, teacher] layer pairs {[list(p) for p in stitching.pairs]}, "
                       f"{count_parameters(stitching):,} stitching parameters")
-    elif recipe.hidden.weight:  # attention relations: no parameters of their own
+    elif recipe.hidden.relations:  # no parameters of their own
         pairs, heads = relation_setup(recipe.hidden, models.student, models.teacher)
         console.print(f"attention-relation distillation (weight {recipe.hidden.weight}): \\[student, teacher] layer "
                       f"pairs {[list(p) for p in pairs]}, {heads} relation head{'s' * (heads != 1)}")

@@ -85,7 +85,7 @@ def relation_setup(hidden, student: nn.Module, teacher: nn.Module) -> tuple[list
     widths = {}
     for s, t in pairs:
         for name, model, layer in (("student", student, s), ("teacher", teacher, t)):
-            for kind, width in zip(("query", "key", "value"), projection_widths(model, layer)):
+            for kind, width in zip(KINDS, projection_widths(model, layer)):
                 widths[f"{name} layer {layer} {kind}"] = width
     common = math.gcd(*widths.values())
     narrowest = min(widths.values())

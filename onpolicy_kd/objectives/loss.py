@@ -290,10 +290,9 @@ def step_loss(recipe: "Recipe", mode: "Mode", batch: Completions, student: Model
         lm_loss = reduce_tokens(-logprob, lm.completion_mask, ctx.lm_tokens)
         loss = loss + recipe.objective.lm_coef * lm_loss
         metrics["pg/lm_loss"] = lm_loss.item() * ctx.lm_tokens / max(lm.num_tokens, 1)
-    relations = recipe.hidden.weight and recipe.hidden.loss == "attention_relation"
-    if relations or student.projected is not None:
+    if recipe.hidden.relations or student.projected is not None:
         kind = recipe.hidden.loss
-        if relations:
+        if recipe.hidden.relations:
             assert student.relations is not None, "the forward plan reads no attention relations (forward_plan)"
             pairs = attention_relation_loss(student.relations, teacher.relations, batch.completion_mask,
                                             heads=ctx.relation_heads, num_tokens=ctx.num_tokens, per_pair=True)

@@ -280,7 +280,7 @@ def _loss_words(recipe: "Recipe", plan: ForwardPlan) -> str:
              (("frequency", pen.frequency), ("diversity", pen.diversity), ("entropy", pen.entropy)) if weight]
     if recipe.hidden.stitched:
         added.append(f"hidden-state {recipe.hidden.loss} {recipe.hidden.weight:g}")
-    elif recipe.hidden.weight:  # (the pairs and heads are known once the models are: plan.relation_pairs)
+    elif recipe.hidden.relations:  # (the pairs and heads are known once the models are: plan.relation_pairs)
         added.append(f"attention relations {recipe.hidden.weight:g}" + (
             f" (layer pairs {[list(p) for p in plan.relation_pairs]}, {plan.relation_heads} relation head{'s' * (plan.relation_heads != 1)})"
             if plan.relation_pairs else ""))

@@ -418,6 +418,12 @@ class PenaltiesConfig(Section):
     shape_reward: bool = Field(False, description="pg: also subtract the frequency penalty from the reward")
 
 
+def hidden_stitches(weight: float | None, loss: str | None) -> bool:
+    """Whether hidden.weight and hidden.loss put stitching projections on the student (also for a checkpoint's saved
+    recipe and a stage's changed keys, which are not HiddenConfigs)."""
+    return bool(weight) and loss != "attention_relation"
+
+
 class HiddenConfig(Section):
     """Hidden-state distillation, an auxiliary loss added in every mode (onpolicy_kd/objectives/hidden.py), or the
     attention relations of the paired layers (onpolicy_kd/objectives/relations.py)."""
@@ -439,7 +445,12 @@ class HiddenConfig(Section):
     @property
     def stitched(self) -> bool:
         """Whether the loss trains stitching projections on the student (mse, cosine; relations need none)."""
-        return self.weight > 0 and self.loss != "attention_relation"
+        return hidden_stitches(self.weight, self.loss)
+
+    @property
+    def relations(self) -> bool:
+        """Whether the loss reads attention relations (hidden.loss=attention_relation, weight > 0)."""
+        return bool(self.weight) and self.loss == "attention_relation"
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -705,7 +716,7 @@ class Recipe(Section):
     def _consistent(self) -> "Recipe":
         mode_name = self.objective.mode
         mode = MODES[mode_name]
-        if self.hidden.weight and self.hidden.loss == "attention_relation" and self.student.gradient_checkpointing:
+        if self.hidden.relations and self.student.gradient_checkpointing:
             raise ValueError("hidden.loss=attention_relation reads the query/key/value projections inside the "
                              "student's decoder layers, which gradient checkpointing runs without gradient (it "
                              "recomputes them in the backward pass): set student.gradient_checkpointing=false")
@@ -783,7 +794,8 @@ class Recipe(Section):
         for k, stage in enumerate(self.stages):
             if stage.head_init is None:
                 continue
-            earlier = [s for s in self.stages[:k] if HiddenConfig(**{**self.hidden.model_dump(), **s.hidden}).stitched]
+            earlier = [s for s in self.stages[:k]
+                       if hidden_stitches(s.hidden.get("weight", self.hidden.weight), s.hidden.get("loss", self.hidden.loss))]
             if not earlier:
                 raise ValueError(f"stages[{k}] ({stage.name}): head_init={stage.head_init} starts the head from the "
                                  f"teacher's through a stitching projection, and no earlier stage trains one (set "
@@ -838,8 +850,7 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
         ("logging.num_samples", r.logging.sample_steps > 0, "with logging.sample_steps > 0"),
         ("hidden.loss", r.hidden.weight > 0, "with hidden.weight > 0"),
         ("hidden.layers", r.hidden.weight > 0, "with hidden.weight > 0"),
-        ("hidden.relation_heads", r.hidden.weight > 0 and r.hidden.loss == "attention_relation",
-         "with hidden.weight > 0 and hidden.loss=attention_relation"),
+        ("hidden.relation_heads", r.hidden.relations, "with hidden.weight > 0 and hidden.loss=attention_relation"),
         ("data.eval_size", r.data.eval_split is None and r.data.eval_path is None,
          "when neither data.eval_split nor data.eval_path is set"),
         ("data.eval_columns", r.data.eval_path is not None, "with data.eval_path"),

@@ -34,6 +34,7 @@ from onpolicy_kd.models.loading import is_lora
 from onpolicy_kd.models.bitnet import bitnet_layers, export_state_dict as bitnet_export, write_export_file as write_bitnet_file
 from onpolicy_kd.models.module_lm import MODULE_FILE, ModuleLM, export_file as module_export_file
 from onpolicy_kd.recipe import Recipe, cache_root
+from onpolicy_kd.recipe.schema import hidden_stitches
 from onpolicy_kd.training.folder_lock import holder_text, in_use, lock_holder, take_lock
 from onpolicy_kd.training.publish import check_can_push
 
@@ -273,10 +274,8 @@ def resume_changes(checkpoint: Path, recipe, check_processes: bool = True) -> li
     current = _leaves(recipe.model_dump(mode="json"))
     changes = [(key, saved.get(key), value) for key, value in current.items() if saved.get(key) != value
                and not key.startswith(NOT_COMPARED) and not _same_file(saved.get(key), value)]
-    stitched = [bool(weight) and loss != "attention_relation"  # the student carries stitching projections or not
-                for weight, loss in ((saved.get("hidden.weight"), saved.get("hidden.loss")),
-                                     (current.get("hidden.weight"), current.get("hidden.loss")))]
-    fixed = [c for c in changes if c[0] in ("hidden.weight", "hidden.loss") and stitched[0] != stitched[1]][:1]
+    stitching_changed = hidden_stitches(saved.get("hidden.weight"), saved.get("hidden.loss")) != recipe.hidden.stitched
+    fixed = [c for c in changes if c[0] in ("hidden.weight", "hidden.loss") and stitching_changed][:1]
     fixed += [c for c in changes if any(c[0] == key or c[0].startswith(key + ".") for key in FIXED_ON_RESUME)]
     if fixed:
         listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in fixed)

@@ -275,8 +275,7 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     monitor = Monitor(cfg.output_dir, cfg.max_time or max_steps, state.train_seconds if cfg.max_time else state.step,
                       enabled=accelerator.is_main_process, live=recipe.logging.live, accelerator=accelerator,
                       trackers=bool(recipe.logging.report_to), stage=stage, by_time=cfg.max_time is not None)
-    relations = relation_setup(recipe.hidden, models.student, models.teacher) if (
-        recipe.hidden.weight and not recipe.hidden.stitched) else ((), 0)
+    relations = relation_setup(recipe.hidden, models.student, models.teacher) if recipe.hidden.relations else ((), 0)
     plan = forward_plan(recipe, head, reuse_prompt, relations)
     description = describe_run(accelerator, recipe, models.student, models.teacher)
     description["step"] = describe_step(recipe, plan, accelerator.num_processes)
