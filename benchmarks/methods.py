@@ -114,6 +114,10 @@ METHODS: dict[str, object] = {
     "kd_relation": lambda budget: ["stages=[]", "objective.mode=gkd", "objective.divergence=forward_kl",
                                    "hidden.weight=1.0", "hidden.loss=attention_relation", "hidden.layers=[[17, 30]]",
                                    "hidden.relation_heads=3", *TEACHER_TEXT],
+    # KD from the teacher's top-k log-probs kept in the cache beside its text: no teacher forward at any step (issue
+    # "what the peers have"); the cache is made once per k before the first run and not counted, as the text is
+    **{f"kd_top{k}": (lambda budget, k=k: ["stages=[]", "objective.mode=gkd", "objective.divergence=forward_kl",
+                                           f"teacher_text.topk={k}", *TEACHER_TEXT]) for k in (20, 50, 100)},
     "seqkd": lambda budget: ["stages=[]", "objective.mode=seqkd", "objective.divergence=reverse_kl",
                              "objective.lmbda=1.0", "objective.seq_kd=false",
                              *[t for t in TEACHER_TEXT if not t.startswith("objective.")]],
@@ -138,6 +142,7 @@ METHODS: dict[str, object] = {
 }
 LABELS = {"kd": "KD: forward KL on teacher text", "kd_freq": "KD + frequency penalty 5",
           "kd_relation": "KD + attention relations (MiniLMv2, last layer, 3 heads)",
+          **{f"kd_top{k}": f"KD from the cached top-{k} (no teacher forward)" for k in (20, 50, 100)},
           "seqkd": "SeqKD: CE on teacher text", "gkd_rkl": "on-policy GKD, reverse KL",
           "gkd_jsd": "on-policy GKD, JSD 0.5", "pg": "PG (MiniLLM-style)",
           "staged": "KD 1/2, then on-policy reverse KL", "staged_fkl": "KD 2/3, then on-policy forward KL",

@@ -21,6 +21,8 @@ from typing import Literal, Sequence
 
 import torch
 
+from onpolicy_kd.objectives.divergences import TeacherTopK
+
 Tensor = torch.Tensor
 
 Source = Literal["student", "teacher", "references"]
@@ -89,6 +91,9 @@ class Completions:
     # (keys, values)); the loss's forward continues from them instead of running the prompt again (forward.py)
     prompt_cache: list[tuple[Tensor, Tensor]] | None = None
     truncated: Tensor | None = None  # (B,) bool, rollouts only: the row reached max_new_tokens without ending
+    # cached teacher text with teacher_text.topk: the teacher's distribution at each position as its top-k (ids and
+    # log-probs (B, T, k), the rest's log-mass (B, T)), read from the cache instead of running the teacher
+    teacher_topk: "TeacherTopK | None" = None
 
     @property
     def sequences(self) -> Tensor:
@@ -133,6 +138,7 @@ class Completions:
             teacher_logprobs=cut(self.teacher_logprobs), sample_logprobs=cut(self.sample_logprobs),
             student_entropy=cut(self.student_entropy), rows=[self.rows[i] for i in index] if self.rows else [],
             references=None, prompt_cache=None, truncated=None if self.truncated is None else self.truncated[take],
+            teacher_topk=None if self.teacher_topk is None else TeacherTopK(*(cut(x) for x in self.teacher_topk)),
         )
 
 
@@ -141,6 +147,8 @@ def concatenate(batches: Sequence[Completions], pad_id: int) -> Completions:
     if len(batches) == 1:
         return batches[0]
     first = batches[0]
+    if any(b.teacher_topk is not None for b in batches):  # (cached text is read in training micro-batches as is)
+        raise ValueError("batches with the teacher's cached top-k are not concatenated")
     prompt_width = max(b.prompt_ids.shape[1] for b in batches)
     width = max(b.completion_ids.shape[1] for b in batches)
 

@@ -195,6 +195,9 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     "teacher_text.top_p": ([*SEQKD, "teacher_text.do_sample=true"], ["teacher_text.top_p=0.3"]),
     "teacher_text.max_new_tokens": (SEQKD, ["teacher_text.max_new_tokens=2"]),
     "teacher_text.stop_strings": ([*SEQKD, "rollout.max_new_tokens=8"], ["teacher_text.stop_strings=[' ']"]),
+    # KD from the cached top-1: a different loss than the dense one (the weights differ)
+    "teacher_text.topk": (["objective.mode=gkd", "objective.seq_kd=true", "objective.lmbda=0", "teacher_text.cache=true"],
+                          ["teacher_text.topk=1"]),
     "teacher_text.samples_per_prompt": ([*SEQKD, "teacher_text.do_sample=true", "teacher_text.cache=true"],
                                         ["teacher_text.samples_per_prompt=3"]),
     "stages": ([], ["stages=[{name: a, max_steps: 1}, {name: b, max_steps: 1, optim: {lr: 0.01}}]",

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from datasets import Dataset
 
 from onpolicy_kd.batch import Completions, Source, left_pad, right_pad
 from onpolicy_kd.errors import DataError
+from onpolicy_kd.objectives.divergences import TeacherTopK
 from onpolicy_kd.recipe import TrainConfig
 
 Tensor = torch.Tensor
@@ -59,11 +61,14 @@ def prompt_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torch.d
 
 
 def reference_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torch.device, *,
-                    source: Source = "references", seed: int = 0, step: int = 0) -> Completions:
+                    source: Source = "references", seed: int = 0, step: int = 0,
+                    topk: Sequence[Dataset] | None = None) -> Completions:
     """The completions stored with `rows` as a batch (no sampling log-probs): the dataset's references, or with
     source='teacher' one of each row's cached teacher completions (teacher_text.cache; which one: `teacher_sample`
-    of (seed, step, row))."""
+    of (seed, step, row)), with `topk` (one dataset per cached completion, row-aligned: teacher_text.topk) the
+    teacher's top-k distribution at each of its positions."""
     prompt_ids, prompt_mask = prompt_batch(dataset, rows, pad_id, device)
+    picks = []
     if source == "teacher":
         completions, texts = [], []
         for row in rows:
@@ -71,10 +76,30 @@ def reference_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torc
             k = teacher_sample(seed, step, row, len(answers["teacher_ids"]))
             completions.append(answers["teacher_ids"][k])
             texts.append(answers["teacher_text"][k])
+            picks.append(k)
     else:
         completions, texts = [dataset[i]["reference_ids"] for i in rows], [dataset[i]["reference"] for i in rows]
     ids, mask = right_pad(completions, pad_id, device)
-    return Completions(prompt_ids, prompt_mask, ids, mask, source=source, texts=texts, rows=list(rows))
+    batch = Completions(prompt_ids, prompt_mask, ids, mask, source=source, texts=texts, rows=list(rows))
+    if topk is not None and source == "teacher":
+        batch.teacher_topk = topk_batch([topk[k][row] for row, k in zip(rows, picks)], ids.shape[1], device)
+    return batch
+
+
+def topk_batch(entries: Sequence[dict], width: int, device: torch.device) -> TeacherTopK:
+    """Rows of a top-k cache (each topk_ids and topk_logprobs (T_b, k), tail_logprob (T_b,)) right-padded to `width`
+    positions: ids 0, log-probs 0 and tails -inf at padding (the losses read valid positions only)."""
+    k = len(entries[0]["topk_ids"][0]) if entries and len(entries[0]["topk_ids"]) else 1
+    ids = torch.zeros((len(entries), width, k), dtype=torch.long)
+    logprobs = torch.zeros((len(entries), width, k), dtype=torch.float32)
+    tail = torch.full((len(entries), width), float("-inf"), dtype=torch.float32)
+    for b, entry in enumerate(entries):
+        length = len(entry["tail_logprob"])
+        if length:
+            ids[b, :length] = torch.as_tensor(entry["topk_ids"], dtype=torch.long)
+            logprobs[b, :length] = torch.as_tensor(entry["topk_logprobs"], dtype=torch.float32)
+            tail[b, :length] = torch.as_tensor(entry["tail_logprob"], dtype=torch.float32)
+    return TeacherTopK(ids.to(device), logprobs.to(device), tail.to(device))
 
 
 def stored_batch(dataset: Dataset, stored: list, pad_id: int, device: torch.device, *, temperature: float,

@@ -442,14 +442,27 @@ def _load_models(recipe: Recipe, recipe_path: str | None, *, teacher: PreTrained
     else:
         student_tokenizer = tokenizer or teacher_tokenizer
         prepare_student(student, recipe.student)
-    quant = recipe.teacher.quantization
-    if quant is not None and not hasattr(teacher, "kd_quantization"):  # weight_only, now that the student exists
-        quantize_weight_only(teacher, decoder_layers(teacher)[1], quant.bits, quant.group_size or DEFAULT_GROUP_SIZE)
+    quantize_after_loading(teacher, recipe.teacher)  # weight_only, now that the student exists
     check_same_kind(teacher, student)
     check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
     models = Models(teacher=teacher, student=student, tokenizer=teacher_tokenizer)
     check_recipe_fits(recipe, models)
     return models
+
+
+def quantize_after_loading(teacher: PreTrainedModel, cfg: TeacherConfig) -> None:
+    """teacher.quantization with the weight_only backend (bitsandbytes quantises at load: load_teacher)."""
+    quant = cfg.quantization
+    if quant is not None and not hasattr(teacher, "kd_quantization"):
+        quantize_weight_only(teacher, decoder_layers(teacher)[1], quant.bits, quant.group_size or DEFAULT_GROUP_SIZE)
+
+
+def reload_teacher(recipe: Recipe, recipe_path: str | None = None) -> PreTrainedModel:
+    """The recipe's teacher loaded again as `load_models` left it (frozen, quantised as asked), for a run that let
+    it go while its steps did not need it (training/loop.py)."""
+    teacher, _ = load_teacher(recipe.teacher, recipe_path)
+    quantize_after_loading(teacher, recipe.teacher)
+    return teacher
 
 
 def check_recipe_fits(recipe: Recipe, models: Models, where: str = "the recipe") -> None:

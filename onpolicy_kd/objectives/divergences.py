@@ -36,7 +36,7 @@ forward pass (no recomputation), as Liger's fused-linear losses do.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -174,13 +174,14 @@ def divergence(
 
 
 class _ChunkedDivergence(torch.autograd.Function):
-    """Sum of per-token divergences over rows of hidden states, chunk by chunk, gradients computed in forward."""
+    """Sum of per-token divergences over rows of hidden states, chunk by chunk, gradients computed in forward.
+    `rows(student_logprobs, start, end)` gives the divergence of each row of the chunk [start, end) from the
+    student's log-probabilities there (the teacher's side is its business: its own head, or a cached top-k)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
-        fn: Callable[[Tensor, Tensor, float, float], Tensor], beta: float, skew: float, temperature: float,
-        chunk_size: int,
+        ctx, student_hidden: Tensor, student_weight: Tensor, rows: Callable[[Tensor, int, int], Tensor],
+        temperature: float, chunk_size: int,
     ) -> Tensor:
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(student_hidden) if need_hidden else None
@@ -190,12 +191,10 @@ class _ChunkedDivergence(torch.autograd.Function):
         weight = student_weight.detach().requires_grad_(need_weight)
         for start in range(0, student_hidden.shape[0], chunk_size):
             end = start + chunk_size
-            with torch.no_grad():
-                teacher_logprobs = log_probs(F.linear(teacher_hidden[start:end], teacher_weight), temperature)
             hidden = student_hidden[start:end].detach().requires_grad_(need_hidden)
             with torch.enable_grad():
                 student_logprobs = log_probs(F.linear(hidden, weight), temperature)
-                chunk_sum = fn(student_logprobs, teacher_logprobs, beta, skew).sum()
+                chunk_sum = rows(student_logprobs, start, end).sum()
                 inputs = [x for x, needed in ((hidden, need_hidden), (weight, need_weight)) if needed]
                 grads = torch.autograd.grad(chunk_sum, inputs) if inputs else ()
             grads = list(grads)
@@ -223,7 +222,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         # in place: the head's gradient is the size of the head, and a second copy of it is the costliest allocation
         # of a CPU step (fresh pages, zero-filled by the kernel)
         grad_weight = saved.pop(0).mul_(grad_output).to(ctx.weight_dtype) if need_weight else None
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def accumulate(total: Tensor | None, chunk: Tensor, dtype: torch.dtype) -> Tensor:
@@ -266,11 +265,95 @@ def chunked_divergence(
         valid = mask.reshape(-1).bool()
         h_s, h_t = h_s[valid], h_t[valid]
     count = h_s.shape[0]
-    total = _ChunkedDivergence.apply(
-        h_s, first(student_lm_head, vocab), h_t.detach(), first(teacher_lm_head, vocab).detach(), fn, beta, skew,
-        temperature, chunk_size,
-    )
+    h_t, w_t = h_t.detach(), first(teacher_lm_head, vocab).detach()
+
+    def rows(student_logprobs: Tensor, start: int, end: int) -> Tensor:
+        with torch.no_grad():
+            teacher_logprobs = log_probs(F.linear(h_t[start:end], w_t), temperature)
+        return fn(student_logprobs, teacher_logprobs, beta, skew)
+
+    total = _ChunkedDivergence.apply(h_s, first(student_lm_head, vocab), rows, temperature, chunk_size)
     return reduce_tokens(total, None, num_tokens if num_tokens is not None else count)
+
+
+class TeacherTopK(NamedTuple):
+    """The teacher's distribution at each position, as a cache keeps it (rollout/teacher_cache.py): its k most
+    likely tokens, their log-probabilities and the log of the mass left to the rest of the vocabulary, at the
+    loss's temperature. Shapes (..., k), (..., k), (...); `tail` is -inf where the k tokens hold all of it."""
+
+    ids: Tensor
+    logprobs: Tensor
+    tail: Tensor
+
+    def rows(self, index: Tensor | slice) -> "TeacherTopK":
+        return TeacherTopK(self.ids[index], self.logprobs[index], self.tail[index])
+
+
+def topk_buckets(student_logprobs: Tensor, top: TeacherTopK) -> tuple[Tensor, Tensor]:
+    """Both distributions over the teacher's k tokens plus one bucket for everything else: (N, k + 1) log-probs of
+    the student and of the teacher, from the student's full (N, V) log-probabilities and the teacher's top-k rows.
+    The bucket holds the probability each model gives the tokens outside the teacher's k; it is left out when k
+    covers the vocabulary (both models' tail is then empty, and the buckets are the whole distributions)."""
+    student_top = student_logprobs.gather(-1, top.ids.long())
+    teacher_top = top.logprobs.to(student_logprobs.dtype)
+    if top.ids.shape[-1] >= student_logprobs.shape[-1]:
+        return student_top, teacher_top
+    # the student's mass outside the k ids, summed in log space (not 1 - sum, which loses it to rounding)
+    student_tail = student_logprobs.scatter(-1, top.ids.long(), float("-inf")).logsumexp(-1, keepdim=True)
+    teacher_tail = top.tail.to(student_logprobs.dtype).unsqueeze(-1)
+    return torch.cat([student_top, student_tail], -1), torch.cat([teacher_top, teacher_tail], -1)
+
+
+def _check_topk(kind: str, beta: float, skew: float, temperature: float) -> Callable[[Tensor, Tensor, float, float], Tensor]:
+    if kind == "logit_mse":
+        raise ValueError("logit_mse compares whole rows of logits, which a top-k cache does not keep; use a KL, the "
+                         "JSD or tv")
+    return _check(kind, beta, skew, temperature)
+
+
+def topk_divergence(
+    student_logits: Tensor, top: TeacherTopK, mask: Tensor | None = None, *, kind: str, beta: float = 0.5,
+    skew: float = 0.1, temperature: float = 1.0, num_tokens: Tensor | int | None = None,
+) -> Tensor:
+    """`divergence` against a teacher kept as its top-k (`TeacherTopK`, already at `temperature`): the divergence
+    between the two models' distributions over the teacher's k tokens and one bucket for the rest of the
+    vocabulary (`topk_buckets`). Merging tokens into one bucket can only lower a KL, the JSD or tv, so this is
+    a lower bound of the full divergence, equal to it when k covers the vocabulary; the student is still pushed
+    to give the rest the mass the teacher gives it, but not told how to share it out. Logits (B, T, V) or
+    (N, V), top-k rows (B, T, k) or (N, k)."""
+    fn = _check_topk(kind, beta, skew, temperature)
+    s_NV = student_logits.reshape(-1, student_logits.shape[-1])
+    top_N = TeacherTopK(*(x.reshape(-1, *x.shape[student_logits.dim() - 1:]) for x in top))
+    if top_N.ids.shape[0] != s_NV.shape[0]:
+        raise ValueError(f"the student has {s_NV.shape[0]} positions, the teacher's top-k {top_N.ids.shape[0]}")
+    valid_N = torch.ones(s_NV.shape[0], dtype=torch.bool, device=s_NV.device) if mask is None else mask.reshape(-1).bool()
+    values = fn(*topk_buckets(log_probs(s_NV[valid_N], temperature), top_N.rows(valid_N)), beta, skew)
+    return reduce_tokens(values, None, num_tokens if num_tokens is not None else valid_N.sum())
+
+
+def chunked_topk_divergence(
+    student_hidden: Tensor, student_lm_head: Tensor, top: TeacherTopK, mask: Tensor | None = None, *, kind: str,
+    beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0, num_tokens: Tensor | int | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """`topk_divergence` from the student's hidden states (..., H) and lm_head (V, H) without materialising its
+    (N, V) logits, `chunk_size` positions at a time (as `chunked_divergence`)."""
+    fn = _check_topk(kind, beta, skew, temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    top_N = TeacherTopK(*(x.reshape(-1, *x.shape[student_hidden.dim() - 1:]) for x in top))
+    if top_N.ids.shape[0] != h_s.shape[0]:
+        raise ValueError(f"the student has {h_s.shape[0]} positions, the teacher's top-k {top_N.ids.shape[0]}")
+    if mask is not None:
+        valid = mask.reshape(-1).bool()
+        h_s, top_N = h_s[valid], top_N.rows(valid)
+
+    def rows(student_logprobs: Tensor, start: int, end: int) -> Tensor:
+        return fn(*topk_buckets(student_logprobs, top_N.rows(slice(start, end))), beta, skew)
+
+    total = _ChunkedDivergence.apply(h_s, student_lm_head, rows, temperature, chunk_size)
+    return reduce_tokens(total, None, num_tokens if num_tokens is not None else h_s.shape[0])
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor, mask: Tensor | None = None, num_tokens: Tensor | int | None = None) -> Tensor:

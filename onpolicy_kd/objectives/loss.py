@@ -28,7 +28,8 @@ from onpolicy_kd.batch import Completions
 from onpolicy_kd.objectives import penalties as pen
 from onpolicy_kd.objectives import token_terms as tt
 from onpolicy_kd.objectives.divergences import (
-    divergence, gather_logprobs, linear_divergence, per_token_divergence, reduce_tokens,
+    TeacherTopK, chunked_topk_divergence, divergence, gather_logprobs, linear_divergence, per_token_divergence,
+    reduce_tokens, topk_divergence,
 )
 from onpolicy_kd.objectives.hidden import hidden_state_loss
 from onpolicy_kd.objectives.relations import attention_relation_loss
@@ -59,6 +60,7 @@ class ModelOutputs:
     lm_batch: Completions | None = None
     prompt: "ModelOutputs | None" = None  # the same at the (B, P - 1) positions predicting prompt tokens 1..P-1
     #                                       (objective.prompt_weight): logits, or the last hidden state and head
+    topk: TeacherTopK | None = None  # teacher only: its distribution as the cache's top-k (teacher_text.topk), no forward
     terms: dict[str, Tensor] = field(default_factory=dict)  # per-token quantities of the model's distribution
     #                                       the losses read, (B, T): the student's filled by step_loss, the
     #                                       teacher's log p(y_t) by teacher_token_logprobs (once per rollout)
@@ -120,6 +122,11 @@ def _divergence_at(student: ModelOutputs, teacher: ModelOutputs, mask: Tensor, r
     obj = recipe.objective
     settings = dict(kind=kind or obj.divergence, beta=obj.beta, skew=obj.skew, temperature=obj.temperature,
                     num_tokens=num_tokens)
+    if teacher.topk is not None:  # the teacher as the cache keeps it: its top-k and one bucket for the rest
+        if student.logits is None:
+            return chunked_topk_divergence(student.hidden[-1], student.head, teacher.topk, mask,
+                                           chunk_size=obj.chunk_size, **settings)
+        return topk_divergence(student.logits, teacher.topk, mask, **settings)
     if student.logits is None:
         return linear_divergence(student.hidden[-1], teacher.hidden[-1], student.head, teacher.head, mask,
                                  backend=ctx.head, chunk_size=obj.chunk_size, **settings)

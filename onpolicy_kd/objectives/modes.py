@@ -126,6 +126,23 @@ def trains_on_teacher_text(obj: "ObjectiveConfig") -> bool:
     return obj.mode in ("seqkd", "distillm2") or (obj.mode == "gkd" and obj.seq_kd and obj.lmbda < 1)
 
 
+def reads_only_cached_teacher(recipe: "Recipe") -> bool:
+    """Whether every step trains on cached teacher text with its top-k (teacher_text.topk and no student samples),
+    so the loss reads the teacher's distribution from the cache alone."""
+    return bool(recipe.teacher_text.topk) and not samples_student(recipe.objective)
+
+
+def steps_run_teacher(recipe: "Recipe", plan: "ForwardPlan") -> bool:
+    """Whether some training step runs the teacher: its forward over a step's completions (not over cached text
+    whose top-k the cache holds), its decode of teacher text that is not cached, or its decode in lockstep with
+    the student's (rollout.alpha > 0). A run whose steps do not (seqkd or sft on cached text, KD from a top-k cache)
+    can leave the teacher out of memory while it trains (training/loop.py)."""
+    obj = recipe.objective
+    return ((plan.teacher and not reads_only_cached_teacher(recipe))
+            or (samples_student(obj) and recipe.rollout.alpha > 0)
+            or (trains_on_teacher_text(obj) and not recipe.teacher_text.cache))
+
+
 def micro_batches(recipe: "Recipe") -> int:
     """Backward passes per optimizer step (what accelerate and DeepSpeed accumulate over): train.grad_accum, twice
     that when each micro-batch of prompts also brings the teacher's text of the same prompts (distillm2)."""
@@ -220,8 +237,13 @@ def describe_step(recipe: "Recipe", plan: ForwardPlan | None = None, processes: 
         text += (f" (a student-sample step reuses stored samples with probability {recipe.replay.share:g}: "
                  f"replay.size {recipe.replay.size}, each reused up to {recipe.replay.reuse}x)")
     parts = [f"{prompts} prompts: {text}"]
-    if plan.teacher:
-        parts.append("the teacher's forward over them")
+    if plan.teacher and reads_only_cached_teacher(recipe):
+        parts.append(f"the teacher's top-{recipe.teacher_text.topk} log-probabilities from the cache (no teacher "
+                     f"forward)")
+    elif plan.teacher:
+        parts.append("the teacher's forward over them" + (
+            f" (over its own text, its top-{recipe.teacher_text.topk} from the cache)" if recipe.teacher_text.topk
+            else ""))
     elif obj.mode == "pg" and MODES["pg"].reads_teacher:
         parts.append("the teacher's log-probabilities from its decode in lockstep with the student's")
     parts.append(_loss_words(recipe, plan))

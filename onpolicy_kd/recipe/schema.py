@@ -330,6 +330,12 @@ class TeacherTextConfig(Section):
         1, ge=1, description="cache: sampled completions per prompt (the first seeded with train.seed, the others "
                              "with seeds far from other runs'); a step "
                              "trains on one of them per prompt, drawn from (seed, step, row)")
+    topk: int | None = Field(
+        None, ge=1, description="cache: also keep the teacher's k most likely next tokens and their log-probabilities "
+                                "at every position of its cached text (at objective.temperature), and train on them "
+                                "instead of running the teacher's forward: the divergence over those k tokens and "
+                                "one bucket for the rest of the vocabulary (docs/algorithms.md); null = the teacher's "
+                                "forward at every step")
 
     @field_validator("temperature")
     @classmethod
@@ -342,6 +348,9 @@ class TeacherTextConfig(Section):
         if not self.do_sample and (self.top_k or self.top_p < 1 or self.temperature != 1.0):
             raise ValueError("teacher_text.temperature/top_k/top_p have no effect with teacher_text.do_sample=false "
                              "(greedy); remove them or set do_sample=true")
+        if self.topk and not self.cache:
+            raise ValueError(f"teacher_text.topk={self.topk} keeps the teacher's top-k in the cache of its text: set "
+                             f"teacher_text.cache=true")
         if self.samples_per_prompt > 1 and not (self.do_sample and self.cache):
             raise ValueError(f"teacher_text.samples_per_prompt={self.samples_per_prompt} caches several sampled "
                              f"completions per prompt: it needs teacher_text.do_sample=true and teacher_text.cache=true "
@@ -748,6 +757,8 @@ class Recipe(Section):
             if self.objective.lmbda == 1:
                 raise ValueError("objective.lmbda_schedule=adaptive starts at objective.lmbda and raises it; at "
                                  "lmbda=1 there is nothing to raise: start lower (DistiLLM starts at 0)")
+        if self.teacher_text.topk:
+            self._check_topk()
         if self.objective.seq_kd and mode_name != "gkd":
             raise ValueError(f"objective.seq_kd applies to mode=gkd only (mode is {mode_name}); use mode=seqkd instead")
         if not mode.reads_student and not self.hidden.weight:
@@ -788,6 +799,24 @@ class Recipe(Section):
         return {"max_new_tokens": text.max_new_tokens or rollout.max_new_tokens, "temperature": text.temperature,
                 "top_k": text.top_k, "top_p": text.top_p, "do_sample": text.do_sample,
                 "stop_strings": list(rollout.stop_strings if text.stop_strings is None else text.stop_strings)}
+
+    def _check_topk(self) -> None:
+        """teacher_text.topk replaces the teacher's forward over its cached text: only where a loss reads the teacher's
+        next-token distribution there and nothing else of that forward."""
+        obj, k = self.objective, self.teacher_text.topk
+        if not MODES[obj.mode].reads_teacher and trains_on_teacher_text(obj):
+            raise ValueError(f"teacher_text.topk={k}: objective.mode={obj.mode} reads no teacher distribution on the "
+                             f"teacher's text (it trains on its tokens): remove teacher_text.topk, or use mode=gkd with "
+                             f"seq_kd=true (or distillm2)")
+        if self.hidden.weight:
+            raise ValueError(f"teacher_text.topk={k} trains without the teacher's forward on its text, and "
+                             f"hidden.weight > 0 reads that forward's hidden states: use one of the two")
+        if obj.prompt_weight:
+            raise ValueError(f"teacher_text.topk={k} keeps the teacher's distribution on its completions only; "
+                             f"objective.prompt_weight reads it on the prompts: use one of the two")
+        if obj.mode in MODES and MODES[obj.mode].divergence and obj.divergence == "logit_mse":
+            raise ValueError(f"teacher_text.topk={k}: divergence=logit_mse compares whole rows of logits, which the "
+                             f"top-k cache does not keep; use forward_kl, reverse_kl, jsd, tv or a skew KL")
 
     def _check_head_init(self) -> None:
         """A stage's head_init reads a projection an earlier stage trained (a stage with hidden.weight > 0)."""

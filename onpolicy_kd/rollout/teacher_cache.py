@@ -22,14 +22,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import datasets
 import torch
 from datasets import Dataset
 
-from onpolicy_kd.batch import left_pad
+from onpolicy_kd.batch import Completions, left_pad, right_pad
 from onpolicy_kd.errors import DataError
+from onpolicy_kd.models.forward import forward_completions
+from onpolicy_kd.objectives.divergences import log_probs
 from onpolicy_kd.rollout.engine import rollout
 
 COLUMNS = ("teacher_ids", "teacher_text")
@@ -119,24 +121,91 @@ def cached_teacher_completions(teacher, tokenizer, prompts: Dataset, settings: d
 def _read_or_generate(teacher, tokenizer, prompts: Dataset, settings: dict[str, Any], folder: Path, *, batch_size: int,
                       seed: int, device: torch.device, vocab: int,
                       progress: Callable[[int, int], None] | None) -> tuple[Dataset, bool]:
+    return read_or_make(folder, COLUMNS, len(prompts), "teacher-completion", lambda: generate_teacher_completions(
+        teacher, tokenizer, prompts, settings, batch_size=batch_size, seed=seed, device=device, vocab=vocab,
+        progress=progress))
+
+
+def read_or_make(folder: Path, columns: Sequence[str], rows: int, what: str,
+                 make: Callable[[], Dataset]) -> tuple[Dataset, bool]:
+    """(the dataset saved in `folder`, True), or (`make()`, saved there first, False). Written to a temporary folder
+    and renamed into place; an entry that cannot be read, or has other columns or another row count, is an error
+    that names the folder."""
     if folder.is_dir():
         try:
             found = datasets.load_from_disk(str(folder))
         except Exception as err:  # noqa: BLE001 - any unreadable entry gets the same advice
-            raise DataError(f"the teacher-completion cache {folder} cannot be read ({type(err).__name__}: {err}); "
+            raise DataError(f"the {what} cache {folder} cannot be read ({type(err).__name__}: {err}); "
                             f"delete that folder to generate it again") from None
-        if list(found.column_names) != list(COLUMNS) or len(found) != len(prompts):
-            raise DataError(f"the teacher-completion cache {folder} does not match its {len(prompts)} prompts "
+        if list(found.column_names) != list(columns) or len(found) != rows:
+            raise DataError(f"the {what} cache {folder} does not match its {rows} prompts "
                             f"(columns {found.column_names}, {len(found)} rows); delete that folder to generate it again")
         return found, True
-    completions = generate_teacher_completions(teacher, tokenizer, prompts, settings, batch_size=batch_size, seed=seed,
-                                               device=device, vocab=vocab, progress=progress)
+    made = make()
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        completions.save_to_disk(str(tmp))
+        made.save_to_disk(str(tmp))
     except BaseException:  # a Ctrl-C or a full disk while writing: no half-written folder is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     os.replace(tmp, folder)
     return datasets.load_from_disk(str(folder)), False
+
+
+# --- the teacher's top-k log-probabilities over its cached text (teacher_text.topk) -----------------------------
+
+TOPK_COLUMNS = ("topk_ids", "topk_logprobs", "tail_logprob")
+
+
+@torch.no_grad()
+def teacher_topk(teacher, prompts: Dataset, completions: Sequence[Sequence[int]], *, k: int, temperature: float,
+                 batch_size: int, device: torch.device, vocab: int, pad_id: int,
+                 progress: Callable[[int, int], None] | None = None) -> Dataset:
+    """Per prompt (row-aligned), at each position of its completion: the teacher's k most likely next tokens, their
+    log-probabilities at `temperature` and the log of the probability left to the other tokens (-inf when k is
+    the whole vocabulary), from one teacher-forced forward. Log-probabilities in float32 (the tail from the
+    logits themselves, not 1 minus a sum of rounded top-k values)."""
+    k = min(k, vocab)
+    ids_out, logprobs_out, tails_out = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        rows = list(range(start, min(start + batch_size, len(prompts))))
+        prompt_ids, prompt_mask = left_pad([prompts[r]["prompt_ids"] for r in rows], pad_id, device)
+        completion_ids, mask = right_pad([completions[r] for r in rows], pad_id, device)
+        batch = Completions(prompt_ids, prompt_mask, completion_ids, mask, source="teacher", texts=[""] * len(rows))
+        logprobs = log_probs(forward_completions(teacher, batch, vocab=vocab).logits, temperature)
+        top, ids = logprobs.topk(k, dim=-1)
+        tail = (logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1) if k < vocab
+                else torch.full(top.shape[:-1], float("-inf"), device=top.device))
+        for b, length in enumerate(mask.sum(1).tolist()):
+            ids_out.append(ids[b, :length].int().cpu().numpy())
+            logprobs_out.append(top[b, :length].float().cpu().numpy())
+            tails_out.append(tail[b, :length].float().cpu().numpy())
+        if progress is not None:
+            progress(len(ids_out), len(prompts))
+    features = datasets.Features({"topk_ids": datasets.Array2D((None, k), "int32"),
+                                  "topk_logprobs": datasets.Array2D((None, k), "float32"),
+                                  "tail_logprob": datasets.Sequence(datasets.Value("float32"))})
+    return Dataset.from_dict({"topk_ids": ids_out, "topk_logprobs": logprobs_out, "tail_logprob": tails_out},
+                             features=features)
+
+
+def cached_teacher_topk(teacher, prompts: Dataset, completions: Sequence[Sequence[int]], completions_folder: Path | None,
+                        *, k: int, temperature: float, batch_size: int, device: torch.device, vocab: int, pad_id: int,
+                        progress: Callable[[int, int], None] | None = None) -> tuple[Dataset, bool]:
+    """`teacher_topk` of the cached completions (in the order of `prompts`), kept beside their cache entry as
+    `<entry>-top<k>-t<temperature>` (the completions' key already covers the teacher, the prompts and the decoding),
+    and read back by later runs; made and not kept when the completions are not cached (`completions_folder` None)."""
+    order = sorted(range(len(prompts)), key=lambda row: prompts[row]["prompt_ids"])  # the completions' canonical order
+    back = sorted(range(len(order)), key=order.__getitem__)
+    canonical = prompts.select(order)
+
+    def make() -> Dataset:
+        return teacher_topk(teacher, canonical, [completions[r] for r in order], k=k, temperature=temperature,
+                            batch_size=batch_size, device=device, vocab=vocab, pad_id=pad_id, progress=progress)
+
+    if completions_folder is None:
+        return make().select(back), False
+    folder = completions_folder.with_name(f"{completions_folder.name}-top{min(k, vocab)}-t{temperature:g}")
+    found, hit = read_or_make(folder, TOPK_COLUMNS, len(prompts), "teacher top-k", make)
+    return found.select(back), hit

@@ -11,6 +11,7 @@ memory-bounded head, is decided once at set-up (`choose_head`, `forward_plan`) a
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 
 from dataclasses import asdict, dataclass, field, replace
@@ -31,18 +32,18 @@ from onpolicy_kd.evaluation.teacher_answers import TeacherAnswers, recipe_teache
 from onpolicy_kd.models.distributed import describe_run, describe_text, init_trackers, make_accelerator, prepare_teacher, zero_stage
 from onpolicy_kd.models.freezing import apply_trainable
 from onpolicy_kd.models.module_lm import ModuleLM
-from onpolicy_kd.models.loading import Models, base_model, load_models, logits_are_linear, with_lora
+from onpolicy_kd.models.loading import Models, base_model, load_models, logits_are_linear, reload_teacher, with_lora
 from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
 from onpolicy_kd.models.attention import relation_setup
 from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
 from onpolicy_kd.objectives.modes import (
-    MODES, ForwardPlan, Mode, completion_source, describe_step, forward_plan, samples_student,
+    MODES, ForwardPlan, Mode, completion_source, describe_step, forward_plan, samples_student, steps_run_teacher,
 )
 from onpolicy_kd.recipe import Recipe, cache_root, recipe_to_yaml
 from onpolicy_kd.recipe.schema import DEFAULT_MAX_STEPS, TIME_ONLY_STEP_CAP, parse_trainable
 from onpolicy_kd.rollout.replay import ReplayBuffer, replay_file
-from onpolicy_kd.rollout.teacher_cache import cached_teacher_completions
+from onpolicy_kd.rollout.teacher_cache import cached_teacher_completions, cached_teacher_topk
 from onpolicy_kd.training.checkpoint import (
     check_writable, checkpoint_bytes, claim_run, export_final, load_checkpoint, model_card, resume_plan,
     save_checkpoint,
@@ -121,7 +122,7 @@ class Run:
     recipe_path: str
     accelerator: Accelerator
     student: torch.nn.Module  # wrapped for DDP / DeepSpeed
-    teacher: torch.nn.Module
+    teacher: torch.nn.Module | None  # None: no step runs it, and it is loaded for evaluations only (`setup`)
     tokenizer: object
     data: PromptData
     vocab: int  # the shared vocabulary (the losses ignore padded embedding rows)
@@ -136,6 +137,7 @@ class Run:
     max_steps: int  # the step budget: train.max_steps, or train.epochs over the training prompts
     answers: TeacherAnswers  # the frozen teacher's greedy and sampled held-out answers (cached)
     replay: ReplayBuffer | None = None  # the student samples kept for reuse (replay.size > 0)
+    teacher_topk: list | None = None  # teacher_text.topk: per cached teacher completion, its top-k (row-aligned)
     collapsed: bool = False  # an evaluation found collapse and eval.stop_on_collapse ends the run
     out_of_time: bool = False  # train.max_time is spent
     last_eval: dict[str, float] = field(default_factory=dict)
@@ -221,6 +223,7 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     accelerator = make_accelerator(recipe)
     set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
     check_data_path(recipe.data)  # before the models load
+    loaded_here = models is None  # (a teacher object given to the API, or a staged run's, is the caller's to keep)
     models = models or load_models(recipe, recipe_path)
     if recipe.student.lora:  # adapters for this run (a staged run's next stage adapts the student merged before it)
         if zero_stage(accelerator) == 3:
@@ -235,8 +238,10 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     if stage is not None and stage.eval_data is not None and stage.eval_data != recipe.data:
         data = replace(data, eval=load_prompt_data(stage.eval_data, models.tokenizer, seed=recipe.train.seed,
                                                      encoder_decoder=is_encoder_decoder(models.teacher)).eval)
+    teacher_topk = None
     if recipe.teacher_text.cache:
-        data = replace(data, train=with_teacher_completions(recipe, models, data.train, accelerator))
+        train_split, teacher_topk = with_teacher_completions(recipe, models, data.train, accelerator)
+        data = replace(data, train=train_split)
     answers = recipe_teacher_answers(recipe, models.teacher, models.tokenizer, data.eval, accelerator)  # unsharded
     mode = MODES[recipe.objective.mode]
     reason = mode.references(recipe.objective)
@@ -258,7 +263,6 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
                                 (lambda: state.train_seconds / cfg.max_time) if cfg.max_time else None)
     student, optimizer = accelerator.prepare(models.student, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    teacher = prepare_teacher(models.teacher, accelerator)
     head, why = choose_head(recipe, accelerator, models)
     reuse_prompt, reuse_why = choose_prompt_reuse(recipe, accelerator, models)
     sampler = PromptSampler(len(data.train), cfg.batch_size, accelerator.num_processes, accelerator.process_index, cfg.seed)
@@ -278,14 +282,21 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     relations = relation_setup(recipe.hidden, models.student, models.teacher) if recipe.hidden.relations else ((), 0)
     plan = forward_plan(recipe, head, reuse_prompt, relations)
     description = describe_run(accelerator, recipe, models.student, models.teacher)
+    # a teacher no step runs (its caches made, its held-out answers cached) is let go here and loaded again for
+    # each held-out evaluation (`evaluation_teacher`); under DeepSpeed it stays (its engine is built once)
+    release = (loaded_here and not steps_run_teacher(recipe, plan)
+               and accelerator.distributed_type != DistributedType.DEEPSPEED)
+    teacher = None if release else prepare_teacher(models.teacher, accelerator)
     description["step"] = describe_step(recipe, plan, accelerator.num_processes)
     monitor.record(state.step, {"run": description})
     announce(monitor, recipe, description, stage, max_steps, changes,
              [f"lm head: {head} ({why})", *([f"student prompt: {reuse_why}"] if samples_student(recipe.objective) else []),
-              *([parts_text] if parts_text else [])])  # (with no rollout of the student there is no prompt to reuse)
+              *([parts_text] if parts_text else []),
+              *(["teacher: out of memory while training (no step runs it); loaded again for each held-out "
+                 "evaluation"] if release else [])])  # (with no rollout of the student there is no prompt to reuse)
     return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
                optimizer, scheduler, sampler, mode, plan, state, monitor, StopRequested(), max_steps,
-               answers, replay)
+               answers, replay, teacher_topk)
 
 
 def announce(monitor: Monitor, recipe: Recipe, description: dict, stage: Stage | None, max_steps: int,
@@ -343,22 +354,25 @@ def budget_text(cfg, steps: int | None = None) -> str:
 
 
 def with_teacher_completions(recipe: Recipe, models: Models, train_split, accelerator: Accelerator):
-    """The training prompts with the teacher's cached completions as columns (generated on first use): per row, a
-    list of teacher_text.samples_per_prompt token-id lists and texts (the k-th seeded by `teacher_sample_seed`)."""
-    r, count = recipe.rollout, recipe.teacher_text.samples_per_prompt
+    """(the training prompts with the teacher's cached completions as columns (generated on first use): per row, a
+    list of teacher_text.samples_per_prompt token-id lists and texts (the k-th seeded by `teacher_sample_seed`);
+    with teacher_text.topk, per cached completion a row-aligned dataset of the teacher's top-k at each of its
+    positions (made on first use too), else None)."""
+    r, text, count = recipe.rollout, recipe.teacher_text, recipe.teacher_text.samples_per_prompt
     settings = recipe.teacher_text_decoding()
     teacher = models.teacher.to(accelerator.device)
     ids, texts = [[] for _ in range(len(train_split))], [[] for _ in range(len(train_split))]
+    topk = [] if text.topk else None
+    batch_size = r.batch_size or recipe.train.batch_size
     for k in range(count):
-        def progress(done: int, total: int, k: int = k) -> None:
-            if accelerator.is_main_process and (done == total or done % (10 * (r.batch_size or recipe.train.batch_size)) == 0):
-                console.print(f"teacher completions for the cache{f' (sample {k + 1}/{count})' if count > 1 else ''}: "
-                              f"{done}/{total} prompts")
+        def progress(done: int, total: int, k: int = k, what: str = "teacher completions for the cache") -> None:
+            if accelerator.is_main_process and (done == total or done % (10 * batch_size) == 0):
+                console.print(f"{what}{f' (sample {k + 1}/{count})' if count > 1 else ''}: {done}/{total} prompts")
 
         with accelerator.main_process_first():  # the main process writes the cache, the others read it
             completions, hit, folder = cached_teacher_completions(
                 teacher, models.tokenizer, train_split, settings, cache_dir=data_cache_dir(recipe.data),
-                batch_size=r.batch_size or recipe.train.batch_size, seed=teacher_sample_seed(recipe.train.seed, k),
+                batch_size=batch_size, seed=teacher_sample_seed(recipe.train.seed, k),
                 device=accelerator.device,
                 vocab=len(models.tokenizer), progress=progress)
         if accelerator.is_main_process:
@@ -366,7 +380,18 @@ def with_teacher_completions(recipe: Recipe, models: Models, train_split, accele
         for row, (row_ids, row_text) in enumerate(zip(completions["teacher_ids"], completions["teacher_text"])):
             ids[row].append(row_ids)
             texts[row].append(row_text)
-    return train_split.add_column("teacher_ids", ids).add_column("teacher_text", texts)
+        if topk is not None:
+            with accelerator.main_process_first():
+                found, hit = cached_teacher_topk(
+                    teacher, train_split, completions["teacher_ids"], folder, k=text.topk,
+                    temperature=recipe.objective.temperature, batch_size=batch_size, device=accelerator.device,
+                    vocab=len(models.tokenizer), pad_id=models.tokenizer.pad_token_id,
+                    progress=functools.partial(progress, what=f"the teacher's top-{text.topk} for the cache"))
+            if accelerator.is_main_process:
+                console.print(f"teacher top-{text.topk}: {'read from' if hit else 'written to'} "
+                              f"{'the cache beside it' if folder is not None else 'memory (data.cache_dir unset)'}")
+            topk.append(found.with_format("numpy"))
+    return train_split.add_column("teacher_ids", ids).add_column("teacher_text", texts), topk
 
 
 def teacher_sample_seed(seed: int, k: int) -> int:
@@ -430,10 +455,25 @@ def has_dropout(model: torch.nn.Module) -> bool:
     return any(r > 0 for r in rates) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
+@contextlib.contextmanager
+def evaluation_teacher(run: Run):
+    """The teacher for a held-out evaluation: the run's, or when the run let it go (no step runs it) the recipe's
+    loaded again for the evaluation and let go after it."""
+    if run.teacher is not None:
+        yield run.teacher
+        return
+    teacher = prepare_teacher(reload_teacher(run.recipe, run.recipe_path), run.accelerator)
+    try:
+        yield teacher
+    finally:
+        del teacher
+
+
 def heldout(run: Run) -> dict[str, float]:
     """The held-out evaluation, logged; a collapsing text is warned about (and ends the run if the recipe says so)."""
-    run.evaluation = heldout_evaluation(run.recipe, run.accelerator, run.student, run.teacher, run.tokenizer,
-                                        run.data.eval, run.answers)
+    with evaluation_teacher(run) as teacher:
+        run.evaluation = heldout_evaluation(run.recipe, run.accelerator, run.student, teacher, run.tokenizer,
+                                            run.data.eval, run.answers)
     metrics = logged_metrics(run.evaluation.summary)
     adapt_lmbda(run, metrics)
     run.monitor.log(run.state.step, metrics, advance=False)

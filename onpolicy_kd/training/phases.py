@@ -119,7 +119,7 @@ def completions_of(run: "Run", source: Source, rows: list[list[int]], timer: Pha
     r, step = recipe.rollout, run.state.step
     if source == "references" or (source == "teacher" and recipe.teacher_text.cache):
         return [reference_batch(run.data.train, micro, pad, acc.device, source=source, seed=recipe.train.seed,
-                                step=step) for micro in rows]
+                                step=step, topk=run.teacher_topk) for micro in rows]
     flat = [row for micro in rows for row in micro]
     size = r.batch_size or recipe.train.batch_size
     alpha = 1.0 if source == "teacher" else r.alpha
@@ -188,6 +188,8 @@ def teacher_outputs(run: "Run", batch: Completions) -> ModelOutputs | None:
     plan = run.plan
     if not plan.teacher:
         return None
+    if batch.teacher_topk is not None:  # cached teacher text with its top-k: the cache is the teacher's distribution
+        return ModelOutputs(topk=batch.teacher_topk)
     return teacher_forward(run.teacher, batch, vocab=run.vocab, logits=plan.teacher_logits, hidden=plan.hidden_states,
                            prompt=plan.prompt, relation_layers=[t for _, t in plan.relation_pairs],
                            distribution=plan.teacher_distribution)
