@@ -17,11 +17,9 @@ Masks and positions are built here and nowhere else:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
-
-from onpolicy_kd.objectives.divergences import TeacherTopK
 
 Tensor = torch.Tensor
 
@@ -65,6 +63,19 @@ def right_pad(completions: Sequence[Sequence[int]], pad_id: int, device: torch.d
         if c:
             ids[i, : len(c)] = torch.tensor(list(c))
     return ids.to(device), completion_mask(lengths, ids.shape[1]).to(device)
+
+
+class TeacherTopK(NamedTuple):
+    """The teacher's distribution at each position, as a cache keeps it (rollout/teacher_cache.py): its k most
+    likely tokens, their log-probabilities and the log of the mass left to the rest of the vocabulary, at the
+    loss's temperature. Shapes (..., k), (..., k), (...); `tail` is -inf where the k tokens hold all of it."""
+
+    ids: Tensor
+    logprobs: Tensor
+    tail: Tensor
+
+    def rows(self, index: Tensor | slice) -> "TeacherTopK":
+        return TeacherTopK(self.ids[index], self.logprobs[index], self.tail[index])
 
 
 @dataclass

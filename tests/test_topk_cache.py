@@ -158,26 +158,59 @@ def test_the_cache_holds_the_teachers_top_k_of_its_forward(far_pair):
         torch.testing.assert_close(torch.as_tensor(entry["tail_logprob"]).double(), rest, atol=1e-4, rtol=1e-4)
 
 
+def test_the_cached_top_k_rows_come_back_in_the_callers_order(far_pair):
+    """The cache is made in the prompts' canonical order (sorted by token ids, as the completions are) and handed
+    back in the caller's: each row is the top-k of that row's own completion."""
+    from transformers import AutoModelForCausalLM
+
+    from onpolicy_kd.rollout.teacher_cache import cached_teacher_topk
+
+    teacher = AutoModelForCausalLM.from_pretrained(far_pair[0])
+    prompts = datasets.Dataset.from_dict({"prompt_ids": [[30, 31], [5, 6, 7], [12], [9, 9]]})  # not sorted
+    completions = [[40, 41, 42], [43], [44, 45], [46, 47, 48, 49]]
+    common = dict(k=3, temperature=1.0, device=torch.device("cpu"), vocab=64, pad_id=0)
+    got, hit = cached_teacher_topk(teacher, prompts, completions, None, batch_size=3, **common)
+    assert not hit
+    for row in range(4):
+        alone = teacher_topk(teacher, prompts.select([row]), [completions[row]], batch_size=1, **common)[0]
+        assert got[row]["topk_ids"] == alone["topk_ids"] and len(got[row]["tail_logprob"]) == len(completions[row])
+        torch.testing.assert_close(torch.tensor(got[row]["topk_logprobs"]), torch.tensor(alone["topk_logprobs"]))
+
+
 TOPK_RUN = ["objective.mode=gkd", "objective.seq_kd=true", "objective.lmbda=0", "teacher_text.cache=true",
             "train.max_steps=3", "eval.max_samples=2", "objective.divergence=jsd", "objective.beta=0.3"]
 
 
-def test_a_run_on_the_top_k_trains_as_the_dense_run_when_k_is_the_vocabulary_and_never_runs_the_teacher(
-        tmp_path, far_pair, isolated_cache, monkeypatch):
+DISTILLM2 = ["objective.mode=distillm2", "objective.seq_kd=false", "objective.lmbda=1.0", "teacher_text.cache=true",
+             "train.max_steps=3", "eval.max_samples=2", "rollout.do_sample=true"]
+
+
+SAMPLED = [*TOPK_RUN, "teacher_text.do_sample=true", "teacher_text.samples_per_prompt=2"]
+
+
+@pytest.mark.parametrize("keys", [TOPK_RUN, DISTILLM2, SAMPLED], ids=["gkd-jsd", "distillm2", "two-samples-per-prompt"])
+def test_a_run_on_the_top_k_trains_as_the_dense_run_when_k_is_the_vocabulary_without_the_teachers_forward_on_its_text(
+        keys, tmp_path, far_pair, isolated_cache, monkeypatch):
     import onpolicy_kd.training.phases as phases
 
     path = recipe_for(tmp_path, far_pair, "gkd")
-    assert main([str(path), *TOPK_RUN, f"train.output_dir={tmp_path / 'dense'}"]) == 0
+    assert main([str(path), *keys, f"train.output_dir={tmp_path / 'dense'}"]) == 0
     dense = [r for r in metrics_of(tmp_path / "dense") if "train/loss" in r]
     forwards = []
-    monkeypatch.setattr(phases, "teacher_forward", lambda *a, **k: forwards.append(1))
+
+    def teacher_forward(teacher, batch, real=phases.teacher_forward, **kwargs):
+        forwards.append(batch.source)
+        return real(teacher, batch, **kwargs)
+
+    monkeypatch.setattr(phases, "teacher_forward", teacher_forward)
     vocab = 4096  # more than the tiny tokenizer has: the cache keeps all of it
-    assert main([str(path), *TOPK_RUN, f"teacher_text.topk={vocab}", f"train.output_dir={tmp_path / 'topk'}"]) == 0
+    assert main([str(path), *keys, f"teacher_text.topk={vocab}", f"train.output_dir={tmp_path / 'topk'}"]) == 0
     topk = [r for r in metrics_of(tmp_path / "topk") if "train/loss" in r]
-    assert not forwards
+    # the teacher runs over the student's samples only (distillm2's other half), never over its own cached text
+    assert forwards == (["student"] * 3 if "objective.mode=distillm2" in keys else [])
     assert [r["train/loss"] for r in topk] == pytest.approx([r["train/loss"] for r in dense], rel=1e-5)
     entries = sorted(p.name for p in (isolated_cache / "data" / "teacher").iterdir())
-    assert [e for e in entries if "-top" in e] and all(e.endswith("-t1") for e in entries if "-top" in e)
+    assert [e for e in entries if "-top" in e] and all("-t1-" in e for e in entries if "-top" in e)
 
 
 def test_a_run_on_a_small_top_k_learns_and_a_second_run_reads_the_cache(tmp_path, far_pair, isolated_cache,

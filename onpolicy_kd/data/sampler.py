@@ -15,9 +15,8 @@ from typing import Sequence
 import torch
 from datasets import Dataset
 
-from onpolicy_kd.batch import Completions, Source, left_pad, right_pad
+from onpolicy_kd.batch import Completions, Source, TeacherTopK, left_pad, right_pad
 from onpolicy_kd.errors import DataError
-from onpolicy_kd.objectives.divergences import TeacherTopK
 from onpolicy_kd.recipe import TrainConfig
 
 Tensor = torch.Tensor
@@ -89,12 +88,13 @@ def reference_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torc
 def topk_batch(entries: Sequence[dict], width: int, device: torch.device) -> TeacherTopK:
     """Rows of a top-k cache (each topk_ids and topk_logprobs (T_b, k), tail_logprob (T_b,)) right-padded to `width`
     positions: ids 0, log-probs 0 and tails -inf at padding (the losses read valid positions only)."""
-    k = len(entries[0]["topk_ids"][0]) if entries and len(entries[0]["topk_ids"]) else 1
+    k = next((len(e["topk_ids"][0]) for e in entries if len(e["topk_ids"])), 1)  # (an empty completion has no row)
     ids = torch.zeros((len(entries), width, k), dtype=torch.long)
     logprobs = torch.zeros((len(entries), width, k), dtype=torch.float32)
     tail = torch.full((len(entries), width), float("-inf"), dtype=torch.float32)
     for b, entry in enumerate(entries):
         length = len(entry["tail_logprob"])
+        assert length <= width, "a top-k row longer than its completion (cached_teacher_topk checks the lengths)"
         if length:
             ids[b, :length] = torch.as_tensor(entry["topk_ids"], dtype=torch.long)
             logprobs[b, :length] = torch.as_tensor(entry["topk_logprobs"], dtype=torch.float32)

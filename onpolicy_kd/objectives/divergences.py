@@ -36,10 +36,12 @@ forward pass (no recomputation), as Liger's fused-linear losses do.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from onpolicy_kd.batch import TeacherTopK
 
 
 Tensor = torch.Tensor
@@ -276,19 +278,6 @@ def chunked_divergence(
     return reduce_tokens(total, None, num_tokens if num_tokens is not None else count)
 
 
-class TeacherTopK(NamedTuple):
-    """The teacher's distribution at each position, as a cache keeps it (rollout/teacher_cache.py): its k most
-    likely tokens, their log-probabilities and the log of the mass left to the rest of the vocabulary, at the
-    loss's temperature. Shapes (..., k), (..., k), (...); `tail` is -inf where the k tokens hold all of it."""
-
-    ids: Tensor
-    logprobs: Tensor
-    tail: Tensor
-
-    def rows(self, index: Tensor | slice) -> "TeacherTopK":
-        return TeacherTopK(self.ids[index], self.logprobs[index], self.tail[index])
-
-
 def topk_buckets(student_logprobs: Tensor, top: TeacherTopK) -> tuple[Tensor, Tensor]:
     """Both distributions over the teacher's k tokens plus one bucket for everything else: (N, k + 1) log-probs of
     the student and of the teacher, from the student's full (N, V) log-probabilities and the teacher's top-k rows.
@@ -334,10 +323,11 @@ def topk_divergence(
 def chunked_topk_divergence(
     student_hidden: Tensor, student_lm_head: Tensor, top: TeacherTopK, mask: Tensor | None = None, *, kind: str,
     beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0, num_tokens: Tensor | int | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 1024, vocab_size: int | None = None,
 ) -> Tensor:
     """`topk_divergence` from the student's hidden states (..., H) and lm_head (V, H) without materialising its
-    (N, V) logits, `chunk_size` positions at a time (as `chunked_divergence`)."""
+    (N, V) logits, `chunk_size` positions at a time (as `chunked_divergence`); `vocab_size` drops padded rows of
+    the head."""
     fn = _check_topk(kind, beta, skew, temperature)
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -352,7 +342,7 @@ def chunked_topk_divergence(
     def rows(student_logprobs: Tensor, start: int, end: int) -> Tensor:
         return fn(*topk_buckets(student_logprobs, top_N.rows(slice(start, end))), beta, skew)
 
-    total = _ChunkedDivergence.apply(h_s, student_lm_head, rows, temperature, chunk_size)
+    total = _ChunkedDivergence.apply(h_s, first(student_lm_head, vocab_size), rows, temperature, chunk_size)
     return reduce_tokens(total, None, num_tokens if num_tokens is not None else h_s.shape[0])
 
 

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from onpolicy_kd.batch import Completions
+from onpolicy_kd.batch import Completions, TeacherTopK
 from onpolicy_kd.objectives import penalties as pen
 from onpolicy_kd.objectives import token_terms as tt
 from onpolicy_kd.objectives.divergences import (
-    TeacherTopK, chunked_topk_divergence, divergence, gather_logprobs, linear_divergence, per_token_divergence,
+    chunked_topk_divergence, divergence, gather_logprobs, linear_divergence, per_token_divergence,
     reduce_tokens, topk_divergence,
 )
 from onpolicy_kd.objectives.hidden import hidden_state_loss

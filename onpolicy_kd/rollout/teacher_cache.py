@@ -173,14 +173,15 @@ def teacher_topk(teacher, prompts: Dataset, completions: Sequence[Sequence[int]]
         prompt_ids, prompt_mask = left_pad([prompts[r]["prompt_ids"] for r in rows], pad_id, device)
         completion_ids, mask = right_pad([completions[r] for r in rows], pad_id, device)
         batch = Completions(prompt_ids, prompt_mask, completion_ids, mask, source="teacher", texts=[""] * len(rows))
-        logprobs = log_probs(forward_completions(teacher, batch, vocab=vocab).logits, temperature)
-        top, ids = logprobs.topk(k, dim=-1)
-        tail = (logprobs.scatter(-1, ids, float("-inf")).logsumexp(-1) if k < vocab
-                else torch.full(top.shape[:-1], float("-inf"), device=top.device))
-        for b, length in enumerate(mask.sum(1).tolist()):
-            ids_out.append(ids[b, :length].int().cpu().numpy())
-            logprobs_out.append(top[b, :length].float().cpu().numpy())
-            tails_out.append(tail[b, :length].float().cpu().numpy())
+        logits = forward_completions(teacher, batch, vocab=vocab).logits
+        for b, length in enumerate(mask.sum(1).tolist()):  # a row at a time: two (T, V) float32 copies, not (B, T, V)
+            logprobs = log_probs(logits[b, :length], temperature)
+            top, ids = logprobs.topk(k, dim=-1)
+            tail = (logprobs.scatter_(-1, ids, float("-inf")).logsumexp(-1) if k < vocab
+                    else torch.full(top.shape[:-1], float("-inf"), device=top.device))
+            ids_out.append(ids.int().cpu().numpy())
+            logprobs_out.append(top.float().cpu().numpy())
+            tails_out.append(tail.float().cpu().numpy())
         if progress is not None:
             progress(len(ids_out), len(prompts))
     features = datasets.Features({"topk_ids": datasets.Array2D((None, k), "int32"),
@@ -206,6 +207,12 @@ def cached_teacher_topk(teacher, prompts: Dataset, completions: Sequence[Sequenc
 
     if completions_folder is None:
         return make().select(back), False
-    folder = completions_folder.with_name(f"{completions_folder.name}-top{min(k, vocab)}-t{temperature:g}")
+    # named after the completions themselves too: completions generated again (their entry deleted) get a new one
+    digest = hashlib.sha256(json.dumps([list(completions[r]) for r in order]).encode()).hexdigest()[:10]
+    folder = completions_folder.with_name(f"{completions_folder.name}-top{min(k, vocab)}-t{temperature:g}-{digest}")
     found, hit = read_or_make(folder, TOPK_COLUMNS, len(prompts), "teacher top-k", make)
+    lengths = [len(tail) for tail in found["tail_logprob"]]
+    if lengths != [len(completions[r]) for r in order]:
+        raise DataError(f"the teacher top-k cache {folder} does not match the lengths of the completions it was made "
+                        f"for; delete that folder to make it again")
     return found.select(back), hit

@@ -251,6 +251,7 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
         if len(data.train) < total and accelerator.is_main_process:
             console.print(f"{recipe.objective.mode} trains on the {len(data.train)} of {total} training rows that have "
                           f"a reference completion")
+    assert not teacher_topk or all(len(e) == len(data.train) for e in teacher_topk), "top-k rows: one per training row"
     cfg = recipe.train
     repeats = repeated_rows(cfg, len(data.train), accelerator.num_processes)
     if repeats and accelerator.is_main_process:
@@ -282,11 +283,8 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     relations = relation_setup(recipe.hidden, models.student, models.teacher) if recipe.hidden.relations else ((), 0)
     plan = forward_plan(recipe, head, reuse_prompt, relations)
     description = describe_run(accelerator, recipe, models.student, models.teacher)
-    # a teacher no step runs (its caches made, its held-out answers cached) is let go here and loaded again for
-    # each held-out evaluation (`evaluation_teacher`); under DeepSpeed it stays (its engine is built once)
-    release = (loaded_here and not steps_run_teacher(recipe, plan)
-               and accelerator.distributed_type != DistributedType.DEEPSPEED)
-    teacher = None if release else prepare_teacher(models.teacher, accelerator)
+    teacher = teacher_of_steps(recipe, plan, models, accelerator, loaded_here)
+    release = teacher is None
     description["step"] = describe_step(recipe, plan, accelerator.num_processes)
     monitor.record(state.step, {"run": description})
     announce(monitor, recipe, description, stage, max_steps, changes,
@@ -297,6 +295,18 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
                optimizer, scheduler, sampler, mode, plan, state, monitor, StopRequested(), max_steps,
                answers, replay, teacher_topk)
+
+
+def teacher_of_steps(recipe: Recipe, plan: ForwardPlan, models: Models, accelerator: Accelerator,
+                     loaded_here: bool) -> torch.nn.Module | None:
+    """The teacher the steps run, prepared for the accelerator; or None: no step runs it (its caches are made and
+    its held-out answers cached by now), so the run lets it go and loads it again for each held-out evaluation
+    (`evaluation_teacher`). Models the caller handed over stay theirs; under DeepSpeed it stays (its engine is built
+    once)."""
+    if (loaded_here and not steps_run_teacher(recipe, plan)
+            and accelerator.distributed_type != DistributedType.DEEPSPEED):
+        return None
+    return prepare_teacher(models.teacher, accelerator)
 
 
 def announce(monitor: Monitor, recipe: Recipe, description: dict, stage: Stage | None, max_steps: int,
