@@ -164,3 +164,55 @@ def test_span_binary_kl_against_a_float64_hand_computation():
         expected += [s * (-(t / s) + (1 - t) / (1 - s))] * n
     torch.testing.assert_close(grad, torch.tensor(expected, dtype=torch.float64), rtol=1e-10, atol=1e-12)
     assert span_binary_kl(pt, pt).abs().max() < 1e-15  # equal span probabilities: nothing to learn
+
+
+def test_the_span_loss_of_a_batch_against_a_float64_hand_computation():
+    """Two rows; the first has a one-token span, a span split differently on each side and another one-token span;
+    the second two one-token spans and a teacher tail in no span."""
+    from onpolicy_kd.objectives.cross_tokenizer import spans_loss
+
+    torch.manual_seed(4)
+    Vs, Vt = 6, 9
+    s_logits = [torch.randn(4, Vs, dtype=torch.float64, requires_grad=True),
+                torch.randn(2, Vs, dtype=torch.float64, requires_grad=True)]
+    t_logits = [torch.randn(3, Vt, dtype=torch.float64), torch.randn(3, Vt, dtype=torch.float64)]
+    s_tokens = [torch.tensor([1, 4, 2, 0]), torch.tensor([3, 5])]
+    t_tokens = [torch.tensor([2, 7, 1]), torch.tensor([6, 0, 8])]
+    spans = [[(0, 1, 0, 1), (1, 3, 1, 2), (3, 4, 2, 3)], [(0, 1, 0, 1), (1, 2, 1, 2)]]
+    shared = (torch.tensor([0, 1, 3]), torch.tensor([1, 2, 6]))
+    s_lp = [torch.log_softmax(x, -1) for x in s_logits]
+    t_lp = [torch.log_softmax(x, -1) for x in t_logits]
+    loss, metrics = spans_loss(s_lp, t_lp, s_tokens, t_tokens, spans, shared, kind="forward_kl", num_tokens=10)
+    want = torch.zeros((), dtype=torch.float64)
+    for b in range(2):
+        q_all, p_all = s_lp[b].exp(), t_lp[b].exp()
+        for s0, s1, t0, t1 in spans[b]:
+            if s1 - s0 == 1 and t1 - t0 == 1:
+                q, p = q_all[s0], p_all[t0]
+                qb = torch.stack([q[0], q[1], q[3], q[2] + q[4] + q[5]])
+                pb = torch.stack([p[1], p[2], p[6], 1 - p[1] - p[2] - p[6]])
+                want = want + (pb * (pb.log() - qb.log())).sum()
+            else:
+                ps = torch.stack([q_all[i, s_tokens[b][i]] for i in range(s0, s1)]).prod()
+                pt = torch.stack([p_all[j, t_tokens[b][j]] for j in range(t0, t1)]).prod()
+                want = want + pt * (pt / ps).log() + (1 - pt) * ((1 - pt) / (1 - ps)).log()
+    want = want / 10
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-13)
+    assert metrics == {"cross/one_token_spans": 4.0, "cross/split_spans": 1.0}
+    got_grads = torch.autograd.grad(loss, s_logits, retain_graph=True)  # (the two share the log-softmax's graph)
+    for a, b in zip(got_grads, torch.autograd.grad(want, s_logits)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        assert a.abs().sum() > 0
+
+
+def test_the_uld_loss_of_a_batch_pairs_positions_by_index_up_to_the_shorter():
+    from onpolicy_kd.objectives.cross_tokenizer import uld_loss
+
+    torch.manual_seed(5)
+    s_lp = [torch.log_softmax(torch.randn(4, 5, dtype=torch.float64), -1),
+            torch.log_softmax(torch.randn(2, 5, dtype=torch.float64), -1)]
+    t_lp = [torch.log_softmax(torch.randn(3, 7, dtype=torch.float64), -1),
+            torch.log_softmax(torch.randn(5, 7, dtype=torch.float64), -1)]
+    got = uld_loss(s_lp, t_lp)
+    want = (uld_distance(s_lp[0][:3], t_lp[0]).sum() + uld_distance(s_lp[1], t_lp[1][:2]).sum()) / 6
+    torch.testing.assert_close(got, want)

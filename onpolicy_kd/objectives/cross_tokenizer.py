@@ -171,3 +171,51 @@ def span_binary_kl(student_span_logprobs: Tensor, teacher_span_logprobs: Tensor)
     yes = torch.where(pt == 0, 0.0, pt * (log_pt - log_ps))
     no = torch.where(pt == 1, 0.0, (1 - pt) * (log_not_pt - log_not_ps))
     return yes + no
+
+
+def spans_loss(student_logprobs: Sequence[Tensor], teacher_logprobs: Sequence[Tensor],
+               student_tokens: Sequence[Tensor], teacher_tokens: Sequence[Tensor],
+               spans: Sequence[Sequence[tuple[int, int, int, int]]], shared: tuple[Tensor, Tensor], *,
+               kind: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
+               num_tokens: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    """The span-aligned loss of a batch, row by row (each row's completion in the student's and in the teacher's
+    tokens: log-probs (T_s, V_s) / (T_t, V_t) at the positions predicting its tokens, and those tokens): over the
+    one-token spans the shared-vocabulary divergence `kind`, over the others the span binary KL; summed and divided
+    by `num_tokens` (the step's student tokens; default this batch's). Metrics: each term's sum per span kind."""
+    student_ids, teacher_ids = shared
+    terms, one, many, count = [], 0, 0, 0
+    for s_lp, t_lp, s_tok, t_tok, row in zip(student_logprobs, teacher_logprobs, student_tokens, teacher_tokens, spans):
+        count += s_lp.shape[0]
+        single = [(s0, t0) for s0, s1, t0, t1 in row if s1 - s0 == 1 and t1 - t0 == 1]
+        split = [(s0, s1, t0, t1) for s0, s1, t0, t1 in row if not (s1 - s0 == 1 and t1 - t0 == 1)]
+        if single:
+            at_s = torch.tensor([s for s, _ in single], device=s_lp.device)
+            at_t = torch.tensor([t for _, t in single], device=t_lp.device)
+            terms.append(shared_divergence(s_lp[at_s], t_lp[at_t], student_ids, teacher_ids, kind=kind, beta=beta,
+                                           skew=skew).sum())
+            one += len(single)
+        if split:
+            s_token_lp = s_lp.gather(-1, s_tok.unsqueeze(-1)).squeeze(-1)
+            t_token_lp = t_lp.gather(-1, t_tok.unsqueeze(-1)).squeeze(-1)
+            terms.append(span_binary_kl(span_sums(s_token_lp, [(a, b) for a, b, _, _ in split]),
+                                        span_sums(t_token_lp, [(c, d) for _, _, c, d in split])).sum())
+            many += len(split)
+    total = torch.stack(terms).sum() if terms else student_logprobs[0].sum() * 0
+    loss = total / max(num_tokens if num_tokens is not None else count, 1)
+    return loss, {"cross/one_token_spans": float(one), "cross/split_spans": float(many)}
+
+
+def uld_loss(student_logprobs: Sequence[Tensor], teacher_logprobs: Sequence[Tensor], *,
+             num_tokens: float | None = None) -> Tensor:
+    """ULD over a batch, row by row: the sorted-probability distance at the first min(T_s, T_t) positions of each
+    row's completion (paired by index, as the ULD paper does), summed and divided by `num_tokens` (default this
+    batch's student tokens)."""
+    total, count = None, 0
+    for s_lp, t_lp in zip(student_logprobs, teacher_logprobs):
+        count += s_lp.shape[0]
+        n = min(s_lp.shape[0], t_lp.shape[0])
+        value = uld_distance(s_lp[:n], t_lp[:n]).sum()
+        total = value if total is None else total + value
+    if total is None:
+        raise ValueError("uld_loss of an empty batch")
+    return total / max(num_tokens if num_tokens is not None else count, 1)
