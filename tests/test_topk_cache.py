@@ -281,3 +281,33 @@ def test_a_run_whose_steps_read_only_the_cache_trains_without_the_teacher_in_mem
         assert "out of memory while training" not in out
     after = [r for r in metrics_of(tmp_path / "out") if "eval/reverse_kl" in r]
     assert len(after) == 3 and all(math.isfinite(r["eval/reverse_kl"]) for r in after)
+
+
+def test_a_staged_run_lets_the_teacher_go_for_a_top_k_stage_and_loads_it_again_for_the_next(
+        tmp_path, far_pair, isolated_cache, monkeypatch):
+    import gc
+    import weakref
+
+    import onpolicy_kd.models.loading as loading
+    import onpolicy_kd.training.loop as loop
+
+    teachers, alive_at_steps = [], []
+
+    def load_teacher(*args, real=loading.load_teacher, **kwargs):
+        teacher, tokenizer = real(*args, **kwargs)
+        teachers.append(weakref.ref(teacher))
+        return teacher, tokenizer
+
+    def draw_completions(*args, real=loop.draw_completions, **kwargs):
+        gc.collect()
+        alive_at_steps.append(sum(ref() is not None for ref in teachers))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_teacher", load_teacher)
+    monkeypatch.setattr(loop, "draw_completions", draw_completions)
+    path = recipe_for(tmp_path, far_pair, "gkd")
+    keys = [k for k in TOPK_RUN if not k.startswith("train.max_steps")]
+    assert main([str(path), *keys, "train.max_steps=null",
+                 "stages=[{name: cached, max_steps: 2, teacher_text: {topk: 5}}, {name: dense, max_steps: 2}]"]) == 0
+    assert alive_at_steps == [0, 0, 1, 1]  # the top-k stage trains without it; the dense stage has it back
+    assert len(teachers) >= 3  # loaded for the run, again for the first stage's evaluation, again for the second

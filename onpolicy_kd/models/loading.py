@@ -44,9 +44,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass
 class Models:
-    teacher: PreTrainedModel
+    teacher: PreTrainedModel | None  # None: let go by a stage whose steps did not run it (reloadable only)
     student: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase  # shared: the vocabularies were checked to be identical
+    teacher_reloadable: bool = False  # a staged run loaded the teacher from its recipe: a stage whose steps do not
+    #                                   run it may let it go (training/loop.py), a later stage loads it again
 
 
 @dataclass(frozen=True)

@@ -223,14 +223,7 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     accelerator = make_accelerator(recipe)
     set_seed(recipe.train.seed, deterministic=recipe.train.deterministic)
     check_data_path(recipe.data)  # before the models load
-    loaded_here = models is None  # (a teacher object given to the API, or a staged run's, is the caller's to keep)
-    models = models or load_models(recipe, recipe_path)
-    if recipe.student.lora:  # adapters for this run (a staged run's next stage adapts the student merged before it)
-        if zero_stage(accelerator) == 3:
-            raise ConfigError("student.lora does not run under DeepSpeed ZeRO-3 here (peft's adapters and the "
-                              "sharded base weights are not gathered together for generation and export); use "
-                              "ZeRO-2 (accelerate_configs/deepspeed_zero2.yaml) or DDP, or train without student.lora")
-        models = replace(models, student=with_lora(models.student, recipe.student.lora))
+    models, lent, reloadable = models_of_run(recipe, recipe_path, models, accelerator)
     parts_text = student_parts(recipe, models, stage)  # before the optimizer is built
     check_writable(recipe.train.output_dir, checkpoint_bytes(models.student))
     data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, train=raw_train, eval_=raw_eval,
@@ -283,8 +276,10 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
     relations = relation_setup(recipe.hidden, models.student, models.teacher) if recipe.hidden.relations else ((), 0)
     plan = forward_plan(recipe, head, reuse_prompt, relations)
     description = describe_run(accelerator, recipe, models.student, models.teacher)
-    teacher = teacher_of_steps(recipe, plan, models, accelerator, loaded_here)
+    teacher = teacher_of_steps(recipe, plan, models, accelerator, reloadable)
     release = teacher is None
+    if release and lent.teacher_reloadable:  # a staged run's: the reference the stages keep goes too
+        lent.teacher = None
     description["step"] = describe_step(recipe, plan, accelerator.num_processes)
     monitor.record(state.step, {"run": description})
     announce(monitor, recipe, description, stage, max_steps, changes,
@@ -297,13 +292,31 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
                answers, replay, teacher_topk)
 
 
+def models_of_run(recipe: Recipe, recipe_path: str, models: Models | None,
+                  accelerator: Accelerator) -> tuple[Models, Models, bool]:
+    """The run's models, loaded here or handed over (the teacher loaded again if an earlier stage let it go), with
+    LoRA adapters when the recipe asks; the Models object the teacher came in, and whether the run may let the
+    teacher go: when it loaded it, or a staged run that loaded it lends it (not an object the caller handed over)."""
+    reloadable = models is None or models.teacher_reloadable
+    models = lent = models or load_models(recipe, recipe_path)
+    if models.teacher is None:  # an earlier stage let it go
+        models.teacher = reload_teacher(recipe, recipe_path)
+    if recipe.student.lora:  # adapters for this run (a staged run's next stage adapts the student merged before it)
+        if zero_stage(accelerator) == 3:
+            raise ConfigError("student.lora does not run under DeepSpeed ZeRO-3 here (peft's adapters and the "
+                              "sharded base weights are not gathered together for generation and export); use "
+                              "ZeRO-2 (accelerate_configs/deepspeed_zero2.yaml) or DDP, or train without student.lora")
+        models = replace(models, student=with_lora(models.student, recipe.student.lora))
+    return models, lent, reloadable
+
+
 def teacher_of_steps(recipe: Recipe, plan: ForwardPlan, models: Models, accelerator: Accelerator,
-                     loaded_here: bool) -> torch.nn.Module | None:
+                     reloadable: bool) -> torch.nn.Module | None:
     """The teacher the steps run, prepared for the accelerator; or None: no step runs it (its caches are made and
     its held-out answers cached by now), so the run lets it go and loads it again for each held-out evaluation
     (`evaluation_teacher`). Models the caller handed over stay theirs; under DeepSpeed it stays (its engine is built
     once)."""
-    if (loaded_here and not steps_run_teacher(recipe, plan)
+    if (reloadable and not steps_run_teacher(recipe, plan)
             and accelerator.distributed_type != DistributedType.DEEPSPEED):
         return None
     return prepare_teacher(models.teacher, accelerator)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from onpolicy_kd.console import console, is_main_process
 from onpolicy_kd.data.loading import check_data_path
 from onpolicy_kd.errors import ConfigError, UserError
 from onpolicy_kd.models.freezing import check_trainable
-from onpolicy_kd.models.loading import Models, base_model, check_recipe_fits, load_models
+from onpolicy_kd.models.loading import Models, base_model, check_recipe_fits, load_models, reload_teacher
 from onpolicy_kd.objectives.hidden import (
     STITCHING_FILE, layer_pairs, projected_teacher_head, read_stitching_file, stitching_file,
 )
@@ -165,7 +166,8 @@ def run_stages(recipe: Recipe, recipe_path: str, models: Models | None = None,
         resume = resume_point(recipe, stages) if recipe.train.resume_from is not None else None
         for stage_recipe in stages:
             check_data_path(stage_recipe.data)  # before the models load
-        models = models or load_models(recipe, recipe_path)
+        # loaded here: a stage whose steps do not run the teacher lets it go, a later stage loads it again
+        models = models or replace(load_models(recipe, recipe_path), teacher_reloadable=True)
         for k, (spec, stage_recipe) in enumerate(zip(recipe.stages, stages)):  # all of them before the first trains
             check_recipe_fits(stage_recipe, models, where=f"stage {k} ({spec.name})")
         check_stage_parts(recipe, stages, models)
@@ -197,6 +199,7 @@ def train_stages(recipe: Recipe, recipe_path: str, stages: list[Recipe], models:
             offset += steps_taken(stage_dir)
             continue
         if spec.head_init == "teacher_projected":
+            models.teacher = models.teacher or reload_teacher(recipe, recipe_path)  # (an earlier stage let it go)
             console.print(f"stage {index + 1}/{len(stages)} {spec.name}: "
                           + start_head_from_teacher(models.student, models.teacher, stitching, spec.name))
             before = None  # a new head: the stage measures its own starting point
@@ -208,7 +211,7 @@ def train_stages(recipe: Recipe, recipe_path: str, stages: list[Recipe], models:
         result = train(stage_recipe, recipe_path, models, stage=stage, before=before)
         if result.stopped_by_signal is not None:
             return result, stitching
-        models = Models(teacher=models.teacher, student=result.student, tokenizer=models.tokenizer)
+        models = replace(models, student=result.student)
         before, offset = result.after, offset + result.steps  # a time budget may end a stage before max_steps
         stitching |= stitching_of(result.final_dir)
     assert result is not None  # resume_point refuses a run whose every stage has finished
