@@ -153,6 +153,39 @@ def arithmetic_problems(root: Path | None = None) -> Path:
     return write_arithmetic(dest)
 
 
+NEWS_TOKENIZER_SIZE = 8192
+
+
+def news_tokenizer(root: Path | None = None) -> Path:
+    """A tokenizer of the student's own for cross-tokenizer distillation (objective.cross_tokenizer): byte-level BPE
+    with 8,192 entries trained with `tokenizers` on the 300 training articles (lee_background.jsonl), carrying the
+    teacher's chat tokens and template (so the prompts read the same), its EOS <|im_end|>. It splits words
+    differently from the teacher's 49,152-entry tokenizer. models/news-bpe-8k."""
+    dest = (root or cache_root()) / "models" / "news-bpe-8k"
+    if (dest / "tokenizer.json").is_file():
+        return dest
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    teacher = AutoTokenizer.from_pretrained(smollm2_teacher(root))
+    articles = [json.loads(line)["article"] for line in open(news_articles(root) / "lee_background.jsonl")]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(articles, trainers.BpeTrainer(vocab_size=NEWS_TOKENIZER_SIZE, special_tokens=special,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                          show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                        pad_token="<|endoftext|>", additional_special_tokens=special[1:])
+    tokenizer.chat_template = teacher.chat_template
+    with _atomic_dir(dest) as tmp:
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, dest)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m onpolicy_kd.assets", description=__doc__.split("\n")[0])
     parser.add_argument("--cache-dir", default=None, help="default: $ONPOLICY_KD_CACHE_DIR or ~/.cache/onpolicy_kd")
@@ -162,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"news:    {news_articles(root)}")
     print(f"headlines (human references): {news_headlines(root)}")
     print(f"arithmetic problems: {arithmetic_problems(root)}")
+    print(f"a news tokenizer of its own (cross-tokenizer student): {news_tokenizer(root)}")
     return 0
 
 

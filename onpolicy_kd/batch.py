@@ -105,6 +105,10 @@ class Completions:
     # cached teacher text with teacher_text.topk: the teacher's distribution at each position as its top-k (ids and
     # log-probs (B, T, k), the rest's log-mass (B, T)), read from the cache instead of running the teacher
     teacher_topk: "TeacherTopK | None" = None
+    # objective.cross_tokenizer: the same prompts and completions in the teacher's tokens (the teacher reads those),
+    # and per row the spans (student start, student stop, teacher start, teacher stop) covering the same characters
+    teacher_view: "Completions | None" = None
+    spans: list | None = None
 
     @property
     def sequences(self) -> Tensor:
@@ -150,6 +154,8 @@ class Completions:
             student_entropy=cut(self.student_entropy), rows=[self.rows[i] for i in index] if self.rows else [],
             references=None, prompt_cache=None, truncated=None if self.truncated is None else self.truncated[take],
             teacher_topk=None if self.teacher_topk is None else TeacherTopK(*(cut(x) for x in self.teacher_topk)),
+            teacher_view=None if self.teacher_view is None else self.teacher_view.select(index),
+            spans=None if self.spans is None else [self.spans[i] for i in index],
         )
 
 
@@ -158,8 +164,8 @@ def concatenate(batches: Sequence[Completions], pad_id: int) -> Completions:
     if len(batches) == 1:
         return batches[0]
     first = batches[0]
-    if any(b.teacher_topk is not None for b in batches):  # (cached text is read in training micro-batches as is)
-        raise ValueError("batches with the teacher's cached top-k are not concatenated")
+    if any(b.teacher_topk is not None or b.teacher_view is not None for b in batches):  # (made per micro-batch)
+        raise ValueError("batches with the teacher's cached top-k or its own tokens are not concatenated")
     prompt_width = max(b.prompt_ids.shape[1] for b in batches)
     width = max(b.completion_ids.shape[1] for b in batches)
 

@@ -23,12 +23,14 @@ its metrics.jsonl; adds the evaluation to the run's model card. Token-level mean
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from onpolicy_kd.console import console, print_error
 from onpolicy_kd.data.loading import load_prompt_data
+from onpolicy_kd.data.retokenize import cross_tokenizer, with_student_prompts
 from onpolicy_kd.errors import UserError
 from onpolicy_kd.evaluation.heldout import evaluate
 from onpolicy_kd.evaluation.plots import training_curves
@@ -69,11 +71,13 @@ def resolve_target(target: str, overrides: Sequence[str]) -> tuple[Recipe, str, 
     return load_recipe(path, overrides), str(path), None
 
 
-def evaluate_heldout(recipe: Recipe, student, models, dataset, name: str, answers: TeacherAnswers, stitching=None):
+def evaluate_heldout(recipe: Recipe, student, models, dataset, name: str, answers: TeacherAnswers, stitching=None,
+                     cross=None):
     """The full held-out evaluation of one student against the teacher and its `answers` (`stitching`, a run's
-    hidden-state projections: each layer pair's hidden-state MSE is reported)."""
+    hidden-state projections: each layer pair's hidden-state MSE is reported; `cross`, a student with a tokenizer
+    of its own: the cross-tokenizer loss stands in for the KLs)."""
     return evaluate(student, models.teacher, models.tokenizer, dataset, recipe.eval, answers, references=True,
-                    name=name, stitching=stitching)
+                    name=name, stitching=stitching, cross=cross)
 
 
 def check_out(out: Path) -> None:
@@ -113,13 +117,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = load_prompt_data(recipe.data, models.tokenizer, seed=recipe.train.seed, **file_rows(recipe),
                                 encoder_decoder=is_encoder_decoder(models.teacher))
         answers = recipe_teacher_answers(recipe, models.teacher, models.tokenizer, data.eval)  # for every column
+        cross = None
+        if models.student_tokenizer is not None:  # objective.cross_tokenizer: the students write with their own
+            data = replace(data, eval=with_student_prompts(data.eval, models.student_tokenizer))
+            cross = cross_tokenizer(recipe.objective, models.student_tokenizer, models.tokenizer,
+                                    next(models.teacher.parameters()).device)
         results = []
         for target in targets:
             _, _, target_run = resolve_target(target, overrides)
             student = load_model(str(target_run / "final"), "student") if target_run else models.student
             name = target_run.name if target_run else f"{Path(target).stem} (initial)"
             results.append(evaluate_heldout(recipe, student.eval(), models, data.eval, name, answers,
-                                            run_stitching(target_run, student)))
+                                            run_stitching(target_run, student), cross))
         for r, folder in zip(results, result_folders([r.name for r in results])):
             write_outputs(r, out if len(results) == 1 else out / folder)
         prompts = len(results[0].predictions)

@@ -216,3 +216,18 @@ def test_the_uld_loss_of_a_batch_pairs_positions_by_index_up_to_the_shorter():
     got = uld_loss(s_lp, t_lp)
     want = (uld_distance(s_lp[0][:3], t_lp[0]).sum() + uld_distance(s_lp[1], t_lp[1][:2]).sum()) / 6
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_with_one_vocabulary_the_shared_divergence_is_the_divergence_with_a_finite_gradient(kind):
+    from onpolicy_kd.objectives.divergences import divergence
+
+    torch.manual_seed(6)
+    student = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 7, dtype=torch.float64)
+    every = torch.arange(7)
+    got = shared_divergence(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1), every, every, kind=kind,
+                            beta=0.4)
+    torch.testing.assert_close(got.mean(), divergence(student, teacher, kind=kind, beta=0.4))
+    (grad,) = torch.autograd.grad(got.sum(), student)
+    assert torch.isfinite(grad).all()

@@ -38,6 +38,24 @@ def test_reference_sets_install_offline():
     assert sum(1 for _ in open(folder / "eval.jsonl")) == 500
 
 
+def test_the_cross_tokenizer_students_own_tokenizer(teacher_dir, tmp_path):
+    """The news BPE tokenizer (assets.news_tokenizer): 8,192 entries, the teacher's chat tokens, template and EOS,
+    words split otherwise than the teacher splits them; the cross-tokenizer recipe loads with it (a dry run)."""
+    from transformers import AutoTokenizer
+
+    own, teacher = AutoTokenizer.from_pretrained(assets.news_tokenizer()), AutoTokenizer.from_pretrained(teacher_dir)
+    assert len(own) == assets.NEWS_TOKENIZER_SIZE and own.eos_token == teacher.eos_token == "<|im_end|>"
+    message = [{"role": "user", "content": "Summarize: the bushfire near Sydney."}]
+    assert own.apply_chat_template(message, tokenize=False) == teacher.apply_chat_template(message, tokenize=False)
+    text = "The Prime Minister said the bushfire near Sydney was under control."
+    assert own.tokenize(text) != teacher.tokenize(text)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "onpolicy_kd.train", "recipes/smollm2_news_cross.yaml", "--dry-run",
+                          f"train.output_dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=600, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "dry run OK" in out.stdout
+
+
 def test_dry_run_loads_real_teacher_and_layer_dropped_student(teacher_dir, tmp_path):
     # into a folder of its own: after the README's training command, outputs/smollm2_news holds a run, which a dry
     # run (like the run it stands for) refuses to overwrite

@@ -198,6 +198,8 @@ PROBES: dict[str, tuple[list[str], list[str]]] = {
     # KD from the cached top-1: a different loss than the dense one (the weights differ)
     "teacher_text.topk": (["objective.mode=gkd", "objective.seq_kd=true", "objective.lmbda=0", "teacher_text.cache=true"],
                           ["teacher_text.topk=1"]),
+    # ULD instead of the divergence (one tokenizer here: the probe is the loss, the full-logits head)
+    "objective.cross_tokenizer": (PRETRAINED, ["objective.cross_tokenizer=uld"]),
     "teacher_text.samples_per_prompt": ([*SEQKD, "teacher_text.do_sample=true", "teacher_text.cache=true"],
                                         ["teacher_text.samples_per_prompt=3"]),
     "stages": ([], ["stages=[{name: a, max_steps: 1}, {name: b, max_steps: 1, optim: {lr: 0.01}}]",

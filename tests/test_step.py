@@ -314,7 +314,8 @@ def _step_setup(r, tok, dtype=torch.float32):
     teacher.to(dtype), student.to(dtype)
     accelerator = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, reduction: t, num_processes=1)
     run = SimpleNamespace(recipe=r, accelerator=accelerator, teacher=teacher, vocab=VOCAB, mode=MODES[r.objective.mode],
-                          plan=forward_plan(r, "chunked", relations=relations), student=student, relations=relations)
+                          plan=forward_plan(r, "chunked", relations=relations), student=student, relations=relations,
+                          cross=None)
     return run, batch, student, dataset
 
 
@@ -415,7 +416,7 @@ def test_prompt_divergence_against_a_naive_float64_reference(head):
     assert batch.num_prompt_tokens == 4 + 1 + 2
     accelerator = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, reduction: t, num_processes=1)
     run = SimpleNamespace(recipe=r, accelerator=accelerator, teacher=teacher, vocab=VOCAB, mode=MODES["gkd"],
-                          plan=forward_plan(r, head))
+                          plan=forward_plan(r, head), cross=None)
     assert run.plan.prompt and run.plan.chunked == (head == "chunked")
     teacher_out = teacher_outputs(run, batch)
     ctx = step_context(run, [batch], [teacher_out])

@@ -54,9 +54,11 @@ def repeated_rows(cfg: TrainConfig, rows: int, processes: int) -> str | None:
             f"lower train.batch_size or train on more rows")
 
 
-def prompt_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The prompts of `rows`, left-padded: (ids (B, P), mask (B, P))."""
-    return left_pad([dataset[i]["prompt_ids"] for i in rows], pad_id, device)
+def prompt_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torch.device,
+                 column: str = "prompt_ids") -> tuple[Tensor, Tensor]:
+    """The prompts of `rows`, left-padded: (ids (B, P), mask (B, P)); `column`: student_prompt_ids for a student
+    with a tokenizer of its own (objective.cross_tokenizer)."""
+    return left_pad([dataset[i][column] for i in rows], pad_id, device)
 
 
 def reference_batch(dataset: Dataset, rows: list[int], pad_id: int, device: torch.device, *,

@@ -37,6 +37,7 @@ import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
 
+from onpolicy_kd.data.retokenize import pair_for_student
 from onpolicy_kd.data.sampler import prompt_batch, reference_batch
 from onpolicy_kd.errors import DataError
 from onpolicy_kd.evaluation import metrics as M
@@ -44,6 +45,8 @@ from onpolicy_kd.evaluation.teacher_answers import Answer, TeacherAnswers
 from onpolicy_kd.evaluation.uncertainty import standard_error
 from onpolicy_kd.models.distributed import for_generation, innermost
 from onpolicy_kd.models.forward import forward_completions
+from onpolicy_kd.objectives.cross_tokenizer import spans_loss, uld_loss
+from onpolicy_kd.objectives.divergences import log_probs
 from onpolicy_kd.objectives.hidden import STITCHING, hidden_state_loss
 from onpolicy_kd.recipe import EvalConfig, Recipe
 from onpolicy_kd.rollout import rollout
@@ -158,6 +161,29 @@ def _kl_on_sample(student, teacher, sampled, vocab: int, stitching) -> tuple[dic
     return kl_sums, _hidden_sums(stitching, s_out.hidden, t_out.hidden, mask) if hidden else None
 
 
+def _cross_on_sample(student, teacher, sampled, dataset: Dataset, rows: list[int], cross) -> dict:
+    """Across two tokenizers (objective.cross_tokenizer): token sums of the training loss (spans or ULD) on the
+    student's sampled completions, read by the teacher in its own tokens, and each prompt's own sums."""
+    paired = pair_for_student(sampled, student_tokenizer=cross.student_tokenizer, teacher_tokenizer=cross.teacher_tokenizer,
+                              student_prompts=[dataset[r]["student_prompt_ids"] for r in rows],
+                              teacher_prompts=[dataset[r]["prompt_ids"] for r in rows])
+    s_logits = forward_completions(student, paired, vocab=cross.student_vocab).logits
+    t_logits = forward_completions(teacher, paired.teacher_view, vocab=cross.teacher_vocab).logits
+    per_prompt = []
+    for b in range(len(rows)):
+        n_s, n_t = int(paired.completion_mask[b].sum()), int(paired.teacher_view.completion_mask[b].sum())
+        s_lp, t_lp = [log_probs(s_logits[b, :n_s])], [log_probs(t_logits[b, :n_t])]
+        if cross.how == "uld":
+            value = uld_loss(s_lp, t_lp, num_tokens=1)
+        else:
+            value, _ = spans_loss(s_lp, t_lp, [paired.completion_ids[b, :n_s]],
+                                  [paired.teacher_view.completion_ids[b, :n_t]], [paired.spans[b]], cross.shared,
+                                  kind=cross.kind, beta=cross.beta, skew=cross.skew, num_tokens=1)
+        per_prompt.append({"tokens": n_s, "cross_loss": float(value)})
+    return {"cross_loss": sum(p["cross_loss"] for p in per_prompt), "n": sum(p["tokens"] for p in per_prompt),
+            "per_prompt": per_prompt}
+
+
 def _reference_sums(student, teacher, dataset, rows, tokenizer, device, vocab: int) -> tuple[dict, dict[int, dict]]:
     """Token sums of both KLs and both models' NLL on the references, and each prompt's perplexities."""
     ref = reference_batch(dataset, rows, tokenizer.pad_token_id, device)
@@ -173,21 +199,31 @@ def _reference_sums(student, teacher, dataset, rows, tokenizer, device, vocab: i
 
 
 def _evaluate_batch(student, teacher, tokenizer, dataset: Dataset, rows: list[int], cfg: EvalConfig, index: int, *,
-                    answers: TeacherAnswers, references: bool, golds: list[str | None] | None, stitching=None) -> dict:
-    """One batch of held-out prompts: token sums on sampled completions (and references), per-prompt records."""
+                    answers: TeacherAnswers, references: bool, golds: list[str | None] | None, stitching=None,
+                    cross=None) -> dict:
+    """One batch of held-out prompts: token sums on sampled completions (and references), per-prompt records.
+    `cross` (data/retokenize.py: CrossTokenizer): the student has a tokenizer of its own; it writes with it, and
+    the training loss across the two tokenizers stands in for the KLs."""
     vocab, device = len(tokenizer), next(student.parameters()).device
-    ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, device)
+    teacher_tokenizer = tokenizer
+    if cross is not None:
+        tokenizer = cross.student_tokenizer
+    ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, device,
+                             column="student_prompt_ids" if cross is not None else "prompt_ids")
     samples = []
     for k in range(cfg.samples_per_prompt):
         generator = torch.Generator(device=device).manual_seed(_sample_seed(cfg, k, index))
         samples.append(rollout(student, None, ids, mask, tokenizer=tokenizer, max_new_tokens=cfg.max_new_tokens,
                                temperature=cfg.temperature, generator=generator))
     # the KLs on the first sample of each prompt: the two forwards over the prompt cost more than decoding the text
-    kl_sums, hidden_sums = _kl_on_sample(student, teacher, samples[0], vocab, stitching)
+    if cross is not None:
+        kl_sums, hidden_sums = _cross_on_sample(student, teacher, samples[0], dataset, rows, cross), None
+    else:
+        kl_sums, hidden_sums = _kl_on_sample(student, teacher, samples[0], vocab, stitching)
     greedy = _answers(_greedy(student, ids, mask, tokenizer, cfg.max_new_tokens))
     sampled = list(zip(*(_answers(s) for s in samples)))  # per prompt: its samples
-    reference_sums, perplexities = (_reference_sums(student, teacher, dataset, rows, tokenizer, device, vocab)
-                                    if references else (None, {}))
+    reference_sums, perplexities = (_reference_sums(student, teacher, dataset, rows, teacher_tokenizer, device, vocab)
+                                    if references and cross is None else (None, {}))
     pattern = re.compile(cfg.answer_pattern) if cfg.answer_pattern else None
     common = dict(pattern=pattern, max_new_tokens=cfg.max_new_tokens, eos_ids=[tokenizer.eos_token_id])
     predictions = []
@@ -232,7 +268,7 @@ def _my_batches(num_batches: int, accelerator) -> list[tuple[int, bool]]:
 
 @torch.no_grad()
 def evaluate(student, teacher, tokenizer, dataset: Dataset, cfg: EvalConfig, answers: TeacherAnswers, *,
-             references: bool, name: str = "student", accelerator=None, stitching=None) -> Evaluated:
+             references: bool, name: str = "student", accelerator=None, stitching=None, cross=None) -> Evaluated:
     """The held-out evaluation of `student` against `teacher` (plain modules, on the same device) and the teacher's
     `answers` to the same prompts. With an `accelerator` of several processes, each process evaluates its share of
     the batches and the results are gathered: every process gets the numbers one process would compute, to the
@@ -249,7 +285,7 @@ def evaluate(student, teacher, tokenizer, dataset: Dataset, cfg: EvalConfig, ans
     for index, keep in _my_batches(len(starts), accelerator):
         rows = list(range(starts[index], min(starts[index] + cfg.batch_size, n)))
         result = _evaluate_batch(student, teacher, tokenizer, dataset, rows, cfg, index, answers=answers,
-                                 references=references, golds=golds, stitching=stitching)
+                                 references=references, golds=golds, stitching=stitching, cross=cross)
         if keep:
             results.append(result)
     if accelerator is not None and accelerator.num_processes > 1:
@@ -263,8 +299,11 @@ def evaluate(student, teacher, tokenizer, dataset: Dataset, cfg: EvalConfig, ans
 def _summary(results: list[dict], predictions: list[dict]) -> tuple[dict[str, float], dict[str, float]]:
     """The set's figures (token-level means, means over prompts) and the standard errors of the per-prompt means."""
     samples = [r["samples"] for r in results]
-    summary = {"reverse_kl_samples": _token_mean(samples, "reverse_kl"),
-               "forward_kl_samples": _token_mean(samples, "forward_kl")}
+    if "cross_loss" in samples[0]:  # two tokenizers: the training loss on the student's samples
+        summary = {"cross_loss_samples": _token_mean(samples, "cross_loss")}
+    else:
+        summary = {"reverse_kl_samples": _token_mean(samples, "reverse_kl"),
+                   "forward_kl_samples": _token_mean(samples, "forward_kl")}
     keys = [key for key in predictions[0]["metrics"] if all(key in p["metrics"] for p in predictions)]
     summary |= {key: statistics.fmean(p["metrics"][key] for p in predictions) for key in keys}
     errors = {key: standard_error([p["metrics"][key] for p in predictions]) for key in keys}
@@ -286,17 +325,25 @@ def hidden_keys(summary: dict[str, float]) -> list[str]:
 
 def logged_metrics(summary: dict[str, float]) -> dict[str, float]:
     """An evaluation's figures as training logs them: `eval/reverse_kl` (the headline), `eval/<key>` for the rest."""
-    return {("eval/reverse_kl" if key == "reverse_kl_samples" else f"eval/{key}"): value
-            for key, value in summary.items()}
+    renamed = {"reverse_kl_samples": "eval/reverse_kl", "cross_loss_samples": "eval/cross_loss"}
+    return {renamed.get(key, f"eval/{key}"): value for key, value in summary.items()}
+
+
+def headline(metrics: dict[str, float]) -> tuple[str, str]:
+    """(what, key) of an evaluation's headline figure in `eval/...` metrics: the held-out KL(student || teacher), or
+    across two tokenizers the training loss on the student's samples."""
+    if "eval/cross_loss" in metrics:
+        return "held-out cross-tokenizer loss", "eval/cross_loss"
+    return "held-out reverse KL (student || teacher)", "eval/reverse_kl"
 
 
 def heldout_evaluation(recipe: Recipe, accelerator, student, teacher, tokenizer, dataset: Dataset,
-                       answers: TeacherAnswers) -> Evaluated:
+                       answers: TeacherAnswers, cross=None) -> Evaluated:
     """Training's evaluation point: the held-out evaluation of the (possibly wrapped) student, with the reference
-    KLs and perplexities only under `eval.full`."""
+    KLs and perplexities only under `eval.full`; `cross`: a student with a tokenizer of its own."""
     with for_generation(student, accelerator) as model:
         return evaluate(model, teacher, tokenizer, dataset, recipe.eval, answers, references=recipe.eval.full,
-                        accelerator=accelerator, stitching=getattr(innermost(model), STITCHING, None))
+                        accelerator=accelerator, stitching=getattr(innermost(model), STITCHING, None), cross=cross)
 
 
 def heldout_metrics(recipe: Recipe, accelerator, student, teacher, tokenizer, dataset: Dataset,
@@ -307,10 +354,13 @@ def heldout_metrics(recipe: Recipe, accelerator, student, teacher, tokenizer, da
 
 @torch.no_grad()
 def greedy_samples(recipe: Recipe, accelerator, student, tokenizer, dataset: Dataset,
-                   answers: TeacherAnswers) -> list[dict]:
+                   answers: TeacherAnswers, cross=None) -> list[dict]:
     """The first `logging.num_samples` held-out prompts with the student's and the teacher's greedy completions."""
     rows = list(range(min(recipe.logging.num_samples, len(dataset), len(answers))))
-    ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, accelerator.device)
+    if cross is not None:  # the student writes with its own tokenizer
+        tokenizer = cross.student_tokenizer
+    ids, mask = prompt_batch(dataset, rows, tokenizer.pad_token_id, accelerator.device,
+                             column="student_prompt_ids" if cross is not None else "prompt_ids")
     with for_generation(student, accelerator) as model:
         student_out = _greedy(model, ids, mask, tokenizer, recipe.eval.max_new_tokens)
     return [{"prompt": dataset[r]["prompt"], "reference": dataset[r]["reference"], "teacher": answers.greedy[r].text,

@@ -14,14 +14,15 @@ from rich.text import Text
 
 from onpolicy_kd.evaluation.heldout import DECODINGS, TEXT_KEYS, Evaluated, hidden_keys
 
-DISTRIBUTION_KEYS = ("reverse_kl_samples", "forward_kl_samples", "reverse_kl_refs", "forward_kl_refs", "ppl_student",
-                     "ppl_teacher")
+DISTRIBUTION_KEYS = ("reverse_kl_samples", "forward_kl_samples", "cross_loss_samples", "reverse_kl_refs",
+                     "forward_kl_refs", "ppl_student", "ppl_teacher")
 METRIC_HELP = {
     "rougeL_ref": "ROUGE-L F vs references", "rouge2_ref": "ROUGE-2 F vs references",
     "rougeL_teacher": "ROUGE-L F vs teacher (greedy)", "rougeL_teacher_samples": "ROUGE-L F vs teacher samples (best)",
     "accuracy": "exact-match accuracy", "length": "length (tokens)", "truncated": "cut at max_new_tokens (share)",
     "distinct1": "distinct-1", "distinct2": "distinct-2", "repetition": "repetition rate",
     "reverse_kl_samples": "KL(q||p), own samples", "forward_kl_samples": "KL(p||q), own samples",
+    "cross_loss_samples": "cross-tokenizer loss, own samples",
     "reverse_kl_refs": "KL(q||p), references", "forward_kl_refs": "KL(p||q), references",
     "ppl_student": "perplexity, student", "ppl_teacher": "perplexity, teacher",
 }

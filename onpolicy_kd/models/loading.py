@@ -49,6 +49,8 @@ class Models:
     tokenizer: PreTrainedTokenizerBase  # shared: the vocabularies were checked to be identical
     teacher_reloadable: bool = False  # a staged run loaded the teacher from its recipe: a stage whose steps do not
     #                                   run it may let it go (training/loop.py), a later stage loads it again
+    student_tokenizer: PreTrainedTokenizerBase | None = None  # objective.cross_tokenizer: the student's own (else
+    #                                                           `tokenizer` is both models')
 
 
 @dataclass(frozen=True)
@@ -253,7 +255,8 @@ def check_same_vocabulary(
             f"(teacher {len(teacher_vocab)} tokens, student {len(student_vocab)}), e.g.\n    "
             + "\n    ".join(differ[:5])
             + "\n  Token-level distillation compares the two models' distributions id by id, so they must share a "
-            "tokenizer. Pick a student from the teacher's family, or use student.init=teacher_layers or init=config."
+            "tokenizer. Pick a student from the teacher's family, or use student.init=teacher_layers or init=config; "
+            "or distil across the two tokenizers with objective.cross_tokenizer: spans (or uld), docs/training.md."
         )
     if teacher_tokenizer.eos_token_id != student_tokenizer.eos_token_id:
         raise VocabularyMismatchError(
@@ -266,6 +269,22 @@ def check_same_vocabulary(
                 f"the {role} has {model.get_input_embeddings().num_embeddings} embedding rows for a "
                 f"{len(teacher_vocab)}-token vocabulary"
             )
+
+
+def check_cross_tokenizer(teacher_tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase,
+                          student: PreTrainedModel) -> None:
+    """What distilling across two tokenizers needs of them (objective.cross_tokenizer): fast tokenizers (character
+    offsets), an EOS and a pad token each, and a student that can hold its own vocabulary."""
+    for role, tokenizer in (("teacher", teacher_tokenizer), ("student", student_tokenizer)):
+        if not getattr(tokenizer, "is_fast", False):
+            raise VocabularyMismatchError(f"objective.cross_tokenizer needs a fast (Rust) tokenizer for the {role}; "
+                                          f"convert it with transformers (AutoTokenizer.from_pretrained(..., "
+                                          f"use_fast=True)) and save it")
+        if tokenizer.eos_token_id is None:
+            raise VocabularyMismatchError(f"objective.cross_tokenizer: the {role} tokenizer has no EOS token")
+    if student.get_input_embeddings().num_embeddings < len(student_tokenizer):
+        raise VocabularyMismatchError(f"the student has {student.get_input_embeddings().num_embeddings} embedding "
+                                      f"rows for its {len(student_tokenizer)}-token vocabulary")
 
 
 def load_teacher(cfg: TeacherConfig, recipe_path: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -446,8 +465,12 @@ def _load_models(recipe: Recipe, recipe_path: str | None, *, teacher: PreTrained
         prepare_student(student, recipe.student)
     quantize_after_loading(teacher, recipe.teacher)  # weight_only, now that the student exists
     check_same_kind(teacher, student)
-    check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
-    models = Models(teacher=teacher, student=student, tokenizer=teacher_tokenizer)
+    if recipe.objective.cross_tokenizer:
+        check_cross_tokenizer(teacher_tokenizer, student_tokenizer, student)
+    else:
+        check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher, student)
+    models = Models(teacher=teacher, student=student, tokenizer=teacher_tokenizer,
+                    student_tokenizer=student_tokenizer if recipe.objective.cross_tokenizer else None)
     check_recipe_fits(recipe, models)
     return models
 

@@ -139,10 +139,15 @@ def shared_buckets(student_logprobs: Tensor, teacher_logprobs: Tensor, student_i
     rest of its own vocabulary: (N, K + 1) log-probs of the student and of the teacher."""
     def buckets(logprobs: Tensor, ids: Tensor) -> Tensor:
         shared = logprobs.index_select(-1, ids)
+        if len(ids) >= logprobs.shape[-1]:  # every token is shared: nothing left (a constant, no gradient path)
+            return torch.cat([shared, shared.new_full((*shared.shape[:-1], 1), float("-inf"))], -1)
         rest = logprobs.index_fill(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
         return torch.cat([shared, rest], -1)
 
-    return buckets(student_logprobs, student_ids), buckets(teacher_logprobs.to(student_logprobs.dtype), teacher_ids)
+    student, teacher = buckets(student_logprobs, student_ids), buckets(teacher_logprobs.to(student_logprobs.dtype), teacher_ids)
+    if len(student_ids) >= student_logprobs.shape[-1] and len(teacher_ids) >= teacher_logprobs.shape[-1]:
+        return student[..., :-1], teacher[..., :-1]  # one vocabulary: the buckets are the whole distributions
+    return student, teacher
 
 
 def shared_divergence(student_logprobs: Tensor, teacher_logprobs: Tensor, student_ids: Tensor, teacher_ids: Tensor,

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from onpolicy_kd.batch import Completions, TeacherTopK
+from onpolicy_kd.objectives import cross_tokenizer as xt
 from onpolicy_kd.objectives import penalties as pen
 from onpolicy_kd.objectives import token_terms as tt
 from onpolicy_kd.objectives.divergences import (
-    chunked_topk_divergence, divergence, gather_logprobs, linear_divergence, per_token_divergence,
+    chunked_topk_divergence, divergence, gather_logprobs, linear_divergence, log_probs, per_token_divergence,
     reduce_tokens, topk_divergence,
 )
 from onpolicy_kd.objectives.hidden import hidden_state_loss
@@ -78,6 +79,7 @@ class StepContext:
     num_completions: float = 0.0  # the student's sampled completions of the step (the truncation penalty)
     head: str = "torch"  # divergence implementation on the memory-bounded path: chunked or liger
     relation_heads: int = 0  # attention_relation: relation heads the projections are split into
+    shared_vocabulary: tuple[Tensor, Tensor] | None = None  # objective.cross_tokenizer: (student ids, teacher ids)
 
 
 LossFn = Callable[[Completions, ModelOutputs, "ModelOutputs | None", "Recipe", StepContext, dict], Tensor]
@@ -133,9 +135,32 @@ def _divergence_at(student: ModelOutputs, teacher: ModelOutputs, mask: Tensor, r
     return divergence(student.logits, teacher.logits, mask, **settings)
 
 
+def cross_tokenizer_loss(batch: Completions, student: ModelOutputs, teacher: ModelOutputs, recipe: "Recipe",
+                         ctx: StepContext, metrics: dict) -> Tensor:
+    """kd / gkd across two tokenizers (objective.cross_tokenizer): per row, the student's log-probs over its tokens
+    of the completion and the teacher's over its own (`batch.teacher_view`), through the span loss or ULD
+    (objectives/cross_tokenizer.py); divided by the step's student tokens."""
+    obj, view = recipe.objective, batch.teacher_view
+    s_lengths, t_lengths = batch.completion_mask.sum(1).tolist(), view.completion_mask.sum(1).tolist()
+    s_lp = [log_probs(student.logits[b, :n]) for b, n in enumerate(s_lengths)]
+    t_lp = [log_probs(teacher.logits[b, :n]) for b, n in enumerate(t_lengths)]
+    if obj.cross_tokenizer == "uld":
+        loss = xt.uld_loss(s_lp, t_lp, num_tokens=ctx.num_tokens)
+    else:
+        loss, counts = xt.spans_loss(
+            s_lp, t_lp, [batch.completion_ids[b, :n] for b, n in enumerate(s_lengths)],
+            [view.completion_ids[b, :n] for b, n in enumerate(t_lengths)], batch.spans, ctx.shared_vocabulary,
+            kind=obj.divergence, beta=obj.beta, skew=obj.skew, num_tokens=ctx.num_tokens)
+        metrics.update(counts)
+    metrics[f"train/cross_{obj.cross_tokenizer}"] = per_token_mean(loss, batch, ctx)
+    return loss
+
+
 def divergence_loss(batch: Completions, student: ModelOutputs, teacher: ModelOutputs | None, recipe: "Recipe",
                     ctx: StepContext, metrics: dict) -> Tensor:
     """kd / gkd: the divergence between teacher and student at every completion position."""
+    if batch.teacher_view is not None:
+        return cross_tokenizer_loss(batch, student, teacher, recipe, ctx, metrics)
     loss = _divergence_at(student, teacher, batch.completion_mask, recipe, ctx, ctx.num_tokens)
     metrics[f"train/{recipe.objective.divergence}"] = per_token_mean(loss, batch, ctx)
     return loss
@@ -311,7 +336,7 @@ def step_loss(recipe: "Recipe", mode: "Mode", batch: Completions, student: Model
         metrics[f"train/hidden_{kind}"] = pairs.mean().item() * scale
         for (s, t), value in zip(student.pairs, pairs.tolist()):
             metrics[f"hidden/{kind}_layer_{s}_to_{t}"] = value * scale
-    if student.logits is not None and teacher is not None and teacher.logits is not None:
+    if student.logits is not None and teacher is not None and teacher.logits is not None and batch.teacher_view is None:
         with torch.no_grad():  # what the student's distribution looks like, whatever the objective
             mask = batch.completion_mask
             metrics["train/reverse_kl"] = reduce_tokens(

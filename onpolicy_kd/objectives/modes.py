@@ -240,6 +240,8 @@ def describe_step(recipe: "Recipe", plan: ForwardPlan | None = None, processes: 
     if plan.teacher and reads_only_cached_teacher(recipe):
         parts.append(f"the teacher's top-{recipe.teacher_text.topk} log-probabilities from the cache (no teacher "
                      f"forward)")
+    elif plan.teacher and obj.cross_tokenizer:
+        parts.append("the teacher's forward over the same text in its own tokens")
     elif plan.teacher:
         parts.append("the teacher's forward over them" + (
             f" (over its own text, its top-{recipe.teacher_text.topk} from the cache)" if recipe.teacher_text.topk
@@ -285,9 +287,15 @@ def _loss_words(recipe: "Recipe", plan: ForwardPlan) -> str:
         divergence += f" (beta {obj.beta:g})"
     elif obj.divergence.startswith("skew"):
         divergence += f" (skew {obj.skew:g})"
+    at = f"{divergence} at every completion position"
+    if obj.cross_tokenizer == "spans":
+        at = (f"across the two tokenizers: {divergence} over the shared tokens where a span is one token on both "
+              f"sides, the span probability's KL where they split it differently")
+    elif obj.cross_tokenizer == "uld":
+        at = "across the two tokenizers: ULD's sorted-probability distance, position by position"
     loss = {
-        "gkd": f"{divergence} at every completion position",
-        "kd": f"{divergence} at every completion position",
+        "gkd": at,
+        "kd": at,
         "pg": "MiniLLM's policy gradient on the teacher's log-probabilities as rewards"
               + (" with its exact single-step reverse-KL term" if obj.single_step else ""),
         "seqkd": "cross-entropy on the teacher's tokens",

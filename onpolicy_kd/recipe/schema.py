@@ -386,6 +386,11 @@ class ObjectiveConfig(Section):
                                 "higher than at the evaluation before (DistiLLM's adaptive schedule)")
     lmbda_step: float = Field(0.1, gt=0, le=1, description="gkd, lmbda_schedule=adaptive: the share's increment")
     seq_kd: bool = Field(False, description="gkd: off-policy steps use teacher samples instead of references")
+    cross_tokenizer: Literal["spans", "uld"] | None = Field(
+        None, description="kd/gkd with a student whose tokenizer differs from the teacher's: spans = the divergence on "
+                          "the tokens both vocabularies share where the two tokenizations agree, the span probability "
+                          "elsewhere; uld = the sorted-probability distance position by position (docs/algorithms.md); "
+                          "null = one shared vocabulary (required)")
     discount: float = Field(1.0, ge=0, le=1, description="pg: return discount gamma in [0, 1]")
     length_norm: bool = Field(True, description="pg: divide each return by its number of terms")
     single_step: bool = Field(True, description="pg: exact single-step reverse-KL term")
@@ -759,6 +764,8 @@ class Recipe(Section):
                                  "lmbda=1 there is nothing to raise: start lower (DistiLLM starts at 0)")
         if self.teacher_text.topk:
             self._check_topk()
+        if self.objective.cross_tokenizer:
+            self._check_cross_tokenizer()
         if self.objective.seq_kd and mode_name != "gkd":
             raise ValueError(f"objective.seq_kd applies to mode=gkd only (mode is {mode_name}); use mode=seqkd instead")
         if not mode.reads_student and not self.hidden.weight:
@@ -818,6 +825,28 @@ class Recipe(Section):
             raise ValueError(f"teacher_text.topk={k}: divergence=logit_mse compares whole rows of logits, which the "
                              f"top-k cache does not keep; use forward_kl, reverse_kl, jsd, tv or a skew KL")
 
+    def _check_cross_tokenizer(self) -> None:
+        """What a run across two tokenizers cannot do: what needs one vocabulary or one sequence of positions."""
+        obj, how = self.objective, f"objective.cross_tokenizer={self.objective.cross_tokenizer}"
+        refused = [
+            (obj.mode not in ("kd", "gkd"), f"objective.mode={obj.mode} (it applies to kd and gkd)"),
+            (self.rollout.alpha > 0, "rollout.alpha > 0 (mixing the two models' next tokens needs one vocabulary)"),
+            (self.hidden.weight > 0, "hidden.weight > 0 (hidden states position by position need one tokenization)"),
+            (obj.prompt_weight > 0, "objective.prompt_weight (the prompt's positions differ between the tokenizations)"),
+            (bool(self.teacher_text.topk), "teacher_text.topk (kept in the teacher's tokens only)"),
+            (obj.temperature != 1.0, "objective.temperature other than 1"),
+            (obj.divergence == "logit_mse", "divergence=logit_mse (logits of one vocabulary)"),
+            (obj.backend == "liger", "objective.backend=liger (one vocabulary)"),
+            (obj.lmbda_schedule == "adaptive", "objective.lmbda_schedule=adaptive (it reads the held-out KL, which "
+                                               "needs one vocabulary)"),
+            (self.replay.size > 0, "replay.size > 0 (not kept across tokenizers yet)"),
+            (self.student.init == "teacher_layers", "student.init=teacher_layers (a copy of the teacher has its "
+                                                    "tokenizer)"),
+        ]
+        for bad, what in refused:
+            if bad:
+                raise ValueError(f"{how} does not combine with {what}")
+
     def _check_head_init(self) -> None:
         """A stage's head_init reads a projection an earlier stage trained (a stage with hidden.weight > 0)."""
         for k, stage in enumerate(self.stages):
@@ -863,7 +892,10 @@ def _conditional_keys(r: Recipe) -> list[tuple[str, bool, str]]:
                                                            f"divergences are fixed: skew forward and reverse KL)"),
         ("objective.importance", r.rollout.alpha > 0, "when rollout.alpha > 0 (teacher-mixed samples)"),
         ("objective.is_clip", r.rollout.alpha > 0, "when rollout.alpha > 0 (teacher-mixed samples)"),
-        ("objective.chunk_size", obj.backend != "torch", "to the memory-bounded head (backend auto, chunked, liger)"),
+        ("objective.chunk_size", obj.backend != "torch" and not obj.cross_tokenizer,
+         "to the memory-bounded head (backend auto, chunked, liger; not across tokenizers)"),
+        ("objective.divergence", obj.cross_tokenizer != "uld", "unless objective.cross_tokenizer=uld (its own "
+                                                               "distance)"),
         ("penalties.entropy_floor", r.penalties.entropy > 0, "with penalties.entropy > 0"),
         *[(f"penalties.{k}", MODES[mode].reads_student, "to modes with a loss on the student's distribution "
                                                         "(mode=hidden trains on the hidden-state loss alone)")

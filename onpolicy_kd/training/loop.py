@@ -23,11 +23,12 @@ from accelerate.utils import DistributedType, set_seed
 
 from onpolicy_kd.console import console, is_main_process
 from onpolicy_kd.data.loading import PromptData, check_data_path, data_cache_dir, load_prompt_data
+from onpolicy_kd.data.retokenize import CrossTokenizer, cross_tokenizer, with_student_prompts
 from onpolicy_kd.data.sampler import PromptSampler, repeated_rows, rows_with_references
 from onpolicy_kd.errors import ConfigError, UserError
 from onpolicy_kd.hub import expand_path
 from onpolicy_kd.metrics_log import truncate_metrics
-from onpolicy_kd.evaluation.heldout import Evaluated, greedy_samples, heldout_evaluation, logged_metrics
+from onpolicy_kd.evaluation.heldout import Evaluated, greedy_samples, headline, heldout_evaluation, logged_metrics
 from onpolicy_kd.evaluation.teacher_answers import TeacherAnswers, recipe_teacher_answers
 from onpolicy_kd.models.distributed import describe_run, describe_text, init_trackers, make_accelerator, prepare_teacher, zero_stage
 from onpolicy_kd.models.freezing import apply_trainable
@@ -138,6 +139,7 @@ class Run:
     answers: TeacherAnswers  # the frozen teacher's greedy and sampled held-out answers (cached)
     replay: ReplayBuffer | None = None  # the student samples kept for reuse (replay.size > 0)
     teacher_topk: list | None = None  # teacher_text.topk: per cached teacher completion, its top-k (row-aligned)
+    cross: CrossTokenizer | None = None  # objective.cross_tokenizer: the student's own tokenizer and how the two meet
     collapsed: bool = False  # an evaluation found collapse and eval.stop_on_collapse ends the run
     out_of_time: bool = False  # train.max_time is spent
     last_eval: dict[str, float] = field(default_factory=dict)
@@ -245,6 +247,7 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
             console.print(f"{recipe.objective.mode} trains on the {len(data.train)} of {total} training rows that have "
                           f"a reference completion")
     assert not teacher_topk or all(len(e) == len(data.train) for e in teacher_topk), "top-k rows: one per training row"
+    data, cross = cross_setup(recipe, models, data, accelerator)
     cfg = recipe.train
     repeats = repeated_rows(cfg, len(data.train), accelerator.num_processes)
     if repeats and accelerator.is_main_process:
@@ -289,7 +292,17 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
                  "evaluation"] if release else [])])  # (with no rollout of the student there is no prompt to reuse)
     return Run(recipe, recipe_path, accelerator, student, teacher, models.tokenizer, data, len(models.tokenizer),
                optimizer, scheduler, sampler, mode, plan, state, monitor, StopRequested(), max_steps,
-               answers, replay, teacher_topk)
+               answers, replay, teacher_topk, cross)
+
+
+def cross_setup(recipe: Recipe, models: Models, data: PromptData,
+                accelerator: Accelerator) -> tuple[PromptData, CrossTokenizer | None]:
+    """objective.cross_tokenizer: the prompts also in the student's tokens, and what the two tokenizations share."""
+    if models.student_tokenizer is None:
+        return data, None
+    tokenizer = models.student_tokenizer
+    data = replace(data, train=with_student_prompts(data.train, tokenizer), eval=with_student_prompts(data.eval, tokenizer))
+    return data, cross_tokenizer(recipe.objective, tokenizer, models.tokenizer, accelerator.device)
 
 
 def models_of_run(recipe: Recipe, recipe_path: str, models: Models | None,
@@ -436,6 +449,8 @@ def choose_head(recipe: Recipe, accelerator: Accelerator, models: Models) -> tup
             raise ConfigError("objective.backend=liger needs CUDA and `pip install liger-kernel`; use backend=chunked")
     if obj.backend == "torch":
         return "torch", "objective.backend=torch: full logits"
+    if obj.cross_tokenizer:
+        return "torch", "objective.cross_tokenizer: full logits (the two vocabularies are compared row by row)"
     if not (logits_are_linear(models.student) and logits_are_linear(models.teacher)):
         return "torch", "a model's logits are more than hidden @ lm_head (soft-capping, scaling or a bias): full logits"
     if obj.backend == "liger" or (obj.backend == "auto" and accelerator.device.type == "cuda" and MODES[obj.mode].divergence
@@ -496,7 +511,7 @@ def heldout(run: Run) -> dict[str, float]:
     """The held-out evaluation, logged; a collapsing text is warned about (and ends the run if the recipe says so)."""
     with evaluation_teacher(run) as teacher:
         run.evaluation = heldout_evaluation(run.recipe, run.accelerator, run.student, teacher, run.tokenizer,
-                                            run.data.eval, run.answers)
+                                            run.data.eval, run.answers, cross=run.cross)
     metrics = logged_metrics(run.evaluation.summary)
     adapt_lmbda(run, metrics)
     run.monitor.log(run.state.step, metrics, advance=False)
@@ -543,7 +558,8 @@ def evaluate_at_start(run: Run, before: dict[str, float] | None) -> None:
         run.state.before = before if before is not None else heldout(run)
         if before is not None:  # a stage after the first: the previous stage's last evaluation is its start
             adapt_lmbda(run, dict(before))
-        run.monitor.print(f"held-out reverse KL before training: {run.state.before['eval/reverse_kl']:.3f} nats/token")
+        what, key = headline(run.state.before)
+        run.monitor.print(f"{what} before training: {run.state.before[key]:.3f} nats/token")
 
 
 def checkpoint(run: Run) -> Path:
@@ -584,7 +600,7 @@ def after_step(run: Run, num_tokens: float, metrics: dict[str, float], skipped: 
         heldout(run)
     if recipe.logging.sample_steps and state.step % recipe.logging.sample_steps == 0:
         monitor.samples(state.step, greedy_samples(recipe, run.accelerator, run.student, run.tokenizer, run.data.eval,
-                                                   run.answers))
+                                                   run.answers, cross=run.cross))
     if cfg.save_steps and state.step % cfg.save_steps == 0 and not last:
         checkpoint(run)
     if run.out_of_time and run.stop.signal is None:
@@ -623,7 +639,8 @@ def finish(run: Run, after: dict[str, float], staged: bool = False) -> TrainResu
     recipe, state, accelerator = run.recipe, run.state, run.accelerator
     checkpoint(run)
     card = model_card(recipe, run.recipe_path, state.before, after, state.step, state.train_seconds)
-    final = export_final(accelerator, run.student, run.tokenizer, recipe.train.output_dir, recipe_to_yaml(recipe), card,
+    final = export_final(accelerator, run.student, run.cross.student_tokenizer if run.cross else run.tokenizer,
+                         recipe.train.output_dir, recipe_to_yaml(recipe), card,
                          keep_adapters=bool(recipe.student.lora and recipe.student.lora.keep_adapters))
     if accelerator.is_main_process:
         console.print(summary_line(state.before, after, state.train_seconds, final))
@@ -650,12 +667,13 @@ def summary_line(before: dict[str, float], after: dict[str, float], seconds: flo
     def change(key: str, digits: int = 3) -> str:
         return f"{before.get(key, float('nan')):.{digits}f} -> {after.get(key, float('nan')):.{digits}f}"
 
-    start, end = before.get("eval/reverse_kl", float("nan")), after["eval/reverse_kl"]
-    kl = f"{change('eval/reverse_kl')} nats/token" + (f" ({100 * (end / start - 1):+.0f}%)" if start > 0 else "")
+    what, key = headline(after)
+    start, end = before.get(key, float("nan")), after[key]
+    kl = f"{change(key)} nats/token" + (f" ({100 * (end / start - 1):+.0f}%)" if start > 0 else "")
     judged = [("distinct-1", "distinct1"), ("repetition", "repetition"), ("ROUGE-L vs teacher", "rougeL_teacher"),
               ("ROUGE-L vs references", "rougeL_ref"), ("accuracy", "accuracy")]
     text = ", ".join(f"{name} {change(f'eval/greedy/{key}', 2)}" for name, key in judged if f"eval/greedy/{key}" in after)
-    return (f"held-out reverse KL (student || teacher): {kl}; greedy text: {text}; {seconds:.0f} s of training; "
+    return (f"{what}: {kl}; greedy text: {text}; {seconds:.0f} s of training; "
             f"student saved to {final}")
 
 
@@ -667,7 +685,7 @@ def _result(run: Run, after: dict | None, final: Path | None, signum: int | None
     """The run's result, with the stitching projections taken off the student (it is a plain model again)."""
     student = base_model(run.accelerator.unwrap_model(run.student))  # LoRA: merged into it by export_final
     stitching = student._modules.pop(STITCHING, None)
-    return TrainResult(student=student, tokenizer=run.tokenizer, output_dir=Path(run.recipe.train.output_dir),
+    return TrainResult(student=student, tokenizer=run.cross.student_tokenizer if run.cross else run.tokenizer, output_dir=Path(run.recipe.train.output_dir),
                        final_dir=final, before=run.state.before, after=after, steps=run.state.step,
                        head=run.plan.head, stitching=stitching, stopped_by_signal=signum,
                        zero_stage=zero_stage(run.accelerator), evaluation=run.evaluation,

@@ -110,6 +110,8 @@ def draw_completions(run: "Run", source: Source, metrics: dict[str, float], time
         handle_truncated(run, batches, metrics)
     if run.mode.with_teacher_text:  # distillm2: the teacher's text of the same prompts, in the same step
         batches += completions_of(run, "teacher", rows, timer)
+    if run.cross is not None:  # two tokenizers: the student trains on its tokens, the teacher reads its own
+        batches = [run.cross.pair(batch, run.data.train) for batch in batches]
     return batches
 
 
@@ -125,16 +127,20 @@ def completions_of(run: "Run", source: Source, rows: list[list[int]], timer: Pha
     alpha = 1.0 if source == "teacher" else r.alpha
     # the teacher's text decodes by teacher_text.*, the student's samples by rollout.*
     decode = recipe.teacher_text_decoding() if source == "teacher" else recipe.rollout_decoding()
+    # the student's samples across two tokenizers: its own tokens of the prompts, its tokenizer, its vocabulary
+    own = run.cross is not None and source == "student"
+    tokenizer, vocab = (run.cross.student_tokenizer, run.cross.student_vocab) if own else (run.tokenizer, run.vocab)
     generated = []
     with timer("rollout"), for_generation(run.student, acc) as student:
         for index, start in enumerate(range(0, len(flat), size)):
             chunk = flat[start : start + size]
-            prompt_ids, prompt_mask = prompt_batch(run.data.train, chunk, pad, acc.device)
+            prompt_ids, prompt_mask = prompt_batch(run.data.train, chunk, tokenizer.pad_token_id, acc.device,
+                                                   column="student_prompt_ids" if own else "prompt_ids")
             generator = torch.Generator(device=acc.device).manual_seed(
                 recipe.train.seed * 1_000_003 + step * 1009 + index * 31 + acc.process_index)
             generated.append(rollout(
-                student, run.teacher if alpha > 0 else None, prompt_ids, prompt_mask, tokenizer=run.tokenizer,
-                alpha=alpha, generator=generator, vocab_size=run.vocab, source=source, **decode, rows=chunk,
+                student, run.teacher if alpha > 0 else None, prompt_ids, prompt_mask, tokenizer=tokenizer,
+                alpha=alpha, generator=generator, vocab_size=vocab, source=source, **decode, rows=chunk,
                 keep_prompt_graph=run.plan.reuse_prompt, autocast=autocast_dtype(acc)))
     if size != recipe.train.batch_size:  # re-split the generation batches into training micro-batches
         everything, n = concatenate(generated, pad), recipe.train.batch_size
@@ -190,6 +196,8 @@ def teacher_outputs(run: "Run", batch: Completions) -> ModelOutputs | None:
         return None
     if batch.teacher_topk is not None:  # cached teacher text with its top-k: the cache is the teacher's distribution
         return ModelOutputs(topk=batch.teacher_topk)
+    if batch.teacher_view is not None:  # two tokenizers: the teacher reads the same text in its own tokens
+        return teacher_forward(run.teacher, batch.teacher_view, vocab=run.vocab, logits=True, hidden=False)
     return teacher_forward(run.teacher, batch, vocab=run.vocab, logits=plan.teacher_logits, hidden=plan.hidden_states,
                            prompt=plan.prompt, relation_layers=[t for _, t in plan.relation_pairs],
                            distribution=plan.teacher_distribution)
@@ -198,7 +206,8 @@ def teacher_outputs(run: "Run", batch: Completions) -> ModelOutputs | None:
 def student_outputs(run: "Run", batch: Completions) -> ModelOutputs:
     """The student's forward over a micro-batch's completions, with everything its loss reads."""
     plan = run.plan
-    return student_forward(run.student, batch, vocab=run.vocab, logits=plan.student_logits, hidden=plan.hidden_states,
+    return student_forward(run.student, batch, vocab=run.cross.student_vocab if run.cross else run.vocab,
+                           logits=plan.student_logits, hidden=plan.hidden_states,
                            lm_batch=batch.references, input_embeddings=bool(run.recipe.penalties.diversity),
                            prompt=plan.prompt, relation_pairs=plan.relation_pairs)
 
@@ -210,6 +219,7 @@ def step_context(run: "Run", batches: list[Completions], teachers: list[ModelOut
         num_tokens=global_sum(acc, sum(b.num_tokens for b in batches)),
         num_sequences=global_sum(acc, sum(sequences_with_pairs(b.completion_mask) for b in batches)),
         head=run.plan.head, relation_heads=run.plan.relation_heads,
+        shared_vocabulary=run.cross.shared if run.cross is not None else None,
     )
     if run.plan.prompt:
         ctx.prompt_tokens = global_sum(acc, sum(b.num_prompt_tokens for b in batches))
