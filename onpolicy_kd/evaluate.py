@@ -38,7 +38,7 @@ from onpolicy_kd.evaluation.report import (
     add_to_model_card, distribution_table, samples_table, text_table, write_outputs,
 )
 from onpolicy_kd.evaluation.teacher_answers import TeacherAnswers, recipe_teacher_answers
-from onpolicy_kd.models.loading import load_model, load_models
+from onpolicy_kd.models.loading import load_model, load_models, load_tokenizer
 from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.objectives.hidden import STITCHING_FILE, stitching_from_file
 from onpolicy_kd.recipe import Recipe, load_recipe
@@ -119,7 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         answers = recipe_teacher_answers(recipe, models.teacher, models.tokenizer, data.eval)  # for every column
         cross = None
         if models.student_tokenizer is not None:  # objective.cross_tokenizer: the students write with their own
-            data = replace(data, eval=with_student_prompts(data.eval, models.student_tokenizer))
+            data = replace(data, eval=with_student_prompts(data.eval, models.student_tokenizer, models.tokenizer))
+            for target in targets[1:]:  # --compare: every student writes with this tokenizer
+                _, _, other = resolve_target(target, overrides)
+                if other is None or load_tokenizer(str(other / "final"), "student").get_vocab() != \
+                        models.student_tokenizer.get_vocab():
+                    raise UserError(f"--compare across tokenizers: {target} is not a run whose student has the "
+                                    f"first one's tokenizer; compare runs of one student tokenizer")
             cross = cross_tokenizer(recipe.objective, models.student_tokenizer, models.tokenizer,
                                     next(models.teacher.parameters()).device)
         results = []

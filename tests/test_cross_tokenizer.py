@@ -198,7 +198,7 @@ def test_the_span_loss_of_a_batch_against_a_float64_hand_computation():
                 want = want + pt * (pt / ps).log() + (1 - pt) * ((1 - pt) / (1 - ps)).log()
     want = want / 10
     torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-13)
-    assert metrics == {"cross/one_token_spans": 4.0, "cross/split_spans": 1.0}
+    assert metrics == {"cross/one_token_share": 0.8}
     got_grads = torch.autograd.grad(loss, s_logits, retain_graph=True)  # (the two share the log-softmax's graph)
     for a, b in zip(got_grads, torch.autograd.grad(want, s_logits)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -19,23 +19,31 @@ import torch
 
 
 from onpolicy_kd.batch import Completions, left_pad, right_pad
+from onpolicy_kd.errors import DataError
 from onpolicy_kd.objectives.cross_tokenizer import aligned_spans, shared_vocabulary
 
 Span = tuple[int, int, int, int]
 
 
 def char_ends(tokenizer, ids: Sequence[int]) -> list[int]:
-    """Each token's character end in the decoded text of `ids` (an EOS at the end ends one past it). A token that
-    is part of a character (byte-level pieces) ends where the character is complete; ends never decrease."""
-    ends, done = [], 0
+    """Each token's character end in the decoded text of `ids` (an EOS at the end ends one past it). A byte piece
+    that leaves a character unfinished ends where the token completing it ends, so the pieces of one character
+    travel together; ends never decrease."""
+    ends: list[int] = []
+    pending = 0  # tokens so far whose character is not finished yet
     eos = tokenizer.eos_token_id
     text_ids = list(ids[:-1]) if ids and ids[-1] == eos else list(ids)
     for i in range(len(text_ids)):
         text = tokenizer.decode(text_ids[: i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        done = max(done, len(text.rstrip("\ufffd")))  # an incomplete character is not there yet
-        ends.append(done)
+        if text.endswith("\ufffd"):  # an unfinished character: this token ends with the one that completes it
+            pending += 1
+            continue
+        ends.extend([len(text)] * (pending + 1))
+        pending = 0
+    full = len(tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+    ends.extend([max([full, *ends[-1:]])] * pending)  # (a text cut inside a character)
     if len(text_ids) < len(ids):
-        ends.append(len(tokenizer.decode(text_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)) + 1)
+        ends.append(full + 1)
     return ends
 
 
@@ -55,6 +63,14 @@ def other_side(batch: Completions, source_tokenizer, target_tokenizer, target_pr
     texts = [source_tokenizer.decode(row[:-1] if end else row, skip_special_tokens=False, clean_up_tokenization_spaces=False)
              for row, end in zip(source_rows, ended)]
     target_rows = [tokens_of(target_tokenizer, text, end) for text, end in zip(texts, ended)]
+    for text, row, end in zip(texts, target_rows, ended):  # the spans compare characters: both must be one text
+        back = target_tokenizer.decode(row[:-1] if end else row, skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False)
+        if back != text:
+            raise DataError(f"objective.cross_tokenizer: the {'student' if source != 'student' else 'teacher'}'s "
+                            f"tokenizer does not give back the text it was given ({text[:60]!r} -> {back[:60]!r}); "
+                            f"it normalises text (a SentencePiece prefix space, lower-casing, ...), so the two "
+                            f"tokenizations cannot be lined up character by character")
     prompt_ids, prompt_mask = left_pad(target_prompts, target_tokenizer.pad_token_id, device)
     ids, mask = right_pad(target_rows, target_tokenizer.pad_token_id, device)
     spans = [aligned_spans(char_ends(source_tokenizer, s), char_ends(target_tokenizer, t))
@@ -111,7 +127,10 @@ def cross_tokenizer(objective, student_tokenizer, teacher_tokenizer, device) -> 
                           objective.skew)
 
 
-def with_student_prompts(dataset, tokenizer):
-    """The split with each prompt also in the student's tokens (column student_prompt_ids)."""
-    return dataset.add_column("student_prompt_ids", prompt_ids_for(tokenizer, dataset["prompt"]))
+def with_student_prompts(dataset, tokenizer, teacher_tokenizer):
+    """The split with each prompt also in the student's tokens (column student_prompt_ids): the teacher's prompt
+    ids decoded as they are (special tokens and spacing kept) and tokenized by the student's tokenizer."""
+    texts = [teacher_tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+             for ids in dataset["prompt_ids"]]
+    return dataset.add_column("student_prompt_ids", prompt_ids_for(tokenizer, texts))
 

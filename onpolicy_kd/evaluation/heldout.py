@@ -236,7 +236,8 @@ def _evaluate_batch(student, teacher, tokenizer, dataset: Dataset, rows: list[in
         metrics = {f"greedy/{k}": v for k, v in text_metrics(greedy[b], **judge).items()}
         metrics |= {f"sampled/{k}": v for k, v in mean_over_samples([text_metrics(a, **judge)
                                                                       for a in sampled[b]]).items()}
-        metrics |= teacher_metrics(t_greedy, t_samples, refs, gold, common) | perplexities.get(b, {})
+        metrics |= teacher_metrics(t_greedy, t_samples, refs, gold, common | {"eos_ids": [teacher_tokenizer.eos_token_id]})
+        metrics |= perplexities.get(b, {})
         predictions.append({"prompt": record["prompt"], "reference": record["reference"], "references": refs,
                             "teacher": t_greedy.text, "teacher_samples": [a.text for a in t_samples],
                             "student": greedy[b].text, "student_samples": [a.text for a in sampled[b]],

@@ -186,7 +186,7 @@ def spans_loss(student_logprobs: Sequence[Tensor], teacher_logprobs: Sequence[Te
     """The span-aligned loss of a batch, row by row (each row's completion in the student's and in the teacher's
     tokens: log-probs (T_s, V_s) / (T_t, V_t) at the positions predicting its tokens, and those tokens): over the
     one-token spans the shared-vocabulary divergence `kind`, over the others the span binary KL; summed and divided
-    by `num_tokens` (the step's student tokens; default this batch's). Metrics: each term's sum per span kind."""
+    by `num_tokens` (the step's student tokens; default this batch's). Metric: the share of one-token spans."""
     student_ids, teacher_ids = shared
     terms, one, many, count = [], 0, 0, 0
     for s_lp, t_lp, s_tok, t_tok, row in zip(student_logprobs, teacher_logprobs, student_tokens, teacher_tokens, spans):
@@ -207,7 +207,7 @@ def spans_loss(student_logprobs: Sequence[Tensor], teacher_logprobs: Sequence[Te
             many += len(split)
     total = torch.stack(terms).sum() if terms else student_logprobs[0].sum() * 0
     loss = total / max(num_tokens if num_tokens is not None else count, 1)
-    return loss, {"cross/one_token_spans": float(one), "cross/split_spans": float(many)}
+    return loss, {"cross/one_token_share": one / max(one + many, 1)}
 
 
 def uld_loss(student_logprobs: Sequence[Tensor], teacher_logprobs: Sequence[Tensor], *,

@@ -840,6 +840,9 @@ class Recipe(Section):
             (obj.lmbda_schedule == "adaptive", "objective.lmbda_schedule=adaptive (it reads the held-out KL, which "
                                                "needs one vocabulary)"),
             (self.replay.size > 0, "replay.size > 0 (not kept across tokenizers yet)"),
+            (obj.seq_kd and not self.teacher_text.cache, "objective.seq_kd without teacher_text.cache (the teacher's "
+                                                         "text is decoded once, in its own tokens, into the cache)"),
+            (self.eval.full, "eval.full (the reference KLs and perplexities need one vocabulary)"),
             (self.student.init == "teacher_layers", "student.init=teacher_layers (a copy of the teacher has its "
                                                     "tokenizer)"),
         ]

@@ -298,10 +298,15 @@ def setup(recipe: Recipe, recipe_path: str, models: Models | None = None, raw_tr
 def cross_setup(recipe: Recipe, models: Models, data: PromptData,
                 accelerator: Accelerator) -> tuple[PromptData, CrossTokenizer | None]:
     """objective.cross_tokenizer: the prompts also in the student's tokens, and what the two tokenizations share."""
+    if bool(recipe.objective.cross_tokenizer) != (models.student_tokenizer is not None):
+        raise ConfigError("objective.cross_tokenizer must be set exactly when the student has a tokenizer of its own "
+                          "(models loaded for one recipe and trained with another: a stage of a staged run keeps "
+                          "the run's objective.cross_tokenizer)")
     if models.student_tokenizer is None:
         return data, None
-    tokenizer = models.student_tokenizer
-    data = replace(data, train=with_student_prompts(data.train, tokenizer), eval=with_student_prompts(data.eval, tokenizer))
+    tokenizer, teacher_tokenizer = models.student_tokenizer, models.tokenizer
+    data = replace(data, train=with_student_prompts(data.train, tokenizer, teacher_tokenizer),
+                   eval=with_student_prompts(data.eval, tokenizer, teacher_tokenizer))
     return data, cross_tokenizer(recipe.objective, tokenizer, models.tokenizer, accelerator.device)
 
 

@@ -23,8 +23,8 @@ from rich.text import Text
 from onpolicy_kd.console import console
 from onpolicy_kd.evaluation.report import samples_table
 
-SHOWN = ("train/loss", "train/reverse_kl", "eval/reverse_kl", "eval/greedy/rougeL_ref", "eval/sampled/rougeL_ref",
-         "eval/greedy/accuracy", "eval/sampled/accuracy", "eval/greedy/rougeL_teacher", "eval/greedy/distinct1",
+SHOWN = ("train/loss", "train/reverse_kl", "eval/reverse_kl", "eval/cross_loss", "eval/greedy/rougeL_ref",
+         "eval/sampled/rougeL_ref", "eval/greedy/accuracy", "eval/sampled/accuracy", "eval/greedy/rougeL_teacher", "eval/greedy/distinct1",
          "eval/greedy/repetition", "train/entropy", "rollout/mean_len", "data/mean_len", "optim/lr", "optim/grad_norm",
          "perf/tokens_per_s", "time/rollout_s", "time/teacher_s", "time/student_s", "time/optimizer_s")
 

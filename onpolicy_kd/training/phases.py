@@ -143,7 +143,7 @@ def completions_of(run: "Run", source: Source, rows: list[list[int]], timer: Pha
                 alpha=alpha, generator=generator, vocab_size=vocab, source=source, **decode, rows=chunk,
                 keep_prompt_graph=run.plan.reuse_prompt, autocast=autocast_dtype(acc)))
     if size != recipe.train.batch_size:  # re-split the generation batches into training micro-batches
-        everything, n = concatenate(generated, pad), recipe.train.batch_size
+        everything, n = concatenate(generated, tokenizer.pad_token_id), recipe.train.batch_size
         generated = [everything.select(range(i * n, (i + 1) * n)) for i in range(len(rows))]
     if recipe.objective.lm_coef:  # pg's language-modelling term reads the same prompts' references
         for batch in generated:
