@@ -63,18 +63,20 @@ def other_side(batch: Completions, source_tokenizer, target_tokenizer, target_pr
     texts = [source_tokenizer.decode(row[:-1] if end else row, skip_special_tokens=False, clean_up_tokenization_spaces=False)
              for row, end in zip(source_rows, ended)]
     target_rows = [tokens_of(target_tokenizer, text, end) for text, end in zip(texts, ended)]
-    for text, row, end in zip(texts, target_rows, ended):  # the spans compare characters: both must be one text
-        back = target_tokenizer.decode(row[:-1] if end else row, skip_special_tokens=False,
-                                       clean_up_tokenization_spaces=False)
-        if back != text:
-            raise DataError(f"objective.cross_tokenizer: the {'student' if source != 'student' else 'teacher'}'s "
-                            f"tokenizer does not give back the text it was given ({text[:60]!r} -> {back[:60]!r}); "
-                            f"it normalises text (a SentencePiece prefix space, lower-casing, ...), so the two "
-                            f"tokenizations cannot be lined up character by character")
+    # the spans compare characters, so a row the target tokenizer does not give back as the same text (a control
+    # character it drops in a sampled completion) gets no span; a tokenizer that normalises every text is refused
+    same = [target_tokenizer.decode(row[:-1] if end else row, skip_special_tokens=False,
+                                    clean_up_tokenization_spaces=False) == text
+            for text, row, end in zip(texts, target_rows, ended)]
+    if texts and not any(same):
+        side = "student" if source != "student" else "teacher"
+        raise DataError(f"objective.cross_tokenizer: the {side}'s tokenizer gives back none of the texts it is given "
+                        f"(e.g. {texts[0][:60]!r}); it normalises text (a SentencePiece prefix space, lower-casing, "
+                        f"...), so the two tokenizations cannot be lined up character by character")
     prompt_ids, prompt_mask = left_pad(target_prompts, target_tokenizer.pad_token_id, device)
     ids, mask = right_pad(target_rows, target_tokenizer.pad_token_id, device)
-    spans = [aligned_spans(char_ends(source_tokenizer, s), char_ends(target_tokenizer, t))
-             for s, t in zip(source_rows, target_rows)]
+    spans = [aligned_spans(char_ends(source_tokenizer, s), char_ends(target_tokenizer, t)) if ok else []
+             for s, t, ok in zip(source_rows, target_rows, same)]
     other = Completions(prompt_ids, prompt_mask, ids, mask, source=source, texts=list(batch.texts), rows=list(batch.rows),
                         truncated=batch.truncated)
     return other, spans
