@@ -364,3 +364,25 @@ def test_attention_relations_under_ddp_with_lora(tmp_path, far_pair, isolated_ca
     assert not (final / "stitching.safetensors").exists()
     weights = load_file(final / "model.safetensors")
     assert not any("lora" in k or "base_layer" in k or "stitching" in k for k in weights)
+
+
+def test_logit_mse_under_ddp_moves_the_student_as_one_process_does(tmp_path, far_pair, isolated_cache):
+    """divergence=logit_mse on 2 DDP processes (2 prompts each) takes the same SGD step as one process on the same
+    4 prompts: the loss is divided by the step's global token count, so DDP's averaging reproduces the whole batch."""
+    from onpolicy_kd.train import main
+
+    recipe = recipe_for(tmp_path, far_pair, "kd")
+    common = ["train.max_steps=1", "eval.max_samples=4", "objective.divergence=logit_mse", "optim.name=sgd",
+              "optim.lr=1.0", "optim.max_grad_norm=null"]
+    run = launch("cpu_2proc.yaml", 2, {"ACCELERATE_USE_CPU": "true"}, recipe, *common, "train.batch_size=2",
+                 f"train.output_dir={tmp_path / 'ddp'}")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    assert main([str(recipe), *common, "train.batch_size=4", f"train.output_dir={tmp_path / 'one'}"]) == 0
+    rows = {name: [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl") if "train/logit_mse" in line]
+            for name in ("ddp", "one")}
+    assert rows["one"][0]["train/logit_mse"] > 0  # a gradient to take (the two models' logits differ)
+    assert rows["ddp"][0]["train/logit_mse"] == pytest.approx(rows["one"][0]["train/logit_mse"], rel=1e-4)
+    ddp = load_file(tmp_path / "ddp" / "final" / "model.safetensors")
+    one = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    for key, value in one.items():
+        torch.testing.assert_close(ddp[key], value, rtol=1e-4, atol=1e-6, msg=key)
