@@ -118,6 +118,10 @@ METHODS: dict[str, object] = {
     # "what the peers have"); the cache is made once per k before the first run and not counted, as the text is
     **{f"kd_top{k}": (lambda budget, k=k: ["stages=[]", "objective.mode=gkd", "objective.divergence=forward_kl",
                                            f"teacher_text.topk={k}", *TEACHER_TEXT]) for k in (20, 50, 100)},
+    # Distily's logit MSE (centred logits) in place of the forward KL, on the same teacher text (issue "what the
+    # peers have")
+    "kd_logit_mse": lambda budget: ["stages=[]", "objective.mode=gkd", "objective.divergence=logit_mse",
+                                    *TEACHER_TEXT],
     "seqkd": lambda budget: ["stages=[]", "objective.mode=seqkd", "objective.divergence=reverse_kl",
                              "objective.lmbda=1.0", "objective.seq_kd=false",
                              *[t for t in TEACHER_TEXT if not t.startswith("objective.")]],
@@ -143,6 +147,7 @@ METHODS: dict[str, object] = {
 LABELS = {"kd": "KD: forward KL on teacher text", "kd_freq": "KD + frequency penalty 5",
           "kd_relation": "KD + attention relations (MiniLMv2, last layer, 3 heads)",
           **{f"kd_top{k}": f"KD from the cached top-{k} (no teacher forward)" for k in (20, 50, 100)},
+          "kd_logit_mse": "KD with the centred-logit MSE instead of the KL",
           "seqkd": "SeqKD: CE on teacher text", "gkd_rkl": "on-policy GKD, reverse KL",
           "gkd_jsd": "on-policy GKD, JSD 0.5", "pg": "PG (MiniLLM-style)",
           "staged": "KD 1/2, then on-policy reverse KL", "staged_fkl": "KD 2/3, then on-policy forward KL",
