@@ -244,11 +244,8 @@ def test_top_k_where_it_cannot_apply_is_refused(tmp_path, far_pair, overrides, m
         load_recipe(path, [*base, *overrides])
 
 
-@pytest.mark.parametrize("topk, released", [(5, True), (None, False)])
-def test_a_run_whose_steps_read_only_the_cache_trains_without_the_teacher_in_memory(
-        topk, released, tmp_path, far_pair, isolated_cache, monkeypatch, capsys):
-    """The teacher is loaded for the caches and the held-out answers, let go before the first step, and loaded
-    again for each evaluation only; a run whose steps run it keeps it."""
+def watch_teachers(monkeypatch) -> tuple[list, list[int]]:
+    """(a weak reference to every teacher loaded, how many of them are alive at each training step)."""
     import gc
     import weakref
 
@@ -269,6 +266,15 @@ def test_a_run_whose_steps_read_only_the_cache_trains_without_the_teacher_in_mem
 
     monkeypatch.setattr(loading, "load_teacher", load_teacher)
     monkeypatch.setattr(loop, "draw_completions", draw_completions)
+    return teachers, alive_at_steps
+
+
+@pytest.mark.parametrize("topk, released", [(5, True), (None, False)])
+def test_a_run_whose_steps_read_only_the_cache_trains_without_the_teacher_in_memory(
+        topk, released, tmp_path, far_pair, isolated_cache, monkeypatch, capsys):
+    """The teacher is loaded for the caches and the held-out answers, let go before the first step, and loaded
+    again for each evaluation only; a run whose steps run it keeps it."""
+    teachers, alive_at_steps = watch_teachers(monkeypatch)
     path = recipe_for(tmp_path, far_pair, "gkd")
     keys = [*TOPK_RUN, "eval.eval_steps=2", *([f"teacher_text.topk={topk}"] if topk else [])]
     assert main([str(path), *keys]) == 0
@@ -285,26 +291,7 @@ def test_a_run_whose_steps_read_only_the_cache_trains_without_the_teacher_in_mem
 
 def test_a_staged_run_lets_the_teacher_go_for_a_top_k_stage_and_loads_it_again_for_the_next(
         tmp_path, far_pair, isolated_cache, monkeypatch):
-    import gc
-    import weakref
-
-    import onpolicy_kd.models.loading as loading
-    import onpolicy_kd.training.loop as loop
-
-    teachers, alive_at_steps = [], []
-
-    def load_teacher(*args, real=loading.load_teacher, **kwargs):
-        teacher, tokenizer = real(*args, **kwargs)
-        teachers.append(weakref.ref(teacher))
-        return teacher, tokenizer
-
-    def draw_completions(*args, real=loop.draw_completions, **kwargs):
-        gc.collect()
-        alive_at_steps.append(sum(ref() is not None for ref in teachers))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loading, "load_teacher", load_teacher)
-    monkeypatch.setattr(loop, "draw_completions", draw_completions)
+    teachers, alive_at_steps = watch_teachers(monkeypatch)
     path = recipe_for(tmp_path, far_pair, "gkd")
     keys = [k for k in TOPK_RUN if not k.startswith("train.max_steps")]
     assert main([str(path), *keys, "train.max_steps=null",

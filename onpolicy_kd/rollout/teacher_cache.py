@@ -101,13 +101,19 @@ def generate_teacher_completions(teacher, tokenizer, prompts: Dataset, settings:
     return Dataset.from_dict({"teacher_ids": ids_out, "teacher_text": texts})
 
 
+def canonical_order(prompts: Dataset) -> tuple[list[int], list[int]]:
+    """(the rows sorted by their prompt ids: the order a cache entry is made in, the canonical position of each of
+    the caller's rows: `.select(back)` hands an entry back in the caller's order)."""
+    order = sorted(range(len(prompts)), key=lambda row: prompts[row]["prompt_ids"])
+    return order, sorted(range(len(order)), key=order.__getitem__)
+
+
 def cached_teacher_completions(teacher, tokenizer, prompts: Dataset, settings: dict[str, Any], *,
                                cache_dir: Path | None, batch_size: int, seed: int, device: torch.device, vocab: int,
                                progress: Callable[[int, int], None] | None = None) -> tuple[Dataset, bool, Path | None]:
     """(the completions in the order of `prompts`, whether they came from the cache, the cache entry's folder).
     With `cache_dir` None they are generated (in the same canonical order, so the same completions) and not kept."""
-    order = sorted(range(len(prompts)), key=lambda row: prompts[row]["prompt_ids"])  # the canonical order
-    back = sorted(range(len(order)), key=order.__getitem__)  # canonical position of each of the caller's rows
+    order, back = canonical_order(prompts)
     prompts = prompts.select(order)
     common = dict(batch_size=batch_size, seed=seed, device=device, vocab=vocab, progress=progress)
     if cache_dir is None:
@@ -197,8 +203,7 @@ def cached_teacher_topk(teacher, prompts: Dataset, completions: Sequence[Sequenc
     """`teacher_topk` of the cached completions (in the order of `prompts`), kept beside their cache entry as
     `<entry>-top<k>-t<temperature>` (the completions' key already covers the teacher, the prompts and the decoding),
     and read back by later runs; made and not kept when the completions are not cached (`completions_folder` None)."""
-    order = sorted(range(len(prompts)), key=lambda row: prompts[row]["prompt_ids"])  # the completions' canonical order
-    back = sorted(range(len(order)), key=order.__getitem__)
+    order, back = canonical_order(prompts)  # the completions' order
     canonical = prompts.select(order)
 
     def make() -> Dataset:
