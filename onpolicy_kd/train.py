@@ -28,7 +28,8 @@ from onpolicy_kd.models.loading import Models, check_recipe_fits, count_paramete
 from onpolicy_kd.models.seq2seq import is_encoder_decoder
 from onpolicy_kd.models.attention import relation_setup
 from onpolicy_kd.objectives.hidden import attach_stitching
-from onpolicy_kd.objectives.modes import MODES, describe_step
+from onpolicy_kd.objectives.modes import MODES
+from onpolicy_kd.training.describe import describe_step
 from onpolicy_kd.recipe import Recipe, load_recipe, recipe_to_yaml
 from onpolicy_kd.recipe.schema import StageConfig
 from onpolicy_kd.recipe.loading import recipe_and_overrides, resolve_stages

@@ -57,8 +57,6 @@ EQUIVALENT: dict[str, str] = {
     "onpolicy_kd.batch.xǁCompletionsǁselect__mutmut_7": _CPU_INDEX,
     "onpolicy_kd.objectives.divergences.x_divergence__mutmut_39": _CPU_INDEX,
     "onpolicy_kd.objectives.divergences.x_divergence__mutmut_42": _CPU_INDEX,
-    "onpolicy_kd.objectives.divergences.x_divergence__mutmut_71": "without num_tokens reduce_tokens divides by the "
-    "number of values, which are the valid rows: valid_N.sum() itself",
     "onpolicy_kd.objectives.penalties.x__at_every_position__mutmut_15": _CPU_INDEX,
     "onpolicy_kd.objectives.penalties.x__at_every_position__mutmut_17": _CPU_INDEX,
     "onpolicy_kd.objectives.penalties.x__mean_pairwise_distance__mutmut_44": "ordered pairs i != j come in twos: "

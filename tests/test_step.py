@@ -224,6 +224,28 @@ def test_select_keeps_every_field_of_the_rows_it_takes():
     assert a.select([1]).rows == []
 
 
+def test_select_takes_the_same_rows_of_the_teachers_view_and_their_spans():
+    """Across two tokenizers a batch carries the same rows in the teacher's tokens and, per row, their spans:
+    select() takes the chosen rows of both, in the order asked."""
+    a = _sampled([[1, 2, 3], [4], [5, 6]], [1, 3, 2], 3)
+    a.teacher_view = _sampled([[7], [8, 9], [10]], [2, 1, 3], 4)
+    a.spans = [[(0, 1, 0, 2)], [(0, 3, 0, 1)], [(0, 1, 0, 1), (1, 2, 1, 3)]]
+    part = a.select([2, 0])
+    assert part.spans == [a.spans[2], a.spans[0]]
+    assert part.teacher_view.prompt_ids.tolist() == [[10], [7]]
+    assert part.teacher_view.completion_mask.sum(1).tolist() == [3, 2] and part.teacher_view.texts == ["2", "0"]
+
+
+@pytest.mark.parametrize("field", ["teacher_topk", "teacher_view"])
+def test_batches_made_per_micro_batch_are_not_concatenated(field):
+    """The teacher's cached top-k and the teacher's own tokens are made for each micro-batch: joining two such
+    batches is refused, each field on its own."""
+    a, b = _sampled([[1, 2]], [1], 2), _sampled([[3]], [2], 2)
+    setattr(b, field, object())
+    with pytest.raises(ValueError, match="batches with the teacher's cached top-k or its own tokens are not concatenated"):
+        concatenate([a, b], pad_id=0)
+
+
 # --- a step does not depend on how its samples are split -----------------------------------------------------
 
 

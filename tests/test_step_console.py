@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from onpolicy_kd.objectives.modes import describe_step, forward_plan
+from onpolicy_kd.objectives.modes import forward_plan
+from onpolicy_kd.training.describe import describe_step
 from onpolicy_kd.recipe import load_recipe
 from onpolicy_kd.train import main
 
@@ -93,6 +94,6 @@ def test_distillm2_counts_half_its_completions_as_the_students(tmp_path, far_pai
 
 def test_every_divergence_has_its_words_for_the_runs_first_lines():
     from onpolicy_kd.objectives.divergences import DIVERGENCES
-    from onpolicy_kd.objectives.modes import DIVERGENCE_NAMES
+    from onpolicy_kd.training.describe import DIVERGENCE_NAMES
 
     assert set(DIVERGENCE_NAMES) == set(DIVERGENCES)

@@ -133,6 +133,21 @@ def test_topk_divergence_refuses_logit_mse():
         topk_divergence(torch.randn(2, 5), top, kind="logit_mse")
 
 
+@pytest.mark.parametrize("kind", ["jsd", "skew_forward_kl", "skew_reverse_kl"])
+def test_topk_divergence_defaults_are_the_dense_divergences(kind):
+    """Left out, beta and skew are what `divergence` takes by default: at k = V the two agree without them."""
+    torch.manual_seed(8)
+    student, teacher = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
+    torch.testing.assert_close(topk_divergence(student, teacher_top(teacher, 7), kind=kind),
+                               divergence(student, teacher, kind=kind))
+
+
+def test_topk_divergence_refuses_a_top_k_of_other_positions():
+    top = teacher_top(torch.randn(1, 4, 5), 2)  # (B, T, k) for B = 1, T = 4 against the student's B = 2, T = 3
+    with pytest.raises(ValueError, match="the student has 6 positions, the teacher's top-k 4"):
+        topk_divergence(torch.randn(2, 3, 5), top, kind="forward_kl")
+
+
 def test_the_cache_holds_the_teachers_top_k_of_its_forward(far_pair):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

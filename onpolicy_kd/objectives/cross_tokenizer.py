@@ -151,7 +151,7 @@ def shared_buckets(student_logprobs: Tensor, teacher_logprobs: Tensor, student_i
 
 
 def shared_divergence(student_logprobs: Tensor, teacher_logprobs: Tensor, student_ids: Tensor, teacher_ids: Tensor,
-                      *, kind: str = "forward_kl", beta: float = 0.5, skew: float = 0.1) -> Tensor:
+                      *, kind: str, beta: float, skew: float) -> Tensor:
     """Per row, the divergence `kind` between the two models' distributions over the shared tokens and one bucket
     for the rest (`shared_buckets`): (N,)."""
     if kind == "logit_mse":
@@ -181,8 +181,7 @@ def span_binary_kl(student_span_logprobs: Tensor, teacher_span_logprobs: Tensor)
 def spans_loss(student_logprobs: Sequence[Tensor], teacher_logprobs: Sequence[Tensor],
                student_tokens: Sequence[Tensor], teacher_tokens: Sequence[Tensor],
                spans: Sequence[Sequence[tuple[int, int, int, int]]], shared: tuple[Tensor, Tensor], *,
-               kind: str = "forward_kl", beta: float = 0.5, skew: float = 0.1,
-               num_tokens: float | None = None) -> tuple[Tensor, dict[str, float]]:
+               kind: str, beta: float, skew: float, num_tokens: float | None = None) -> tuple[Tensor, dict[str, float]]:
     """The span-aligned loss of a batch, row by row (each row's completion in the student's and in the teacher's
     tokens: log-probs (T_s, V_s) / (T_t, V_t) at the positions predicting its tokens, and those tokens): over the
     one-token spans the shared-vocabulary divergence `kind`, over the others the span binary KL; summed and divided

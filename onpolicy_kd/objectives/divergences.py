@@ -172,7 +172,7 @@ def divergence(
         valid_N = mask.reshape(-1).bool()
     # Only valid rows are computed: padded positions can hold anything (even inf) without harm.
     values = fn(log_probs(s_NV[valid_N], temperature), log_probs(t_NV[valid_N], temperature), beta, skew)
-    return reduce_tokens(values, None, num_tokens if num_tokens is not None else valid_N.sum())
+    return reduce_tokens(values, None, num_tokens)  # (values holds the valid rows only: their count by default)
 
 
 class _ChunkedDivergence(torch.autograd.Function):
@@ -317,7 +317,7 @@ def topk_divergence(
         raise ValueError(f"the student has {s_NV.shape[0]} positions, the teacher's top-k {top_N.ids.shape[0]}")
     valid_N = torch.ones(s_NV.shape[0], dtype=torch.bool, device=s_NV.device) if mask is None else mask.reshape(-1).bool()
     values = fn(*topk_buckets(log_probs(s_NV[valid_N], temperature), top_N.rows(valid_N)), beta, skew)
-    return reduce_tokens(values, None, num_tokens if num_tokens is not None else valid_N.sum())
+    return reduce_tokens(values, None, num_tokens)  # (values holds the valid rows only: their count by default)
 
 
 def chunked_topk_divergence(

@@ -39,12 +39,13 @@ from onpolicy_kd.objectives.divergences import LIGER_KINDS, liger_available
 from onpolicy_kd.models.attention import relation_setup
 from onpolicy_kd.objectives.hidden import STITCHING, attach_stitching
 from onpolicy_kd.objectives.modes import (
-    MODES, ForwardPlan, Mode, completion_source, describe_step, forward_plan, samples_student, steps_run_teacher,
+    MODES, ForwardPlan, Mode, completion_source, forward_plan, samples_student, steps_run_teacher,
 )
 from onpolicy_kd.recipe import Recipe, cache_root, recipe_to_yaml
 from onpolicy_kd.recipe.schema import DEFAULT_MAX_STEPS, TIME_ONLY_STEP_CAP, parse_trainable
 from onpolicy_kd.rollout.replay import ReplayBuffer, replay_file
 from onpolicy_kd.rollout.teacher_cache import cached_teacher_completions, cached_teacher_topk
+from onpolicy_kd.training.describe import describe_step
 from onpolicy_kd.training.checkpoint import (
     check_writable, checkpoint_bytes, claim_run, export_final, load_checkpoint, model_card, resume_plan,
     save_checkpoint,
