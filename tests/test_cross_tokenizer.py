@@ -444,3 +444,50 @@ def test_uld_with_the_larger_vocabulary_on_the_students_side():
         p = sorted(t_lp[row].exp().tolist(), reverse=True) + [0.0] * 3
         want.append(sum(abs(a - b) for a, b in zip(p, q)))
     torch.testing.assert_close(uld_distance(s_lp, t_lp), torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["spans", "uld"])
+def test_the_step_loss_across_tokenizers_reads_each_rows_own_tokens_and_logs_its_mean(how):
+    """objectives/loss.py's cross_tokenizer_loss: the student's log-probs over its own completion tokens and the
+    teacher's over its (`teacher_view`), each row cut to its length (padding unread), through the span loss or ULD,
+    divided by the step's tokens; the per-token mean and the one-token share logged."""
+    from types import SimpleNamespace
+
+    from onpolicy_kd.batch import Completions, completion_mask
+    from onpolicy_kd.objectives.cross_tokenizer import spans_loss, uld_loss
+    from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, cross_tokenizer_loss
+
+    torch.manual_seed(14)
+    vs, vt = 6, 9
+    s_lengths, t_lengths = [3, 2], [2, 3]
+
+    def batch(lengths, width, vocab):
+        ids = torch.randint(vocab, (2, width))
+        return Completions(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long), ids,
+                           completion_mask(torch.tensor(lengths), width), source="student", texts=["a", "b"])
+
+    student_batch, teacher_batch = batch(s_lengths, 4, vs), batch(t_lengths, 4, vt)
+    student_batch.teacher_view = teacher_batch
+    student_batch.spans = [[(0, 1, 0, 1), (1, 3, 1, 2)], [(0, 1, 0, 1), (1, 2, 1, 3)]]
+    s_logits = torch.randn(2, 4, vs, dtype=torch.float64, requires_grad=True)
+    t_logits = torch.randn(2, 4, vt, dtype=torch.float64)
+    shared = (torch.tensor([0, 2, 3]), torch.tensor([4, 1, 0]))
+    obj = SimpleNamespace(cross_tokenizer=how, divergence="jsd", beta=0.3, skew=0.2)
+    ctx = StepContext(num_tokens=10.0, shared_vocabulary=shared)
+    metrics: dict = {}
+    loss = cross_tokenizer_loss(student_batch, ModelOutputs(logits=s_logits), ModelOutputs(logits=t_logits),
+                                SimpleNamespace(objective=obj), ctx, metrics)
+    s_lp = [torch.log_softmax(s_logits[b, :n], -1) for b, n in enumerate(s_lengths)]
+    t_lp = [torch.log_softmax(t_logits[b, :n], -1) for b, n in enumerate(t_lengths)]
+    if how == "uld":
+        want = uld_loss(s_lp, t_lp, num_tokens=10)
+    else:
+        want, counts = spans_loss(s_lp, t_lp, [student_batch.completion_ids[b, :n] for b, n in enumerate(s_lengths)],
+                                  [teacher_batch.completion_ids[b, :n] for b, n in enumerate(t_lengths)],
+                                  student_batch.spans, shared, kind="jsd", beta=0.3, skew=0.2, num_tokens=10)
+        assert metrics["cross/one_token_share"] == counts["cross/one_token_share"] == 0.5
+    torch.testing.assert_close(loss, want)
+    assert metrics[f"train/cross_{how}"] == pytest.approx(want.item() * 10 / 5)
+    # padding positions are never read: they get no gradient
+    (grad,) = torch.autograd.grad(loss, s_logits)
+    assert grad[0, 3].abs().sum() == 0 and grad[1, 2:].abs().sum() == 0 and grad[0, :3].abs().sum() > 0
