@@ -44,6 +44,13 @@ _UNSQUEEZE_1D = "unsqueeze of a 1-D tensor: +1 and -1 are the same new last dime
 _ASSERT_MESSAGE = ("the message of an internal assertion (token_terms is called with a teacher whenever this term is "
                    "asked for); no user input reaches it")
 _NO_COMPLETION_COLUMN = "a row without a completion column: row.get of None, '' or any other absent name is None"
+_SORT_DIM = "Tensor.sort sorts along the last dimension unless told otherwise"
+_MINUS_INF = "float() reads '-INF' as it reads '-inf'"
+_INT_IDS = "torch.tensor of a non-empty list of Python ints is int64 anyway (the EOS pair is always in the list)"
+_TOKEN_COLUMN = "the tokens' log-probs are (T, 1) after the gather: dim +1 is dim -1"
+_SPAN_SQUEEZE = ("squeeze(-2) of (T, 1) leaves it (T, 1) (or makes (1,) of (1, 1)); a span's sum over (n, 1) is its "
+                 "sum over (n,)")
+_NONE_INDEX = "x[None] adds a leading dimension of 1: the same values, and reduce_tokens sums and counts them the same"
 EQUIVALENT: dict[str, str] = {
     "onpolicy_kd.batch.x_concatenate__mutmut_5": "the batches are made the same way (the function's precondition: one "
     "rollout's pieces), so the fields taken from the first (source, temperature, alpha) are equal in all of them",
@@ -113,6 +120,39 @@ EQUIVALENT: dict[str, str] = {
     "does)",
     "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_text__mutmut_18": "decoding no tokens gives '', which is no reference, "
     "as None is",
+    # the cross-tokenizer math (objectives/cross_tokenizer.py): (N, V) rows, 1-D token ids
+    **{f"onpolicy_kd.objectives.cross_tokenizer.x_uld_distance__mutmut_{n}": _TWO_D for n in (8, 10, 19, 28, 35, 43, 48)},
+    **{f"onpolicy_kd.objectives.cross_tokenizer.x_uld_distance__mutmut_{n}": _SORT_DIM for n in (33, 41)},
+    "onpolicy_kd.objectives.cross_tokenizer.x_aligned_spans__mutmut_12": "inside `while S[i] != T[j]` the two ends "
+    "are never equal, so <= is <",
+    "onpolicy_kd.objectives.cross_tokenizer.x__byte_decoder__mutmut_37": "the extra value 256 gets the character "
+    "chr(256), which the first byte outside the printable ranges (0) then takes over: the same table",
+    **{f"onpolicy_kd.objectives.cross_tokenizer.x__vocabulary_bytes__mutmut_{n}": "told nothing, token_bytes asks "
+       "is_byte_level itself: the same answer, once per entry instead of once" for n in (16, 19)},
+    **{f"onpolicy_kd.objectives.cross_tokenizer.x_shared_vocabulary__mutmut_{n}": _INT_IDS for n in (23, 25, 27, 29)},
+    **{f"onpolicy_kd.objectives.cross_tokenizer.x_shared_buckets__mutmut_{n}": _TWO_D
+       for n in (6, 9, 19, 25, 38, 43, 50, 64, 67)},
+    **{f"onpolicy_kd.objectives.cross_tokenizer.x_shared_buckets__mutmut_{n}": _MINUS_INF for n in (24, 42)},
+    "onpolicy_kd.objectives.cross_tokenizer.x_span_binary_kl__mutmut_16": "the teacher's log(1 - P_t) is read only "
+    "where P_t < 1 (torch.where takes 0 at P_t = 1, and the teacher has no gradient); the clamp changes it only for "
+    "P_t within 1e-12 of 1, where its weight 1 - P_t is below 1e-12 (a change below 1e-10 of the KL)",
+    "onpolicy_kd.objectives.cross_tokenizer.x_span_binary_kl__mutmut_38": "at P_t = 1 the clamp keeps log(1 - P_t) "
+    "finite, so (1 - P_t) * (...) is 0, what torch.where would take",
+    **{f"onpolicy_kd.objectives.cross_tokenizer.x_spans_loss__mutmut_{n}": _CPU_INDEX for n in (38, 40, 43, 45)},
+    **{f"onpolicy_kd.objectives.cross_tokenizer.x_spans_loss__mutmut_{n}": _TWO_D for n in (69, 82)},
+    **{f"onpolicy_kd.objectives.cross_tokenizer.x_spans_loss__mutmut_{n}": _UNSQUEEZE_1D for n in (72, 85)},
+    **{f"onpolicy_kd.objectives.cross_tokenizer.x_spans_loss__mutmut_{n}": _TOKEN_COLUMN for n in (74, 87)},
+    **{f"onpolicy_kd.objectives.cross_tokenizer.x_spans_loss__mutmut_{n}": _SPAN_SQUEEZE for n in (75, 88)},
+    "onpolicy_kd.objectives.divergences.x_divergence__mutmut_36": _NONE_INDEX,
+    **{f"onpolicy_kd.objectives.divergences.x_topk_divergence__mutmut_{n}": _CPU_INDEX for n in (41, 44)},
+    "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_4": _ASSERT_MESSAGE,
+    "onpolicy_kd.objectives.token_terms.x_entropy__mutmut_8": _TWO_D,
+    **{f"onpolicy_kd.objectives.token_terms.x_previous_probability__mutmut_{n}": "the rows are (n, T) earlier "
+       "tokens: dim +1 is dim -1" for n in (46, 59)},
+    **{f"onpolicy_kd.objectives.loss.x_penalty_loss__mutmut_{n}": _CPU_SCALAR for n in (4, 6)},
+    "onpolicy_kd.objectives.relations.x_relation_log_probs__mutmut_34": "the scores are (B, R, T, d): dim 2 is dim -2",
+    "onpolicy_kd.objectives.relations.x_relation_log_probs__mutmut_37": "the heads divide W (checked above), so "
+    "W / heads is W // heads",
 }
 
 

@@ -102,6 +102,42 @@ def test_nothing_valid_gives_zero_and_half_precision_uses_float32():
                                 heads=2).item(), rel=1e-5)
 
 
+def test_one_valid_token_is_divided_by_one():
+    """A batch with a single valid position: the loss is that row's KL (the divisor's floor of 1 is not a floor of
+    more)."""
+    g = torch.Generator().manual_seed(4)
+    mask = torch.tensor([[False, True, False]])
+    student, teacher = [random_qkv(1, 3, (4, 4, 4), g)], [random_qkv(1, 3, (4, 4, 4), g)]
+    torch.testing.assert_close(attention_relation_loss(student, teacher, mask, heads=1),
+                               naive_relation_loss(student, teacher, mask, 1, 1.0), rtol=1e-10, atol=1e-12)
+
+
+def test_relation_log_probs_are_zero_where_a_key_is_not_readable_and_made_on_the_inputs_device():
+    from onpolicy_kd.objectives.relations import relation_log_probs
+
+    g = torch.Generator().manual_seed(5)
+    states = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    log_rel = relation_log_probs(states, mask, heads=2)
+    readable = torch.ones(4, 4, dtype=torch.bool).tril() & mask[:, None, None, :]
+    assert (log_rel.masked_select(~readable.expand_as(log_rel)) == 0).all()
+    assert (log_rel.masked_select(readable.expand_as(log_rel)) < 0).any()
+    on_meta = relation_log_probs(states.to("meta"), mask.to("meta"), heads=2)  # (meta stands in for an accelerator)
+    assert on_meta.device.type == "meta" and on_meta.shape == (2, 2, 4, 4)
+    with pytest.raises(ValueError, match="^4 relation heads do not divide a projection width of 6$"):
+        relation_log_probs(states, mask, heads=4)
+
+
+def test_the_student_and_teacher_give_as_many_pairs_and_projections():
+    g = torch.Generator().manual_seed(6)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    qkv = random_qkv(1, 3, (4, 4, 4), g)
+    with pytest.raises(ValueError):
+        attention_relation_loss([qkv, qkv], [qkv], mask, heads=1)  # two layer pairs against one
+    with pytest.raises(ValueError):
+        attention_relation_loss([qkv], [qkv[:2]], mask, heads=1)  # query, key, value against two of them
+
+
 # --- the projections, read from real layouts --------------------------------------------------------------------
 
 def batch_of(tokenizer, T=4):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from onpolicy_kd.batch import Completions, completion_mask, concatenate, left_pad, position_ids, right_pad
+from onpolicy_kd.batch import Completions, TeacherTopK, completion_mask, concatenate, left_pad, position_ids, right_pad
 from onpolicy_kd.models.forward import teacher_forward
 from onpolicy_kd.objectives.divergences import log_probs
 from onpolicy_kd.objectives.modes import MODES, completion_source, forward_plan, lambda_coin
@@ -230,8 +230,14 @@ def test_select_takes_the_same_rows_of_the_teachers_view_and_their_spans():
     a = _sampled([[1, 2, 3], [4], [5, 6]], [1, 3, 2], 3)
     a.teacher_view = _sampled([[7], [8, 9], [10]], [2, 1, 3], 4)
     a.spans = [[(0, 1, 0, 2)], [(0, 3, 0, 1)], [(0, 1, 0, 1), (1, 2, 1, 3)]]
+    a.teacher_topk = TeacherTopK(torch.arange(18).reshape(3, 3, 2), -torch.arange(18.0).reshape(3, 3, 2),
+                                 torch.arange(9.0).reshape(3, 3))
     part = a.select([2, 0])
     assert part.spans == [a.spans[2], a.spans[0]]
+    # the cached top-k of the chosen rows, cut to the longest chosen completion (2 tokens) like the other fields
+    assert part.teacher_topk.ids.tolist() == a.teacher_topk.ids[[2, 0], :2].tolist()
+    assert part.teacher_topk.logprobs.tolist() == a.teacher_topk.logprobs[[2, 0], :2].tolist()
+    assert part.teacher_topk.tail.tolist() == [[6.0, 7.0], [0.0, 1.0]]
     assert part.teacher_view.prompt_ids.tolist() == [[10], [7]]
     assert part.teacher_view.completion_mask.sum(1).tolist() == [3, 2] and part.teacher_view.texts == ["2", "0"]
 
@@ -242,7 +248,7 @@ def test_batches_made_per_micro_batch_are_not_concatenated(field):
     batches is refused, each field on its own."""
     a, b = _sampled([[1, 2]], [1], 2), _sampled([[3]], [2], 2)
     setattr(b, field, object())
-    with pytest.raises(ValueError, match="batches with the teacher's cached top-k or its own tokens are not concatenated"):
+    with pytest.raises(ValueError, match="^batches with the teacher's cached top-k or its own tokens are not concatenated$"):
         concatenate([a, b], pad_id=0)
 
 
