@@ -1,25 +1,28 @@
 """Mutation testing of the math and the batch: which small changes to the code does no test notice?
 
     .venv/bin/pip install -e '.[mutation]'
-    .venv/bin/python scripts/mutation.py            # mutate, test, write benchmarks/results/mutation.md
-    .venv/bin/python scripts/mutation.py --report   # only rewrite the report from the last run's mutants/
+    .venv/bin/python scripts/mutation.py             # run what has no verdict yet, write benchmarks/results/mutation.md
+    .venv/bin/python scripts/mutation.py --recheck   # also run the survivors again (after adding tests)
+    .venv/bin/python scripts/mutation.py --report    # only rewrite the report from the last run's mutants/
 
-What is mutated and which tests run is `[tool.mutmut]` in pyproject.toml: `onpolicy_kd/objectives/`,
-`batch.py`, `rollout/engine.py` and `data/prompts.py`, against the fast in-process test files (each mutant runs
-only the tests that call the function it changes). mutmut keeps its work in `mutants/` (git-ignored) and
-reuses the verdicts of unchanged functions, so a second run after a fix tests only what changed, and a stopped run
-goes on where it stopped. Not part of CI: the 4,263 mutants take about three hours on two cores (15-25 a minute:
-each runs pytest on the tests that reach its function). Run it alone on the machine (the timeouts are relative to
-the tests' own times). Names or globs as arguments run only those mutants.
+The scope (SCOPE below): everything in `onpolicy_kd/objectives/` and `batch.py`, the sampling and mixture
+functions of `rollout/engine.py` and the prompt building and truncation of `data/prompts.py`. `[tool.mutmut]` in
+pyproject.toml says which files mutmut mutates and which fast in-process test files run (each mutant runs only the
+tests that call the function it changes). mutmut keeps its work in `mutants/` (git-ignored) and resets the verdicts
+of a function whose code changed; a survivor keeps its verdict while its function is unchanged, so after adding
+tests run `--recheck`. Not part of CI: the ~4,600 mutants in scope take two to three hours on two cores (15-150 a
+minute: each runs pytest on the tests that reach its function). Run it alone on the machine (the timeouts are
+relative to the tests' own times). Names or globs as arguments run only those mutants.
 
-A surviving mutant needs a test that kills it, or an entry in EQUIVALENT saying why no test can: the run exits
-1 while a survivor has neither.
+A surviving mutant, or one no selected test reaches, needs a test that kills it, or an entry in EQUIVALENT saying
+why no test can: the run exits 1 while one has neither.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import fnmatch
 import re
 import subprocess
 import sys
@@ -29,6 +32,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "benchmarks" / "results" / "mutation.md"
 MUTMUT = [sys.executable, "-m", "mutmut"]
+
+# the mutants in scope (fnmatch globs of mutmut's names): the math, the batch, sampling and prompt building
+SCOPE = [
+    "onpolicy_kd.objectives.*",
+    "onpolicy_kd.batch.*",
+    *(f"onpolicy_kd.rollout.engine.{f}__mutmut_*"
+      for f in ("x_filter_logprobs", "x_mixture_logprobs", "x__draw", "x_rollout", "xǁ_Recordsǁadd", "x__completions",
+                "xǁ_StopStringsǁupdate")),
+    *(f"onpolicy_kd.data.prompts.xǁPromptBuilderǁ{f}__mutmut_*"
+      for f in ("_ids", "_fit", "_wrap_chat", "_reference_ids", "_templated", "_messages", "_chat", "_text", "__call__")),
+]
+# a mutant of an unchanging small function, run first: mutmut makes (and for changed functions resets) the mutants
+# when a run starts, so a run of it lets the script see which mutants exist before choosing what to run
+FIRST = "onpolicy_kd.batch.x_left_pad__mutmut_1"
+UNKILLED = ("survived", "no tests")
 
 # mutant name -> why it behaves exactly as the original (the reason a test cannot kill it).
 _CPU_INDEX = ("an index tensor made on the CPU: PyTorch moves CPU indices to the indexed tensor's device, so the "
@@ -133,6 +151,12 @@ EQUIVALENT: dict[str, str] = {
     **{f"onpolicy_kd.objectives.cross_tokenizer.x_shared_buckets__mutmut_{n}": _TWO_D
        for n in (6, 9, 19, 25, 38, 43, 50, 64, 67)},
     **{f"onpolicy_kd.objectives.cross_tokenizer.x_shared_buckets__mutmut_{n}": _MINUS_INF for n in (24, 42)},
+    "onpolicy_kd.objectives.cross_tokenizer.x_shared_buckets__mutmut_8": "with every token shared, the logsumexp of "
+    "nothing but -inf is -inf too, and index_fill's backward gives those positions a zero gradient (checked: the six "
+    "divergences, values and gradients, one side or both sides fully shared)",
+    **{f"onpolicy_kd.objectives.cross_tokenizer.x_shared_buckets__mutmut_{n}": "the rest buckets of two fully shared "
+       "vocabularies hold probability 0 on both sides, and each divergence gives 0 and no gradient for a pair of zero "
+       "entries: keeping them changes nothing (checked as for mutant 8)" for n in (63, 66)},
     "onpolicy_kd.objectives.cross_tokenizer.x_span_binary_kl__mutmut_16": "the teacher's log(1 - P_t) is read only "
     "where P_t < 1 (torch.where takes 0 at P_t = 1, and the teacher has no gradient); the clamp changes it only for "
     "P_t within 1e-12 of 1, where its weight 1 - P_t is below 1e-12 (a change below 1e-10 of the KL)",
@@ -150,21 +174,46 @@ EQUIVALENT: dict[str, str] = {
     **{f"onpolicy_kd.objectives.token_terms.x_previous_probability__mutmut_{n}": "the rows are (n, T) earlier "
        "tokens: dim +1 is dim -1" for n in (46, 59)},
     **{f"onpolicy_kd.objectives.loss.x_penalty_loss__mutmut_{n}": _CPU_SCALAR for n in (4, 6)},
+    "onpolicy_kd.objectives.token_terms.xǁ_ChunkedRowsǁforward__mutmut_37": "with no valid rows nothing is "
+    "scattered: a (1, width) block of zeros broadcasts into no position, as a (0, width) one does",
+    "onpolicy_kd.objectives.token_terms.xǁ_ChunkedRowsǁbackward__mutmut_54": "the head's gradient summed in the math "
+    "dtype instead of the head's: autograd casts what backward returns to the head's dtype, so only the memory of "
+    "the running sum (and its rounding, to the head's precision) differs; no value a caller sees is wrong",
+    "onpolicy_kd.objectives.token_terms.x_token_terms__mutmut_1": _CHUNKS + " (a default chunk size)",
+    "onpolicy_kd.objectives.token_terms.x_token_terms__mutmut_9": "nonzero() of a 1-D mask is (n, 1): dim +1 is dim -1",
+    "onpolicy_kd.objectives.token_terms.x_token_terms__mutmut_88": _TWO_D,
+    "onpolicy_kd.objectives.token_terms.x_token_terms__mutmut_102": "squeeze(-1) changes only a last dimension of "
+    "size 1, so a wider term's (B, T, w) column keeps its shape (a width of 1 is a per-token scalar; embedding terms "
+    "are as wide as the input embeddings)",
+    "onpolicy_kd.objectives.hidden.xǁStitchingǁ__init____mutmut_7": _FALSY + " (nn.Linear's bias)",
+    "onpolicy_kd.objectives.hidden.x_hidden_state_loss__mutmut_24": "type promotion: the teacher's side is already "
+    "`dtype` (float32 or wider), so the difference and the cosine are computed in `dtype` either way",
+    **{f"onpolicy_kd.objectives.hidden.x_hidden_state_loss__mutmut_{n}": "the valid rows are (n, D): dim +1 is dim -1"
+       for n in (34, 47)},
     "onpolicy_kd.objectives.relations.x_relation_log_probs__mutmut_34": "the scores are (B, R, T, d): dim 2 is dim -2",
     "onpolicy_kd.objectives.relations.x_relation_log_probs__mutmut_37": "the heads divide W (checked above), so "
     "W / heads is W // heads",
 }
 
 
+def in_scope(mutant: str) -> bool:
+    return any(fnmatch.fnmatchcase(mutant, pattern) for pattern in SCOPE)
+
+
 def results() -> dict[str, str]:
-    """{mutant name: status} for every mutant of the last run (killed, survived, no tests, timeout, ...)."""
+    """{mutant name: status} of every mutant in scope (killed, survived, no tests, timeout, not checked, ...)."""
     out = subprocess.run([*MUTMUT, "results", "--all", "true"], cwd=ROOT, capture_output=True, text=True, check=True)
     found = {}
     for line in out.stdout.splitlines():
         match = re.fullmatch(r"\s+(\S+): (.+)", line)
-        if match:
+        if match and in_scope(match.group(1)):
             found[match.group(1)] = match.group(2).strip()
     return found
+
+
+def mutmut_run(names: list[str], max_children: int) -> None:
+    # (named mutants are run even when they have a verdict: that is how --recheck runs survivors again)
+    subprocess.run([*MUTMUT, "run", "--max-children", str(max_children), *names], cwd=ROOT, check=True)
 
 
 def module_of(mutant: str) -> str:
@@ -184,7 +233,7 @@ def write_report(statuses: dict[str, str], seconds: float | None, command: str) 
     for mutant, status in statuses.items():
         by_file[module_of(mutant)][status] += 1
     columns = sorted({s for counts in by_file.values() for s in counts})
-    survivors = sorted(m for m, s in statuses.items() if s == "survived")
+    survivors = sorted(m for m, s in statuses.items() if s in UNKILLED)
     unexplained = [m for m in survivors if m not in EQUIVALENT]
     lines = [
         "# Mutation testing",
@@ -199,8 +248,10 @@ def write_report(statuses: dict[str, str], seconds: float | None, command: str) 
         lines.append(f"| {path} | " + " | ".join(str(counts[c]) for c in columns) + f" | {sum(counts.values())} |")
     total = collections.Counter(statuses.values())
     lines.append("| **all** | " + " | ".join(str(total[c]) for c in columns) + f" | {len(statuses)} |")
-    lines += ["", f"Survivors: {len(survivors)}, of which equivalent to the original: {len(survivors) - len(unexplained)}, "
-              f"not yet killed: {len(unexplained)}.", ""]
+    lines += ["", f"Survivors (survived or no test reaches them): {len(survivors)}, of which equivalent to the original: "
+              f"{len(survivors) - len(unexplained)}, not yet killed: {len(unexplained)}.", "",
+              "In scope: " + ", ".join(f"`{p}`" for p in SCOPE) + "; engine.py's and prompts.py's other functions "
+              "(decoding caches, stop strings, format detection) are mutated by mutmut but not run or counted.", ""]
     if survivors:
         lines += ["## Survivors", ""]
         for mutant in survivors:
@@ -216,12 +267,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report", action="store_true", help="only rewrite the report from mutants/")
     parser.add_argument("--max-children", type=int, default=2)
-    parser.add_argument("mutants", nargs="*", help="mutant names or globs to run (default: all)")
+    parser.add_argument("--recheck", action="store_true", help="also run the survivors again")
+    parser.add_argument("mutants", nargs="*", help="mutant names or globs to run (default: those in scope without a "
+                        "verdict)")
     args = parser.parse_args()
     seconds = None
     if not args.report:
         start = time.perf_counter()
-        subprocess.run([*MUTMUT, "run", "--max-children", str(args.max_children), *args.mutants], cwd=ROOT, check=True)
+        mutmut_run([FIRST], args.max_children)
+        statuses = results()
+        wanted = ("not checked", *UNKILLED) if args.recheck else ("not checked",)
+        names = args.mutants or [m for m, status in statuses.items() if status in wanted]
+        if names:
+            mutmut_run(names, args.max_children)
         seconds = time.perf_counter() - start
     statuses = results()
     stale = sorted(set(EQUIVALENT) - set(statuses))

@@ -91,6 +91,38 @@ def test_bf16_hidden_states_use_float32_math():
     assert low.item() == full.item()
 
 
+def test_the_hidden_loss_edges_one_token_small_norms_a_wider_teacher_and_mismatched_pairs():
+    """One valid token is divided by one; cosine's eps only guards a zero norm (states of norm 0.01 are compared
+    exactly); a float64 teacher does not widen a float32 student's loss; as many teacher states as projected ones,
+    and a loss it knows, or a clear error."""
+    g = torch.Generator().manual_seed(7)
+    student, teacher = torch.randn(1, 3, 4, generator=g) * 0.01, torch.randn(1, 3, 4, generator=g) * 0.01
+    one = torch.tensor([[False, True, False]])
+    for kind in ("mse", "cosine"):
+        reference = naive_hidden_loss([student], [torch.eye(4)], [(0, 0)], [teacher], one, kind, 1.0)
+        torch.testing.assert_close(hidden_state_loss([student], [teacher], one, kind=kind).double(), reference,
+                                   rtol=1e-5, atol=1e-9)
+    assert hidden_state_loss([student], [teacher.double()], one).dtype == torch.float32
+    with pytest.raises(ValueError):
+        hidden_state_loss([student, student], [teacher], one)
+    with pytest.raises(ValueError, match="^unknown hidden-state loss 'l1': use mse or cosine$"):
+        hidden_state_loss([student], [teacher], one, kind="l1")
+
+
+def test_the_stitching_is_made_on_the_students_device_and_in_its_precision():
+    """attach_stitching puts the projections where the student's weights are, in their dtype (meta stands in for an
+    accelerator: no memory is used)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        student = LlamaForCausalLM(llama_config(64, layers=2, hidden=16)).to(torch.bfloat16)
+        teacher = LlamaForCausalLM(llama_config(64, layers=4, hidden=32))
+    stitching = attach_stitching(student, teacher, "auto")
+    weight = stitching.projections[0].weight
+    assert weight.device.type == "meta" and weight.dtype == torch.bfloat16
+    assert all(p.bias is None for p in stitching.projections)
+
+
 def test_auto_pairs_are_uniform_and_end_on_the_last_layer():
     assert auto_layer_pairs(10, 30) == [(i, 3 * i) for i in range(1, 11)]
     assert auto_layer_pairs(4, 30) == [(1, 8), (2, 15), (3, 23), (4, 30)]  # 7.5 -> 8, 22.5 -> 23: halves up

@@ -115,3 +115,20 @@ def test_the_bounded_head_returns_gradients_in_the_models_precision():
     expected = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     got = tt.token_terms(ModelOutputs(logits=logits), None, mask, {"logprob": tt.sampled_logprob(tokens)})["logprob"]
     torch.testing.assert_close(got, torch.where(mask, expected, torch.zeros(())))
+
+
+def test_each_term_is_read_from_its_own_columns_whatever_their_order():
+    """Several terms of different widths share one pass; each comes back as its own formula (against log-softmax
+    directly), so a wrong column offset for the third term or later shows."""
+    h_s, w_s, h_t, w_t, tokens, mask, embeddings = _inputs()
+    logits = (h_s @ w_s.T).detach()
+    logq = torch.log_softmax(logits, -1)
+    wanted = {"expected": tt.expected_embedding(embeddings), "logprob": tt.sampled_logprob(tokens),
+              "entropy": tt.entropy(), "expected_again": tt.expected_embedding(embeddings)}
+    got = tt.token_terms(ModelOutputs(logits=logits), None, mask, wanted)
+    zero = torch.zeros(())
+    torch.testing.assert_close(got["logprob"], torch.where(mask, logq.gather(-1, tokens[..., None])[..., 0], zero))
+    torch.testing.assert_close(got["entropy"], torch.where(mask, -(logq.exp() * logq).sum(-1), zero))
+    expected = torch.where(mask[..., None], logq.exp() @ embeddings, zero)
+    torch.testing.assert_close(got["expected"], expected)
+    torch.testing.assert_close(got["expected_again"], expected)
