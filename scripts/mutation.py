@@ -72,9 +72,9 @@ _NONE_INDEX = "x[None] adds a leading dimension of 1: the same values, and reduc
 EQUIVALENT: dict[str, str] = {
     "onpolicy_kd.batch.x_concatenate__mutmut_5": "the batches are made the same way (the function's precondition: one "
     "rollout's pieces), so the fields taken from the first (source, temperature, alpha) are equal in all of them",
-    "onpolicy_kd.batch.x_concatenate__mutmut_46": "torch.cat's dim defaults to 0",
-    "onpolicy_kd.batch.x_concatenate__mutmut_77": _FALSY + " (right=None pads on the left, as False does)",
-    "onpolicy_kd.batch.x_concatenate__mutmut_86": _FALSY + " (right=None pads on the left, as False does)",
+    "onpolicy_kd.batch.x_concatenate__mutmut_53": "torch.cat's dim defaults to 0",
+    "onpolicy_kd.batch.x_concatenate__mutmut_84": _FALSY + " (right=None pads on the left, as False does)",
+    "onpolicy_kd.batch.x_concatenate__mutmut_93": _FALSY + " (right=None pads on the left, as False does)",
     "onpolicy_kd.batch.xǁCompletionsǁselect__mutmut_3": "torch.as_tensor of a list of ints is int64 anyway (an empty "
     "index never reaches it: select of no rows fails earlier, at the width of no rows)",
     "onpolicy_kd.batch.xǁCompletionsǁselect__mutmut_6": "torch.as_tensor of a list of ints is int64 anyway",
@@ -168,6 +168,11 @@ EQUIVALENT: dict[str, str] = {
     **{f"onpolicy_kd.objectives.cross_tokenizer.x_spans_loss__mutmut_{n}": _TOKEN_COLUMN for n in (74, 87)},
     **{f"onpolicy_kd.objectives.cross_tokenizer.x_spans_loss__mutmut_{n}": _SPAN_SQUEEZE for n in (75, 88)},
     "onpolicy_kd.objectives.divergences.x_divergence__mutmut_36": _NONE_INDEX,
+    **{f"onpolicy_kd.objectives.divergences.x_topk_buckets__mutmut_{n}": _TWO_D for n in (6, 10, 13)},
+    "onpolicy_kd.objectives.divergences.x_topk_buckets__mutmut_12": "at k = V both tails are -inf: a pair of "
+    "zero-probability buckets adds nothing to any divergence or its gradient (the k = V tests compare values and "
+    "gradients with the dense run)",
+    "onpolicy_kd.objectives.divergences.x_chunked_topk_divergence__mutmut_4": _CHUNKS + " (a default chunk size)",
     **{f"onpolicy_kd.objectives.divergences.x_topk_divergence__mutmut_{n}": _CPU_INDEX for n in (41, 44)},
     "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_4": _ASSERT_MESSAGE,
     "onpolicy_kd.objectives.token_terms.x_entropy__mutmut_8": _TWO_D,

@@ -224,6 +224,16 @@ def test_select_keeps_every_field_of_the_rows_it_takes():
     assert a.select([1]).rows == []
 
 
+def test_token_scale_of_a_one_token_micro_batch():
+    """A term divided by the step's tokens, turned into this micro-batch's per-token mean: a batch of one token
+    multiplies by the step's count itself."""
+    from onpolicy_kd.objectives.loss import StepContext, token_scale
+
+    one = _sampled([[1]], [1], 1)
+    assert token_scale(one, StepContext(num_tokens=5.0)) == 5.0
+    assert token_scale(_sampled([[1], [2]], [2, 2], 2), StepContext(num_tokens=6.0)) == 1.5
+
+
 def test_select_takes_the_same_rows_of_the_teachers_view_and_their_spans():
     """Across two tokenizers a batch carries the same rows in the teacher's tokens and, per row, their spans:
     select() takes the chosen rows of both, in the order asked."""

@@ -127,6 +127,33 @@ def test_chunked_topk_divergence_equals_the_full_logits_one(kind, beta):
         torch.testing.assert_close(a, b)
 
 
+def test_chunked_topk_divergence_by_default_a_head_with_padded_rows_and_one_row_a_chunk():
+    """Without num_tokens both divide by the valid positions; `vocab_size` leaves out the head's padded rows; a chunk
+    of one position is allowed, of none refused; the defaults of beta and skew are the plain function's."""
+    torch.manual_seed(9)
+    hidden = torch.randn(2, 5, 6, dtype=torch.float64)
+    head = torch.randn(13, 6, dtype=torch.float64)
+    padded = torch.cat([head, torch.randn(3, 6, dtype=torch.float64) * 5])  # 3 rows past the vocabulary
+    top = teacher_top(torch.randn(2, 5, 13, dtype=torch.float64), 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    for kind in ("jsd", "skew_reverse_kl"):
+        plain = topk_divergence(hidden @ head.T, top, mask, kind=kind)
+        torch.testing.assert_close(chunked_topk_divergence(hidden, padded, top, mask, kind=kind, vocab_size=13,
+                                                           chunk_size=1), plain)
+        torch.testing.assert_close(chunked_topk_divergence(hidden, head, top, kind=kind),
+                                   topk_divergence(hidden @ head.T, top, kind=kind))
+    with pytest.raises(ValueError, match="^chunk_size=0 must be >= 1$"):
+        chunked_topk_divergence(hidden, head, top, kind="forward_kl", chunk_size=0)
+    with pytest.raises(ValueError, match="^the student has 10 positions, the teacher's top-k 4$"):
+        chunked_topk_divergence(hidden, head, teacher_top(torch.randn(1, 4, 13), 2), kind="forward_kl")
+
+
+def test_topk_divergence_is_in_the_students_precision():
+    """A float64 top-k (the cache's) against a float32 student: the divergence is float32."""
+    top = teacher_top(torch.randn(3, 7, dtype=torch.float64), 3)
+    assert topk_divergence(torch.randn(3, 7), top, kind="forward_kl").dtype == torch.float32
+
+
 def test_topk_divergence_refuses_logit_mse():
     top = teacher_top(torch.randn(2, 5), 2)
     with pytest.raises(ValueError, match="logit_mse"):
