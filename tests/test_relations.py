@@ -102,14 +102,15 @@ def test_nothing_valid_gives_zero_and_half_precision_uses_float32():
                                 heads=2).item(), rel=1e-5)
 
 
-def test_one_valid_token_is_divided_by_one():
-    """A batch with a single valid position: the loss is that row's KL (the divisor's floor of 1 is not a floor of
-    more)."""
+def test_a_divisor_of_one_divides_by_one():
+    """num_tokens=1 divides the sum by 1 (the floor of the divisor is 1, no more). (With the count taken from the
+    mask, one valid token has one readable key and a KL of 0, so only a given divisor can show it.)"""
     g = torch.Generator().manual_seed(4)
-    mask = torch.tensor([[False, True, False]])
+    mask = torch.tensor([[True, True, True]])
     student, teacher = [random_qkv(1, 3, (4, 4, 4), g)], [random_qkv(1, 3, (4, 4, 4), g)]
-    torch.testing.assert_close(attention_relation_loss(student, teacher, mask, heads=1),
-                               naive_relation_loss(student, teacher, mask, 1, 1.0), rtol=1e-10, atol=1e-12)
+    got = attention_relation_loss(student, teacher, mask, heads=1, num_tokens=1.0)
+    torch.testing.assert_close(got, naive_relation_loss(student, teacher, mask, 1, 1.0), rtol=1e-10, atol=1e-12)
+    assert got.item() > 0
 
 
 def test_relation_log_probs_are_zero_where_a_key_is_not_readable_and_made_on_the_inputs_device():
