@@ -168,6 +168,9 @@ EQUIVALENT: dict[str, str] = {
     **{f"onpolicy_kd.objectives.cross_tokenizer.x_spans_loss__mutmut_{n}": _TOKEN_COLUMN for n in (74, 87)},
     **{f"onpolicy_kd.objectives.cross_tokenizer.x_spans_loss__mutmut_{n}": _SPAN_SQUEEZE for n in (75, 88)},
     "onpolicy_kd.objectives.divergences.x_divergence__mutmut_36": _NONE_INDEX,
+    **{f"onpolicy_kd.batch.x_right_pad__mutmut_{n}": "torch.tensor of Python ints is int64 anyway" for n in (5, 7)},
+    **{f"onpolicy_kd.batch.x_right_pad__mutmut_{n}": "torch.full infers int64 from an int fill value (the pad id)"
+       for n in (11, 14)},
     **{f"onpolicy_kd.objectives.divergences.x_topk_buckets__mutmut_{n}": _TWO_D for n in (6, 10, 13)},
     "onpolicy_kd.objectives.divergences.x_topk_buckets__mutmut_12": "at k = V both tails are -inf: a pair of "
     "zero-probability buckets adds nothing to any divergence or its gradient (the k = V tests compare values and "

@@ -323,8 +323,9 @@ def test_shared_vocabulary_needs_an_eos_token_on_each_side(side):
         shared_vocabulary(small, large, len(small), len(large))
 
 
-@pytest.mark.parametrize("full", ["student", "teacher"])
-def test_the_buckets_when_one_vocabulary_is_all_shared(full):
+@pytest.mark.parametrize("full, kind", [("student", "reverse_kl"), ("student", "tv"), ("student", "jsd"),
+                                        ("teacher", "forward_kl"), ("teacher", "tv"), ("teacher", "jsd")])
+def test_the_buckets_when_one_vocabulary_is_all_shared(full, kind):
     """One side's tokens are all in the other's vocabulary: its rest bucket is empty (probability 0), the other's
     is not; against a hand computation (reverse KL when the student's is empty: the forward KL is then infinite,
     the teacher's rest having no student mass to match)."""
@@ -334,14 +335,21 @@ def test_the_buckets_when_one_vocabulary_is_all_shared(full):
     teacher = torch.randn(2, vt, dtype=torch.float64)
     s_ids, t_ids = (torch.tensor([0, 1, 2]), torch.tensor([4, 0, 2])) if full == "student" else (
         torch.tensor([3, 0, 1]), torch.tensor([0, 1, 2]))
-    kind = "reverse_kl" if full == "student" else "forward_kl"
     got = shared_divergence(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1), s_ids, t_ids, kind=kind,
                             beta=0.5, skew=0.1)
     q, p = torch.softmax(student, -1), torch.softmax(teacher, -1)
     qb = torch.cat([q[:, s_ids], 1 - q[:, s_ids].sum(-1, keepdim=True)], -1)
     pb = torch.cat([p[:, t_ids], 1 - p[:, t_ids].sum(-1, keepdim=True)], -1)
-    a, b = (qb, pb) if kind == "reverse_kl" else (pb, qb)
-    want = torch.where(a > 1e-300, a * (a.clamp_min(1e-300).log() - b.log()), 0.0).sum(-1)
+    def kl(a, b):
+        return torch.where(a > 1e-300, a * (a.clamp_min(1e-300).log() - b.log()), 0.0).sum(-1)
+
+    if kind == "tv":
+        want = 0.5 * (pb - qb).abs().sum(-1)
+    elif kind == "jsd":
+        m = 0.5 * pb + 0.5 * qb
+        want = 0.5 * kl(pb, m) + 0.5 * kl(qb, m)
+    else:
+        want = kl(qb, pb) if kind == "reverse_kl" else kl(pb, qb)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     (grad,) = torch.autograd.grad(got.sum(), student)
     (want_grad,) = torch.autograd.grad(want.sum(), student)

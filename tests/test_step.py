@@ -224,6 +224,11 @@ def test_select_keeps_every_field_of_the_rows_it_takes():
     assert a.select([1]).rows == []
 
 
+def test_right_pad_puts_ids_and_mask_on_the_device_asked():
+    ids, mask = right_pad([[1, 2], [3]], 0, device="meta")  # (meta stands in for an accelerator)
+    assert ids.device.type == mask.device.type == "meta" and ids.dtype == torch.long and mask.dtype == torch.bool
+
+
 def test_token_scale_of_a_one_token_micro_batch():
     """A term divided by the step's tokens, turned into this micro-batch's per-token mean: a batch of one token
     multiplies by the step's count itself."""
