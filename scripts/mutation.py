@@ -259,7 +259,7 @@ def write_report(statuses: dict[str, str], seconds: float | None, command: str) 
     lines += ["", f"Survivors (survived or no test reaches them): {len(survivors)}, of which equivalent to the original: "
               f"{len(survivors) - len(unexplained)}, not yet killed: {len(unexplained)}.", "",
               "In scope: " + ", ".join(f"`{p}`" for p in SCOPE) + "; engine.py's and prompts.py's other functions "
-              "(decoding caches, stop strings, format detection) are mutated by mutmut but not run or counted.", ""]
+              "(the decoding cache, format detection) are mutated by mutmut but not run or counted.", ""]
     if survivors:
         lines += ["## Survivors", ""]
         for mutant in survivors:

@@ -30,6 +30,7 @@ def test_mode_table_sources_and_references():
     seq = recipe(objective={"mode": "gkd", "lmbda": 0.5, "seq_kd": True}).objective
     assert MODES["gkd"].completions(seq, False) == "teacher" and MODES["gkd"].references(seq) is None
     assert "lmbda=0.5" in MODES["gkd"].references(recipe(objective={"lmbda": 0.5}).objective)
+    assert MODES["gkd"].references(recipe(objective={"lmbda": 1.0}).objective) is None  # every step on-policy
     assert MODES["sft"].references(plain) and MODES["kd"].references(plain) and MODES["seqkd"].references(plain) is None
     assert MODES["hidden"].references(plain) and not MODES["hidden"].reads_teacher
     pg = recipe(objective={"mode": "pg", "lm_coef": 0.5, "ppo_epochs": 3}).objective
