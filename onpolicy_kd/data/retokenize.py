@@ -113,11 +113,13 @@ class CrossTokenizer:
     beta: float = 0.5
     skew: float = 0.1
 
-    def pair(self, batch: Completions, dataset) -> Completions:
-        """`pair_for_student` with the rows' prompts from `dataset` (columns student_prompt_ids and prompt_ids)."""
+    def pair(self, batch: Completions, dataset, rows: Sequence[int] | None = None) -> Completions:
+        """`pair_for_student` with the prompts of `rows` (default the batch's own) from `dataset` (columns
+        student_prompt_ids and prompt_ids)."""
+        rows = batch.rows if rows is None else rows
         return pair_for_student(batch, student_tokenizer=self.student_tokenizer, teacher_tokenizer=self.teacher_tokenizer,
-                                student_prompts=[dataset[r]["student_prompt_ids"] for r in batch.rows],
-                                teacher_prompts=[dataset[r]["prompt_ids"] for r in batch.rows])
+                                student_prompts=[dataset[r]["student_prompt_ids"] for r in rows],
+                                teacher_prompts=[dataset[r]["prompt_ids"] for r in rows])
 
 
 def cross_tokenizer(objective, student_tokenizer, teacher_tokenizer, device) -> CrossTokenizer:

@@ -37,7 +37,6 @@ import torch
 from accelerate.utils import gather_object
 from datasets import Dataset
 
-from onpolicy_kd.data.retokenize import pair_for_student
 from onpolicy_kd.data.sampler import prompt_batch, reference_batch
 from onpolicy_kd.errors import DataError
 from onpolicy_kd.evaluation import metrics as M
@@ -164,9 +163,7 @@ def _kl_on_sample(student, teacher, sampled, vocab: int, stitching) -> tuple[dic
 def _cross_on_sample(student, teacher, sampled, dataset: Dataset, rows: list[int], cross) -> dict:
     """Across two tokenizers (objective.cross_tokenizer): token sums of the training loss (spans or ULD) on the
     student's sampled completions, read by the teacher in its own tokens, and each prompt's own sums."""
-    paired = pair_for_student(sampled, student_tokenizer=cross.student_tokenizer, teacher_tokenizer=cross.teacher_tokenizer,
-                              student_prompts=[dataset[r]["student_prompt_ids"] for r in rows],
-                              teacher_prompts=[dataset[r]["prompt_ids"] for r in rows])
+    paired = cross.pair(sampled, dataset, rows)
     s_logits = forward_completions(student, paired, vocab=cross.student_vocab).logits
     t_logits = forward_completions(teacher, paired.teacher_view, vocab=cross.teacher_vocab).logits
     per_prompt = []

@@ -146,6 +146,15 @@ class Run:
     last_eval: dict[str, float] = field(default_factory=dict)
     evaluation: Evaluated | None = None  # the last held-out evaluation, with its per-prompt records
 
+    @property
+    def student_tokenizer(self):
+        """The tokenizer the student writes with: its own across two tokenizers, else the shared one."""
+        return self.cross.student_tokenizer if self.cross else self.tokenizer
+
+    @property
+    def student_vocab(self) -> int:
+        return self.cross.student_vocab if self.cross else self.vocab
+
 
 @dataclass
 class TrainResult:
@@ -308,7 +317,7 @@ def cross_setup(recipe: Recipe, models: Models, data: PromptData,
     tokenizer, teacher_tokenizer = models.student_tokenizer, models.tokenizer
     data = replace(data, train=with_student_prompts(data.train, tokenizer, teacher_tokenizer),
                    eval=with_student_prompts(data.eval, tokenizer, teacher_tokenizer))
-    return data, cross_tokenizer(recipe.objective, tokenizer, models.tokenizer, accelerator.device)
+    return data, cross_tokenizer(recipe.objective, tokenizer, teacher_tokenizer, accelerator.device)
 
 
 def models_of_run(recipe: Recipe, recipe_path: str, models: Models | None,
@@ -645,7 +654,7 @@ def finish(run: Run, after: dict[str, float], staged: bool = False) -> TrainResu
     recipe, state, accelerator = run.recipe, run.state, run.accelerator
     checkpoint(run)
     card = model_card(recipe, run.recipe_path, state.before, after, state.step, state.train_seconds)
-    final = export_final(accelerator, run.student, run.cross.student_tokenizer if run.cross else run.tokenizer,
+    final = export_final(accelerator, run.student, run.student_tokenizer,
                          recipe.train.output_dir, recipe_to_yaml(recipe), card,
                          keep_adapters=bool(recipe.student.lora and recipe.student.lora.keep_adapters))
     if accelerator.is_main_process:
@@ -691,7 +700,7 @@ def _result(run: Run, after: dict | None, final: Path | None, signum: int | None
     """The run's result, with the stitching projections taken off the student (it is a plain model again)."""
     student = base_model(run.accelerator.unwrap_model(run.student))  # LoRA: merged into it by export_final
     stitching = student._modules.pop(STITCHING, None)
-    return TrainResult(student=student, tokenizer=run.cross.student_tokenizer if run.cross else run.tokenizer, output_dir=Path(run.recipe.train.output_dir),
+    return TrainResult(student=student, tokenizer=run.student_tokenizer, output_dir=Path(run.recipe.train.output_dir),
                        final_dir=final, before=run.state.before, after=after, steps=run.state.step,
                        head=run.plan.head, stitching=stitching, stopped_by_signal=signum,
                        zero_stage=zero_stage(run.accelerator), evaluation=run.evaluation,
