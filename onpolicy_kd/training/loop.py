@@ -151,10 +151,6 @@ class Run:
         """The tokenizer the student writes with: its own across two tokenizers, else the shared one."""
         return self.cross.student_tokenizer if self.cross else self.tokenizer
 
-    @property
-    def student_vocab(self) -> int:
-        return self.cross.student_vocab if self.cross else self.vocab
-
 
 @dataclass
 class TrainResult:

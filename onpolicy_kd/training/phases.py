@@ -206,7 +206,7 @@ def teacher_outputs(run: "Run", batch: Completions) -> ModelOutputs | None:
 def student_outputs(run: "Run", batch: Completions) -> ModelOutputs:
     """The student's forward over a micro-batch's completions, with everything its loss reads."""
     plan = run.plan
-    return student_forward(run.student, batch, vocab=run.student_vocab,
+    return student_forward(run.student, batch, vocab=run.cross.student_vocab if run.cross else run.vocab,
                            logits=plan.student_logits, hidden=plan.hidden_states,
                            lm_batch=batch.references, input_embeddings=bool(run.recipe.penalties.diversity),
                            prompt=plan.prompt, relation_pairs=plan.relation_pairs)
