@@ -250,11 +250,23 @@ def run_one(task: str, method: str, seed: int, budget: float, out_json: Path, cu
     record = record_of(evaluation) | {
         "task": task, "method": method, "seed": seed, "budget_s": budget, "steps": steps, "train_s": train_s,
         "wall_s": time.perf_counter() - started, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "machine": machine()}
     if curve:  # (only a run of the package's own trainer has one)
         record["curve"] = curve
     out_json.write_text(json.dumps(record))
     shutil.rmtree(work, ignore_errors=True)  # checkpoints and exports: 1.4-3 GB a run
+
+
+def machine() -> str:
+    """The CPU a run was timed on: at equal wall time a faster CPU buys more steps, so seeds measured on different
+    machines are marked as such in the tables (the model name, the cores and the matrix instructions PyTorch uses)."""
+    import os
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    matrix = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name or 'unknown CPU'}, {os.cpu_count()} cores, {' '.join(matrix) or 'no AVX2'}"
 
 
 def run_trl(recipe, models, budget: float, data) -> tuple[object, int, float]:
@@ -336,6 +348,10 @@ def teacher_figure(initial: dict, key: str):
     return estimate([initial], key, teacher=True) if f"teacher/{key}" in initial["per_prompt"] else None
 
 
+# records made before runs noted their CPU (all of 2026-12-06 and the first of 2026-12-07)
+UNRECORDED = "CPU not recorded (runs of 2026-12-06/07)"
+
+
 def task_tables(task: str, records: list[dict]) -> list[str]:
     columns = COLUMNS[task]
     initial = next((r for r in records if r["method"] == "initial"), None)
@@ -344,7 +360,13 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
         by_method = {m: [r for r in records if r["method"] == m and r["budget_s"] == budget] for m in METHODS}
         by_method = {m: runs for m, runs in by_method.items() if runs}
         prompts = next(iter(by_method.values()))[0]["prompts"]
-        lines += [f"### {task}, budget {budget:g} s ({prompts} held-out prompts)", "",
+        machines = sorted({r.get("machine", UNRECORDED) for runs in by_method.values() for r in runs})
+        mark = {m: "abcdefghij"[i] for i, m in enumerate(machines)} if len(machines) > 1 else {}
+        lines += [f"### {task}, budget {budget:g} s ({prompts} held-out prompts)", ""]
+        lines += ([f"Runs from {len(machines)} machines, marked after each seed (a faster CPU takes more steps in the "
+                   f"same seconds): " + "; ".join(f"{mark[m]}: {m}" for m in machines) + ".", ""] if mark
+                  else [f"Machine: {machines[0]}.", ""])
+        lines += [
                   "| method | seeds | steps | " + " | ".join(h for _, h in columns) + " | train time | peak RSS |",
                   "|---|---|---|" + "---|" * len(columns) + "---|---|"]
         if initial is not None:
@@ -352,7 +374,8 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
                          + " | - | - |")
         for method, runs in by_method.items():
             name = LABELS[method] + (" (the recipe's own)" if method == DEFAULT_METHOD[task] else "")
-            lines.append(f"| {name} | {', '.join(str(r['seed']) for r in runs)} | "
+            seeds = ", ".join(f"{r['seed']}{mark.get(r.get('machine', UNRECORDED), '')}" for r in runs)
+            lines.append(f"| {name} | {seeds} | "
                          f"{statistics.fmean(r['steps'] for r in runs):.0f} | "
                          + " | ".join(str(estimate(runs, k)) for k, _ in columns)
                          + f" | {statistics.fmean(r['train_s'] for r in runs):.0f} s | "

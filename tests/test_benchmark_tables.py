@@ -69,3 +69,17 @@ def test_learning_curve_puts_each_evaluation_at_the_training_seconds_before_it(m
                                                           "curve": curve}]))
     assert "learning curve of SeqKD" in text and "| 2 | 4 | 0.200 | 0.800 | 0.700 |" in text
     assert "| 0 | 0 | 0.100 | 1.000 | - |" in text  # the figure the first evaluation did not have
+
+
+def test_seeds_timed_on_different_machines_are_marked(methods):
+    """At equal wall time a faster CPU takes more steps: a section whose runs come from two machines names both and
+    marks each seed with its machine; a section from one machine names it once and marks nothing."""
+    old = [record(methods, "kd", 1, 0.0), record(methods, "kd", 2, 0.0)]  # before records noted the machine
+    new = record(methods, "kd", 3, 0.0) | {"machine": "Xeon, 2 cores, avx2 amx_bf16"}
+    mixed = methods.task_tables("news", [*old, new])
+    assert f"a: {methods.UNRECORDED}" in mixed[2] and "b: Xeon, 2 cores, avx2 amx_bf16" in mixed[2]
+    assert any(line.startswith(f"| {methods.LABELS['kd']} | 1a, 2a, 3b |") for line in mixed)
+    alone = methods.task_tables("news", [new | {"budget_s": 900.0}])
+    assert alone[2] == "Machine: Xeon, 2 cores, avx2 amx_bf16."
+    assert any(line.startswith(f"| {methods.LABELS['kd']} | 3 |") for line in alone)
+    assert methods.machine().split(", ")[1] == f"{__import__('os').cpu_count()} cores"
