@@ -26,6 +26,8 @@ Methods (each states its own objective, completions and schedule):
 - gkd_jsd: the same with the generalized JSD (beta 0.5); pg: MiniLLM-style policy gradient (its defaults);
 - staged / staged_fkl: kd for 1/2 (2/3) of the budget, then on-policy reverse (forward) KL;
 - seqkd_staged: seqkd for 1/2 of the budget, then on-policy reverse KL (off-policy first, as Qwen3 did);
+- seqkd_distillm2: seqkd for 1/3, then the DistiLLM-2 loss (lr 2e-4); distillm2_seqkd: the other order, the
+  DistiLLM-2 loss for 3/4 (lr 5e-4), then seqkd (lr 2e-4) to narrow the student's distribution for sampling;
 - trl: TRL's DistillationTrainer (on-policy reverse KL, its only objective) on the same student, prompt ids,
   learning rate (1e-4 constant) and budget;
 - gkd_mix: GKD with lambda 0.5 and the JSD (beta 0.5): the teacher's cached greedy answers at half the steps, the
@@ -98,10 +100,18 @@ DISTILLM2_STAGE = ("objective: {mode: distillm2, skew: 0.1, lmbda: 1.0, seq_kd: 
                    "optim: {lr: 2.0e-4, scheduler: cosine, warmup_steps: 5}")
 
 
-def staged(budget: float, heal_share: float, divergence: str, first: str = HEAL, second: str | None = None) -> list[str]:
+def staged(budget: float, heal_share: float, divergence: str, first: str = HEAL, second: str | None = None,
+           names: tuple[str, str] = ("heal", "onpolicy")) -> list[str]:
     second = second or ON_POLICY_STAGE % divergence
-    return ["train.max_time=null", "train.max_steps=null", f"stages=[{{name: heal, max_time: {budget * heal_share:g}, {first}}}, "
-            f"{{name: onpolicy, max_time: {budget * (1 - heal_share):g}, {second}}}]"]
+    return ["train.max_time=null", "train.max_steps=null",
+            f"stages=[{{name: {names[0]}, max_time: {budget * heal_share:g}, {first}}}, "
+            f"{{name: {names[1]}, max_time: {budget * (1 - heal_share):g}, {second}}}]"]
+
+
+# the other order: DistiLLM-2 first (as the one-stage method runs it), then SeqKD to narrow the student's own
+# distribution, which is what SeqKD's sampled text owes its lead to (its KL(p||q) doubles); lr restarting lower
+DISTILLM2_FIRST = DISTILLM2_STAGE.replace("lr: 2.0e-4", "lr: 5.0e-4")
+SEQKD_LAST = SEQKD_STAGE.replace("lr: 5.0e-4", "lr: 2.0e-4")
 
 
 METHODS: dict[str, object] = {
@@ -132,6 +142,8 @@ METHODS: dict[str, object] = {
     "staged_fkl": lambda budget: staged(budget, 2 / 3, "forward_kl"),
     "seqkd_staged": lambda budget: staged(budget, 1 / 2, "reverse_kl", SEQKD_STAGE),
     "seqkd_distillm2": lambda budget: staged(budget, 1 / 3, "reverse_kl", SEQKD_STAGE, DISTILLM2_STAGE),
+    "distillm2_seqkd": lambda budget: staged(budget, 3 / 4, "reverse_kl", DISTILLM2_FIRST, SEQKD_LAST,
+                                             ("distillm2", "seqkd")),
     "trl": lambda budget: ON_POLICY,
     # the on-policy methods of the published work (issue "on-policy earns its place"); teacher text from the cache
     "gkd_mix": lambda budget: [*MIXED, "objective.lmbda=0.5", "objective.divergence=jsd", "objective.beta=0.5"],
@@ -153,6 +165,7 @@ LABELS = {"kd": "KD: forward KL on teacher text", "kd_freq": "KD + frequency pen
           "staged": "KD 1/2, then on-policy reverse KL", "staged_fkl": "KD 2/3, then on-policy forward KL",
           "seqkd_staged": "SeqKD 1/2, then on-policy reverse KL",
           "seqkd_distillm2": "SeqKD 1/3, then the DistiLLM-2 loss",
+          "distillm2_seqkd": "the DistiLLM-2 loss 3/4, then SeqKD",
           "trl": "TRL DistillationTrainer (on-policy reverse KL)",
           "gkd_mix": "GKD λ 0.5, JSD 0.5, teacher text from the cache",
           "distillm": "DistiLLM: skew KL, adaptive λ from 0, replay", "distillm2": "DistiLLM-2 loss",
