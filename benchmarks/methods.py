@@ -88,16 +88,19 @@ MIXED = ["stages=[]", "objective.mode=gkd", "objective.seq_kd=true", "teacher_te
          "optim.scheduler=cosine", "optim.warmup_steps=5"]
 
 
-# SeqKD as a first stage: cross-entropy on the teacher's cached greedy answers (gkd's keys back at their defaults)
-SEQKD_STAGE = ("objective: {mode: seqkd, lmbda: 1.0, seq_kd: false, divergence: reverse_kl}, "
-               "teacher_text: {cache: true, do_sample: false}, optim: {lr: 5.0e-4, scheduler: cosine, warmup_steps: 5}")
+def seqkd_stage(lr: str = "5.0e-4") -> str:
+    """SeqKD as a stage: cross-entropy on the teacher's cached greedy answers (gkd's keys back at their defaults)."""
+    return ("objective: {mode: seqkd, lmbda: 1.0, seq_kd: false, divergence: reverse_kl}, "
+            "teacher_text: {cache: true, do_sample: false}, optim: {lr: %s, scheduler: cosine, warmup_steps: 5}" % lr)
 
 
-# DistiLLM-2 as a later stage: skew forward KL on the cached teacher text and skew reverse KL on the student's own
-# samples in every step (half of each step's completions are the student's), lr restarting lower than the first stage's
-DISTILLM2_STAGE = ("objective: {mode: distillm2, skew: 0.1, lmbda: 1.0, seq_kd: false, divergence: reverse_kl}, "
-                   "teacher_text: {cache: true, do_sample: false}, rollout: {do_sample: true, batch_size: null}, "
-                   "optim: {lr: 2.0e-4, scheduler: cosine, warmup_steps: 5}")
+def distillm2_stage(lr: str = "2.0e-4") -> str:
+    """DistiLLM-2 as a stage: skew forward KL on the cached teacher text and skew reverse KL on the student's own
+    samples in every step (half of each step's completions are the student's); as a later stage, lr restarting
+    lower than the first stage's."""
+    return ("objective: {mode: distillm2, skew: 0.1, lmbda: 1.0, seq_kd: false, divergence: reverse_kl}, "
+            "teacher_text: {cache: true, do_sample: false}, rollout: {do_sample: true, batch_size: null}, "
+            "optim: {lr: %s, scheduler: cosine, warmup_steps: 5}" % lr)
 
 
 def staged(budget: float, heal_share: float, divergence: str, first: str = HEAL, second: str | None = None,
@@ -106,12 +109,6 @@ def staged(budget: float, heal_share: float, divergence: str, first: str = HEAL,
     return ["train.max_time=null", "train.max_steps=null",
             f"stages=[{{name: {names[0]}, max_time: {budget * heal_share:g}, {first}}}, "
             f"{{name: {names[1]}, max_time: {budget * (1 - heal_share):g}, {second}}}]"]
-
-
-# the other order: DistiLLM-2 first (as the one-stage method runs it), then SeqKD to narrow the student's own
-# distribution, which is what SeqKD's sampled text owes its lead to (its KL(p||q) doubles); lr restarting lower
-DISTILLM2_FIRST = DISTILLM2_STAGE.replace("lr: 2.0e-4", "lr: 5.0e-4")
-SEQKD_LAST = SEQKD_STAGE.replace("lr: 5.0e-4", "lr: 2.0e-4")
 
 
 METHODS: dict[str, object] = {
@@ -140,10 +137,12 @@ METHODS: dict[str, object] = {
     "pg": lambda budget: ON_POLICY + ["objective.mode=pg"],
     "staged": lambda budget: staged(budget, 1 / 2, "reverse_kl"),
     "staged_fkl": lambda budget: staged(budget, 2 / 3, "forward_kl"),
-    "seqkd_staged": lambda budget: staged(budget, 1 / 2, "reverse_kl", SEQKD_STAGE),
-    "seqkd_distillm2": lambda budget: staged(budget, 1 / 3, "reverse_kl", SEQKD_STAGE, DISTILLM2_STAGE),
-    "distillm2_seqkd": lambda budget: staged(budget, 3 / 4, "reverse_kl", DISTILLM2_FIRST, SEQKD_LAST,
-                                             ("distillm2", "seqkd")),
+    "seqkd_staged": lambda budget: staged(budget, 1 / 2, "reverse_kl", seqkd_stage()),
+    "seqkd_distillm2": lambda budget: staged(budget, 1 / 3, "reverse_kl", seqkd_stage(), distillm2_stage()),
+    # the other order: DistiLLM-2 first (at the one-stage method's lr), then SeqKD (lr restarting lower) to narrow
+    # the student's own distribution, which is what SeqKD's sampled text owes its lead to (its KL(p||q) doubles)
+    "distillm2_seqkd": lambda budget: staged(budget, 3 / 4, "reverse_kl", distillm2_stage("5.0e-4"),
+                                             seqkd_stage("2.0e-4"), ("distillm2", "seqkd")),
     "trl": lambda budget: ON_POLICY,
     # the on-policy methods of the published work (issue "on-policy earns its place"); teacher text from the cache
     "gkd_mix": lambda budget: [*MIXED, "objective.lmbda=0.5", "objective.divergence=jsd", "objective.beta=0.5"],
@@ -379,8 +378,7 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
         lines += ([f"Runs from {len(machines)} machines, marked after each seed (a faster CPU takes more steps in the "
                    f"same seconds): " + "; ".join(f"{mark[m]}: {m}" for m in machines) + ".", ""] if mark
                   else [f"Machine: {machines[0]}.", ""])
-        lines += [
-                  "| method | seeds | steps | " + " | ".join(h for _, h in columns) + " | train time | peak RSS |",
+        lines += ["| method | seeds | steps | " + " | ".join(h for _, h in columns) + " | train time | peak RSS |",
                   "|---|---|---|" + "---|" * len(columns) + "---|---|"]
         if initial is not None:
             lines.append("| initial student | - | 0 | " + " | ".join(str(estimate([initial], k)) for k, _ in columns)
