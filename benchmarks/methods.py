@@ -169,6 +169,12 @@ LABELS = {"kd": "KD: forward KL on teacher text", "kd_freq": "KD + frequency pen
           "gkd_mix": "GKD λ 0.5, JSD 0.5, teacher text from the cache",
           "distillm": "DistiLLM: skew KL, adaptive λ from 0, replay", "distillm2": "DistiLLM-2 loss",
           "pg_mix": "PG, α 0.2, three penalties"}
+# this toolkit's methods that train on the student's own samples (at least in a stage): each is compared with TRL's
+# on-policy trainer when both ran at a budget
+ON_POLICY_METHODS = ("gkd_rkl", "gkd_jsd", "pg", "staged", "staged_fkl", "seqkd_staged", "seqkd_distillm2",
+                     "distillm2_seqkd", "gkd_mix", "distillm", "distillm2", "pg_mix")
+# the staged pipelines that spend part of their budget on SeqKD: each is also compared with SeqKD alone
+SEQKD_PIPELINES = ("seqkd_staged", "seqkd_distillm2", "distillm2_seqkd")
 # the columns of each task's main table: (summary key, heading)
 COLUMNS = {
     "news": (("greedy/rougeL_ref", "ROUGE-L vs refs, greedy"), ("sampled/rougeL_ref", "ROUGE-L vs refs, sampled"),
@@ -397,10 +403,16 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
         if "kd" in by_method and len(by_method) > 1:
             lines += ["", "Differences from KD (paired on the prompts; * where the 95% interval excludes 0):", ""]
             lines += difference_table(columns, by_method, "kd", [m for m in by_method if m != "kd"])
-        if "gkd_rkl" in by_method and "trl" in by_method:  # the same objective, models, prompts, lr and budget
-            lines += ["", "Ours minus TRL's trainer on the same on-policy reverse KL (paired on the prompts; * where the "
-                          "95% interval excludes 0):", ""]
-            lines += difference_table(columns, by_method, "trl", ["gkd_rkl"])
+        with_seqkd = [m for m in by_method if m in SEQKD_PIPELINES]
+        if "seqkd" in by_method and with_seqkd:  # does the other stage add to SeqKD, or only dilute it?
+            lines += ["", "Pipelines with a SeqKD stage minus SeqKD alone (paired on the prompts; * where the 95% "
+                          "interval excludes 0):", ""]
+            lines += difference_table(columns, by_method, "seqkd", with_seqkd)
+        ours = [m for m in by_method if m in ON_POLICY_METHODS]
+        if "trl" in by_method and ours:  # gkd_rkl: the same objective, models, prompts, lr and budget as TRL's run
+            lines += ["", "The on-policy methods minus TRL's trainer (gkd_rkl: the same on-policy reverse KL, models, "
+                          "prompts, lr and budget; paired on the prompts; * where the 95% interval excludes 0):", ""]
+            lines += difference_table(columns, by_method, "trl", ours)
         lines += ["", "First held-out prompt (seed of the first run): the reference, the teacher's greedy answer, each "
                       "student's greedy and first sampled completion:", ""]
         first = next(iter(by_method.values()))[0]["samples"][0]

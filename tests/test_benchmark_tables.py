@@ -83,3 +83,30 @@ def test_seeds_timed_on_different_machines_are_marked(methods):
     assert alone[2] == "Machine: Xeon, 2 cores, avx2 amx_bf16."
     assert any(line.startswith(f"| {methods.LABELS['kd']} | 3 |") for line in alone)
     assert methods.machine().split(", ")[1] == f"{__import__('os').cpu_count()} cores"
+
+
+def test_pipelines_with_a_seqkd_stage_are_compared_with_seqkd_alone(methods):
+    records = [record(methods, "kd", 1, 0.0), record(methods, "seqkd", 1, 0.2), record(methods, "seqkd", 2, 0.2),
+               record(methods, "distillm2_seqkd", 1, 0.25), record(methods, "distillm2_seqkd", 2, 0.25),
+               record(methods, "distillm2", 1, 0.25)]
+    text = methods.table(records)
+    against_seqkd = text.split("minus SeqKD alone")[1].split("First held-out prompt")[0]
+    rows = [line for line in against_seqkd.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [row.split("|")[1].strip() for row in rows] == [methods.LABELS["distillm2_seqkd"]]  # not DistiLLM-2 alone
+    first = rows[0].split("|")[2].strip()  # ROUGE-L vs refs, greedy: 0.25 - 0.2
+    assert first.startswith("+0.050") and first.endswith("*")
+    assert "minus SeqKD alone" not in methods.table([r for r in records if r["method"] != "seqkd"])
+
+
+def test_every_on_policy_method_is_compared_with_trls_trainer(methods):
+    records = [record(methods, "kd", 1, 0.0), record(methods, "trl", 1, 0.0), record(methods, "trl", 2, 0.0),
+               record(methods, "gkd_rkl", 1, 0.1), record(methods, "distillm2", 1, -0.1), record(methods, "seqkd", 1, 0.3)]
+    text = methods.table(records)
+    against_trl = text.split("minus TRL's trainer")[1].split("First held-out prompt")[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in against_trl.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+    assert set(rows) == {methods.LABELS["gkd_rkl"], methods.LABELS["distillm2"]}  # SeqKD is off-policy, KD too
+    greedy = {label: float(cell.split("±")[0]) for label, cell in rows.items()}  # ROUGE-L vs refs: shifts ± noise
+    assert greedy[methods.LABELS["gkd_rkl"]] == pytest.approx(0.1, abs=0.01)
+    assert greedy[methods.LABELS["distillm2"]] == pytest.approx(-0.1, abs=0.01)
+    assert set(methods.ON_POLICY_METHODS) <= set(methods.METHODS)  # a renamed method is not silently left out
