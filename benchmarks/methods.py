@@ -401,18 +401,16 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
             lines.append("| teacher | - | - | " + " | ".join(
                 str(teacher_figure(initial, k) or "-") for k, _ in columns) + " | - | - |")
         if "kd" in by_method and len(by_method) > 1:
-            lines += ["", "Differences from KD (paired on the prompts; * where the 95% interval excludes 0):", ""]
-            lines += difference_table(columns, by_method, "kd", [m for m in by_method if m != "kd"])
+            lines += difference_table("Differences from KD", columns, by_method, "kd",
+                                      [m for m in by_method if m != "kd"])
         with_seqkd = [m for m in by_method if m in SEQKD_PIPELINES]
         if "seqkd" in by_method and with_seqkd:  # does the other stage add to SeqKD, or only dilute it?
-            lines += ["", "Pipelines with a SeqKD stage minus SeqKD alone (paired on the prompts; * where the 95% "
-                          "interval excludes 0):", ""]
-            lines += difference_table(columns, by_method, "seqkd", with_seqkd)
+            lines += difference_table("Pipelines with a SeqKD stage minus SeqKD alone", columns, by_method, "seqkd",
+                                      with_seqkd)
         ours = [m for m in by_method if m in ON_POLICY_METHODS]
         if "trl" in by_method and ours:  # gkd_rkl: the same objective, models, prompts, lr and budget as TRL's run
-            lines += ["", "The on-policy methods minus TRL's trainer (gkd_rkl: the same on-policy reverse KL, models, "
-                          "prompts, lr and budget; paired on the prompts; * where the 95% interval excludes 0):", ""]
-            lines += difference_table(columns, by_method, "trl", ours)
+            lines += difference_table("The on-policy methods minus TRL's trainer", columns, by_method, "trl", ours,
+                                      aside="gkd_rkl: the same on-policy reverse KL, models, prompts, lr and budget; ")
         lines += ["", "First held-out prompt (seed of the first run): the reference, the teacher's greedy answer, each "
                       "student's greedy and first sampled completion:", ""]
         first = next(iter(by_method.values()))[0]["samples"][0]
@@ -448,11 +446,14 @@ def curve_tables(task: str, records: list[dict]) -> list[str]:
     return lines
 
 
-def difference_table(columns, by_method: dict[str, list[dict]], base: str, methods: list[str]) -> list[str]:
-    """Each method's difference from `base` per column, paired on the prompts, ± its bootstrap standard error."""
+def difference_table(title: str, columns, by_method: dict[str, list[dict]], base: str,
+                     methods: list[str], aside: str = "") -> list[str]:
+    """Each method's difference from `base` per column, paired on the prompts, ± its bootstrap standard error,
+    under its title (and an aside on what the comparison holds equal)."""
     from onpolicy_kd.evaluation.uncertainty import difference
 
-    lines = ["| method | " + " | ".join(h for _, h in columns) + " |", "|---|" + "---|" * len(columns)]
+    lines = ["", f"{title} ({aside}paired on the prompts; * where the 95% interval excludes 0):", "",
+             "| method | " + " | ".join(h for _, h in columns) + " |", "|---|" + "---|" * len(columns)]
     for method in methods:
         diffs = []
         for key, _ in columns:
