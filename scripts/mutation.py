@@ -10,9 +10,14 @@ functions of `rollout/engine.py` and the prompt building and truncation of `data
 pyproject.toml says which files mutmut mutates and which fast in-process test files run (each mutant runs only the
 tests that call the function it changes). mutmut keeps its work in `mutants/` (git-ignored) and resets the verdicts
 of a function whose code changed; a survivor keeps its verdict while its function is unchanged, so after adding
-tests run `--recheck`. Not part of CI: the ~4,600 mutants in scope take two to three hours on two cores (15-150 a
+tests run `--recheck`. Not part of CI: the ~4,700 mutants in scope take about four hours on two cores (15-150 a
 minute: each runs pytest on the tests that reach its function). Run it alone on the machine (the timeouts are
 relative to the tests' own times). Names or globs as arguments run only those mutants.
+
+The verdicts outlive `mutants/`: every run (and `--report`) writes them, with mutmut's hash of each function, to
+benchmarks/results/mutation_verdicts.json.gz, and a run on a machine without `mutants/` starts from that record, so
+a run stopped part way (or a fresh clone) goes on where the last one stopped. mutmut itself drops the verdicts of a
+function whose hash changed. A killed run keeps every verdict mutmut saved before it died: `--report` records them.
 
 A surviving mutant, or one no selected test reaches, needs a test that kills it, or an entry in EQUIVALENT saying
 why no test can: the run exits 1 while one has neither.
@@ -23,6 +28,9 @@ from __future__ import annotations
 import argparse
 import collections
 import fnmatch
+import gzip
+import importlib.metadata
+import json
 import re
 import subprocess
 import sys
@@ -31,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "benchmarks" / "results" / "mutation.md"
+VERDICTS = ROOT / "benchmarks" / "results" / "mutation_verdicts.json.gz"
 MUTMUT = [sys.executable, "-m", "mutmut"]
 
 # the mutants in scope (fnmatch globs of mutmut's names): the math, the batch, sampling and prompt building
@@ -219,6 +228,71 @@ def results() -> dict[str, str]:
     return found
 
 
+def _meta_paths(root: Path) -> dict[str, Path]:
+    """{source file: its mutmut meta file} for the files mutmut mutates ([tool.mutmut] only_mutate)."""
+    import tomllib
+
+    config = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["mutmut"]
+    sources = sorted({str(p.relative_to(root)) for pattern in config["only_mutate"] for p in root.glob(pattern)
+                      if p.suffix == ".py"})
+    return {source: root / "mutants" / (source + ".meta") for source in sources}
+
+
+def save_verdicts(root: Path = ROOT, record: Path = VERDICTS, version: str | None = None) -> int:
+    """Write the verdicts of the in-scope mutants in mutants/ (and mutmut's function hashes) to the record.
+
+    Files with no meta file in mutants/ keep what the record held. Returns how many verdicts the record holds."""
+    version = version or importlib.metadata.version("mutmut")
+    old = load_verdicts(record, version)
+    files = {}
+    for source, meta_path in _meta_paths(root).items():
+        if not meta_path.exists():
+            if source in old:
+                files[source] = old[source]
+            continue
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        files[source] = {
+            "hash_by_function_name": meta["hash_by_function_name"],
+            "exit_code_by_key": {name: code for name, code in sorted(meta["exit_code_by_key"].items())
+                                 if code is not None and in_scope(name)},
+        }
+    text = json.dumps({"mutmut": version, "files": files}, indent=0, sort_keys=True)
+    record.write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    return sum(len(f["exit_code_by_key"]) for f in files.values())
+
+
+def load_verdicts(record: Path = VERDICTS, version: str | None = None) -> dict[str, dict]:
+    """{source file: {hash_by_function_name, exit_code_by_key}} from the record; empty when there is none, or when
+    another mutmut version made it (its names and hashes need not match this one's)."""
+    if not record.exists():
+        return {}
+    data = json.loads(gzip.decompress(record.read_bytes()))
+    if data["mutmut"] != (version or importlib.metadata.version("mutmut")):
+        print(f"{record.name} was made by mutmut {data['mutmut']}: not used, every mutant runs")
+        return {}
+    return data["files"]
+
+
+def restore_verdicts(root: Path = ROOT, record: Path = VERDICTS, version: str | None = None) -> int:
+    """Seed mutants/ with the recorded verdicts where it has no meta file yet (a fresh clone, another machine).
+
+    mutmut reads the meta file when it makes a file's mutants and keeps each verdict whose function's hash is
+    unchanged, so the run skips them. Returns how many verdicts were restored."""
+    files = load_verdicts(record, version)
+    restored = 0
+    for source, meta_path in _meta_paths(root).items():
+        if source not in files or meta_path.exists():
+            continue
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps({
+            "exit_code_by_key": files[source]["exit_code_by_key"],
+            "hash_by_function_name": files[source]["hash_by_function_name"],
+            "type_check_error_by_key": {}, "durations_by_key": {}, "estimated_durations_by_key": {},
+        }), encoding="utf-8")
+        restored += len(files[source]["exit_code_by_key"])
+    return restored
+
+
 def mutmut_run(names: list[str], max_children: int) -> None:
     # (named mutants are run even when they have a verdict: that is how --recheck runs survivors again)
     subprocess.run([*MUTMUT, "run", "--max-children", str(max_children), *names], cwd=ROOT, check=True)
@@ -247,7 +321,8 @@ def write_report(statuses: dict[str, str], seconds: float | None, command: str) 
         "# Mutation testing",
         "",
         f"Made by `{command}` (scripts/mutation.py; what is mutated and which tests run: `[tool.mutmut]` in "
-        "pyproject.toml)" + (f", {seconds / 60:.0f} min on this machine." if seconds else "."),
+        "pyproject.toml)" + (f"; this run took {seconds / 60:.0f} min on this machine" if seconds else "") + ". The "
+        "verdicts are kept across runs and machines in `mutation_verdicts.json.gz` beside this file.",
         "",
         "| file | " + " | ".join(columns) + " | total |",
         "|---|" + "---|" * (len(columns) + 1),
@@ -281,14 +356,22 @@ def main() -> int:
     args = parser.parse_args()
     seconds = None
     if not args.report:
+        restored = restore_verdicts()
+        if restored:
+            print(f"{restored} verdicts restored from {VERDICTS.relative_to(ROOT)}")
         start = time.perf_counter()
-        mutmut_run([FIRST], args.max_children)
-        statuses = results()
-        wanted = ("not checked", *UNKILLED) if args.recheck else ("not checked",)
-        names = args.mutants or [m for m, status in statuses.items() if status in wanted]
-        if names:
-            mutmut_run(names, args.max_children)
+        try:
+            mutmut_run([FIRST], args.max_children)
+            statuses = results()
+            wanted = ("not checked", *UNKILLED) if args.recheck else ("not checked",)
+            names = args.mutants or [m for m, status in statuses.items() if status in wanted]
+            if names:
+                mutmut_run(names, args.max_children)
+        finally:  # a stopped run keeps what it decided
+            print(f"{save_verdicts()} verdicts in {VERDICTS.relative_to(ROOT)}")
         seconds = time.perf_counter() - start
+    else:
+        save_verdicts()
     statuses = results()
     stale = sorted(set(EQUIVALENT) - set(statuses))
     if stale:
