@@ -180,11 +180,16 @@ EQUIVALENT: dict[str, str] = {
     **{f"onpolicy_kd.batch.x_right_pad__mutmut_{n}": "torch.tensor of Python ints is int64 anyway" for n in (5, 7)},
     **{f"onpolicy_kd.batch.x_right_pad__mutmut_{n}": "torch.full infers int64 from an int fill value (the pad id)"
        for n in (11, 14)},
-    **{f"onpolicy_kd.objectives.divergences.x_topk_buckets__mutmut_{n}": _TWO_D for n in (6, 10, 13)},
+    **{f"onpolicy_kd.objectives.divergences.x_topk_buckets__mutmut_{n}": _TWO_D for n in (6, 10, 13, 26, 31, 43, 49)},
+    "onpolicy_kd.objectives.divergences.x_topk_buckets__mutmut_30": _MINUS_INF,
+    "onpolicy_kd.objectives.divergences.x_topk_buckets__mutmut_37": "the teacher's tail is (N,): " + _UNSQUEEZE_1D,
     "onpolicy_kd.objectives.divergences.x_topk_buckets__mutmut_12": "at k = V both tails are -inf: a pair of "
     "zero-probability buckets adds nothing to any divergence or its gradient (the k = V tests compare values and "
     "gradients with the dense run)",
     "onpolicy_kd.objectives.divergences.x_chunked_topk_divergence__mutmut_4": _CHUNKS + " (a default chunk size)",
+    "onpolicy_kd.objectives.divergences.x_linear_divergence__mutmut_6": _CHUNKS + " (a default chunk size)",
+    "onpolicy_kd.objectives.divergences.x_linear_divergence__mutmut_39": "chunked_divergence's vocab_size defaults "
+    "to the same min(Vs, Vt)",
     **{f"onpolicy_kd.objectives.divergences.x_topk_divergence__mutmut_{n}": _CPU_INDEX for n in (41, 44)},
     "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_4": _ASSERT_MESSAGE,
     "onpolicy_kd.objectives.token_terms.x_entropy__mutmut_8": _TWO_D,

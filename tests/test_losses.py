@@ -218,8 +218,10 @@ def test_linear_divergence_backends_agree(backend, kind):
     mask = torch.rand(2, 9, generator=g) > 0.4
     from onpolicy_kd.objectives.divergences import linear_divergence
 
-    out = linear_divergence(h_s, h_t, w_s, w_t, mask, kind=kind, backend=backend, chunk_size=4, num_tokens=20)
-    ref = divergence(h_s @ w_s.T, h_t @ w_t[:V].T, mask, kind=kind, num_tokens=20)
+    # beta, skew and temperature away from their defaults: each must reach the backend
+    settings = dict(kind=kind, beta=0.3, skew=0.25, temperature=1.7, num_tokens=20)
+    out = linear_divergence(h_s, h_t, w_s, w_t, mask, backend=backend, chunk_size=4, **settings)
+    ref = divergence(h_s @ w_s.T, h_t @ w_t[:V].T, mask, **settings)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
 
 
@@ -228,10 +230,21 @@ def test_linear_divergence_rejects_an_unresolved_backend():
     from onpolicy_kd.objectives.divergences import linear_divergence
 
     h, w = torch.randn(4, 8), torch.randn(10, 8)
-    with pytest.raises(ValueError, match="unknown divergence backend"):
+    with pytest.raises(ValueError, match=r"^unknown divergence backend 'auto'; valid: torch, chunked, liger$"):
         linear_divergence(h, h, w, w, kind="jsd", backend="auto")
-    with pytest.raises(ValueError, match="liger backend computes"):
+    with pytest.raises(ValueError, match=r"^the liger backend computes \['forward_kl', 'jsd', 'reverse_kl'\], not tv$"):
         linear_divergence(h, h, w, w, kind="tv", backend="liger")
+
+
+def test_linear_divergence_is_chunked_unless_told():
+    """Called with no backend (the Python API), the divergence is the chunked one: the reference's value."""
+    from onpolicy_kd.objectives.divergences import linear_divergence
+
+    g = torch.Generator().manual_seed(29)
+    h_s, h_t = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 6, generator=g)
+    w_s, w_t = torch.randn(V, 8, generator=g), torch.randn(V, 6, generator=g)
+    out = linear_divergence(h_s, h_t, w_s, w_t, kind="reverse_kl")
+    torch.testing.assert_close(out, divergence(h_s @ w_s.T, h_t @ w_t.T, kind="reverse_kl"), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger-Kernel runs on CUDA only")

@@ -156,7 +156,8 @@ def test_topk_divergence_is_in_the_students_precision():
 
 def test_topk_divergence_refuses_logit_mse():
     top = teacher_top(torch.randn(2, 5), 2)
-    with pytest.raises(ValueError, match="logit_mse"):
+    with pytest.raises(ValueError, match="^logit_mse compares whole rows of logits, which a top-k cache does not "
+                       "keep; use a KL, the JSD or tv$"):
         topk_divergence(torch.randn(2, 5), top, kind="logit_mse")
 
 
