@@ -188,8 +188,10 @@ EQUIVALENT: dict[str, str] = {
     "gradients with the dense run)",
     "onpolicy_kd.objectives.divergences.x_chunked_topk_divergence__mutmut_4": _CHUNKS + " (a default chunk size)",
     "onpolicy_kd.objectives.divergences.x_linear_divergence__mutmut_6": _CHUNKS + " (a default chunk size)",
-    "onpolicy_kd.objectives.divergences.x_linear_divergence__mutmut_39": "chunked_divergence's vocab_size defaults "
-    "to the same min(Vs, Vt)",
+    **{f"onpolicy_kd.objectives.divergences.x_linear_divergence__mutmut_{n}": "chunked_divergence's vocab_size "
+       "defaults to the same min(Vs, Vt)" for n in (39, 51)},
+    "onpolicy_kd.objectives.divergences.x_linear_divergence__mutmut_50": _CHUNKS + " (chunked_divergence's default "
+    "chunk size)",
     **{f"onpolicy_kd.objectives.divergences.x_topk_divergence__mutmut_{n}": _CPU_INDEX for n in (41, 44)},
     "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_4": _ASSERT_MESSAGE,
     "onpolicy_kd.objectives.token_terms.x_entropy__mutmut_8": _TWO_D,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,18 +212,22 @@ def test_logit_mse_of_a_row_with_one_shared_finite_entry_is_zero():
 
 @pytest.mark.parametrize("backend", ["torch", "chunked"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_linear_divergence_backends_agree(backend, kind):
+@pytest.mark.parametrize("wider_head, num_tokens", [("teacher", 20), ("student", None)])
+def test_linear_divergence_backends_agree(backend, kind, wider_head, num_tokens):
+    """Either head may be the wider (padded) one: both are cut to the shared vocabulary; with no num_tokens the
+    divergence is the mean over the valid positions."""
     g = torch.Generator().manual_seed(13)
     h_s = torch.randn(2, 9, 12, generator=g).requires_grad_()
     h_t = torch.randn(2, 9, 20, generator=g)
-    w_s, w_t = torch.randn(V, 12, generator=g).requires_grad_(), torch.randn(V + 3, 20, generator=g)
+    pad_s, pad_t = (0, 3) if wider_head == "teacher" else (3, 0)
+    w_s, w_t = torch.randn(V + pad_s, 12, generator=g).requires_grad_(), torch.randn(V + pad_t, 20, generator=g)
     mask = torch.rand(2, 9, generator=g) > 0.4
     from onpolicy_kd.objectives.divergences import linear_divergence
 
     # beta, skew and temperature away from their defaults: each must reach the backend
-    settings = dict(kind=kind, beta=0.3, skew=0.25, temperature=1.7, num_tokens=20)
+    settings = dict(kind=kind, beta=0.3, skew=0.25, temperature=1.7, num_tokens=num_tokens)
     out = linear_divergence(h_s, h_t, w_s, w_t, mask, backend=backend, chunk_size=4, **settings)
-    ref = divergence(h_s @ w_s.T, h_t @ w_t[:V].T, mask, **settings)
+    ref = divergence(h_s @ w_s[:V].T, h_t @ w_t[:V].T, mask, **settings)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
 
 
@@ -264,6 +270,48 @@ def test_liger_equals_chunked_on_cuda(kind):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     for x, y in zip(torch.autograd.grad(a, (h_s, w_s)), torch.autograd.grad(b, (h_s, w_s))):
         torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-5)
+
+
+class _LigerFusedLinearJSDOnCPU(torch.nn.Module):
+    """What Liger's LigerFusedLinearJSD documents, in plain torch: the generalized JSD of the two heads' logits at
+    `temperature`, forward KL at jsd_beta 0 and reverse KL at 1, averaged over the rows. Liger runs on CUDA only;
+    with this in its place the glue around it (the mapping of kinds to jsd_beta, the heads cut to the shared
+    vocabulary, the token count and an empty batch) is tested on the CPU. test_liger_equals_chunked_on_cuda checks
+    the real kernel on a GPU."""
+
+    def __init__(self, jsd_beta: float, temperature: float):
+        super().__init__()
+        self.kind = {0.0: "forward_kl", 1.0: "reverse_kl"}.get(jsd_beta, "jsd")
+        self.beta, self.temperature = jsd_beta, temperature
+
+    def forward(self, h_s, w_s, h_t, w_t, shift_labels):
+        assert shift_labels is None and not h_t.requires_grad and not w_t.requires_grad
+        return divergence(h_s @ w_s.T, h_t @ w_t.T, kind=self.kind, beta=self.beta, temperature=self.temperature)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("num_tokens", [None, 50])
+def test_the_liger_backend_glue_equals_chunked_with_ligers_documented_kernel(kind, num_tokens, monkeypatch):
+    import types
+
+    from onpolicy_kd.objectives.divergences import linear_divergence
+
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers",
+                        types.SimpleNamespace(LigerFusedLinearJSD=_LigerFusedLinearJSDOnCPU))
+    g = torch.Generator().manual_seed(31)
+    h_s, h_t = torch.randn(2, 9, 12, generator=g).requires_grad_(), torch.randn(2, 9, 20, generator=g)
+    w_s, w_t = torch.randn(V + 2, 12, generator=g).requires_grad_(), torch.randn(V, 20, generator=g).requires_grad_()
+    mask = torch.rand(2, 9, generator=g) > 0.4
+    settings = dict(kind=kind, beta=0.3, temperature=1.7, num_tokens=num_tokens)
+    a = linear_divergence(h_s, h_t, w_s, w_t, mask, backend="liger", **settings)
+    b = linear_divergence(h_s, h_t, w_s, w_t, mask, backend="chunked", chunk_size=4, **settings)
+    assert a.dtype == torch.float32 and a.shape == ()
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for x, y in zip(torch.autograd.grad(a, (h_s, w_s)), torch.autograd.grad(b, (h_s, w_s))):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    # no valid position: a zero that still reaches the student's graph (the step's backward needs it)
+    none = linear_divergence(h_s, h_t, w_s, w_t, torch.zeros(2, 9, dtype=torch.bool), backend="liger", **settings)
+    assert none.item() == 0.0 and none.dtype == torch.float32 and none.requires_grad
 
 
 @pytest.mark.parametrize("kind", KINDS)
