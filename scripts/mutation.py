@@ -192,6 +192,8 @@ EQUIVALENT: dict[str, str] = {
        "defaults to the same min(Vs, Vt)" for n in (39, 51)},
     "onpolicy_kd.objectives.divergences.x_linear_divergence__mutmut_50": _CHUNKS + " (chunked_divergence's default "
     "chunk size)",
+    "onpolicy_kd.objectives.divergences.x_linear_divergence__mutmut_112": "the torch backend's rows are the valid "
+    "ones already, and divergence's own default for num_tokens=None is the count of its rows: `count`",
     **{f"onpolicy_kd.objectives.divergences.x_topk_divergence__mutmut_{n}": _CPU_INDEX for n in (41, 44)},
     "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_4": _ASSERT_MESSAGE,
     "onpolicy_kd.objectives.token_terms.x_entropy__mutmut_8": _TWO_D,
