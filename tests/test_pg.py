@@ -380,6 +380,8 @@ def test_policy_gradient_loss_edges():
     out = policy_gradient_loss(old.clone().requires_grad_(), old, torch.tensor([[-3.0, -1.0]]), mask, baseline="mean",
                                lm_coef=0.5)
     assert out.loss.item() == 0.0 and out.metrics["pg/return"] == 0.0
+    # the per-token metrics are means over that one token (the same policy: ratio 1, no importance weight)
+    assert out.metrics["pg/ratio"] == 1.0 and out.metrics["pg/is_weight"] == 1.0
     without_coef = policy_gradient_loss(old, old, torch.tensor([[-3.0, -1.0]]), mask, lm_loss=torch.tensor(5.0))
     assert without_coef.loss.item() == policy_gradient_loss(old, old, torch.tensor([[-3.0, -1.0]]), mask).loss.item()
     with pytest.raises(ValueError, match="^baseline='avg': use 'none', 'mean' or a number$"):
