@@ -216,6 +216,9 @@ EQUIVALENT: dict[str, str] = {
     "`dtype` (float32 or wider), so the difference and the cosine are computed in `dtype` either way",
     **{f"onpolicy_kd.objectives.hidden.x_hidden_state_loss__mutmut_{n}": "the valid rows are (n, D): dim +1 is dim -1"
        for n in (34, 47)},
+    "onpolicy_kd.objectives.hidden.x_hidden_state_loss__mutmut_45": "cosine_similarity's dim defaults to 1, which is "
+    "dim -1 of the (n, D) valid rows",
+    "onpolicy_kd.objectives.hidden.x_hidden_state_loss__mutmut_46": "cosine_similarity's eps defaults to 1e-8",
     "onpolicy_kd.objectives.relations.x_relation_log_probs__mutmut_34": "the scores are (B, R, T, d): dim 2 is dim -2",
     "onpolicy_kd.objectives.relations.x_relation_log_probs__mutmut_37": "the heads divide W (checked above), so "
     "W / heads is W // heads",

@@ -102,6 +102,18 @@ def test_the_bounded_head_gives_the_gradient_of_whichever_input_needs_one(frozen
     torch.testing.assert_close(grad(ModelOutputs(hidden=(h_s,), head=w_s)), grad(ModelOutputs(logits=h_s @ w_s.T)))
 
 
+def test_a_batch_with_no_valid_position_gives_zeros_in_the_math_precision():
+    """bfloat16 hidden states and head with every position masked: the terms are float32 zeros, as they are when some
+    position is valid (a caller adding them to float32 losses gets the same dtype either way)."""
+    h_s, w_s, _, _, tokens, mask, _ = _inputs()
+    h16, w16 = h_s.detach().to(torch.bfloat16).requires_grad_(), w_s.detach().to(torch.bfloat16).requires_grad_()
+    wanted = {"logprob": tt.sampled_logprob(tokens), "entropy": tt.entropy()}
+    for mask_BT in (mask, torch.zeros_like(mask)):
+        values = tt.token_terms(ModelOutputs(hidden=(h16,), head=w16), None, mask_BT, wanted, chunk_size=2)
+        assert {name: v.dtype for name, v in values.items()} == {"logprob": torch.float32, "entropy": torch.float32}
+    assert all(v.abs().sum() == 0 for v in values.values())
+
+
 def test_the_bounded_head_returns_gradients_in_the_models_precision():
     """bfloat16 hidden states and head: the math runs in float32, the gradients come back in bfloat16."""
     h_s, w_s, h_t, w_t, tokens, mask, embeddings = _inputs()
