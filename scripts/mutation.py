@@ -279,8 +279,9 @@ def load_verdicts(record: Path = VERDICTS, version: str | None = None) -> dict[s
     if not record.exists():
         return {}
     data = json.loads(gzip.decompress(record.read_bytes()))
-    if data["mutmut"] != (version or importlib.metadata.version("mutmut")):
-        print(f"{record.name} was made by mutmut {data['mutmut']}: not used, every mutant runs")
+    version = version or importlib.metadata.version("mutmut")
+    if data["mutmut"] != version:  # (read on restore and on save: the message fits both)
+        print(f"{record.name} was made by mutmut {data['mutmut']}, not this {version}: its verdicts are not used")
         return {}
     return data["files"]
 

@@ -1,23 +1,19 @@
 """benchmarks/methods.py's tables from records: every figure with its uncertainty, the teacher's row without the
 figures it has none of, and the difference table marking only differences whose interval excludes 0."""
 
-import importlib.util
 import random
-import sys
 from pathlib import Path
 
 import pytest
+
+from module_from_file import module_from_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def methods():
-    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "benchmarks" / "methods.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_methods"] = module
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file("bench_methods", ROOT / "benchmarks" / "methods.py")
 
 
 def record(methods, method: str, seed: int, shift: float, prompts: int = 40, teacher: bool = False) -> dict:

@@ -6,7 +6,6 @@ getting-started guide show are valid recipes."""
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -15,16 +14,15 @@ import pytest
 import yaml
 from pydantic import Field, create_model
 
+from module_from_file import module_from_file
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 250
 
 
 def reference_script():
-    spec = importlib.util.spec_from_file_location("recipe_reference", ROOT / "scripts" / "recipe_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file("recipe_reference", ROOT / "scripts" / "recipe_reference.py")
 
 
 def test_the_recipe_reference_is_the_schemas():

@@ -3,7 +3,6 @@ Distillation file on the command line (the example's nanoGPT, shrunk)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import textwrap
 from pathlib import Path
@@ -20,6 +19,7 @@ from onpolicy_kd.models.module_lm import MODULE_FILE, ModuleLM
 from onpolicy_kd.rollout.engine import rollout
 from onpolicy_kd.train import main as train_main
 
+from module_from_file import module_from_file
 from test_api import ROWS, recipe_dict
 from test_train import metrics_of
 
@@ -27,10 +27,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nanogpt" / "distil
 
 
 def example_module():
-    spec = importlib.util.spec_from_file_location("nanogpt_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file("nanogpt_example", EXAMPLE)
 
 
 def tiny_nanogpt(vocab: int, seed: int = 0) -> nn.Module:

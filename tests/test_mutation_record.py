@@ -2,12 +2,12 @@
 on where the last one stopped instead of starting over (mutmut's own state lives in the git-ignored mutants/)."""
 
 import gzip
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from module_from_file import module_from_file
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("tomllib")  # the script reads [tool.mutmut] with it (Python 3.11+)
@@ -15,11 +15,7 @@ pytest.importorskip("tomllib")  # the script reads [tool.mutmut] with it (Python
 
 @pytest.fixture(scope="module")
 def mutation():
-    spec = importlib.util.spec_from_file_location("mutation_script", ROOT / "scripts" / "mutation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mutation_script"] = module
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file("mutation_script", ROOT / "scripts" / "mutation.py")
 
 
 @pytest.fixture
