@@ -16,7 +16,9 @@ the recipe's student):
 Every method trains for the same wall-clock budget of training steps (`train.max_time`; loading, the teacher's
 cached answers and evaluation not counted) in its own process, one seed at a time, alone on the machine, and is
 then measured by the same held-out evaluation (evaluation/heldout.py): greedy and 3 sampled completions per
-prompt at temperature 1.
+prompt at temperature 1. Equal seconds are equal work only on an equally fast machine: each record names its CPU
+and the seconds of a fixed forward and backward pass of the student (the speed check) taken before training, and
+the tables mark seeds from another CPU and seeds whose check ran more than 10% slower than their section's median.
 
 Methods (each states its own objective, completions and schedule):
 - kd: dense forward KL on the teacher's cached greedy answers (GKD with lambda 0 and seq_kd), lr 5e-4 cosine;
@@ -244,6 +246,7 @@ def run_one(task: str, method: str, seed: int, budget: float, out_json: Path, cu
     recipe = load_recipe(recipe_path, overrides("gkd_rkl" if method == "initial" else method, seed, budget, work)
                          + curve_keys)
     models = load_models(recipe, str(recipe_path))
+    speed_s = speed_check(models.student)
     started = time.perf_counter()
     initial = initial_record(task)
     before = logged_metrics(initial["summary"]) if initial else None
@@ -268,11 +271,35 @@ def run_one(task: str, method: str, seed: int, budget: float, out_json: Path, cu
     record = record_of(evaluation) | {
         "task": task, "method": method, "seed": seed, "budget_s": budget, "steps": steps, "train_s": train_s,
         "wall_s": time.perf_counter() - started, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "machine": machine()}
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "speed_s": speed_s}
     if curve:  # (only a run of the package's own trainer has one)
         record["curve"] = curve
     out_json.write_text(json.dumps(record))
     shutil.rmtree(work, ignore_errors=True)  # checkpoints and exports: 1.4-3 GB a run
+
+
+def speed_check(model, repeats: int = 5) -> float:
+    """Seconds of one fixed forward and backward pass of the student (the median of `repeats`, after one warm-up):
+    the same CPU model is not always the same speed (a shared host, another day), and at equal wall time a slower
+    machine gives fewer steps; the tables flag the runs whose check was slow. It draws from its own generator and
+    leaves no gradient behind, so the run that follows is the run it would have been."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (4, 96), generator=generator)
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+        if loss.requires_grad:  # (a student with every weight frozen has no backward to time)
+            loss.backward()
+        times.append(time.perf_counter() - started)
+    model.zero_grad(set_to_none=True)
+    return statistics.median(times[1:])
+
+
+# a run whose speed check took this much longer than the median of its section's is flagged as timed on a slow machine
+SLOW = 1.10
 
 
 def machine() -> str:
@@ -384,6 +411,14 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
         lines += ([f"Runs from {len(machines)} machines, marked after each seed (a faster CPU takes more steps in the "
                    f"same seconds): " + "; ".join(f"{mark[m]}: {m}" for m in machines) + ".", ""] if mark
                   else [f"Machine: {machines[0]}.", ""])
+        speeds = [r["speed_s"] for runs in by_method.values() for r in runs if "speed_s" in r]
+        typical = statistics.median(speeds) if speeds else None
+        slow = {id(r) for runs in by_method.values() for r in runs if typical and r.get("speed_s", 0) > SLOW * typical}
+        if speeds:
+            lines += [f"Speed check (one fixed forward and backward pass of the student before training): median "
+                      f"{typical:.3f} s over the {len(speeds)} runs that have one"
+                      + (f"; † marks a seed whose check took more than {SLOW - 1:.0%} longer (fewer steps in the "
+                         f"same seconds)" if slow else "") + ".", ""]
         lines += ["| method | seeds | steps | " + " | ".join(h for _, h in columns) + " | train time | peak RSS |",
                   "|---|---|---|" + "---|" * len(columns) + "---|---|"]
         if initial is not None:
@@ -391,7 +426,8 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
                          + " | - | - |")
         for method, runs in by_method.items():
             name = LABELS[method] + (" (the recipe's own)" if method == DEFAULT_METHOD[task] else "")
-            seeds = ", ".join(f"{r['seed']}{mark.get(r.get('machine', UNRECORDED), '')}" for r in runs)
+            seeds = ", ".join(f"{r['seed']}{mark.get(r.get('machine', UNRECORDED), '')}{'†' if id(r) in slow else ''}"
+                              for r in runs)
             lines.append(f"| {name} | {seeds} | "
                          f"{statistics.fmean(r['steps'] for r in runs):.0f} | "
                          + " | ".join(str(estimate(runs, k)) for k, _ in columns)

@@ -106,3 +106,34 @@ def test_every_on_policy_method_is_compared_with_trls_trainer(methods):
     assert greedy[methods.LABELS["gkd_rkl"]] == pytest.approx(0.1, abs=0.01)
     assert greedy[methods.LABELS["distillm2"]] == pytest.approx(-0.1, abs=0.01)
     assert set(methods.ON_POLICY_METHODS) <= set(methods.METHODS)  # a renamed method is not silently left out
+
+
+def test_seeds_timed_on_a_slow_machine_are_flagged(methods):
+    """The same CPU model is not always the same speed: a seed whose speed check ran more than 10% slower than the
+    section's median is flagged with †; records without a check (older runs) are neither counted nor flagged."""
+    runs = [record(methods, "kd", 1, 0.0) | {"speed_s": 0.50}, record(methods, "kd", 2, 0.0) | {"speed_s": 0.52},
+            record(methods, "seqkd", 1, 0.0) | {"speed_s": 0.60}, record(methods, "seqkd", 2, 0.0)]
+    lines = methods.task_tables("news", runs)
+    assert any("median 0.520 s over the 3 runs that have one; † marks" in line for line in lines)
+    assert any(line.startswith(f"| {methods.LABELS['kd']} | 1, 2 |") for line in lines)
+    assert any(line.startswith(f"| {methods.LABELS['seqkd']} | 1†, 2 |") for line in lines)
+    even = methods.task_tables("news", runs[:2])
+    assert not any("†" in line for line in even) and any("median 0.510 s over the 2 runs" in line for line in even)
+    assert not any("Speed check" in line for line in methods.task_tables("news", [record(methods, "kd", 1, 0.0)]))
+
+
+def test_the_speed_check_leaves_the_run_as_it_was(methods):
+    """It times a forward and backward pass without touching the global random state or leaving gradients."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    state = torch.get_rng_state()
+    assert methods.speed_check(model, repeats=2) > 0
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(p.grad is None for p in model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert methods.speed_check(model, repeats=1) > 0  # a frozen model: the forward alone
