@@ -411,9 +411,9 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
         lines += ([f"Runs from {len(machines)} machines, marked after each seed (a faster CPU takes more steps in the "
                    f"same seconds): " + "; ".join(f"{mark[m]}: {m}" for m in machines) + ".", ""] if mark
                   else [f"Machine: {machines[0]}.", ""])
-        speeds = [r["speed_s"] for runs in by_method.values() for r in runs if "speed_s" in r]
-        typical = statistics.median(speeds) if speeds else None
-        slow = {id(r) for runs in by_method.values() for r in runs if typical and r.get("speed_s", 0) > SLOW * typical}
+        speeds = {id(r): r["speed_s"] for runs in by_method.values() for r in runs if "speed_s" in r}
+        typical = statistics.median(speeds.values()) if speeds else 0.0
+        slow = {run for run, seconds in speeds.items() if seconds > SLOW * typical}
         if speeds:
             lines += [f"Speed check (one fixed forward and backward pass of the student before training): median "
                       f"{typical:.3f} s over the {len(speeds)} runs that have one"
