@@ -91,6 +91,22 @@ def test_bf16_hidden_states_use_float32_math():
     assert low.item() == full.item()
 
 
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_a_bf16_student_against_a_float32_teacher_is_measured_in_float32(kind):
+    """The stitching projects in the student's precision (bf16 weights or autocast) while the teacher's hidden
+    states may be float32: the student's side is widened before the math. cosine_similarity normalises each input
+    in its own dtype, so a bf16 student left as it is moves the cosine by ~1e-3 (found by mutation testing)."""
+    torch.manual_seed(3)
+    student, teacher = torch.randn(2, 3, 16).bfloat16(), torch.randn(2, 3, 16)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    low = hidden_state_loss([student.requires_grad_()], [teacher], mask, kind=kind)
+    widened = student.detach().float().requires_grad_()
+    full = hidden_state_loss([widened], [teacher], mask, kind=kind)
+    torch.testing.assert_close(low, full, rtol=0, atol=1e-6)
+    low.backward(), full.backward()
+    torch.testing.assert_close(student.grad.float(), widened.grad.bfloat16().float(), rtol=0, atol=0)
+
+
 def test_the_hidden_loss_edges_one_token_small_norms_a_wider_teacher_and_mismatched_pairs():
     """One valid token is divided by one; cosine's eps only guards a zero norm (states of norm 0.01 are compared
     exactly); a float64 teacher does not widen a float32 student's loss; as many teacher states as projected ones,

@@ -231,6 +231,19 @@ def test_linear_divergence_backends_agree(backend, kind, wider_head, num_tokens)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
 
 
+def test_linear_divergence_hands_its_chunk_size_to_the_chunked_backend(monkeypatch):
+    """objective.chunk_size bounds the memory of one pass over the head: the values are the same at any size (the
+    test above), so only a look at what reaches the backend shows the user's setting is not replaced by the default
+    (found by mutation testing)."""
+    from onpolicy_kd.objectives import divergences
+
+    seen, real = [], divergences.chunked_divergence
+    monkeypatch.setattr(divergences, "chunked_divergence", lambda *a, **k: seen.append(k["chunk_size"]) or real(*a, **k))
+    h, w = torch.randn(10, 8), torch.randn(V, 8)
+    divergences.linear_divergence(h, h, w, w, kind="forward_kl", backend="chunked", chunk_size=3)
+    assert seen == [3]
+
+
 def test_linear_divergence_rejects_an_unresolved_backend():
     """The backend is chosen once at set-up (training.loop.choose_head); the loss takes only a resolved one."""
     from onpolicy_kd.objectives.divergences import linear_divergence

@@ -400,6 +400,31 @@ def test_pg_returns_subtract_the_shaping_cost_and_check_their_arguments():
     torch.testing.assert_close(one.future, torch.tensor([[-0.5]]))
 
 
+@pytest.mark.parametrize("caller", ["teacher_token_logprobs", "batch_returns", "policy_gradient_step_loss"])
+def test_the_teachers_bounded_head_pass_takes_the_recipes_chunk_size(caller, monkeypatch):
+    """Each way into the teacher's head chunk by chunk (the rewards, the baseline's returns, the loss with no
+    baseline) passes objective.chunk_size on: the values are the same at any size, so a dropped setting (the
+    default 1024 instead) shows only in what reaches token_terms (found by mutation testing)."""
+    from onpolicy_kd.objectives import loss as L
+    from onpolicy_kd.objectives import token_terms as tt
+
+    seen, real = [], tt.token_terms
+    monkeypatch.setattr(tt, "token_terms", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k["chunk_size"])
+                        or real(*a, **k))
+    recipe = make_recipe(objective={"mode": "pg", "single_step": False, "chunk_size": 3, "pg_baseline": "none"})
+    batch = _sampled_batch(temperature=1.0)
+    g = torch.Generator().manual_seed(14)
+    teacher = L.ModelOutputs(hidden=(torch.randn(2, 4, 3, generator=g),), head=torch.randn(7, 3, generator=g))
+    if caller == "teacher_token_logprobs":
+        L.teacher_token_logprobs(batch, teacher, 3)
+    elif caller == "batch_returns":
+        L.batch_returns(batch, teacher, recipe, None)
+    else:
+        student = L.ModelOutputs(terms={"logprob": batch.student_logprobs.clone().requires_grad_()})
+        L.policy_gradient_step_loss(batch, student, teacher, recipe, L.StepContext(num_tokens=6.0), {})
+    assert seen == [3]
+
+
 def test_the_pg_step_loss_reads_a_bounded_teacher_and_weights_only_mixed_samples():
     """The teacher's log-probs from its hidden states and head (chunk by chunk, objective.chunk_size) give the loss
     its logits give; a batch sampled from the student alone (alpha 0) gets no importance weights even when its
