@@ -387,14 +387,28 @@ def estimate(runs: list[dict], key: str, teacher: bool = False):
     return seed_prompt_bootstrap(values, weights=weights)
 
 
-def teacher_figure(initial: dict, key: str):
-    """The teacher's own figure for a column, from the initial record; None where it has none (no KL to itself, no
-    ROUGE-L of its greedy answer against itself)."""
-    return estimate([initial], key, teacher=True) if f"teacher/{key}" in initial["per_prompt"] else None
+def teacher_figure(record: dict, key: str):
+    """The teacher's own figure for a column, from a record (the initial one, or a run's: each keeps the figures of
+    the teacher it was judged beside); None where it has none (no KL to itself, no ROUGE-L of its greedy answer
+    against itself)."""
+    return estimate([record], key, teacher=True) if f"teacher/{key}" in record["per_prompt"] else None
 
 
 # records made before runs noted their CPU (all of 2026-12-06 and the first of 2026-12-07)
 UNRECORDED = "CPU not recorded (runs of 2026-12-06/07)"
+
+
+def teacher_groups(runs: list[dict]) -> list[list[dict]]:
+    """The section's runs grouped by the teacher they were distilled from, the most common first. A teacher is known
+    by its own per-prompt figures in the record: the arithmetic teacher is trained on each machine and its answers
+    differ from machine to machine, and a teacher's sampled answers are drawn again where its cache was made anew.
+    Runs without the teacher's figures are left out."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        keys = sorted(k for k in run["per_prompt"] if k.startswith("teacher/"))
+        if keys:
+            groups.setdefault(tuple((k, tuple(run["per_prompt"][k])) for k in keys), []).append(run)
+    return sorted(groups.values(), key=len, reverse=True)
 
 
 def task_tables(task: str, records: list[dict]) -> list[str]:
@@ -419,6 +433,12 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
                       f"{typical:.3f} s over the {len(speeds)} runs that have one"
                       + (f"; † marks a seed whose check took more than {SLOW - 1:.0%} longer (fewer steps in the "
                          f"same seconds)" if slow else "") + ".", ""]
+        teachers = teacher_groups([r for runs in by_method.values() for r in runs])
+        other_teacher = {id(r): "‡" * i for i, group in enumerate(teachers) for r in group}
+        if len(teachers) > 1:
+            lines += ["‡ marks a seed distilled from another teacher than the rest of the section (the arithmetic "
+                      "teacher is trained on each machine; a teacher's sampled answers are drawn again where its "
+                      "cache is made anew): each teacher has its own row.", ""]
         lines += ["| method | seeds | steps | " + " | ".join(h for _, h in columns) + " | train time | peak RSS |",
                   "|---|---|---|" + "---|" * len(columns) + "---|---|"]
         if initial is not None:
@@ -427,15 +447,15 @@ def task_tables(task: str, records: list[dict]) -> list[str]:
         for method, runs in by_method.items():
             name = LABELS[method] + (" (the recipe's own)" if method == DEFAULT_METHOD[task] else "")
             seeds = ", ".join(f"{r['seed']}{mark.get(r.get('machine', UNRECORDED), '')}{'†' if id(r) in slow else ''}"
-                              for r in runs)
+                              f"{other_teacher.get(id(r), '')}" for r in runs)
             lines.append(f"| {name} | {seeds} | "
                          f"{statistics.fmean(r['steps'] for r in runs):.0f} | "
                          + " | ".join(str(estimate(runs, k)) for k, _ in columns)
                          + f" | {statistics.fmean(r['train_s'] for r in runs):.0f} s | "
                          f"{max(r['peak_rss_gib'] for r in runs):.2f} GiB |")
-        if initial is not None:
-            lines.append("| teacher | - | - | " + " | ".join(
-                str(teacher_figure(initial, k) or "-") for k, _ in columns) + " | - | - |")
+        for i, source in enumerate([group[0] for group in teachers] or ([initial] if initial is not None else [])):
+            lines.append(f"| teacher{' ' + '‡' * i if i else ''} | - | - | " + " | ".join(
+                str(teacher_figure(source, k) or "-") for k, _ in columns) + " | - | - |")
         if "kd" in by_method and len(by_method) > 1:
             lines += difference_table("Differences from KD", columns, by_method, "kd",
                                       [m for m in by_method if m != "kd"])
@@ -535,6 +555,8 @@ def plot(records: list[dict], path: Path) -> None:
         budget = max(r["budget_s"] for r in runs)
         methods = [m for m in METHODS if any(r["method"] == m and r["budget_s"] == budget for r in runs)]
         initial = next((r for r in runs if r["method"] == "initial"), None)
+        teachers = teacher_groups([r for r in runs if r["budget_s"] == budget and r["method"] != "initial"])
+        source = teachers[0][0] if teachers else initial  # the teacher most of the plotted runs had
         for col in range(width):
             ax = axes[row][col]
             if col >= len(COLUMNS[task]):
@@ -543,7 +565,7 @@ def plot(records: list[dict], path: Path) -> None:
             key, heading = COLUMNS[task][col]
             points = [estimate([r for r in runs if r["method"] == m and r["budget_s"] == budget], key) for m in methods]
             ax.errorbar(range(len(methods)), [p.mean for p in points], yerr=[p.se for p in points], fmt="o", capsize=3)
-            teacher = teacher_figure(initial, key) if initial is not None else None
+            teacher = teacher_figure(source, key) if source is not None else None
             if teacher is not None:
                 ax.axhline(teacher.mean, color="gray", linestyle=":", linewidth=1)
             ax.set_xticks(range(len(methods)), methods, rotation=60, fontsize=7)

@@ -122,6 +122,31 @@ def test_seeds_timed_on_a_slow_machine_are_flagged(methods):
     assert not any("Speed check" in line for line in methods.task_tables("news", [record(methods, "kd", 1, 0.0)]))
 
 
+def test_runs_distilled_from_another_teacher_are_marked_with_its_own_row(methods):
+    """The arithmetic teacher is trained on each machine and answers differently from machine to machine: a seed
+    judged beside another teacher than the section's most common one is marked ‡, and each teacher gets its own row
+    (from the runs' records, not from the untrained student's); one teacher throughout: no mark, one row."""
+    def with_teacher(run, answers):
+        run["per_prompt"] |= {f"teacher/{key}": [answers] * run["prompts"] for key in ("greedy/rougeL_ref",
+                                                                                      "sampled/rougeL_ref")}
+        return run
+
+    initial = with_teacher(record(methods, "initial", 0, -0.2), 0.11)
+    runs = [with_teacher(record(methods, "kd", 1, 0.0), 0.5), with_teacher(record(methods, "kd", 2, 0.0), 0.5),
+            with_teacher(record(methods, "seqkd", 1, 0.0), 0.6)]
+    lines = methods.task_tables("news", [initial, *runs])
+    assert any(line.startswith(f"| {methods.LABELS['kd']} | 1, 2 |") for line in lines)
+    assert any(line.startswith(f"| {methods.LABELS['seqkd']} | 1‡ |") for line in lines)
+    teacher_rows = [line.split(" | ") for line in lines if line.startswith("| teacher")]
+    assert [(row[0], row[3], row[4]) for row in teacher_rows] == [("| teacher", "0.500 ± 0.000", "0.500 ± 0.000"),
+                                                                  ("| teacher ‡", "0.600 ± 0.000", "0.600 ± 0.000")]
+    assert any(line.startswith("‡ marks a seed distilled from another teacher") for line in lines)
+    same = methods.task_tables("news", [initial, *runs[:2]])
+    assert [line for line in same if line.startswith("| teacher")] == ["| teacher | - | - | 0.500 ± 0.000 | "
+                                                                       "0.500 ± 0.000 | - | - | - | - | - | - | - | - | - |"]
+    assert not any("‡" in line for line in same)
+
+
 def test_the_speed_check_leaves_the_run_as_it_was(methods):
     """It times a forward and backward pass without touching the global random state or leaving gradients."""
     import torch
