@@ -10,9 +10,11 @@ functions of `rollout/engine.py` and the prompt building and truncation of `data
 pyproject.toml says which files mutmut mutates and which fast in-process test files run (each mutant runs only the
 tests that call the function it changes). mutmut keeps its work in `mutants/` (git-ignored) and resets the verdicts
 of a function whose code changed; a survivor keeps its verdict while its function is unchanged, so after adding
-tests run `--recheck`. Not part of CI: the ~4,700 mutants in scope take about four hours on two cores (15-150 a
-minute: each runs pytest on the tests that reach its function). Run it alone on the machine (the timeouts are
-relative to the tests' own times). Names or globs as arguments run only those mutants.
+tests run `--recheck`. Not part of CI: the ~4,700 mutants in scope take hours on two cores (each runs `pytest -x`
+on the tests that reach its function; a survivor runs them all, up to ~4 minutes). tests/conftest.py orders those
+tests quickest first under mutmut, so a mutant a quick test kills stops there: the slowest mutants (those of the
+step loss, the sampler and the prompt builder, whose tests include training runs) went from 1.4-2.8 to ~7.5 a
+minute. Run it alone on the machine (the timeouts are relative to the tests' own times). Names or globs as arguments run only those mutants.
 
 The verdicts outlive `mutants/`: every run (and `--report`) writes them, with mutmut's hash of each function, to
 benchmarks/results/mutation_verdicts.json.gz, and a run on a machine without `mutants/` starts from that record, so
@@ -184,12 +186,21 @@ EQUIVALENT: dict[str, str] = {
     "zero-probability buckets adds nothing to any divergence or its gradient (the k = V tests compare values and "
     "gradients with the dense run)",
     "onpolicy_kd.objectives.divergences.x_chunked_topk_divergence__mutmut_4": _CHUNKS + " (a default chunk size)",
+    "onpolicy_kd.objectives.divergences.xǁ_ChunkedDivergenceǁbackward__mutmut_18": "autograd casts the gradient a "
+    "Function returns to its input's dtype, so a head's float32 gradient reaches a bfloat16 head as bfloat16 either "
+    "way",
+    "onpolicy_kd.objectives.divergences.x_chunked_divergence__mutmut_4": _CHUNKS + " (a default chunk size)",
     "onpolicy_kd.objectives.divergences.x_linear_divergence__mutmut_6": _CHUNKS + " (a default chunk size)",
     **{f"onpolicy_kd.objectives.divergences.x_linear_divergence__mutmut_{n}": "chunked_divergence's vocab_size "
        "defaults to the same min(Vs, Vt)" for n in (39, 51)},
     "onpolicy_kd.objectives.divergences.x_linear_divergence__mutmut_112": "the torch backend's rows are the valid "
     "ones already, and divergence's own default for num_tokens=None is the count of its rows: `count`",
     **{f"onpolicy_kd.objectives.divergences.x_topk_divergence__mutmut_{n}": _CPU_INDEX for n in (41, 44)},
+    **{f"onpolicy_kd.objectives.modes.x_steps_run_teacher__mutmut_{n}": "the clause changes only where the "
+       "student is sampled with rollout.alpha 0, and there the first clause is already true: forward_plan leaves the "
+       "teacher's forward out only for pg with alpha > 0, and reads_only_cached_teacher needs a run without student "
+       "samples (the recipe refuses alpha > 0 where no step samples the student, so `or` adds no other case)"
+       for n in (7, 9)},
     "onpolicy_kd.objectives.token_terms.x_reverse_kl_to_teacher__mutmut_4": _ASSERT_MESSAGE,
     "onpolicy_kd.objectives.token_terms.x_entropy__mutmut_8": _TWO_D,
     **{f"onpolicy_kd.objectives.token_terms.x_previous_probability__mutmut_{n}": "the rows are (n, T) earlier "
@@ -215,6 +226,15 @@ EQUIVALENT: dict[str, str] = {
     "onpolicy_kd.objectives.relations.x_relation_log_probs__mutmut_34": "the scores are (B, R, T, d): dim 2 is dim -2",
     "onpolicy_kd.objectives.relations.x_relation_log_probs__mutmut_37": "the heads divide W (checked above), so "
     "W / heads is W // heads",
+    "onpolicy_kd.objectives.modes.x_lambda_coin__mutmut_2": "`<=` for `<` differs only when the uniform draw equals "
+    "lmbda exactly, a chance of about 2^-53 per step",
+    **{f"onpolicy_kd.data.prompts.xǁPromptBuilderǁ_templated__mutmut_{n}": "a reference column's text in `values` "
+       "is replaced in the template by the first reference (the `reference` key written after it), and the truncated "
+       "field is never the reference (__post_init__ refuses it)" for n in (19, 20)},
+    **{f"onpolicy_kd.data.prompts.xǁPromptBuilderǁ_templated__mutmut_{n}": _SENTINEL for n in (37, 38, 39)},
+    "onpolicy_kd.data.prompts.xǁPromptBuilderǁ_templated__mutmut_21": "an assertion for the type checker: "
+    "__post_init__ sets both the template and the truncated field for the summarization and instruction formats, the "
+    "only ones _templated serves",
 }
 
 

@@ -6,6 +6,7 @@ The tokenizer is a byte-level BPE trained in memory on a few sentences (GPT-2 st
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -16,6 +17,25 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under scripts/mutation.py the quickest tests run first. mutmut names the mutant in MUTANT_UNDER_TEST and runs
+    `pytest -x` on the tests that reach the changed function, in no set order, from its mutants/ copy, where
+    mutmut-stats.json holds each test's time: the first failure ends the run, so a mutant that a quick test kills
+    no longer waits for the tests that train a model. Every other run keeps pytest's order."""
+    if "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", ""):
+        return
+    stats = Path("mutmut-stats.json")
+    if stats.exists():
+        seconds = _test_seconds(str(stats.resolve()), stats.stat().st_mtime)
+        items.sort(key=lambda item: seconds.get(item.nodeid, 0.0))
+
+
+@functools.lru_cache(maxsize=1)
+def _test_seconds(path: str, mtime: float) -> dict[str, float]:
+    return json.loads(Path(path).read_text())["duration_by_test"]
+
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -97,6 +97,9 @@ ERROR_CASES = {
     "top_p zero": (["rollout.top_p=0"], ["rollout.top_p", "greater than 0"]),
     "contradiction: alpha in kd mode": (
         ["objective.mode=kd", "rollout.alpha=0.3"], ["contradictory", "rollout.alpha=0.3", "objective.mode=kd"]),
+    "contradiction: alpha in gkd without student samples": (
+        ["objective.mode=gkd", "objective.lmbda=0", "rollout.alpha=0.3"],
+        ["contradictory", "rollout.alpha=0.3", "objective.mode=gkd with lmbda=0 samples no student", "lmbda > 0"]),
     "contradiction: seq_kd outside gkd": (["objective.mode=pg", "objective.seq_kd=true"], ["contradictory", "seq_kd"]),
     "contradiction: ppo epochs outside pg": (["objective.ppo_epochs=4"], ["contradictory", "ppo_epochs=4", "mode=pg"]),
     "contradiction: stride and keep_layers": (["student.keep_layers=[0,2]"], ["contradictory", "exactly one of layer_stride or keep_layers"]),

@@ -456,15 +456,16 @@ def test_uld_with_the_larger_vocabulary_on_the_students_side():
 
 
 @pytest.mark.parametrize("how, kind", [("spans", "jsd"), ("spans", "skew_reverse_kl"), ("uld", "jsd")])
-def test_the_step_loss_across_tokenizers_reads_each_rows_own_tokens_and_logs_its_mean(how, kind):
-    """objectives/loss.py's cross_tokenizer_loss: the student's log-probs over its own completion tokens and the
-    teacher's over its (`teacher_view`), each row cut to its length (padding unread), through the span loss or ULD,
-    divided by the step's tokens; the per-token mean and the one-token share logged."""
+def test_the_kd_loss_across_tokenizers_reads_each_rows_own_tokens_and_logs_its_mean(how, kind):
+    """objectives/loss.py's cross_tokenizer_loss, reached as the step reaches it (divergence_loss, the kd / gkd loss,
+    hands a batch with a `teacher_view` over to it): the student's log-probs over its own completion tokens and the
+    teacher's over its, each row cut to its length (padding unread), through the span loss or ULD, divided by the
+    step's tokens; the per-token mean and the one-token share logged."""
     from types import SimpleNamespace
 
     from onpolicy_kd.batch import Completions, completion_mask
     from onpolicy_kd.objectives.cross_tokenizer import spans_loss, uld_loss
-    from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, cross_tokenizer_loss
+    from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, divergence_loss
 
     torch.manual_seed(14)
     vs, vt = 6, 9
@@ -484,8 +485,8 @@ def test_the_step_loss_across_tokenizers_reads_each_rows_own_tokens_and_logs_its
     obj = SimpleNamespace(cross_tokenizer=how, divergence=kind, beta=0.3, skew=0.2)
     ctx = StepContext(num_tokens=10.0, shared_vocabulary=shared)
     metrics: dict = {}
-    loss = cross_tokenizer_loss(student_batch, ModelOutputs(logits=s_logits), ModelOutputs(logits=t_logits),
-                                SimpleNamespace(objective=obj), ctx, metrics)
+    loss = divergence_loss(student_batch, ModelOutputs(logits=s_logits), ModelOutputs(logits=t_logits),
+                           SimpleNamespace(objective=obj), ctx, metrics)
     s_lp = [torch.log_softmax(s_logits[b, :n], -1) for b, n in enumerate(s_lengths)]
     t_lp = [torch.log_softmax(t_logits[b, :n], -1) for b, n in enumerate(t_lengths)]
     if how == "uld":

@@ -128,6 +128,10 @@ def test_template_too_long_for_budget(tiny_tokenizer):
 def test_template_with_unknown_field(tiny_tokenizer):
     with pytest.raises(DataError, match=r"data.template uses \['body'\]"):
         PromptBuilder(tiny_tokenizer, detect_format(["article"]), template="{body}")
+    with pytest.raises(DataError, match=r"^data.truncate_field='reference': a template shows the reference whole, so "
+                                        r"it cannot be the field cut to fit; cut one of \['document'\]$"):
+        PromptBuilder(tiny_tokenizer, detect_format(["article", "highlights"]), template="{document} Like: {reference}",
+                      truncate_field="reference")
 
 
 def test_chat_drops_oldest_turns_first(tiny_tokenizer):
@@ -332,3 +336,86 @@ def test_plain_text_rows_split_into_a_prompt_and_its_continuation(tiny_tokenizer
     encoder = PromptBuilder(with_bos, detect_format(["text"]), text_prompt_tokens=64, max_prompt_tokens=6,
                             encoder_decoder=True)({"text": text})
     assert encoder["prompt_ids"] == [bos] + ids[:4] + [bos]
+
+
+def test_a_template_field_that_is_not_text_is_named_but_a_list_of_references_is_read(tiny_tokenizer):
+    """PromptBuilder (load_prompt_data's, and the Python API's) refuses a list or dict where the template wants
+    text, naming the column, the field and the start of the value; the reference column may hold a list of texts
+    (several human references); an empty optional field renders as empty text, not as 'None'."""
+    builder = PromptBuilder(tiny_tokenizer, detect_format(["instruction", "context", "response"]), max_prompt_tokens=64)
+    assert builder.task.template == "{instruction}\n\n{context}\n\n"
+    messages = [{"role": "user", "content": f"question number {i}"} for i in range(4)]
+    with pytest.raises(DataError) as error:
+        builder({"instruction": messages, "context": "", "response": "A."})
+    assert str(error.value) == (
+        f"column 'instruction' (instruction format, field instruction) holds lists, not text: {str(messages)[:80]}; "
+        "use data.format=chat for lists of messages, or map the field to a text column with data.columns")
+    several = builder({"instruction": "Name a colour.", "context": "", "response": ["Blue.", "Red."]})
+    assert several["references"] == ["Blue.", "Red."] and several["reference"] == "Blue."
+    missing = builder({"instruction": "Name a colour.", "context": None, "response": "Blue."})
+    assert missing["prompt"] == several["prompt"] == "Name a colour.\n\n\n\n"
+
+
+def test_a_template_may_show_the_first_reference(tiny_tokenizer):
+    """A `{reference}` slot in data.template (an example answer in the prompt) shows the row's first reference, or
+    nothing when the row has none."""
+    builder = PromptBuilder(tiny_tokenizer, detect_format(["article", "highlights"]), template="{document} Like: {reference}.",
+                            max_prompt_tokens=64)
+    assert builder({"article": "Fire.", "highlights": ["Blaze.", "Smoke."]})["prompt"] == "Fire. Like: Blaze.."
+    assert builder({"article": "Fire.", "highlights": None})["prompt"] == "Fire. Like: ."
+
+
+def test_a_tokenizers_bos_starts_a_plain_prompt_but_not_one_a_chat_template_wrote():
+    """With a tokenizer that starts every text with BOS, a templated prompt starts with it; a prompt the chat
+    template renders (chat data, or data.chat_template on other data) starts as the template writes it, with no BOS
+    put in front by the tokenizer (a template writes its own where the model wants one)."""
+    from tokenizers import processors
+
+    from conftest import CORPUS, train_tokenizer
+
+    with_bos = train_tokenizer(CORPUS, chat_template=True)
+    bos, user = with_bos.bos_token_id, with_bos.convert_tokens_to_ids("<|user|>")
+    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    news = detect_format(["article", "highlights"])
+    row = {"article": "Fire.", "highlights": "A fire."}
+    plain = PromptBuilder(with_bos, news, max_prompt_tokens=64)(row)["prompt_ids"]
+    assert plain[:1] == [bos] and plain[1:2] != [bos]
+    assert PromptBuilder(with_bos, news, chat_template=True, max_prompt_tokens=64)(row)["prompt_ids"][0] == user
+    chat = PromptBuilder(with_bos, detect_format(["messages"]), max_prompt_tokens=64)(
+        {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]})
+    assert chat["prompt_ids"][0] == user
+
+
+def test_the_prompt_budget_counts_the_template_on_both_sides_and_one_token_of_text_is_enough(tiny_tokenizer):
+    """max_prompt_tokens minus the template's tokens before and after the text is what the text may use: one token
+    is a prompt (cut to it), none is an error that says how many tokens the template takes."""
+    template = "Read this: {document} Now write the summary:"
+    before, after = (len(tiny_tokenizer(text, add_special_tokens=False).input_ids)
+                     for text in ("Read this: ", " Now write the summary:"))
+    news = detect_format(["article", "highlights"])
+    row = PromptBuilder(tiny_tokenizer, news, template=template, max_prompt_tokens=before + after + 1)(
+        {"article": ARTICLE, "highlights": "Fire."})
+    assert row["truncated"] and len(row["prompt_ids"]) == before + after + 1
+    with pytest.raises(DataError, match=rf"^data.max_prompt_tokens={before + after} leaves no room for the text: the "
+                                        rf"template and instruction alone take {before + after} tokens; raise"):
+        PromptBuilder(tiny_tokenizer, news, template=template, max_prompt_tokens=before + after)(
+            {"article": ARTICLE, "highlights": "Fire."})
+
+
+def test_an_encoder_decoders_reference_starts_as_the_tokenizer_starts_a_text():
+    """A decoder target starts with the tokenizer's leading special tokens (BART's <s>) and ends with EOS; a
+    decoder-only model's reference is its text and EOS."""
+    from tokenizers import processors
+
+    from conftest import CORPUS, train_tokenizer
+
+    tok = train_tokenizer(CORPUS)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A <|endoftext|>", special_tokens=[("<|endoftext|>", bos)])
+    row = {"article": "Fire.", "highlights": "A fire."}
+    text_ids = tok("A fire.", add_special_tokens=False).input_ids
+    news = detect_format(["article", "highlights"])
+    assert PromptBuilder(tok, news, max_prompt_tokens=64, encoder_decoder=True)(row)["reference_ids"] == [bos, *text_ids, eos]
+    assert PromptBuilder(tok, news, max_prompt_tokens=64)(row)["reference_ids"] == [*text_ids, eos]

@@ -180,6 +180,18 @@ def test_chunked_frozen_head_and_global_count():
     plain = divergence(h_s @ w.T, h_t @ w.T, kind="forward_kl", num_tokens=40)
     torch.testing.assert_close(out, plain)
     torch.testing.assert_close(_grads(out, h_s)[0], _grads(plain, h_s)[0])
+    # one row per pass is the smallest chunk, and a valid one
+    torch.testing.assert_close(chunked_divergence(h_s, h_t, w, w, kind="forward_kl", num_tokens=40, chunk_size=1), plain)
+
+
+def test_chunked_divergence_says_what_is_wrong_with_its_inputs():
+    """The messages name the bad value: a chunk size below one row, and hidden states with different numbers of
+    positions (widths 5 and 7, so a message that read the width instead of the positions would show)."""
+    w = torch.randn(V, 5)
+    with pytest.raises(ValueError, match=r"^chunk_size=0 must be >= 1$"):
+        chunked_divergence(torch.randn(3, 5), torch.randn(3, 5), w, w, kind="jsd", chunk_size=0)
+    with pytest.raises(ValueError, match=r"^student has 3 positions, teacher 4$"):
+        chunked_divergence(torch.randn(3, 5), torch.randn(4, 7), w, torch.randn(V, 7), kind="jsd")
 
 
 def test_token_cross_entropy():
@@ -303,8 +315,11 @@ class _LigerFusedLinearJSDOnCPU(torch.nn.Module):
 
 
 @pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
-@pytest.mark.parametrize("num_tokens", [None, 50])
-def test_the_liger_backend_glue_equals_chunked_with_ligers_documented_kernel(kind, num_tokens, monkeypatch):
+@pytest.mark.parametrize("num_tokens, wider_head", [(None, "student"), (50, "student"), (50, "teacher")])
+def test_the_liger_backend_glue_equals_chunked_with_ligers_documented_kernel(kind, num_tokens, wider_head,
+                                                                              monkeypatch):
+    """Either head may have padded rows (both are cut to the shared vocabulary), and a batch with one valid
+    position is a batch, not an empty one."""
     import types
 
     from onpolicy_kd.objectives.divergences import linear_divergence
@@ -313,7 +328,9 @@ def test_the_liger_backend_glue_equals_chunked_with_ligers_documented_kernel(kin
                         types.SimpleNamespace(LigerFusedLinearJSD=_LigerFusedLinearJSDOnCPU))
     g = torch.Generator().manual_seed(31)
     h_s, h_t = torch.randn(2, 9, 12, generator=g).requires_grad_(), torch.randn(2, 9, 20, generator=g)
-    w_s, w_t = torch.randn(V + 2, 12, generator=g).requires_grad_(), torch.randn(V, 20, generator=g).requires_grad_()
+    pad_s, pad_t = (2, 0) if wider_head == "student" else (0, 3)
+    w_s = torch.randn(V + pad_s, 12, generator=g).requires_grad_()
+    w_t = torch.randn(V + pad_t, 20, generator=g).requires_grad_()
     mask = torch.rand(2, 9, generator=g) > 0.4
     settings = dict(kind=kind, beta=0.3, temperature=1.7, num_tokens=num_tokens)
     a = linear_divergence(h_s, h_t, w_s, w_t, mask, backend="liger", **settings)
@@ -325,6 +342,11 @@ def test_the_liger_backend_glue_equals_chunked_with_ligers_documented_kernel(kin
     # no valid position: a zero that still reaches the student's graph (the step's backward needs it)
     none = linear_divergence(h_s, h_t, w_s, w_t, torch.zeros(2, 9, dtype=torch.bool), backend="liger", **settings)
     assert none.item() == 0.0 and none.dtype == torch.float32 and none.requires_grad
+    one = torch.zeros(2, 9, dtype=torch.bool)
+    one[1, 4] = True
+    torch.testing.assert_close(linear_divergence(h_s, h_t, w_s, w_t, one, backend="liger", **settings),
+                               linear_divergence(h_s, h_t, w_s, w_t, one, backend="chunked", **settings))
+    assert linear_divergence(h_s, h_t, w_s, w_t, one, backend="liger", **settings).item() > 0
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -392,7 +414,8 @@ def test_chunked_head_gradient_without_rows_and_a_second_backward():
     plain = divergence(h_s @ w_s.T, h_t @ w_t.T, kind="reverse_kl") * 3.0
     loss.backward(retain_graph=True)
     torch.testing.assert_close(w_s.grad, torch.autograd.grad(plain, w_s)[0], rtol=1e-5, atol=1e-7)
-    with pytest.raises(RuntimeError, match="backwarded twice"):
+    with pytest.raises(RuntimeError, match=r"^chunked_divergence's graph was backwarded twice \(retain_graph\); "
+                                           r"compute the loss again$"):
         loss.backward()
     assert first(w_s, V) is w_s and first(w_s, None) is w_s and first(w_s, 3).shape == (3, 8)
 
@@ -449,3 +472,25 @@ def test_liger_is_available_exactly_when_its_transformers_module_imports(monkeyp
     monkeypatch.setitem(sys.modules, "liger_kernel", package)
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers", types.ModuleType("liger_kernel.transformers"))
     assert liger_available() is True
+
+
+def test_chunked_divergence_trains_a_head_under_frozen_hidden_states():
+    """Only the head needs a gradient (hidden states from a frozen body): the head's gradient is the plain one and
+    nothing is kept for the hidden states."""
+    g = torch.Generator().manual_seed(17)
+    h_s, h_t = torch.randn(10, 8, generator=g), torch.randn(10, 8, generator=g)
+    w_s, w_t = torch.randn(V, 8, generator=g).requires_grad_(), torch.randn(V, 8, generator=g)
+    out = chunked_divergence(h_s, h_t, w_s, w_t, kind="reverse_kl", chunk_size=3)
+    plain = divergence(h_s @ w_s.T, h_t @ w_t.T, kind="reverse_kl")
+    torch.testing.assert_close(out, plain)
+    torch.testing.assert_close(_grads(out, w_s)[0], _grads(plain, w_s)[0])
+
+
+def test_chunked_divergence_sums_on_the_inputs_device():
+    """The running sum lives on the hidden states' device, not the default one (the meta device stands in for a
+    GPU on this CPU-only machine: a sum made on the CPU could not take a chunk's sum from it)."""
+    h = torch.randn(5, 8, device="meta", requires_grad=True)
+    w = torch.randn(V, 8, device="meta")
+    out = chunked_divergence(h, h.detach(), w, w, kind="jsd", chunk_size=2)
+    out.backward()
+    assert out.device.type == "meta" and h.grad.device.type == "meta"

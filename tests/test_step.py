@@ -66,6 +66,24 @@ def test_forward_plan(sections, expected):
     assert {key: getattr(plan, key) for key in expected} == expected
 
 
+@pytest.mark.parametrize("sections, runs", [
+    ({}, True),  # kd: the teacher's forward over every step's completions
+    ({"objective": {"mode": "seqkd"}, "teacher_text": {"cache": True}}, False),
+    ({"objective": {"mode": "seqkd"}}, True),  # the teacher decodes its text at each step
+    # no teacher forward in the plan, but the rollout decodes with the teacher in lockstep
+    ({"objective": {"mode": "pg", "single_step": False}, "rollout": {"alpha": 0.2}}, True),
+    ({"objective": {"mode": "gkd", "lmbda": 0.0, "seq_kd": True}, "teacher_text": {"cache": True, "topk": 8}}, False),
+    ({"objective": {"mode": "gkd", "lmbda": 0.5, "seq_kd": True}, "teacher_text": {"cache": True, "topk": 8}}, True),
+])
+def test_steps_run_teacher_decides_whether_the_teacher_stays_in_memory(sections, runs):
+    """training/loop.py lets the teacher go while a run trains when no step runs it (a forward the cache does not
+    replace, an uncached decode of its text, or a lockstep decode with the student)."""
+    from onpolicy_kd.objectives.modes import steps_run_teacher
+
+    r = recipe(**sections)
+    assert steps_run_teacher(r, forward_plan(r, "chunked")) is runs
+
+
 def test_head_is_chosen_once_with_a_reason():
     from onpolicy_kd.errors import ConfigError
     from onpolicy_kd.training.loop import choose_head

@@ -164,6 +164,9 @@ class PromptBuilder:
                 )
             if self.truncate_field not in slots:
                 raise DataError(f"data.truncate_field={self.truncate_field!r} is not a slot of data.template {self.template!r}")
+            if self.truncate_field == "reference":  # (a row may hold several references; the template shows the first)
+                raise DataError(f"data.truncate_field='reference': a template shows the reference whole, so it cannot "
+                                f"be the field cut to fit; cut one of {sorted(set(slots) - {'reference'})}")
         if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
             raise DataError(f"data.chat_template=true but tokenizer {self.tokenizer.name_or_path!r} has no chat template")
         if self.task.name == "chat" and not getattr(self.tokenizer, "chat_template", None):

@@ -734,10 +734,12 @@ class Recipe(Section):
             raise ValueError("hidden.loss=attention_relation reads the query/key/value projections inside the "
                              "student's decoder layers, which gradient checkpointing runs without gradient (it "
                              "recomputes them in the backward pass): set student.gradient_checkpointing=false")
-        if not mode.samples_student and self.rollout.alpha > 0:
+        if not samples_student(self.objective) and self.rollout.alpha > 0:
+            # (gkd with lmbda 0 and the constant schedule included: every step trains on teacher text or references)
             raise ValueError(
-                f"rollout.alpha={self.rollout.alpha} mixes the teacher into student rollouts, "
-                f"but objective.mode={mode_name} samples no student rollouts; set rollout.alpha=0 or use mode pg/gkd"
+                f"rollout.alpha={self.rollout.alpha} mixes the teacher into student rollouts, but objective.mode="
+                f"{mode_name}{' with lmbda=0' if mode.samples_student else ''} samples no student rollouts; set "
+                f"rollout.alpha=0 or sample the student (mode pg or distillm2, or gkd with lmbda > 0)"
             )
         if self.objective.backend == "liger" and not mode.divergence:
             raise ValueError(f"objective.backend=liger computes a divergence; mode {mode_name} has none: use "
