@@ -639,3 +639,20 @@ def test_the_prompt_divergence_of_one_prompt_token_is_logged_as_its_value():
     value = (p.exp() * (p - q)).sum()
     torch.testing.assert_close(loss, 0.5 * value / 4)
     assert metrics["train/prompt_forward_kl"] == pytest.approx(value.item(), rel=1e-5)
+
+
+def test_the_kd_loss_hands_the_recipes_divergence_settings_to_the_divergence():
+    """objective.beta and objective.temperature, away from their defaults, reach the divergence the step computes
+    (found by mutation testing: a setting left out would fall back to the divergence's default silently)."""
+    from onpolicy_kd.batch import Completions, completion_mask
+    from onpolicy_kd.objectives.divergences import divergence
+    from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, divergence_loss
+
+    torch.manual_seed(3)
+    r = recipe(objective={"mode": "kd", "divergence": "jsd", "beta": 0.3, "temperature": 2.0})
+    mask = completion_mask(torch.tensor([3, 2]), 4)
+    batch = Completions(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
+                        torch.randint(10, (2, 4)), mask, source="references", texts=["a", "b"])
+    s, t = torch.randn(2, 4, 10, dtype=torch.float64), torch.randn(2, 4, 10, dtype=torch.float64)
+    loss = divergence_loss(batch, ModelOutputs(logits=s), ModelOutputs(logits=t), r, StepContext(num_tokens=5.0), {})
+    torch.testing.assert_close(loss, divergence(s, t, mask, kind="jsd", beta=0.3, temperature=2.0, num_tokens=5.0))
