@@ -656,3 +656,27 @@ def test_the_kd_loss_hands_the_recipes_divergence_settings_to_the_divergence():
     s, t = torch.randn(2, 4, 10, dtype=torch.float64), torch.randn(2, 4, 10, dtype=torch.float64)
     loss = divergence_loss(batch, ModelOutputs(logits=s), ModelOutputs(logits=t), r, StepContext(num_tokens=5.0), {})
     torch.testing.assert_close(loss, divergence(s, t, mask, kind="jsd", beta=0.3, temperature=2.0, num_tokens=5.0))
+
+
+def test_the_kd_loss_on_a_top_k_cache_reads_only_the_completion_positions_on_either_head():
+    """A teacher kept as its top-k: the memory-bounded head (hidden states and the head's weight) and full logits
+    give the same loss, both over the completion's positions only (padding excluded; found by mutation testing)."""
+    from onpolicy_kd.batch import Completions, TeacherTopK, completion_mask
+    from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, divergence_loss
+
+    torch.manual_seed(4)
+    r = recipe(objective={"mode": "kd", "divergence": "forward_kl"})
+    mask = completion_mask(torch.tensor([3, 1]), 4)
+    batch = Completions(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
+                        torch.randint(10, (2, 4)), mask, source="references", texts=["a", "b"])
+    hidden, head = torch.randn(2, 4, 6, dtype=torch.float64), torch.randn(10, 6, dtype=torch.float64)
+    teacher = torch.log_softmax(torch.randn(2, 4, 10, dtype=torch.float64), -1).topk(3, -1)
+    tail = torch.log1p(-teacher.values.exp().sum(-1))
+    top = ModelOutputs(topk=TeacherTopK(teacher.indices, teacher.values, tail))
+    ctx = StepContext(num_tokens=4.0)
+    bounded = divergence_loss(batch, ModelOutputs(hidden=[hidden], head=head), top, r, ctx, {})
+    full = divergence_loss(batch, ModelOutputs(logits=hidden @ head.T), top, r, ctx, {})
+    torch.testing.assert_close(bounded, full)
+    garbage = hidden.clone()
+    garbage[1, 1:] = 1e3  # the padded positions of the second row
+    torch.testing.assert_close(divergence_loss(batch, ModelOutputs(hidden=[garbage], head=head), top, r, ctx, {}), full)
