@@ -14,7 +14,8 @@ tests run `--recheck`. Not part of CI: the ~4,700 mutants in scope take hours on
 on the tests that reach its function; a survivor runs them all, up to ~4 minutes). tests/conftest.py orders those
 tests quickest first under mutmut, so a mutant a quick test kills stops there: the slowest mutants (those of the
 step loss, the sampler and the prompt builder, whose tests include training runs) went from 1.4-2.8 to ~7.5 a
-minute. Run it alone on the machine (the timeouts are relative to the tests' own times). Names or globs as arguments run only those mutants.
+minute. Run it alone on the machine (the timeouts are relative to the tests' own times). Names or globs as
+arguments run only those mutants.
 
 The verdicts outlive `mutants/`: every run (and `--report`) writes them, with mutmut's hash of each function, to
 benchmarks/results/mutation_verdicts.json.gz, and a run on a machine without `mutants/` starts from that record, so

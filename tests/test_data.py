@@ -72,6 +72,15 @@ def test_format_auto_detected_from_local_file(kind, files, tiny_tokenizer, isola
         assert row["reference"]  # the continuation of the prefix
 
 
+def _add_special_tokens(tokenizer, single: str) -> None:
+    """Make `tokenizer` put <|endoftext|> around every text as `single` says ("<|endoftext|> $A": a BOS in front, as
+    Llama's tokenizer does; "<|endoftext|> $A <|endoftext|>": both sides, as BART's)."""
+    from tokenizers import processors
+
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<|endoftext|>", tokenizer.bos_token_id)])
+
+
 def test_prompt_texts(files, tiny_tokenizer, isolated_cache):
     cnn = load_prompt_data(DataConfig(path=str(files["cnn"]), eval_size=2), tiny_tokenizer).train[0]
     assert cnn["prompt"].startswith("A bushfire") and cnn["prompt"].endswith("\n\nSummary:")
@@ -314,14 +323,11 @@ def test_a_system_prompt_comes_first_in_a_templated_chat_prompt(tiny_tokenizer):
 def test_plain_text_rows_split_into_a_prompt_and_its_continuation(tiny_tokenizer):
     """The text format: the first text_prompt_tokens tokens (within max_prompt_tokens, counting the BOS the
     tokenizer adds) are the prompt, the rest the reference; never 'truncated'."""
-    from tokenizers import processors
-
     from conftest import CORPUS, train_tokenizer
 
     with_bos = train_tokenizer(CORPUS)
     bos = with_bos.bos_token_id
-    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    _add_special_tokens(with_bos, "<|endoftext|> $A")
     text = "Hello world! How are you today? I am fine, thank you."
     ids = with_bos(text, add_special_tokens=False).input_ids
     builder = PromptBuilder(with_bos, detect_format(["text"]), text_prompt_tokens=64, max_prompt_tokens=6)
@@ -331,8 +337,7 @@ def test_plain_text_rows_split_into_a_prompt_and_its_continuation(tiny_tokenizer
     whole = PromptBuilder(with_bos, detect_format(["text"]), text_prompt_tokens=64, max_prompt_tokens=100)({"text": text})
     assert whole["prompt_ids"] == [bos] + ids and whole["references"] == [] and whole["reference"] == ""
     # an encoder's input keeps the special tokens on both sides, within the same limit
-    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A <|endoftext|>", special_tokens=[("<|endoftext|>", bos)])
+    _add_special_tokens(with_bos, "<|endoftext|> $A <|endoftext|>")
     encoder = PromptBuilder(with_bos, detect_format(["text"]), text_prompt_tokens=64, max_prompt_tokens=6,
                             encoder_decoder=True)({"text": text})
     assert encoder["prompt_ids"] == [bos] + ids[:4] + [bos]
@@ -369,14 +374,11 @@ def test_a_tokenizers_bos_starts_a_plain_prompt_but_not_one_a_chat_template_wrot
     """With a tokenizer that starts every text with BOS, a templated prompt starts with it; a prompt the chat
     template renders (chat data, or data.chat_template on other data) starts as the template writes it, with no BOS
     put in front by the tokenizer (a template writes its own where the model wants one)."""
-    from tokenizers import processors
-
     from conftest import CORPUS, train_tokenizer
 
     with_bos = train_tokenizer(CORPUS, chat_template=True)
     bos, user = with_bos.bos_token_id, with_bos.convert_tokens_to_ids("<|user|>")
-    with_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    _add_special_tokens(with_bos, "<|endoftext|> $A")
     news = detect_format(["article", "highlights"])
     row = {"article": "Fire.", "highlights": "A fire."}
     plain = PromptBuilder(with_bos, news, max_prompt_tokens=64)(row)["prompt_ids"]
@@ -406,14 +408,11 @@ def test_the_prompt_budget_counts_the_template_on_both_sides_and_one_token_of_te
 def test_an_encoder_decoders_reference_starts_as_the_tokenizer_starts_a_text():
     """A decoder target starts with the tokenizer's leading special tokens (BART's <s>) and ends with EOS; a
     decoder-only model's reference is its text and EOS."""
-    from tokenizers import processors
-
     from conftest import CORPUS, train_tokenizer
 
     tok = train_tokenizer(CORPUS)
     bos, eos = tok.bos_token_id, tok.eos_token_id
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A <|endoftext|>", special_tokens=[("<|endoftext|>", bos)])
+    _add_special_tokens(tok, "<|endoftext|> $A <|endoftext|>")
     row = {"article": "Fire.", "highlights": "A fire."}
     text_ids = tok("A fire.", add_special_tokens=False).input_ids
     news = detect_format(["article", "highlights"])
