@@ -337,7 +337,7 @@ def diff_of(mutant: str) -> str:
                      and not line.startswith(("---", "+++")))
 
 
-def write_report(statuses: dict[str, str], seconds: float | None, command: str) -> list[str]:
+def write_report(statuses: dict[str, str], seconds: float | None, ran: int, command: str) -> list[str]:
     by_file: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for mutant, status in statuses.items():
         by_file[module_of(mutant)][status] += 1
@@ -348,8 +348,11 @@ def write_report(statuses: dict[str, str], seconds: float | None, command: str) 
         "# Mutation testing",
         "",
         f"Made by `{command}` (scripts/mutation.py; what is mutated and which tests run: `[tool.mutmut]` in "
-        "pyproject.toml)" + (f"; this run took {seconds / 60:.0f} min on this machine" if seconds else "") + ". The "
-        "verdicts are kept across runs and machines in `mutation_verdicts.json.gz` beside this file.",
+        "pyproject.toml). The verdicts are kept across runs and machines in `mutation_verdicts.json.gz` beside this "
+        "file, so the counts below add up every run so far"
+        # the time of one invocation only: a resumed or rechecking run covers a part of the mutants
+        + (f"; the last invocation ran {ran} mutants in {seconds / 60:.0f} min on this machine" if seconds else "")
+        + ".",
         "",
         "| file | " + " | ".join(columns) + " | total |",
         "|---|" + "---|" * (len(columns) + 1),
@@ -381,7 +384,7 @@ def main() -> int:
     parser.add_argument("mutants", nargs="*", help="mutant names or globs to run (default: those in scope without a "
                         "verdict)")
     args = parser.parse_args()
-    seconds = None
+    seconds, ran = None, 0
     if not args.report:
         restored = restore_verdicts()
         if restored:
@@ -394,6 +397,8 @@ def main() -> int:
             names = args.mutants or [m for m, status in statuses.items() if status in wanted]
             if names:
                 mutmut_run(names, args.max_children)
+            # the first mutant, and every mutant the names or globs match
+            ran = 1 + sum(any(fnmatch.fnmatchcase(m, n) for n in names) for m in statuses)
         finally:  # a stopped run keeps what it decided
             print(f"{save_verdicts()} verdicts in {VERDICTS.relative_to(ROOT)}")
         seconds = time.perf_counter() - start
@@ -403,7 +408,7 @@ def main() -> int:
     stale = sorted(set(EQUIVALENT) - set(statuses))
     if stale:
         print("EQUIVALENT names mutants that no longer exist (the code changed): " + ", ".join(stale))
-    unexplained = write_report(statuses, seconds, "python scripts/mutation.py" + (" --report" if args.report else ""))
+    unexplained = write_report(statuses, seconds, ran, "python scripts/mutation.py" + (" --report" if args.report else ""))
     print(f"{len(statuses)} mutants; report in {REPORT.relative_to(ROOT)}")
     for mutant in unexplained:
         print(f"survived: {mutant}")

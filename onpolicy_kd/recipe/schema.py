@@ -271,7 +271,9 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="in (0, 1]; 1 = off")
     alpha: float = Field(
         0.0, ge=0, lt=1,
-        description="teacher mixing in [0, 1); pure teacher sampling is objective.mode=seqkd or objective.seq_kd=true",
+        description="teacher mixing in [0, 1) of the student's samples, so only where they are drawn (mode pg or "
+                    "distillm2, or gkd with lmbda > 0); pure teacher sampling is objective.mode=seqkd or "
+                    "objective.seq_kd=true",
     )
     do_sample: bool = Field(True, description="false = greedy decoding")
     stop_strings: list[str] = Field(
