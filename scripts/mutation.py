@@ -191,6 +191,13 @@ EQUIVALENT: dict[str, str] = {
     "Function returns to its input's dtype, so a head's float32 gradient reaches a bfloat16 head as bfloat16 either "
     "way",
     "onpolicy_kd.objectives.divergences.x_chunked_divergence__mutmut_4": _CHUNKS + " (a default chunk size)",
+    **{f"onpolicy_kd.objectives.divergences.xǁ_ChunkedDivergenceǁforward__mutmut_{n}": "with no rows the head's "
+       "gradient is all zeros: zeros in the head's dtype instead of float32 are the same zeros after the backward's "
+       "scaling and cast to the head's dtype" for n in (77, 79)},
+    "onpolicy_kd.objectives.divergences.xǁ_ChunkedDivergenceǁforward__mutmut_84": _FALSY + " (ctx.consumed)",
+    "onpolicy_kd.objectives.divergences.xǁ_ChunkedDivergenceǁforward__mutmut_83": "the backward's cast to the "
+    "head's dtype skipped (.to(None)): autograd casts the gradient a Function returns to its input's dtype, so a "
+    "bfloat16 head gets a bfloat16 gradient either way",
     "onpolicy_kd.objectives.divergences.x_linear_divergence__mutmut_6": _CHUNKS + " (a default chunk size)",
     **{f"onpolicy_kd.objectives.divergences.x_linear_divergence__mutmut_{n}": "chunked_divergence's vocab_size "
        "defaults to the same min(Vs, Vt)" for n in (39, 51)},

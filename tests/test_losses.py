@@ -494,3 +494,40 @@ def test_chunked_divergence_sums_on_the_inputs_device():
     out = chunked_divergence(h, h.detach(), w, w, kind="jsd", chunk_size=2)
     out.backward()
     assert out.device.type == "meta" and h.grad.device.type == "meta"
+
+
+def test_chunked_divergence_sums_a_bfloat16_heads_gradient_in_float32():
+    """A bfloat16 head's gradient is summed over the chunks in float32: in bfloat16 (8 significant bits) a sum of 600
+    equal chunk gradients stops growing at 256 of them (256 g + g rounds back to 256 g); in float32 the sum is the
+    float64 reference's to bfloat16 precision."""
+    g = torch.Generator().manual_seed(23)
+    rows = 600
+    h_s = torch.randn(1, 8, generator=g).expand(rows, 8).to(torch.bfloat16)
+    h_t = torch.randn(1, 8, generator=g).expand(rows, 8).to(torch.bfloat16)
+    w_s = torch.randn(V, 8, generator=g).to(torch.bfloat16).requires_grad_()
+    w_t = torch.randn(V, 8, generator=g).to(torch.bfloat16)
+    out = chunked_divergence(h_s, h_t, w_s, w_t, kind="reverse_kl", chunk_size=1)
+    (grad,) = _grads(out, w_s)
+    w64 = w_s.detach().double().requires_grad_()
+    reference = divergence(h_s.double() @ w64.T, h_t.double() @ w_t.double().T, kind="reverse_kl")
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.double(), _grads(reference, w64)[0], rtol=2e-2, atol=1e-4)
+
+
+def test_per_token_divergence_says_which_shapes_differ():
+    """Logits of two shapes (two vocabularies, or misaligned positions) are refused with both shapes named."""
+    from onpolicy_kd.objectives.divergences import per_token_divergence
+
+    with pytest.raises(ValueError, match=r"^student logits \(2, 3, 5\) and teacher logits \(2, 3, 6\) differ$"):
+        per_token_divergence(torch.zeros(2, 3, 5), torch.zeros(2, 3, 6), kind="forward_kl")
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl"])
+def test_per_token_divergence_divides_both_models_logits_by_the_temperature(kind):
+    """At temperature 2 every position's value is the float64 reference's on both models' logits halved."""
+    s, t, mask = _inputs(seed=13)
+    every = torch.ones(B, T, dtype=torch.bool)
+    reference = torch.stack([naive_divergence(s[b:b + 1, j:j + 1], t[b:b + 1, j:j + 1], every[:1, :1], kind,
+                                              temperature=2.0) for b in range(B) for j in range(T)]).view(B, T)
+    per = per_token_divergence(s, t, kind=kind, temperature=2.0)
+    torch.testing.assert_close(per.double(), reference, rtol=1e-5, atol=1e-6)

@@ -680,3 +680,61 @@ def test_the_kd_loss_on_a_top_k_cache_reads_only_the_completion_positions_on_eit
     garbage = hidden.clone()
     garbage[1, 1:] = 1e3  # the padded positions of the second row
     torch.testing.assert_close(divergence_loss(batch, ModelOutputs(hidden=[garbage], head=head), top, r, ctx, {}), full)
+
+
+@pytest.mark.parametrize("teacher_kept_as", ["top_k", "hidden_states"])
+def test_the_kd_losss_memory_bounded_paths_take_the_recipes_chunk_size_and_head(teacher_kept_as, monkeypatch):
+    """Either memory-bounded way into the kd loss (a top-k cache, or the teacher's hidden states and head) passes
+    objective.chunk_size on, and the second the step's head backend: the values are the same at any size and on
+    either CPU backend, so a dropped setting (the default instead) shows only in what reaches the chunked function
+    (found by mutation testing)."""
+    from onpolicy_kd.objectives import loss as L
+
+    seen = []
+    for name in ("chunked_topk_divergence", "linear_divergence"):
+        real = getattr(L, name)
+        monkeypatch.setattr(L, name, lambda *a, _real=real, **k: seen.append((k["chunk_size"], k.get("backend")))
+                            or _real(*a, **k))
+    r = recipe(objective={"mode": "kd", "divergence": "forward_kl", "chunk_size": 3})
+    mask = completion_mask(torch.tensor([3, 1]), 4)
+    batch = Completions(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
+                        torch.randint(10, (2, 4)), mask, source="references", texts=["a", "b"])
+    g = torch.Generator().manual_seed(5)
+    student = L.ModelOutputs(hidden=[torch.randn(2, 4, 6, generator=g)], head=torch.randn(10, 6, generator=g))
+    if teacher_kept_as == "top_k":
+        top = torch.log_softmax(torch.randn(2, 4, 10, generator=g), -1).topk(3, -1)
+        teacher = L.ModelOutputs(topk=TeacherTopK(top.indices, top.values, torch.log1p(-top.values.exp().sum(-1))))
+    else:
+        teacher = L.ModelOutputs(hidden=[torch.randn(2, 4, 6, generator=g)], head=torch.randn(10, 6, generator=g))
+    loss = L.divergence_loss(batch, student, teacher, r, L.StepContext(num_tokens=4.0, head="torch"), {})
+    assert torch.isfinite(loss) and seen == [(3, None if teacher_kept_as == "top_k" else "torch")]
+
+
+def test_step_loss_reads_the_students_terms_at_the_recipes_chunk_size(monkeypatch):
+    """The one pass over the student's distribution for the mode's terms (here sft's log-probabilities) runs at
+    objective.chunk_size: the values are the same at any size, so a dropped setting (the default 1024 instead) shows
+    only in what reaches token_terms (found by mutation testing)."""
+    from onpolicy_kd.objectives import token_terms as tt
+    from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, step_loss
+
+    seen, real = [], tt.token_terms
+    monkeypatch.setattr(tt, "token_terms", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k["chunk_size"])
+                        or real(*a, **k))
+    r = recipe(objective={"mode": "sft", "chunk_size": 3})
+    batch = Completions(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
+                        torch.randint(10, (2, 4)), completion_mask(torch.tensor([3, 1]), 4), source="references",
+                        texts=["a", "b"])
+    student = ModelOutputs(logits=torch.randn(2, 4, 10, requires_grad=True))
+    loss, _ = step_loss(r, MODES["sft"], batch, student, None, StepContext(num_tokens=4.0))
+    assert torch.isfinite(loss) and seen == [3]
+
+
+def test_a_micro_batchs_per_token_mean_of_a_single_token():
+    """A term divided by the step's 4 tokens, from a micro-batch holding 1 of them: its own mean is 4x the term."""
+    from onpolicy_kd.objectives.loss import StepContext, per_token_mean
+
+    batch = Completions(torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long),
+                        torch.zeros(1, 2, dtype=torch.long), completion_mask(torch.tensor([1]), 2),
+                        source="references", texts=["a"])
+    assert batch.num_tokens == 1
+    assert per_token_mean(torch.tensor(0.5), batch, StepContext(num_tokens=4.0)) == pytest.approx(2.0)
