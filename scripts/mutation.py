@@ -195,6 +195,8 @@ EQUIVALENT: dict[str, str] = {
        "gradient is all zeros: zeros in the head's dtype instead of float32 are the same zeros after the backward's "
        "scaling and cast to the head's dtype" for n in (77, 79)},
     "onpolicy_kd.objectives.divergences.xǁ_ChunkedDivergenceǁforward__mutmut_84": _FALSY + " (ctx.consumed)",
+    "onpolicy_kd.objectives.loss.x_step_loss__mutmut_82": "cross_entropy_terms does not read the recipe (the "
+    "log-probabilities of the references' tokens whatever the settings)",
     "onpolicy_kd.objectives.divergences.xǁ_ChunkedDivergenceǁforward__mutmut_83": "the backward's cast to the "
     "head's dtype skipped (.to(None)): autograd casts the gradient a Function returns to its input's dtype, so a "
     "bfloat16 head gets a bfloat16 gradient either way",

@@ -738,3 +738,37 @@ def test_a_micro_batchs_per_token_mean_of_a_single_token():
                         source="references", texts=["a"])
     assert batch.num_tokens == 1
     assert per_token_mean(torch.tensor(0.5), batch, StepContext(num_tokens=4.0)) == pytest.approx(2.0)
+
+
+def test_pgs_language_modelling_term_is_added_at_its_coefficient(tiny_tokenizer, monkeypatch):
+    """objective.lm_coef adds lm_coef x the student's mean negative log-likelihood of the references (a float64
+    sequence-by-sequence reference here), read at objective.chunk_size; at 0 the term is absent even with the
+    references' outputs at hand (found by mutation testing: the split-invariance test cannot see a dropped term)."""
+    from onpolicy_kd.objectives import token_terms as tt
+    from onpolicy_kd.objectives.loss import step_loss
+    from onpolicy_kd.training.phases import step_context, student_outputs, teacher_outputs
+
+    seen, real = [], tt.token_terms
+    monkeypatch.setattr(tt, "token_terms", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k["chunk_size"])
+                        or real(*a, **k))
+    run, batch, student, _ = _step_setup(recipe(objective={"mode": "pg", "lm_coef": 0.3, "chunk_size": 5}),
+                                         tiny_tokenizer)
+    teacher = teacher_outputs(run, batch)
+    ctx = step_context(run, [batch], [teacher])
+    out = student_outputs(run, batch)
+    with_lm, metrics = step_loss(run.recipe, run.mode, batch, out, teacher, ctx)
+    assert len(seen) == 3 and set(seen) == {5}  # every pass: the student's terms, the teacher's, the references'
+    without_lm, metrics_0 = step_loss(recipe(objective={"mode": "pg", "chunk_size": 5}), run.mode, batch,
+                                      student_outputs(run, batch), teacher, ctx)
+    assert "pg/lm_loss" not in metrics_0
+
+    refs, nll, count = batch.references, 0.0, 0
+    with torch.no_grad():
+        for b in range(refs.completion_ids.shape[0]):
+            prompt = refs.prompt_ids[b][refs.prompt_mask[b].bool()]
+            ref = refs.completion_ids[b][refs.completion_mask[b].bool()]
+            logits = student(torch.cat([prompt, ref])[None]).logits[0, len(prompt) - 1:-1, :VOCAB].double()
+            nll -= torch.log_softmax(logits, -1).gather(-1, ref[:, None]).sum().item()
+            count += len(ref)
+    assert metrics["pg/lm_loss"] == pytest.approx(nll / count, rel=1e-4)
+    assert (with_lm - without_lm).item() == pytest.approx(0.3 * nll / count, rel=1e-4)
