@@ -195,6 +195,9 @@ EQUIVALENT: dict[str, str] = {
        "gradient is all zeros: zeros in the head's dtype instead of float32 are the same zeros after the backward's "
        "scaling and cast to the head's dtype" for n in (77, 79)},
     "onpolicy_kd.objectives.divergences.xǁ_ChunkedDivergenceǁforward__mutmut_84": _FALSY + " (ctx.consumed)",
+    "onpolicy_kd.objectives.loss.x_step_loss__mutmut_90": "token_terms already returns zeros at the references' "
+    "masked positions and the denominator is the step's lm_tokens, not the mask's count: the mask only re-zeroes "
+    "zeros",
     "onpolicy_kd.objectives.loss.x_step_loss__mutmut_82": "cross_entropy_terms does not read the recipe (the "
     "log-probabilities of the references' tokens whatever the settings)",
     "onpolicy_kd.objectives.divergences.xǁ_ChunkedDivergenceǁforward__mutmut_83": "the backward's cast to the "

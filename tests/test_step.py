@@ -772,3 +772,23 @@ def test_pgs_language_modelling_term_is_added_at_its_coefficient(tiny_tokenizer,
             count += len(ref)
     assert metrics["pg/lm_loss"] == pytest.approx(nll / count, rel=1e-4)
     assert (with_lm - without_lm).item() == pytest.approx(0.3 * nll / count, rel=1e-4)
+
+
+def test_pgs_language_modelling_metric_over_a_single_reference_token(tiny_tokenizer):
+    """A micro-batch whose one reference holds a single token: pg/lm_loss is that token's negative log-likelihood."""
+    from onpolicy_kd.data.sampler import reference_batch
+    from onpolicy_kd.objectives.loss import step_loss
+    from onpolicy_kd.training.phases import step_context, student_outputs, teacher_outputs
+
+    run, batch, student, dataset = _step_setup(recipe(objective={"mode": "pg", "lm_coef": 0.3}), tiny_tokenizer)
+    one = batch.select([0])
+    one.references = reference_batch(dataset, [0], 0, "cpu")
+    assert one.references.num_tokens == 1
+    teacher = teacher_outputs(run, one)
+    _, metrics = step_loss(run.recipe, run.mode, one, student_outputs(run, one), teacher,
+                           step_context(run, [one], [teacher]))
+    refs = one.references
+    prompt, token = refs.prompt_ids[0][refs.prompt_mask[0].bool()], refs.completion_ids[0, 0]
+    with torch.no_grad():
+        logits = student(prompt[None]).logits[0, -1, :VOCAB].double()
+    assert metrics["pg/lm_loss"] == pytest.approx(-torch.log_softmax(logits, -1)[token].item(), rel=1e-4)
