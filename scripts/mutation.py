@@ -198,6 +198,8 @@ EQUIVALENT: dict[str, str] = {
     "onpolicy_kd.objectives.loss.x_step_loss__mutmut_90": "token_terms already returns zeros at the references' "
     "masked positions and the denominator is the step's lm_tokens, not the mask's count: the mask only re-zeroes "
     "zeros",
+    **{f"onpolicy_kd.objectives.loss.x_step_loss__mutmut_{n}": "the message of an internal assertion (the forward "
+       "plan reads attention relations whenever hidden.relations is set); no user input reaches it" for n in (113, 114)},
     "onpolicy_kd.objectives.loss.x_step_loss__mutmut_82": "cross_entropy_terms does not read the recipe (the "
     "log-probabilities of the references' tokens whatever the settings)",
     "onpolicy_kd.objectives.divergences.xǁ_ChunkedDivergenceǁforward__mutmut_83": "the backward's cast to the "
