@@ -199,7 +199,8 @@ EQUIVALENT: dict[str, str] = {
     "masked positions and the denominator is the step's lm_tokens, not the mask's count: the mask only re-zeroes "
     "zeros",
     **{f"onpolicy_kd.objectives.loss.x_step_loss__mutmut_{n}": "the message of an internal assertion (the forward "
-       "plan reads attention relations whenever hidden.relations is set); no user input reaches it" for n in (113, 114)},
+       "plan reads attention relations whenever hidden.relations is set); no user input reaches it"
+       for n in (113, 114)},
     "onpolicy_kd.objectives.loss.x_step_loss__mutmut_82": "cross_entropy_terms does not read the recipe (the "
     "log-probabilities of the references' tokens whatever the settings)",
     "onpolicy_kd.objectives.divergences.xǁ_ChunkedDivergenceǁforward__mutmut_83": "the backward's cast to the "
@@ -412,7 +413,7 @@ def main() -> int:
             if names:
                 mutmut_run(names, args.max_children)
             # the first mutant, and every mutant the names or globs match
-            ran = 1 + sum(any(fnmatch.fnmatchcase(m, n) for n in names) for m in statuses)
+            ran = len({FIRST} | {m for m in statuses if any(fnmatch.fnmatchcase(m, n) for n in names)})
         finally:  # a stopped run keeps what it decided
             print(f"{save_verdicts()} verdicts in {VERDICTS.relative_to(ROOT)}")
         seconds = time.perf_counter() - start
@@ -422,7 +423,8 @@ def main() -> int:
     stale = sorted(set(EQUIVALENT) - set(statuses))
     if stale:
         print("EQUIVALENT names mutants that no longer exist (the code changed): " + ", ".join(stale))
-    unexplained = write_report(statuses, seconds, ran, "python scripts/mutation.py" + (" --report" if args.report else ""))
+    command = "python scripts/mutation.py" + (" --report" if args.report else "")
+    unexplained = write_report(statuses, seconds, ran, command)
     print(f"{len(statuses)} mutants; report in {REPORT.relative_to(ROOT)}")
     for mutant in unexplained:
         print(f"survived: {mutant}")

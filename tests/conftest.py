@@ -151,6 +151,17 @@ def signal_handlers_left_as_found():
     assert not leaked, f"the test left these signal handlers installed: {leaked}"
 
 
+def record_token_terms_chunk_sizes(monkeypatch) -> list[int]:
+    """Every chunk_size token_terms is called with, in order (it still runs): the values are the same at any size,
+    so a caller that drops objective.chunk_size (the default 1024 instead) shows only here."""
+    from onpolicy_kd.objectives import token_terms as tt
+
+    seen, real = [], tt.token_terms
+    monkeypatch.setattr(tt, "token_terms", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k["chunk_size"])
+                        or real(*a, **k))
+    return seen
+
+
 def write_recipe(path: Path, body: str) -> Path:
     path.write_text(textwrap.dedent(body).lstrip(), encoding="utf-8")
     return path

@@ -19,7 +19,7 @@ import torch
 from onpolicy_kd.objectives.divergences import per_token_divergence
 from onpolicy_kd.objectives.pg import discounted_returns, pg_returns, policy_gradient_loss
 
-from conftest import recipe as make_recipe
+from conftest import recipe as make_recipe, record_token_terms_chunk_sizes
 from tabular import Tabular
 
 N_SAMPLES = 200_000
@@ -406,11 +406,8 @@ def test_the_teachers_bounded_head_pass_takes_the_recipes_chunk_size(caller, mon
     baseline) passes objective.chunk_size on: the values are the same at any size, so a dropped setting (the
     default 1024 instead) shows only in what reaches token_terms (found by mutation testing)."""
     from onpolicy_kd.objectives import loss as L
-    from onpolicy_kd.objectives import token_terms as tt
 
-    seen, real = [], tt.token_terms
-    monkeypatch.setattr(tt, "token_terms", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k["chunk_size"])
-                        or real(*a, **k))
+    seen = record_token_terms_chunk_sizes(monkeypatch)
     recipe = make_recipe(objective={"mode": "pg", "single_step": False, "chunk_size": 3, "pg_baseline": "none"})
     batch = _sampled_batch(temperature=1.0)
     g = torch.Generator().manual_seed(14)

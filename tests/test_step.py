@@ -14,7 +14,7 @@ from onpolicy_kd.models.forward import teacher_forward
 from onpolicy_kd.objectives.divergences import log_probs
 from onpolicy_kd.objectives.modes import MODES, completion_source, forward_plan, lambda_coin
 
-from conftest import llama_config, recipe
+from conftest import llama_config, recipe, record_token_terms_chunk_sizes
 
 
 # --- the mode table -------------------------------------------------------------------------------------------
@@ -641,18 +641,24 @@ def test_the_prompt_divergence_of_one_prompt_token_is_logged_as_its_value():
     assert metrics["train/prompt_forward_kl"] == pytest.approx(value.item(), rel=1e-5)
 
 
+def _two_completions(lengths: list[int]) -> Completions:
+    """Two rows of references after a one-token prompt: random token ids (torch's global generator), `lengths` of
+    them valid, padded to 4."""
+    return Completions(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
+                       torch.randint(10, (2, 4)), completion_mask(torch.tensor(lengths), 4), source="references",
+                       texts=["a", "b"])
+
+
 def test_the_kd_loss_hands_the_recipes_divergence_settings_to_the_divergence():
     """objective.beta and objective.temperature, away from their defaults, reach the divergence the step computes
     (found by mutation testing: a setting left out would fall back to the divergence's default silently)."""
-    from onpolicy_kd.batch import Completions, completion_mask
     from onpolicy_kd.objectives.divergences import divergence
     from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, divergence_loss
 
     torch.manual_seed(3)
     r = recipe(objective={"mode": "kd", "divergence": "jsd", "beta": 0.3, "temperature": 2.0})
-    mask = completion_mask(torch.tensor([3, 2]), 4)
-    batch = Completions(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
-                        torch.randint(10, (2, 4)), mask, source="references", texts=["a", "b"])
+    batch = _two_completions([3, 2])
+    mask = batch.completion_mask
     s, t = torch.randn(2, 4, 10, dtype=torch.float64), torch.randn(2, 4, 10, dtype=torch.float64)
     loss = divergence_loss(batch, ModelOutputs(logits=s), ModelOutputs(logits=t), r, StepContext(num_tokens=5.0), {})
     torch.testing.assert_close(loss, divergence(s, t, mask, kind="jsd", beta=0.3, temperature=2.0, num_tokens=5.0))
@@ -661,14 +667,11 @@ def test_the_kd_loss_hands_the_recipes_divergence_settings_to_the_divergence():
 def test_the_kd_loss_on_a_top_k_cache_reads_only_the_completion_positions_on_either_head():
     """A teacher kept as its top-k: the memory-bounded head (hidden states and the head's weight) and full logits
     give the same loss, both over the completion's positions only (padding excluded; found by mutation testing)."""
-    from onpolicy_kd.batch import Completions, TeacherTopK, completion_mask
     from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, divergence_loss
 
     torch.manual_seed(4)
     r = recipe(objective={"mode": "kd", "divergence": "forward_kl"})
-    mask = completion_mask(torch.tensor([3, 1]), 4)
-    batch = Completions(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
-                        torch.randint(10, (2, 4)), mask, source="references", texts=["a", "b"])
+    batch = _two_completions([3, 1])
     hidden, head = torch.randn(2, 4, 6, dtype=torch.float64), torch.randn(10, 6, dtype=torch.float64)
     teacher = torch.log_softmax(torch.randn(2, 4, 10, dtype=torch.float64), -1).topk(3, -1)
     tail = torch.log1p(-teacher.values.exp().sum(-1))
@@ -696,9 +699,7 @@ def test_the_kd_losss_memory_bounded_paths_take_the_recipes_chunk_size_and_head(
         monkeypatch.setattr(L, name, lambda *a, _real=real, **k: seen.append((k["chunk_size"], k.get("backend")))
                             or _real(*a, **k))
     r = recipe(objective={"mode": "kd", "divergence": "forward_kl", "chunk_size": 3})
-    mask = completion_mask(torch.tensor([3, 1]), 4)
-    batch = Completions(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
-                        torch.randint(10, (2, 4)), mask, source="references", texts=["a", "b"])
+    batch = _two_completions([3, 1])
     g = torch.Generator().manual_seed(5)
     student = L.ModelOutputs(hidden=[torch.randn(2, 4, 6, generator=g)], head=torch.randn(10, 6, generator=g))
     if teacher_kept_as == "top_k":
@@ -714,16 +715,11 @@ def test_step_loss_reads_the_students_terms_at_the_recipes_chunk_size(monkeypatc
     """The one pass over the student's distribution for the mode's terms (here sft's log-probabilities) runs at
     objective.chunk_size: the values are the same at any size, so a dropped setting (the default 1024 instead) shows
     only in what reaches token_terms (found by mutation testing)."""
-    from onpolicy_kd.objectives import token_terms as tt
     from onpolicy_kd.objectives.loss import ModelOutputs, StepContext, step_loss
 
-    seen, real = [], tt.token_terms
-    monkeypatch.setattr(tt, "token_terms", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k["chunk_size"])
-                        or real(*a, **k))
+    seen = record_token_terms_chunk_sizes(monkeypatch)
     r = recipe(objective={"mode": "sft", "chunk_size": 3})
-    batch = Completions(torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
-                        torch.randint(10, (2, 4)), completion_mask(torch.tensor([3, 1]), 4), source="references",
-                        texts=["a", "b"])
+    batch = _two_completions([3, 1])
     student = ModelOutputs(logits=torch.randn(2, 4, 10, requires_grad=True))
     loss, _ = step_loss(r, MODES["sft"], batch, student, None, StepContext(num_tokens=4.0))
     assert torch.isfinite(loss) and seen == [3]
@@ -740,17 +736,28 @@ def test_a_micro_batchs_per_token_mean_of_a_single_token():
     assert per_token_mean(torch.tensor(0.5), batch, StepContext(num_tokens=4.0)) == pytest.approx(2.0)
 
 
+def _references_nll(student, refs: Completions) -> tuple[float, int]:
+    """The student's summed negative log-likelihood of the references' tokens (float64, one sequence at a time, no
+    padding) and how many tokens that is."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(refs.completion_ids.shape[0]):
+            prompt = refs.prompt_ids[b][refs.prompt_mask[b].bool()]
+            ref = refs.completion_ids[b][refs.completion_mask[b].bool()]
+            logits = student(torch.cat([prompt, ref])[None]).logits[0, len(prompt) - 1:-1, :VOCAB].double()
+            nll -= torch.log_softmax(logits, -1).gather(-1, ref[:, None]).sum().item()
+            count += len(ref)
+    return nll, count
+
+
 def test_pgs_language_modelling_term_is_added_at_its_coefficient(tiny_tokenizer, monkeypatch):
     """objective.lm_coef adds lm_coef x the student's mean negative log-likelihood of the references (a float64
     sequence-by-sequence reference here), read at objective.chunk_size; at 0 the term is absent even with the
     references' outputs at hand (found by mutation testing: the split-invariance test cannot see a dropped term)."""
-    from onpolicy_kd.objectives import token_terms as tt
     from onpolicy_kd.objectives.loss import step_loss
     from onpolicy_kd.training.phases import step_context, student_outputs, teacher_outputs
 
-    seen, real = [], tt.token_terms
-    monkeypatch.setattr(tt, "token_terms", lambda *a, **k: seen.append(a[4] if len(a) > 4 else k["chunk_size"])
-                        or real(*a, **k))
+    seen = record_token_terms_chunk_sizes(monkeypatch)
     run, batch, student, _ = _step_setup(recipe(objective={"mode": "pg", "lm_coef": 0.3, "chunk_size": 5}),
                                          tiny_tokenizer)
     teacher = teacher_outputs(run, batch)
@@ -762,14 +769,7 @@ def test_pgs_language_modelling_term_is_added_at_its_coefficient(tiny_tokenizer,
                                       student_outputs(run, batch), teacher, ctx)
     assert "pg/lm_loss" not in metrics_0
 
-    refs, nll, count = batch.references, 0.0, 0
-    with torch.no_grad():
-        for b in range(refs.completion_ids.shape[0]):
-            prompt = refs.prompt_ids[b][refs.prompt_mask[b].bool()]
-            ref = refs.completion_ids[b][refs.completion_mask[b].bool()]
-            logits = student(torch.cat([prompt, ref])[None]).logits[0, len(prompt) - 1:-1, :VOCAB].double()
-            nll -= torch.log_softmax(logits, -1).gather(-1, ref[:, None]).sum().item()
-            count += len(ref)
+    nll, count = _references_nll(student, batch.references)
     assert metrics["pg/lm_loss"] == pytest.approx(nll / count, rel=1e-4)
     assert (with_lm - without_lm).item() == pytest.approx(0.3 * nll / count, rel=1e-4)
 
@@ -787,8 +787,4 @@ def test_pgs_language_modelling_metric_over_a_single_reference_token(tiny_tokeni
     teacher = teacher_outputs(run, one)
     _, metrics = step_loss(run.recipe, run.mode, one, student_outputs(run, one), teacher,
                            step_context(run, [one], [teacher]))
-    refs = one.references
-    prompt, token = refs.prompt_ids[0][refs.prompt_mask[0].bool()], refs.completion_ids[0, 0]
-    with torch.no_grad():
-        logits = student(prompt[None]).logits[0, -1, :VOCAB].double()
-    assert metrics["pg/lm_loss"] == pytest.approx(-torch.log_softmax(logits, -1)[token].item(), rel=1e-4)
+    assert metrics["pg/lm_loss"] == pytest.approx(_references_nll(student, one.references)[0], rel=1e-4)
